@@ -1,0 +1,175 @@
+// The one validated model configuration: Hugging Face Mixtral keys (so config.json interoperates) plus
+// Switchyard's gate settings under `switchyard_gate`, which Hugging Face loaders ignore.
+import { z } from 'zod';
+
+export const GATE_POLICIES = ['switch', 'gshard', 'mixtral', 'topk'] as const;
+export type GatePolicyKind = (typeof GATE_POLICIES)[number];
+
+const positiveInt = z.number().int().positive();
+
+export const gateSettingsSchema = z
+  .object({
+    policy: z.enum(GATE_POLICIES).default('mixtral'),
+    capacity_factor: z.number().positive('capacity factor must be > 0').default(1.25),
+    eval_capacity_factor: z.number().positive('eval capacity factor must be > 0').default(2.0),
+    min_capacity: z.number().int().nonnegative().default(4),
+    drop_tokens: z.boolean().default(true),
+    aux_loss_coef: z.number().nonnegative().default(0.01),
+    z_loss_coef: z.number().nonnegative().default(0.001),
+    // Opt-in training noise; never applied at eval.
+    jitter_eps: z.number().nonnegative().default(0),
+    second_expert_sampling: z.boolean().default(false),
+    // DeepSeek-V3 aux-loss-free balancing: per-expert selection bias moved by this rate per step (0 = off).
+    balance_bias_rate: z.number().nonnegative().default(0),
+  })
+  .strict();
+export type GateSettings = z.infer<typeof gateSettingsSchema>;
+
+export const modelConfigSchema = z
+  .object({
+    architectures: z.array(z.string()).default(['MixtralForCausalLM']),
+    model_type: z.literal('mixtral').default('mixtral'),
+    hidden_size: positiveInt,
+    intermediate_size: positiveInt,
+    num_hidden_layers: positiveInt,
+    num_attention_heads: positiveInt,
+    num_key_value_heads: positiveInt,
+    head_dim: positiveInt.optional(),
+    num_local_experts: positiveInt,
+    num_experts_per_tok: positiveInt,
+    rms_norm_eps: z.number().positive().default(1e-5),
+    rope_theta: z.number().positive().default(10000),
+    vocab_size: positiveInt,
+    max_position_embeddings: positiveInt,
+    tie_word_embeddings: z.literal(false).default(false),
+    hidden_act: z.literal('silu').default('silu'),
+    initializer_range: z.number().positive().default(0.02),
+    router_aux_loss_coef: z.number().nonnegative().optional(),
+    sliding_window: z.null().optional(),
+    bos_token_id: z.number().int().nonnegative().optional(),
+    eos_token_id: z.number().int().nonnegative().optional(),
+    torch_dtype: z.string().default('float32'),
+    switchyard_gate: gateSettingsSchema.default(gateSettingsSchema.parse({})),
+  })
+  .passthrough()
+  .superRefine((c, ctx) => {
+    const issue = (path: string, message: string) => ctx.addIssue({ code: 'custom', path: [path], message });
+    if (c.head_dim === undefined && c.hidden_size % c.num_attention_heads !== 0)
+      issue('hidden_size', `hidden_size ${c.hidden_size} is not divisible by num_attention_heads ${c.num_attention_heads}`);
+    if (c.num_attention_heads % c.num_key_value_heads !== 0)
+      issue('num_key_value_heads', `num_attention_heads ${c.num_attention_heads} is not a multiple of num_key_value_heads ${c.num_key_value_heads}`);
+    if (c.num_experts_per_tok > c.num_local_experts)
+      issue('num_experts_per_tok', `num_experts_per_tok (k=${c.num_experts_per_tok}) exceeds num_local_experts (${c.num_local_experts})`);
+    const hd = c.head_dim ?? c.hidden_size / c.num_attention_heads;
+    if (Number.isInteger(hd) && hd % 2 !== 0) issue('head_dim', `head_dim ${hd} must be even for rotary embedding`);
+    const policy = c.switchyard_gate.policy;
+    if (policy === 'switch' && c.num_experts_per_tok !== 1)
+      issue('switchyard_gate', `policy 'switch' is top-1 but num_experts_per_tok is ${c.num_experts_per_tok}`);
+    if (policy === 'gshard' && c.num_experts_per_tok !== 2)
+      issue('switchyard_gate', `policy 'gshard' is top-2 but num_experts_per_tok is ${c.num_experts_per_tok}`);
+  });
+
+export type ModelConfig = z.infer<typeof modelConfigSchema>;
+
+export class ConfigError extends Error {
+  override name = 'ConfigError';
+}
+
+function describeIssues(error: z.ZodError): string {
+  return error.issues.map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`).join('; ');
+}
+
+/** Validates an object with Hugging Face Mixtral keys; throws ConfigError listing every problem. */
+export function parseModelConfig(raw: unknown, source = 'model config'): ModelConfig {
+  const result = modelConfigSchema.safeParse(raw);
+  if (!result.success) throw new ConfigError(`invalid ${source}: ${describeIssues(result.error)}`);
+  return result.data;
+}
+
+export function headDim(c: ModelConfig): number {
+  return c.head_dim ?? c.hidden_size / c.num_attention_heads;
+}
+
+// Byte-level vocabulary: ids 0..255 are bytes, then specials.
+export const BOS_ID = 256;
+export const EOS_ID = 257;
+export const PAD_ID = 258;
+export const BYTE_VOCAB_SIZE = 259;
+
+export const trainSettingsSchema = z
+  .object({
+    steps: positiveInt,
+    batch_sequences: positiveInt,
+    seq_len: positiveInt,
+    // Tokens per routing group (DESIGN §5); 0 = the whole micro-batch is one group.
+    routing_group_tokens: z.number().int().nonnegative().default(0),
+    lr: z.number().positive(),
+    min_lr_ratio: z.number().min(0).max(1).default(0.1),
+    warmup_steps: z.number().int().nonnegative(),
+    weight_decay: z.number().nonnegative().default(0.1),
+    beta1: z.number().min(0).lt(1).default(0.9),
+    beta2: z.number().min(0).lt(1).default(0.95),
+    adam_eps: z.number().positive().default(1e-8),
+    grad_clip: z.number().nonnegative().default(1.0),
+    eval_interval: positiveInt.default(50),
+    eval_batches: positiveInt.default(8),
+    checkpoint_interval: positiveInt.default(200),
+    validation_fraction: z.number().gt(0).lt(1).default(0.05),
+    seed: z.number().int().default(1234),
+  })
+  .strict();
+export type TrainSettings = z.infer<typeof trainSettingsSchema>;
+
+export interface Preset {
+  model: ModelConfig;
+  train: TrainSettings;
+}
+
+export function parseTrainSettings(raw: unknown, source = 'training settings'): TrainSettings {
+  const result = trainSettingsSchema.safeParse(raw);
+  if (!result.success) throw new ConfigError(`invalid ${source}: ${describeIssues(result.error)}`);
+  const t = result.data;
+  return t;
+}
+
+const PRESETS: Record<string, { model: Record<string, unknown>; train: Record<string, unknown> }> = {
+  // Seconds per step: for tests.
+  tiny: {
+    model: {
+      hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 4,
+      num_key_value_heads: 2, num_local_experts: 4, num_experts_per_tok: 2,
+      vocab_size: BYTE_VOCAB_SIZE, max_position_embeddings: 64,
+      bos_token_id: BOS_ID, eos_token_id: EOS_ID,
+    },
+    train: { steps: 20, batch_sequences: 4, seq_len: 32, lr: 3e-3, warmup_steps: 4, eval_interval: 10, eval_batches: 2, checkpoint_interval: 10 },
+  },
+  // The default model: reaches < 2.0 nats/byte on Moby Dick within minutes on two cores.
+  small: {
+    model: {
+      hidden_size: 128, intermediate_size: 256, num_hidden_layers: 4, num_attention_heads: 4,
+      num_key_value_heads: 2, num_local_experts: 8, num_experts_per_tok: 2,
+      vocab_size: BYTE_VOCAB_SIZE, max_position_embeddings: 128,
+      bos_token_id: BOS_ID, eos_token_id: EOS_ID,
+    },
+    train: { steps: 600, batch_sequences: 32, seq_len: 128, lr: 3e-3, warmup_steps: 40, eval_interval: 50, eval_batches: 8, checkpoint_interval: 100 },
+  },
+};
+
+export const PRESET_NAMES = Object.keys(PRESETS);
+
+export function preset(name: string): Preset {
+  const p = PRESETS[name];
+  if (!p) throw new ConfigError(`unknown config preset '${name}' (known: ${PRESET_NAMES.join(', ')})`);
+  return { model: parseModelConfig(p.model, `preset '${name}'`), train: parseTrainSettings(p.train, `preset '${name}'`) };
+}
+
+/** A config file is `{ "model": {...HF keys...}, "train": {...} }`, or a preset name plus overrides. */
+export function resolvePreset(spec: unknown, source: string): Preset {
+  if (typeof spec !== 'object' || spec === null) throw new ConfigError(`invalid ${source}: expected a JSON object`);
+  const s = spec as { base?: unknown; model?: unknown; train?: unknown };
+  const base = typeof s.base === 'string' ? PRESETS[s.base] : undefined;
+  if (s.base !== undefined && !base) throw new ConfigError(`invalid ${source}: unknown base preset '${String(s.base)}'`);
+  const model = { ...(base?.model ?? {}), ...((s.model as object) ?? {}) };
+  const train = { ...(base?.train ?? {}), ...((s.train as object) ?? {}) };
+  return { model: parseModelConfig(model, `${source} (model)`), train: parseTrainSettings(train, `${source} (train)`) };
+}
