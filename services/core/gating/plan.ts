@@ -1,0 +1,444 @@
+// Forward gating: logits [S, E] → routing plan in index form (DESIGN §5).
+//
+// Conventions shared by every policy
+// - probs = softmax(logits) per token, float32 (exp of float32 differences, sum in float64, one division
+//   rounded to float32). Kept in the plan for gateBackward.
+// - Choice 0 of a token is argmax(probs) (or argmax(probs + selectionBias)); ties go to the lowest expert
+//   index, as torch.argmax on CPU. DeepSpeed's top1gating/top2gating take the first expert from the
+//   softmax, not from the logits, so a float32 tie in probs that the logits would break is broken the
+//   DeepSpeed way.
+// - Choices 1..k−1 are the best remaining experts by a "secondary score", in descending order, ties to
+//   the lowest index:
+//     mixtral                   probs                     (HF Mixtral: torch.topk of the softmax)
+//     gshard / topk             logits                    (DeepSpeed top2gating: argmax of the logits
+//                                                         with the first expert masked to −inf)
+//     gshard / topk + noise     fl32(logits + noise)      (DeepSpeed top2_2nd_expert_sampling)
+//     any + selectionBias       fl32(probs + bias)        (DeepSeek-V3: top-k of the biased scores)
+// - Slots are choice-major per expert: every choice-0 row of an expert (token order), then every
+//   choice-1 row, … . A choice's slot is its position in that order counted BEFORE dropping (DeepSpeed's
+//   `locations2 += sum(mask1)`); it is dropped when that position is ≥ capacity. Hence the first C rows
+//   of the order survive, and the survivors' slots are exactly 0..kept−1.
+
+export type PolicyKind = 'switch' | 'gshard' | 'mixtral' | 'topk';
+
+export interface GatePolicy {
+  kind: PolicyKind;
+  /** experts per token: switch 1 (fixed), gshard 2 (fixed), mixtral/topk default 2 */
+  k?: number;
+  /** capacity factor (default 1.0, DeepSpeed's default); ignored by mixtral, which is dropless */
+  capacityFactor?: number;
+  /** lower bound of the capacity when dropping (default 4, DeepSpeed MoE's default) */
+  minCapacity?: number;
+  /** default true; false sizes the capacity to the largest per-expert count and drops nothing */
+  dropTokens?: boolean;
+  /**
+   * Optional selection-only bias per expert [E] (DeepSeek-V3 aux-loss-free balancing): experts are chosen
+   * as the top-k of fl32(probs + bias); weights and the aux loss still use the unbiased probs.
+   */
+  selectionBias?: Float32Array;
+  /**
+   * Optional noise [S·E] for choosing the 2nd..kth expert (gshard/topk with k ≥ 2), as DeepSpeed's
+   * top2_2nd_expert_sampling: the secondary score becomes fl32(logits + noise). Typically gumbelNoise().
+   * Cannot be combined with selectionBias.
+   */
+  secondChoiceNoise?: Float32Array;
+}
+
+export interface RoutingPlan {
+  kind: PolicyKind;
+  tokens: number;
+  experts: number;
+  k: number;
+  /** slots per expert buffer; for dropless routing (mixtral, dropTokens=false) the largest count */
+  capacity: number;
+  /** [tokens·k] token-major, choice order within a token; holds the chosen expert even when dropped */
+  expert: Int32Array;
+  /** [tokens·k] slot in the expert's buffer, −1 when dropped */
+  slot: Int32Array;
+  /** [tokens·k] combine weight, 0 when dropped */
+  weight: Float32Array;
+  /** [E] rows sent to each expert before capacity (all k choices; DeepSpeed's exp_counts) */
+  countsBeforeDrop: Int32Array;
+  /** [E] rows kept per expert */
+  countsAfterDrop: Int32Array;
+  auxLoss: number;
+  /** softmax(logits) [tokens·experts] float32, kept for backward */
+  probs: Float32Array;
+}
+
+/** float32 machine epsilon, torch.finfo(torch.float32).eps: the clamp of the renormalisation denominator */
+export const RENORM_EPS = 2 ** -23;
+
+const fround = Math.fround;
+
+/**
+ * DeepSpeed's `_capacity`: max(ceil(fl32(S/E)·fl32(f)), minCapacity) with f = k·capacityFactor, the product
+ * and the ceil done in float32 (torch multiplies a Python float by a float32 0-dim tensor).
+ */
+export function capacityFor(
+  tokens: number,
+  experts: number,
+  k: number,
+  capacityFactor: number,
+  minCapacity: number,
+): number {
+  checkCount('tokens', tokens, 0);
+  checkCount('experts', experts, 1);
+  checkCount('k', k, 1);
+  checkCapacityFactor(capacityFactor);
+  checkCount('minCapacity', minCapacity, 0);
+  const f = fround(k * capacityFactor);
+  const capacity = Math.ceil(fround(fround(tokens / experts) * f));
+  return Math.max(capacity, minCapacity);
+}
+
+/** How choices 1..k−1 are ranked. */
+const enum Secondary {
+  Logits,
+  NoisyLogits,
+  Probs,
+  BiasedProbs,
+}
+
+interface ResolvedPolicy {
+  kind: PolicyKind;
+  k: number;
+  capacityFactor: number;
+  minCapacity: number;
+  dropTokens: boolean;
+  bias: Float32Array | undefined;
+  noise: Float32Array | undefined;
+}
+
+export function routeTokens(
+  logits: Float32Array,
+  tokens: number,
+  experts: number,
+  policy: GatePolicy,
+): RoutingPlan {
+  checkCount('tokens', tokens, 0);
+  checkCount('experts', experts, 1);
+  if (!(logits instanceof Float32Array)) throw new RangeError('logits must be a Float32Array');
+  if (logits.length !== tokens * experts) {
+    throw new RangeError(
+      `logits has ${logits.length} entries, expected tokens·experts = ${tokens}·${experts} = ${tokens * experts}`,
+    );
+  }
+  const p = resolvePolicy(policy, tokens, experts);
+  const { kind, k } = p;
+  const S = tokens;
+  const E = experts;
+
+  const probs = new Float32Array(S * E);
+  softmaxRows(logits, S, E, probs);
+
+  // ---- selection -------------------------------------------------------------------------------
+  const expert = new Int32Array(S * k);
+  const choiceCounts = new Int32Array(k * E); // [k][E] rows per (choice, expert) before dropping
+  const secondary: Secondary = p.bias
+    ? Secondary.BiasedProbs
+    : kind === 'mixtral'
+      ? Secondary.Probs
+      : p.noise
+        ? Secondary.NoisyLogits
+        : Secondary.Logits;
+  const bias = p.bias;
+  const noise = p.noise;
+  const m = k - 1; // secondary choices per token
+  const topIdx = new Int32Array(Math.max(m, 1));
+  const topVal = new Float64Array(Math.max(m, 1));
+
+  for (let s = 0; s < S; s++) {
+    const row = s * E;
+    // choice 0: argmax of probs (+ bias), lowest index on ties
+    let first = 0;
+    let best = bias ? fround(probs[row] + bias[0]) : probs[row];
+    for (let e = 1; e < E; e++) {
+      const v = bias ? fround(probs[row + e] + bias[e]) : probs[row + e];
+      if (v > best) {
+        best = v;
+        first = e;
+      }
+    }
+    expert[s * k] = first;
+    choiceCounts[first]++;
+    if (m === 0) continue;
+
+    // choices 1..k−1: partial selection of the m best secondary scores (insertion into a sorted buffer;
+    // strict comparisons keep equal scores in index order)
+    let filled = 0;
+    for (let e = 0; e < E; e++) {
+      if (e === first) continue;
+      let v: number;
+      switch (secondary) {
+        case Secondary.Logits:
+          v = logits[row + e];
+          break;
+        case Secondary.NoisyLogits:
+          v = fround(logits[row + e] + noise![row + e]);
+          break;
+        case Secondary.Probs:
+          v = probs[row + e];
+          break;
+        default:
+          v = fround(probs[row + e] + bias![e]);
+      }
+      let j: number;
+      if (filled < m) {
+        j = filled++;
+      } else if (v > topVal[m - 1]) {
+        j = m - 1;
+      } else {
+        continue;
+      }
+      while (j > 0 && v > topVal[j - 1]) {
+        topVal[j] = topVal[j - 1];
+        topIdx[j] = topIdx[j - 1];
+        j--;
+      }
+      topVal[j] = v;
+      topIdx[j] = e;
+    }
+    for (let c = 1; c < k; c++) {
+      const e = topIdx[c - 1];
+      expert[s * k + c] = e;
+      choiceCounts[c * E + e]++;
+    }
+  }
+
+  // ---- counts, capacity ------------------------------------------------------------------------
+  const countsBeforeDrop = new Int32Array(E);
+  let maxCount = 0;
+  for (let e = 0; e < E; e++) {
+    let n = 0;
+    for (let c = 0; c < k; c++) n += choiceCounts[c * E + e];
+    countsBeforeDrop[e] = n;
+    if (n > maxCount) maxCount = n;
+  }
+  const dropless = kind === 'mixtral' || !p.dropTokens;
+  // DeepSpeed with drop_tokens=False: capacity = max(exp_counts) (top-1 also min(·, S), a no-op), and
+  // min_capacity is not applied.
+  const capacity = dropless ? maxCount : capacityFor(S, E, k, p.capacityFactor, p.minCapacity);
+
+  // ---- aux loss (before choiceCounts is turned into slot cursors) -------------------------------
+  const auxLoss = auxLossOf(kind, probs, S, E, choiceCounts, countsBeforeDrop);
+
+  // ---- slots -----------------------------------------------------------------------------------
+  // cursor[c][e] = Σ_{c'<c} choiceCounts[c'][e]: where choice c's rows start in expert e's order
+  const cursor = choiceCounts;
+  for (let e = 0; e < E; e++) {
+    let acc = 0;
+    for (let c = 0; c < k; c++) {
+      const n = cursor[c * E + e];
+      cursor[c * E + e] = acc;
+      acc += n;
+    }
+  }
+  const slot = new Int32Array(S * k);
+  const countsAfterDrop = new Int32Array(E);
+  for (let s = 0; s < S; s++) {
+    for (let c = 0; c < k; c++) {
+      const i = s * k + c;
+      const e = expert[i];
+      const location = cursor[c * E + e]++;
+      if (location < capacity) {
+        slot[i] = location;
+        countsAfterDrop[e]++;
+      } else {
+        slot[i] = -1;
+      }
+    }
+  }
+
+  // ---- weights ---------------------------------------------------------------------------------
+  const weight = new Float32Array(S * k);
+  if (kind === 'switch') {
+    // top1gating: the softmax probability of the chosen expert, not renormalised
+    for (let s = 0; s < S; s++) {
+      if (slot[s] >= 0) weight[s] = probs[s * E + expert[s]];
+    }
+  } else {
+    // gshard/topk: renormalise the kept choices, denominator max(Σ kept, eps) summed in float32 in choice
+    // order (top2gating: gates1_s + gates2_s, clamp(min=eps)); a token with every choice dropped gets 0s.
+    // mixtral: nothing is dropped, so this renormalises over the k chosen (HF: topk values / their sum).
+    for (let s = 0; s < S; s++) {
+      const base = s * k;
+      const sum = keptProbSum(probs, expert, slot, s, E, k);
+      if (sum < 0) continue;
+      const denom = sum > RENORM_EPS ? sum : RENORM_EPS;
+      for (let c = 0; c < k; c++) {
+        const i = base + c;
+        if (slot[i] >= 0) weight[i] = fround(probs[s * E + expert[i]] / denom);
+      }
+    }
+  }
+
+  return {
+    kind,
+    tokens: S,
+    experts: E,
+    k,
+    capacity,
+    expert,
+    slot,
+    weight,
+    countsBeforeDrop,
+    countsAfterDrop,
+    auxLoss,
+    probs,
+  };
+}
+
+/**
+ * float32 Σ of the kept probabilities of token s, accumulated in choice order (top2gating's
+ * gates1_s + gates2_s); −1 when no choice of the token was kept. The forward pass divides by
+ * max(sum, RENORM_EPS); the backward pass uses the same value to pick the clamp branch.
+ */
+export function keptProbSum(
+  probs: Float32Array,
+  expert: Int32Array,
+  slot: Int32Array,
+  s: number,
+  E: number,
+  k: number,
+): number {
+  let sum = 0;
+  let kept = false;
+  for (let c = 0; c < k; c++) {
+    const i = s * k + c;
+    if (slot[i] < 0) continue;
+    sum = fround(sum + probs[s * E + expert[i]]);
+    kept = true;
+  }
+  return kept ? sum : -1;
+}
+
+/**
+ * Auxiliary load-balancing loss of one routing group (S tokens), computed in float64:
+ * - switch / gshard / topk (DeepSpeed top1gating/top2gating, GShard, Switch Transformer):
+ *     l_aux = E · Σ_e mean_s(probs[s,e]) · count1[e]/S
+ *   where count1[e] counts the tokens whose FIRST choice is e, before dropping (top2gating's
+ *   mean(me·ce)·E·E is the same quantity). Balanced routing gives 1.
+ * - mixtral (Hugging Face `load_balancing_loss_func` for one group, no attention mask):
+ *     tokens_per_expert[c,e] = mean_s one_hot(choice c of s)[e]            shape [k, E]
+ *     router_prob_per_expert[e] = mean_s probs[s,e]
+ *     l_aux = E · Σ_c Σ_e tokens_per_expert[c,e] · router_prob_per_expert[e]
+ *           = E · Σ_e (countAllChoices[e]/S) · mean_s probs[s,e]
+ *   i.e. the fraction of tokens per expert is taken per choice and summed over the k choices, so balanced
+ *   routing gives k, not 1. (HF concatenates all layers into one group; we apply it per routing group.)
+ * The probabilities are always the unbiased softmax; an empty group has loss 0.
+ */
+function auxLossOf(
+  kind: PolicyKind,
+  probs: Float32Array,
+  S: number,
+  E: number,
+  choiceCounts: Int32Array,
+  countsAllChoices: Int32Array,
+): number {
+  if (S === 0) return 0;
+  const counts = kind === 'mixtral' ? countsAllChoices : choiceCounts.subarray(0, E);
+  // Σ_e count[e] · Σ_s probs[s,e], accumulated over tokens without a per-expert temporary
+  let total = 0;
+  for (let s = 0; s < S; s++) {
+    const row = s * E;
+    for (let e = 0; e < E; e++) total += counts[e] * probs[row + e];
+  }
+  return (E * total) / (S * S);
+}
+
+/** Row-wise float32 softmax; throws RangeError on a non-finite logit. */
+export function softmaxRows(logits: Float32Array, S: number, E: number, out: Float32Array): void {
+  for (let s = 0; s < S; s++) {
+    const row = s * E;
+    let max = -Infinity;
+    for (let e = 0; e < E; e++) {
+      const x = logits[row + e];
+      if (!Number.isFinite(x)) {
+        throw new RangeError(`logits[${s}, ${e}] is ${x}: logits must be finite`);
+      }
+      if (x > max) max = x;
+    }
+    let sum = 0;
+    for (let e = 0; e < E; e++) {
+      const v = fround(Math.exp(fround(logits[row + e] - max)));
+      out[row + e] = v;
+      sum += v;
+    }
+    for (let e = 0; e < E; e++) out[row + e] = fround(out[row + e] / sum);
+  }
+}
+
+function resolvePolicy(policy: GatePolicy, tokens: number, experts: number): ResolvedPolicy {
+  if (policy === null || typeof policy !== 'object') throw new RangeError('policy must be an object');
+  const kind = policy.kind;
+  let k: number;
+  switch (kind) {
+    case 'switch':
+      k = policy.k ?? 1;
+      if (k !== 1) throw new RangeError(`policy 'switch' routes each token to 1 expert, got k = ${k}`);
+      break;
+    case 'gshard':
+      k = policy.k ?? 2;
+      if (k !== 2) throw new RangeError(`policy 'gshard' routes each token to 2 experts, got k = ${k}`);
+      break;
+    case 'mixtral':
+    case 'topk':
+      k = policy.k ?? 2;
+      break;
+    default:
+      throw new RangeError(
+        `unknown gating policy kind ${JSON.stringify(kind)} (expected switch, gshard, mixtral or topk)`,
+      );
+  }
+  if (!Number.isInteger(k) || k < 1) throw new RangeError(`k must be an integer ≥ 1, got ${k}`);
+  if (k > experts) throw new RangeError(`k = ${k} exceeds the number of experts (${experts})`);
+
+  const capacityFactor = policy.capacityFactor ?? 1.0;
+  checkCapacityFactor(capacityFactor);
+  const minCapacity = policy.minCapacity ?? 4;
+  checkCount('minCapacity', minCapacity, 0);
+  const dropTokens = policy.dropTokens ?? true;
+  if (typeof dropTokens !== 'boolean') throw new RangeError('dropTokens must be a boolean');
+
+  const bias = policy.selectionBias;
+  if (bias !== undefined) {
+    if (!(bias instanceof Float32Array) || bias.length !== experts) {
+      throw new RangeError(`selectionBias must be a Float32Array of length experts = ${experts}`);
+    }
+    for (let e = 0; e < experts; e++) {
+      if (!Number.isFinite(bias[e])) throw new RangeError(`selectionBias[${e}] is ${bias[e]}: must be finite`);
+    }
+  }
+  const noise = policy.secondChoiceNoise;
+  if (noise !== undefined) {
+    if (kind !== 'gshard' && kind !== 'topk') {
+      throw new RangeError(`secondChoiceNoise applies to gshard and topk only, not to '${kind}'`);
+    }
+    if (k < 2) throw new RangeError('secondChoiceNoise needs k ≥ 2 (it only picks the 2nd..kth expert)');
+    if (bias !== undefined) {
+      throw new RangeError('secondChoiceNoise and selectionBias cannot be combined');
+    }
+    if (!(noise instanceof Float32Array) || noise.length !== tokens * experts) {
+      throw new RangeError(
+        `secondChoiceNoise must be a Float32Array of length tokens·experts = ${tokens * experts}`,
+      );
+    }
+    for (let i = 0; i < noise.length; i++) {
+      if (!Number.isFinite(noise[i])) throw new RangeError(`secondChoiceNoise[${i}] is ${noise[i]}: must be finite`);
+    }
+  }
+  return { kind, k, capacityFactor, minCapacity, dropTokens, bias, noise };
+}
+
+function checkCount(name: string, value: number, min: number): void {
+  if (!Number.isInteger(value) || value < min) {
+    throw new RangeError(`${name} must be an integer ≥ ${min}, got ${value}`);
+  }
+}
+
+function checkCapacityFactor(capacityFactor: number): void {
+  if (typeof capacityFactor !== 'number' || !Number.isFinite(capacityFactor) || capacityFactor <= 0) {
+    throw new RangeError(`capacityFactor must be a finite number > 0, got ${capacityFactor}`);
+  }
+}

@@ -1,0 +1,129 @@
+// Causal self-attention with grouped KV heads and rotary embedding, forward and hand-written backward.
+// Query heads that share a KV head are stacked along the row axis ([B·kvHeads, group·T, headDim]), so one
+// batched matMul serves the whole group without repeating K and V.
+import * as tf from '@tensorflow/tfjs-core';
+import { batchMatMul, mm, mmTA, scoped, swapLast, type T2 } from './tensors.js';
+import type { Rope } from './rope.js';
+
+export interface AttentionShape {
+  batch: number;
+  /** New tokens per sequence in this call. */
+  tokens: number;
+  /** Tokens already in the KV cache (all sequences alike). */
+  past: number;
+  heads: number;
+  kvHeads: number;
+  headDim: number;
+}
+
+export interface AttentionWeights {
+  /** [hidden, (heads + 2·kvHeads)·headDim]: q, k, v projections side by side. */
+  wqkv: T2;
+  /** [heads·headDim, hidden]. */
+  wo: T2;
+}
+
+export interface KvCache {
+  /** [batch·kvHeads, past, headDim] each. */
+  k: tf.Tensor3D;
+  v: tf.Tensor3D;
+}
+
+export interface AttentionCache {
+  shape: AttentionShape;
+  h: T2;
+  q: tf.Tensor3D;
+  k: tf.Tensor3D;
+  v: tf.Tensor3D;
+  probs: tf.Tensor3D;
+  context: T2;
+  cos: tf.Tensor3D;
+  sin: tf.Tensor3D;
+}
+
+function causalMask(groupRows: number, tokens: number, past: number): T2 {
+  const keys = past + tokens;
+  const m = new Float32Array(groupRows * tokens * keys);
+  for (let g = 0; g < groupRows; g++)
+    for (let t = 0; t < tokens; t++) {
+      const row = (g * tokens + t) * keys;
+      for (let j = past + t + 1; j < keys; j++) m[row + j] = -1e30;
+    }
+  return tf.tensor2d(m, [groupRows * tokens, keys]);
+}
+
+function positionsFor(batch: number, tokens: number, past: number): Int32Array {
+  const pos = new Int32Array(batch * tokens);
+  for (let b = 0; b < batch; b++) for (let t = 0; t < tokens; t++) pos[b * tokens + t] = past + t;
+  return pos;
+}
+
+/** [B·T, heads·hd] → [B·kv, group·T, hd] */
+function toGrouped(x: tf.Tensor, s: AttentionShape, heads: number): tf.Tensor3D {
+  const kv = s.kvHeads;
+  const group = heads / kv;
+  const x5 = tf.reshape(x, [s.batch, s.tokens, kv, group, s.headDim]);
+  return tf.reshape(tf.transpose(x5, [0, 2, 3, 1, 4]), [s.batch * kv, group * s.tokens, s.headDim]);
+}
+
+/** inverse of toGrouped */
+function fromGrouped(x: tf.Tensor, s: AttentionShape, heads: number): T2 {
+  const kv = s.kvHeads;
+  const group = heads / kv;
+  const x5 = tf.reshape(x, [s.batch, kv, group, s.tokens, s.headDim]);
+  return tf.reshape(tf.transpose(x5, [0, 3, 1, 2, 4]), [s.batch * s.tokens, heads * s.headDim]);
+}
+
+export function attentionForward(
+  h: T2, w: AttentionWeights, s: AttentionShape, rope: Rope, kvCache?: KvCache, keepCache = true,
+): { y: T2; cache?: AttentionCache; kv: KvCache } {
+  return scoped(() => {
+    const qWidth = s.heads * s.headDim;
+    const kvWidth = s.kvHeads * s.headDim;
+    const qkv = mm(h, w.wqkv);
+    const [qRaw, kRaw, vRaw] = tf.split(qkv, [qWidth, kvWidth, kvWidth], 1) as T2[];
+    const { cos, sin } = rope.tables(positionsFor(s.batch, s.tokens, s.past));
+    const q = toGrouped(rope.apply(qRaw, s.heads, cos, sin), s, s.heads);
+    const kNew = toGrouped(rope.apply(kRaw, s.kvHeads, cos, sin), s, s.kvHeads);
+    const vNew = toGrouped(vRaw, s, s.kvHeads);
+    const k = kvCache ? (tf.concat([kvCache.k, kNew], 1) as tf.Tensor3D) : kNew;
+    const v = kvCache ? (tf.concat([kvCache.v, vNew], 1) as tf.Tensor3D) : vNew;
+    const group = s.heads / s.kvHeads;
+    const scale = 1 / Math.sqrt(s.headDim);
+    // Only the small [.., T, headDim] operands are ever transposed; the [.., T, T] ones never are.
+    const scores = tf.add(tf.mul(batchMatMul(q, swapLast(k)), scale), causalMask(group, s.tokens, s.past));
+    const probs = tf.softmax(scores) as tf.Tensor3D;
+    const context = fromGrouped(batchMatMul(probs, v), s, s.heads);
+    const y = mm(context, w.wo);
+    const cache: AttentionCache | undefined = keepCache
+      ? { shape: s, h: h.clone(), q, k, v, probs, context, cos, sin }
+      : undefined;
+    return { y, cache, kv: { k, v } };
+  });
+}
+
+/** Backward for a training call (no past); wT are the transposed weights ([out, in]). */
+export function attentionBackward(
+  dy: T2, cache: AttentionCache, wT: { wqkvT: T2; woT: T2 }, rope: Rope,
+): { dh: T2; dWqkv: T2; dWo: T2 } {
+  return scoped(() => {
+    const s = cache.shape;
+    if (s.past !== 0) throw new Error('attention backward supports training calls without a KV cache');
+    const dWo = mmTA(cache.context, dy);
+    const dContext = toGrouped(mm(dy, wT.woT), s, s.heads);
+    const scale = 1 / Math.sqrt(s.headDim);
+    const dProbs = batchMatMul(dContext, swapLast(cache.v));
+    const dV = swapLast(batchMatMul(swapLast(dContext), cache.probs));
+    // softmax backward: P ⊙ (dP − Σ dP⊙P)
+    const dScores = tf.mul(tf.mul(cache.probs, tf.sub(dProbs, tf.sum(tf.mul(dProbs, cache.probs), -1, true))), scale);
+    const dQ = batchMatMul(dScores as tf.Tensor3D, cache.k);
+    const dK = swapLast(batchMatMul(swapLast(cache.q), dScores as tf.Tensor3D));
+    const dqRaw = rope.backward(fromGrouped(dQ, s, s.heads), s.heads, cache.cos, cache.sin);
+    const dkRaw = rope.backward(fromGrouped(dK, s, s.kvHeads), s.kvHeads, cache.cos, cache.sin);
+    const dvRaw = fromGrouped(dV, s, s.kvHeads);
+    const dQkv = tf.concat([dqRaw, dkRaw, dvRaw], 1) as T2;
+    const dWqkv = mmTA(cache.h, dQkv);
+    const dh = mm(dQkv, wT.wqkvT);
+    return { dh, dWqkv, dWo };
+  });
+}

@@ -1,0 +1,148 @@
+// Experts as a service-agnostic set of (layer, expert) pairs, and the transport interface through which
+// the MoE layer reaches them (DESIGN §14). The in-process transport calls an ExpertSet directly; the gRPC
+// transport of the serving cluster sends the same row batches to shards that hold ExpertSets.
+import * as tf from '@tensorflow/tfjs-core';
+import { ParameterTable } from './parameters.js';
+import { expertBackward, expertForward, transposeExpert, type ExpertCache, type ExpertWeights, type ExpertWeightsT } from './expert.js';
+import { disposeAll } from './tensors.js';
+
+/** Rows for one (layer, expert): `rowCount` rows of `hidden` floats, row-major. */
+export interface RowBatch {
+  layer: number;
+  expert: number;
+  rowCount: number;
+  rows: Float32Array;
+}
+
+export interface ExpertTransport {
+  /** Output rows per batch. With `train`, the holder keeps what backward needs under `passId`. */
+  forward(passId: string, batches: RowBatch[], train: boolean): Promise<Float32Array[]>;
+  /** Input-row gradients for output-row gradients of batches forwarded earlier under `passId`; weight gradients accumulate at the holder. */
+  backward(passId: string, batches: RowBatch[]): Promise<Float32Array[]>;
+}
+
+export const expertParamName = (layer: number, expert: number, part: 'w1t' | 'w3t' | 'w2t'): string =>
+  `layers.${layer}.experts.${expert}.${part}`;
+
+const keyOf = (layer: number, expert: number): string => `${layer}/${expert}`;
+
+export class ExpertSet {
+  readonly params = new ParameterTable();
+  private readonly held = new Set<string>();
+  private readonly caches = new Map<string, ExpertCache>();
+  private transposed = new Map<string, ExpertWeightsT>();
+  private transposedVersion = -1;
+
+  constructor(readonly hidden: number, readonly intermediate: number) {}
+
+  add(layer: number, expert: number, w: ExpertWeights): void {
+    this.params.define(expertParamName(layer, expert, 'w1t'), w.w1t);
+    this.params.define(expertParamName(layer, expert, 'w3t'), w.w3t);
+    this.params.define(expertParamName(layer, expert, 'w2t'), w.w2t);
+    this.held.add(keyOf(layer, expert));
+  }
+
+  holds(layer: number, expert: number): boolean {
+    return this.held.has(keyOf(layer, expert));
+  }
+
+  keys(): Array<{ layer: number; expert: number }> {
+    return [...this.held].map((k) => {
+      const [layer, expert] = k.split('/').map(Number);
+      return { layer, expert };
+    });
+  }
+
+  weights(layer: number, expert: number): ExpertWeights {
+    if (!this.holds(layer, expert)) throw new Error(`expert (layer ${layer}, expert ${expert}) is not held here`);
+    return {
+      w1t: this.params.get(expertParamName(layer, expert, 'w1t')),
+      w3t: this.params.get(expertParamName(layer, expert, 'w3t')),
+      w2t: this.params.get(expertParamName(layer, expert, 'w2t')),
+    };
+  }
+
+  private weightsT(layer: number, expert: number): ExpertWeightsT {
+    if (this.transposedVersion !== this.params.version) {
+      disposeAll(this.transposed);
+      this.transposed = new Map();
+      this.transposedVersion = this.params.version;
+    }
+    const key = keyOf(layer, expert);
+    let wT = this.transposed.get(key);
+    if (!wT) {
+      wT = transposeExpert(this.weights(layer, expert));
+      this.transposed.set(key, wT);
+    }
+    return wT;
+  }
+
+  private checkRows(b: RowBatch): void {
+    if (b.rows.length !== b.rowCount * this.hidden)
+      throw new RangeError(`batch for (layer ${b.layer}, expert ${b.expert}) has ${b.rows.length} floats, expected ${b.rowCount}×${this.hidden}`);
+  }
+
+  forwardRows(passId: string, b: RowBatch, train: boolean): Float32Array {
+    this.checkRows(b);
+    const w = this.weights(b.layer, b.expert);
+    const x = tf.tensor2d(b.rows, [b.rowCount, this.hidden]);
+    const { y, cache } = expertForward(x, w, train);
+    x.dispose();
+    const out = y.dataSync() as Float32Array;
+    y.dispose();
+    if (cache) {
+      const key = `${passId}|${keyOf(b.layer, b.expert)}`;
+      if (this.caches.has(key)) throw new Error(`pass ${passId} already forwarded (layer ${b.layer}, expert ${b.expert})`);
+      this.caches.set(key, cache);
+    }
+    return out;
+  }
+
+  backwardRows(passId: string, b: RowBatch): Float32Array {
+    this.checkRows(b);
+    const key = `${passId}|${keyOf(b.layer, b.expert)}`;
+    const cache = this.caches.get(key);
+    if (!cache) throw new Error(`no forward of pass ${passId} for (layer ${b.layer}, expert ${b.expert}) to take gradients of`);
+    if (cache.x.shape[0] !== b.rowCount) throw new RangeError(`backward has ${b.rowCount} rows, forward had ${cache.x.shape[0]}`);
+    this.caches.delete(key);
+    const dy = tf.tensor2d(b.rows, [b.rowCount, this.hidden]);
+    const { dx, dW1t, dW3t, dW2t } = expertBackward(dy, cache, this.weightsT(b.layer, b.expert));
+    dy.dispose();
+    disposeAll(cache);
+    this.params.accumulate(expertParamName(b.layer, b.expert, 'w1t'), dW1t);
+    this.params.accumulate(expertParamName(b.layer, b.expert, 'w3t'), dW3t);
+    this.params.accumulate(expertParamName(b.layer, b.expert, 'w2t'), dW2t);
+    const out = dx.dataSync() as Float32Array;
+    dx.dispose();
+    return out;
+  }
+
+  /** Forgets saved activations of a pass that will get no backward (evaluation, aborted step). */
+  dropPass(passId: string): void {
+    for (const [key, cache] of this.caches)
+      if (key.startsWith(`${passId}|`)) {
+        disposeAll(cache);
+        this.caches.delete(key);
+      }
+  }
+
+  dispose(): void {
+    for (const c of this.caches.values()) disposeAll(c);
+    this.caches.clear();
+    disposeAll(this.transposed);
+    this.params.dispose();
+  }
+}
+
+export class InProcessTransport implements ExpertTransport {
+  constructor(readonly experts: ExpertSet) {}
+
+  async forward(passId: string, batches: RowBatch[], train: boolean): Promise<Float32Array[]> {
+    return batches.map((b) => this.experts.forwardRows(passId, b, train));
+  }
+
+  async backward(passId: string, batches: RowBatch[]): Promise<Float32Array[]> {
+    return batches.map((b) => this.experts.backwardRows(passId, b));
+  }
+}
+

@@ -1,0 +1,336 @@
+// The Mixtral-family decoder: embedding → per layer (RMSNorm → attention → residual → RMSNorm → sparse MoE
+// → residual) → RMSNorm → LM head, with forward and hand-written backward. Experts are reached through an
+// ExpertTransport, so the same code trains in one process or against expert shards.
+import * as tf from '@tensorflow/tfjs-core';
+import { headDim, type ModelConfig } from '../config.js';
+import { Rng } from '../data/random.js';
+import { updateBalanceBias } from '../gating/index.js';
+import { attentionBackward, attentionForward, type AttentionCache, type KvCache } from './attention.js';
+import { ExpertSet, InProcessTransport, type ExpertTransport } from './experts.js';
+import { denseFromHf, denseNames, denseToHf, expertFromHf, expertToHf, hfNames, type HostTensor } from './hf.js';
+import { MoeLayer, type MoeCache, type MoeStats } from './moe.js';
+import { ParameterTable } from './parameters.js';
+import { rmsNormBackward, rmsNormForward, type RmsNormCache } from './rmsnorm.js';
+import { Rope } from './rope.js';
+import { disposeAll, mm, mmTA, type T2 } from './tensors.js';
+
+export interface PassOptions {
+  passId: string;
+  train: boolean;
+  /** Tokens per routing group; 0 = the whole call is one group. */
+  groupTokens?: number;
+  /** Source of opt-in training noise (jitter, second-expert sampling). */
+  random?: () => number;
+}
+
+export interface LossResult {
+  /** Total objective: cross-entropy + auxiliary terms. */
+  loss: number;
+  /** Mean cross-entropy in nats per token. */
+  crossEntropy: number;
+  auxLoss: number;
+  zLoss: number;
+  layerStats: MoeStats[];
+}
+
+interface LayerCache { n1: RmsNormCache; attn: AttentionCache; n2: RmsNormCache; moe: MoeCache }
+
+function normalInit(rng: Rng, count: number, std: number): Float32Array {
+  const out = new Float32Array(count);
+  for (let i = 0; i < count; i++) out[i] = rng.normal() * std;
+  return out;
+}
+
+export class MixtralModel {
+  readonly dense = new ParameterTable();
+  readonly rope: Rope;
+  readonly moe: MoeLayer[];
+  readonly headDim: number;
+  /** Aux-loss-free balancing bias per layer, when enabled. */
+  readonly balanceBias: Float32Array[] | undefined;
+  private transposed = new Map<string, T2>();
+  private transposedVersion = -1;
+  private embedRows?: Float32Array;
+  private embedVersion = -1;
+
+  constructor(readonly config: ModelConfig, readonly transport: ExpertTransport, readonly localExperts?: ExpertSet) {
+    this.headDim = headDim(config);
+    this.rope = new Rope(this.headDim, config.rope_theta);
+    this.moe = Array.from({ length: config.num_hidden_layers }, (_, l) =>
+      new MoeLayer(l, config.hidden_size, config.num_local_experts, config.num_experts_per_tok, config.switchyard_gate, transport));
+    this.balanceBias = config.switchyard_gate.balance_bias_rate > 0
+      ? Array.from({ length: config.num_hidden_layers }, () => new Float32Array(config.num_local_experts))
+      : undefined;
+  }
+
+  /** A freshly initialised model with all experts in-process (seeded, deterministic). */
+  static initialize(config: ModelConfig, seed: number): MixtralModel {
+    const rng = new Rng(seed);
+    const D = config.hidden_size;
+    const H = config.intermediate_size;
+    const V = config.vocab_size;
+    const hd = headDim(config);
+    const std = config.initializer_range;
+    // Residual-branch outputs scaled down with depth (GPT-2) so the stream does not grow with layers.
+    const outStd = std / Math.sqrt(2 * config.num_hidden_layers);
+    const experts = new ExpertSet(D, H);
+    const model = new MixtralModel(config, new InProcessTransport(experts), experts);
+    const d = model.dense;
+    const ones = () => tf.ones([D]);
+    d.define(denseNames.embed, tf.tensor2d(normalInit(rng, V * D, std), [V, D]));
+    const qkvWidth = (config.num_attention_heads + 2 * config.num_key_value_heads) * hd;
+    for (let l = 0; l < config.num_hidden_layers; l++) {
+      d.define(denseNames.attnNorm(l), ones());
+      d.define(denseNames.wqkv(l), tf.tensor2d(normalInit(rng, D * qkvWidth, std), [D, qkvWidth]));
+      d.define(denseNames.wo(l), tf.tensor2d(normalInit(rng, config.num_attention_heads * hd * D, outStd), [config.num_attention_heads * hd, D]));
+      d.define(denseNames.moeNorm(l), ones());
+      d.define(denseNames.gate(l), tf.tensor2d(normalInit(rng, D * config.num_local_experts, std), [D, config.num_local_experts]));
+      for (let e = 0; e < config.num_local_experts; e++)
+        experts.add(l, e, {
+          w1t: tf.tensor2d(normalInit(rng, D * H, std), [D, H]),
+          w3t: tf.tensor2d(normalInit(rng, D * H, std), [D, H]),
+          w2t: tf.tensor2d(normalInit(rng, H * D, outStd), [H, D]),
+        });
+    }
+    d.define(denseNames.norm, ones());
+    d.define(denseNames.lmHead, tf.tensor2d(normalInit(rng, D * V, std), [D, V]));
+    return model;
+  }
+
+  /** A model from Hugging Face tensors with every expert in-process. */
+  static fromHf(config: ModelConfig, tensors: Map<string, HostTensor>): MixtralModel {
+    const experts = new ExpertSet(config.hidden_size, config.intermediate_size);
+    const model = new MixtralModel(config, new InProcessTransport(experts), experts);
+    model.loadDense(tensors);
+    for (let l = 0; l < config.num_hidden_layers; l++)
+      for (let e = 0; e < config.num_local_experts; e++) {
+        const w = expertFromHf(tensors, l, e);
+        experts.add(l, e, {
+          w1t: tf.tensor2d(w.w1t.values, w.w1t.shape as [number, number]),
+          w3t: tf.tensor2d(w.w3t.values, w.w3t.shape as [number, number]),
+          w2t: tf.tensor2d(w.w2t.values, w.w2t.shape as [number, number]),
+        });
+      }
+    return model;
+  }
+
+  /** Loads the dense (router-held) parameters from HF tensors. */
+  loadDense(tensors: Map<string, HostTensor>): void {
+    for (const [name, t] of denseFromHf(this.config, tensors)) this.dense.define(name, tf.tensor(t.values, t.shape));
+    if (this.balanceBias)
+      this.balanceBias.forEach((bias, l) => {
+        const saved = tensors.get(hfNames.balanceBias(l));
+        if (saved) bias.set(saved.values);
+      });
+  }
+
+  /** Every tensor in Hugging Face names and layout (dense + in-process experts). */
+  toHf(): Map<string, HostTensor> {
+    const host = (t: tf.Tensor): HostTensor => ({ shape: [...t.shape], values: t.dataSync() as Float32Array });
+    const dense = new Map<string, HostTensor>();
+    for (const name of this.dense.names()) dense.set(name, host(this.dense.get(name)));
+    const out = denseToHf(this.config, dense);
+    if (this.localExperts)
+      for (const { layer, expert } of this.localExperts.keys()) {
+        const w = this.localExperts.weights(layer, expert);
+        expertToHf(out, layer, expert, { w1t: host(w.w1t), w3t: host(w.w3t), w2t: host(w.w2t) });
+      }
+    this.balanceBias?.forEach((bias, l) => out.set(hfNames.balanceBias(l), { shape: [bias.length], values: bias.slice() }));
+    return out;
+  }
+
+  private weightT(name: string): T2 {
+    if (this.transposedVersion !== this.dense.version) {
+      disposeAll(this.transposed);
+      this.transposed = new Map();
+      this.transposedVersion = this.dense.version;
+    }
+    let t = this.transposed.get(name);
+    if (!t) {
+      t = tf.keep(tf.transpose(this.dense.get<tf.Rank.R2>(name)));
+      this.transposed.set(name, t);
+    }
+    return t;
+  }
+
+  private embed(ids: Int32Array): T2 {
+    const D = this.config.hidden_size;
+    const V = this.config.vocab_size;
+    if (this.embedVersion !== this.dense.version || !this.embedRows) {
+      this.embedRows = this.dense.get(denseNames.embed).dataSync() as Float32Array;
+      this.embedVersion = this.dense.version;
+    }
+    const rows = new Float32Array(ids.length * D);
+    for (let i = 0; i < ids.length; i++) {
+      const id = ids[i];
+      if (!(id >= 0 && id < V)) throw new RangeError(`token id ${id} at position ${i} is outside the vocabulary [0, ${V})`);
+      rows.set(this.embedRows.subarray(id * D, id * D + D), i * D);
+    }
+    return tf.tensor2d(rows, [ids.length, D]);
+  }
+
+  private attentionShape(batch: number, tokens: number, past: number) {
+    const c = this.config;
+    return { batch, tokens, past, heads: c.num_attention_heads, kvHeads: c.num_key_value_heads, headDim: this.headDim };
+  }
+
+  /**
+   * Forward over `batch` sequences of `tokens` new ids each. With `kv` (one per layer) the call extends
+   * cached sequences of length `past` and returns the extended caches.
+   */
+  async forward(
+    ids: Int32Array, batch: number, tokens: number, opt: PassOptions, kv?: KvCache[], past = 0,
+  ): Promise<{ logits: T2; hidden: T2; caches?: LayerCache[]; finalNorm?: RmsNormCache; stats: MoeStats[]; kv: KvCache[] }> {
+    if (ids.length !== batch * tokens) throw new RangeError(`expected ${batch}×${tokens} ids, got ${ids.length}`);
+    if (past + tokens > this.config.max_position_embeddings)
+      throw new RangeError(`sequence length ${past + tokens} exceeds max_position_embeddings ${this.config.max_position_embeddings}`);
+    const c = this.config;
+    const eps = c.rms_norm_eps;
+    let x = this.embed(ids);
+    const caches: LayerCache[] = [];
+    const stats: MoeStats[] = [];
+    const newKv: KvCache[] = [];
+    for (let l = 0; l < c.num_hidden_layers; l++) {
+      const n1 = rmsNormForward(x, this.dense.get(denseNames.attnNorm(l)), eps);
+      const attn = attentionForward(n1.y, { wqkv: this.dense.get(denseNames.wqkv(l)), wo: this.dense.get(denseNames.wo(l)) },
+        this.attentionShape(batch, tokens, past), this.rope, kv?.[l], opt.train);
+      n1.y.dispose();
+      const x1 = tf.add(x, attn.y) as T2;
+      attn.y.dispose();
+      x.dispose();
+      if (!opt.train) newKv.push(attn.kv);
+      const n2 = rmsNormForward(x1, this.dense.get(denseNames.moeNorm(l)), eps);
+      const moe = await this.moe[l].forward(n2.y, this.dense.get(denseNames.gate(l)), {
+        passId: `${opt.passId}/L${l}`, train: opt.train, groupTokens: opt.groupTokens ?? 0, random: opt.random,
+        selectionBias: this.balanceBias?.[l],
+      });
+      n2.y.dispose();
+      x = tf.add(x1, moe.y) as T2;
+      moe.y.dispose();
+      x1.dispose();
+      stats.push(moe.stats);
+      if (opt.train) caches.push({ n1: n1.cache, attn: attn.cache!, n2: n2.cache, moe: moe.cache! });
+      else disposeAll([n1.cache, n2.cache]);
+    }
+    const nf = rmsNormForward(x, this.dense.get(denseNames.norm), eps);
+    x.dispose();
+    const logits = mm(nf.y, this.dense.get(denseNames.lmHead));
+    if (!opt.train) {
+      disposeAll(nf.cache);
+      return { logits, hidden: nf.y, stats, kv: newKv };
+    }
+    return { logits, hidden: nf.y, caches, finalNorm: nf.cache, stats, kv: newKv };
+  }
+
+  /** Logits for every position (evaluation, no caches kept). */
+  async logits(ids: Int32Array, batch: number, tokens: number, passId = 'eval'): Promise<Float32Array> {
+    const out = await this.forward(ids, batch, tokens, { passId, train: false });
+    const values = out.logits.dataSync() as Float32Array;
+    disposeAll([out.logits, out.hidden, out.kv]);
+    return values;
+  }
+
+  /** Mean cross-entropy (nats per token) without gradients. */
+  async evalLoss(ids: Int32Array, targets: Int32Array, batch: number, tokens: number, passId = 'eval'): Promise<number> {
+    const out = await this.forward(ids, batch, tokens, { passId, train: false });
+    const ce = tf.tidy(() => crossEntropy(out.logits, targets).loss.dataSync()[0]);
+    disposeAll([out.logits, out.hidden, out.kv]);
+    return ce;
+  }
+
+  /**
+   * Forward and backward of one micro-batch; gradients accumulate in `dense` and at the experts' holders.
+   * `gradScale` weights this micro-batch's share of the global objective.
+   */
+  async lossAndGradients(ids: Int32Array, targets: Int32Array, batch: number, tokens: number, opt: PassOptions, gradScale = 1): Promise<LossResult> {
+    const c = this.config;
+    const gate = c.switchyard_gate;
+    const out = await this.forward(ids, batch, tokens, { ...opt, train: true });
+    const caches = out.caches!;
+    const { loss: ceT, dLogits } = crossEntropy(out.logits, targets, gradScale);
+    const crossEntropyValue = ceT.dataSync()[0];
+    ceT.dispose();
+    out.logits.dispose();
+    const dLm = mmTA(out.hidden, dLogits);
+    this.dense.accumulate(denseNames.lmHead, dLm);
+    const dHidden = mm(dLogits, this.weightT(denseNames.lmHead));
+    dLogits.dispose();
+    out.hidden.dispose();
+    const nf = rmsNormBackward(dHidden, out.finalNorm!, this.dense.get(denseNames.norm));
+    dHidden.dispose();
+    disposeAll(out.finalNorm);
+    this.dense.accumulate(denseNames.norm, nf.dWeight);
+    let dx = nf.dx;
+    for (let l = c.num_hidden_layers - 1; l >= 0; l--) {
+      const lc = caches[l];
+      const moe = await this.moe[l].backward(dx, lc.moe, this.weightT(denseNames.gate(l)), gate.aux_loss_coef * gradScale, gate.z_loss_coef * gradScale);
+      this.dense.accumulate(denseNames.gate(l), moe.dGate);
+      const n2 = rmsNormBackward(moe.dh, lc.n2, this.dense.get(denseNames.moeNorm(l)));
+      moe.dh.dispose();
+      this.dense.accumulate(denseNames.moeNorm(l), n2.dWeight);
+      const dx1 = tf.add(dx, n2.dx) as T2;
+      dx.dispose();
+      n2.dx.dispose();
+      const attn = attentionBackward(dx1, lc.attn, { wqkvT: this.weightT(denseNames.wqkv(l)), woT: this.weightT(denseNames.wo(l)) }, this.rope);
+      this.dense.accumulate(denseNames.wqkv(l), attn.dWqkv);
+      this.dense.accumulate(denseNames.wo(l), attn.dWo);
+      const n1 = rmsNormBackward(attn.dh, lc.n1, this.dense.get(denseNames.attnNorm(l)));
+      attn.dh.dispose();
+      this.dense.accumulate(denseNames.attnNorm(l), n1.dWeight);
+      dx = tf.add(dx1, n1.dx) as T2;
+      dx1.dispose();
+      n1.dx.dispose();
+      disposeAll([lc.n1, lc.attn, lc.n2]);
+    }
+    this.accumulateEmbedding(ids, dx);
+    dx.dispose();
+    let aux = 0;
+    let z = 0;
+    for (const s of out.stats) {
+      aux += s.auxLoss;
+      z += s.zLoss;
+    }
+    return {
+      loss: crossEntropyValue + gate.aux_loss_coef * aux + gate.z_loss_coef * z,
+      crossEntropy: crossEntropyValue, auxLoss: aux, zLoss: z, layerStats: out.stats,
+    };
+  }
+
+  private accumulateEmbedding(ids: Int32Array, dx: T2): void {
+    const D = this.config.hidden_size;
+    const rows = dx.dataSync() as Float32Array;
+    const grad = new Float32Array(this.config.vocab_size * D);
+    for (let i = 0; i < ids.length; i++) {
+      const o = ids[i] * D;
+      const s = i * D;
+      for (let d = 0; d < D; d++) grad[o + d] += rows[s + d];
+    }
+    this.dense.accumulate(denseNames.embed, tf.tensor2d(grad, [this.config.vocab_size, D]));
+  }
+
+  /** After an optimizer step: move the aux-loss-free balancing bias by this step's loads. */
+  updateBalance(stats: MoeStats[]): void {
+    if (!this.balanceBias) return;
+    const rate = this.config.switchyard_gate.balance_bias_rate;
+    stats.forEach((s, l) => updateBalanceBias(this.balanceBias![l], s.countsBeforeDrop, rate));
+  }
+
+  dispose(): void {
+    disposeAll(this.transposed);
+    this.dense.dispose();
+    this.localExperts?.dispose();
+  }
+}
+
+/** Mean cross-entropy over rows and its gradient w.r.t. the logits (scaled by gradScale). */
+export function crossEntropy(logits: T2, targets: Int32Array, gradScale = 1): { loss: tf.Scalar; dLogits: T2 } {
+  return tf.tidy(() => {
+    const [rows, vocab] = logits.shape;
+    if (targets.length !== rows) throw new RangeError(`expected ${rows} targets, got ${targets.length}`);
+    const logp = tf.logSoftmax(logits);
+    const oneHot = tf.oneHot(tf.tensor1d(targets, 'int32'), vocab);
+    const loss = tf.neg(tf.div(tf.sum(tf.mul(oneHot, logp)), rows)) as tf.Scalar;
+    const dLogits = tf.mul(tf.sub(tf.exp(logp), oneHot), gradScale / rows) as T2;
+    return { loss, dLogits };
+  });
+}
