@@ -2,6 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { fixturePath } from './support/paths.js';
+import { gateSettingsSchema } from '../services/core/config.js';
 import {
   capacityFor,
   gateBackward,
@@ -534,10 +535,11 @@ test('capacityFor follows DeepSpeed _capacity in float32', () => {
   assert.equal(capacityFor(0, 4, 2, 1.0, 0), 0);
   // float32 product: fl32(1/3)·fl32(3) rounds to exactly 1 in float32, so no spurious ceil to 2
   assert.equal(capacityFor(1, 3, 1, 3, 0), 1);
-  // float32 rounding changes the ceil both ways (DeepSpeed does the same, via torch.tensor(cf·2)):
-  // 12.5 · fl32(2.4) = 30.0000012 → 31 (exact: 30); 25 · fl32(2.2) = 54.9999995 → 55 (exact: 55.0… → 56? no: 55)
+  // the float32 steps decide the ceil (DeepSpeed: torch.tensor(cf·2) is float32):
+  // fl32(12.5 · fl32(2.4)) = 30.000002 → 31, where exact arithmetic gives 30;
+  // fl32(25 · fl32(2.2)) = 55 → 55, where float64 gives 55.00000000000001 → 56
   assert.equal(capacityFor(25, 2, 2, 1.2, 0), 31);
-  assert.equal(capacityFor(25, 1, 2, 1.1, 0), 55); // float64: 25·2.2 = 55.00000000000001 → 56
+  assert.equal(capacityFor(25, 1, 2, 1.1, 0), 55);
 });
 
 test('an empty group routes nothing', () => {
@@ -762,11 +764,12 @@ test('aux-loss-free balancing evens out the load of a skewed router', () => {
   assert.ok(initial > 1.5 && final < 1.15, `max/mean load ${initial} → ${final}`);
 });
 
-test('policyFromSettings picks the train or eval capacity factor', () => {
-  const settings = { policy: 'gshard' as const, capacityFactor: 1.25, evalCapacityFactor: 2, minCapacity: 4 };
-  assert.deepEqual(policyFromSettings(settings, 'train'), { kind: 'gshard', k: 2, capacityFactor: 1.25, minCapacity: 4 });
-  assert.deepEqual(policyFromSettings(settings, 'eval'), { kind: 'gshard', k: 2, capacityFactor: 2, minCapacity: 4 });
-  assert.deepEqual(policyFromSettings({ policy: 'mixtral', k: 2 }, 'eval'), { kind: 'mixtral', k: 2, capacityFactor: 1 });
+test('policyFromSettings picks the train or eval capacity factor from the model config', () => {
+  const settings = gateSettingsSchema.parse({ policy: 'gshard', capacity_factor: 1.25, eval_capacity_factor: 2, min_capacity: 4, drop_tokens: false });
+  assert.deepEqual(policyFromSettings(settings, 2, 'train'), { kind: 'gshard', k: 2, capacityFactor: 1.25, minCapacity: 4, dropTokens: false });
+  assert.deepEqual(policyFromSettings(settings, 2, 'eval'), { kind: 'gshard', k: 2, capacityFactor: 2, minCapacity: 4, dropTokens: false });
+  const bias = new Float32Array(4);
+  assert.equal(policyFromSettings(settings, 2, 'eval', bias).selectionBias, bias);
 });
 
 // ---------------------------------------------------------------------------------------------------

@@ -269,8 +269,8 @@ export async function listCheckpoints(parent: string): Promise<string[]> {
 // ---------------------------------------------------------------- loading
 
 export interface LoadOptions {
-  /** Expected names and shapes (e.g. mixtralTensorShapes(config)); every mismatch is reported at once. */
-  expectedTensors?: Map<string, number[]>;
+  /** Expected names and shapes (e.g. mixtralTensorShapes), or a function of the loaded config giving them; every mismatch is reported at once. */
+  expectedTensors?: Map<string, number[]> | ((config: ModelConfig) => Map<string, number[]>);
   /** Read only these tensors (only their byte ranges are read). Also restricts expectedTensors. */
   only?: (name: string) => boolean;
 }
@@ -366,14 +366,15 @@ export async function loadCheckpoint(dir: string, opts: LoadOptions = {}): Promi
 
   const only = opts.only ?? (() => true);
   const selected = [...location.keys()].filter(only);
-  if (opts.expectedTensors) {
+  const expectedTensors = typeof opts.expectedTensors === 'function' ? opts.expectedTensors(config) : opts.expectedTensors;
+  if (expectedTensors) {
     const problems: string[] = [];
-    const expected = [...opts.expectedTensors].filter(([n]) => only(n));
+    const expected = [...expectedTensors].filter(([n]) => only(n));
     const missing = expected.filter(([n]) => !location.has(n)).map(([n, s]) => `${n} ${shapeText(s)}`);
     const misshaped = expected
       .filter(([n, s]) => location.has(n) && !sameShape(location.get(n)!.info.shape, s))
       .map(([n, s]) => `${n}: expected ${shapeText(s)}, found ${shapeText(location.get(n)!.info.shape)}`);
-    const unexpected = selected.filter((n) => !opts.expectedTensors!.has(n)).map((n) => `${n} ${shapeText(location.get(n)!.info.shape)}`);
+    const unexpected = selected.filter((n) => !expectedTensors.has(n)).map((n) => `${n} ${shapeText(location.get(n)!.info.shape)}`);
     if (missing.length) problems.push(`${missing.length} missing tensor(s): ${missing.join('; ')}`);
     if (misshaped.length) problems.push(`${misshaped.length} tensor(s) with the wrong shape: ${misshaped.join('; ')}`);
     if (unexpected.length) problems.push(`${unexpected.length} unexpected tensor(s): ${unexpected.join('; ')}`);

@@ -261,6 +261,7 @@ export function routeTokens(
     // gshard/topk: renormalise the kept choices, denominator max(Σ kept, eps) summed in float32 in choice
     // order (top2gating: gates1_s + gates2_s, clamp(min=eps)); a token with every choice dropped gets 0s.
     // mixtral: nothing is dropped, so this renormalises over the k chosen (HF: topk values / their sum).
+    // HF has no clamp; here it can only bind when a selectionBias picks experts of vanishing probability.
     for (let s = 0; s < S; s++) {
       const base = s * k;
       const sum = keptProbSum(probs, expert, slot, s, E, k);

@@ -4,7 +4,10 @@ import type { ModelConfig } from '../config.js';
 import { headDim } from '../config.js';
 import { transposeRows } from './tensors.js';
 
-export interface HostTensor { shape: number[]; values: Float32Array }
+import type { Tensor as HostTensor } from '../checkpoint/safetensors.js';
+
+/** A tensor in host memory (the safetensors codec's type). */
+export type { HostTensor };
 
 export const denseNames = {
   embed: 'embed',

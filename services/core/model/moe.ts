@@ -1,7 +1,7 @@
 // The router side of a sparse MoE block: gate → routing plan → one row batch per expert → combine, and
 // the backward through combine weights, experts and gate. Experts are reached only via ExpertTransport.
 import * as tf from '@tensorflow/tfjs-core';
-import { gateBackward, gumbelNoise, multiplicativeJitter, routeTokens, zLoss, type GatePolicy, type RoutingPlan } from '../gating/index.js';
+import { gateBackward, gumbelNoise, multiplicativeJitter, policyFromSettings, routeTokens, zLoss, type GatePolicy, type RoutingPlan } from '../gating/index.js';
 import type { GateSettings } from '../config.js';
 import type { ExpertTransport, RowBatch } from './experts.js';
 import { mm, mmTA, type T2 } from './tensors.js';
@@ -53,17 +53,6 @@ export class MoeLayer {
     readonly transport: ExpertTransport,
   ) {}
 
-  policy(train: boolean, selectionBias?: Float32Array): GatePolicy {
-    return {
-      kind: this.gate.policy,
-      k: this.k,
-      capacityFactor: train ? this.gate.capacity_factor : this.gate.eval_capacity_factor,
-      minCapacity: this.gate.min_capacity,
-      dropTokens: this.gate.drop_tokens,
-      selectionBias,
-    };
-  }
-
   async forward(h: T2, gateW: T2, opt: MoeCallOptions): Promise<{ y: T2; stats: MoeStats; cache?: MoeCache }> {
     const tokens = h.shape[0];
     const D = this.hidden;
@@ -85,7 +74,7 @@ export class MoeLayer {
     const groupSize = opt.groupTokens > 0 ? opt.groupTokens : tokens;
     const groupStarts: number[] = [];
     const plans: RoutingPlan[] = [];
-    const policy = this.policy(opt.train, opt.selectionBias);
+    const policy = policyFromSettings(this.gate, k, opt.train ? 'train' : 'eval', opt.selectionBias);
     let auxSum = 0;
     let zSum = 0;
     for (let start = 0; start < tokens; start += groupSize) {

@@ -1,0 +1,16 @@
+// `switchyard bench [suite...] [--quick]`: every suite prints a table and writes bench-results/<suite>.json.
+import { computeSuite } from './compute.js';
+
+const SUITES: Record<string, (quick: boolean) => Promise<void>> = {
+  compute: computeSuite,
+};
+
+export async function runBench(names: string[], opts: { quick: boolean }): Promise<void> {
+  const chosen = names.length ? names : Object.keys(SUITES);
+  const unknown = chosen.filter((n) => !SUITES[n]);
+  if (unknown.length) {
+    const err = new RangeError(`unknown bench suite(s): ${unknown.join(', ')} (known: ${Object.keys(SUITES).join(', ')})`);
+    throw err;
+  }
+  for (const name of chosen) await SUITES[name](opts.quick);
+}

@@ -1,0 +1,147 @@
+#!/usr/bin/env node
+// The `switchyard` command line (DESIGN §10).
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { existsSync } from 'node:fs';
+import { readFile } from 'node:fs/promises';
+import { resolve } from 'node:path';
+import { describeBackend, initBackend } from '../core/backend.js';
+import { ConfigError, PRESET_NAMES, preset, resolvePreset, type Preset } from '../core/config.js';
+import { decodeIds, encodeText } from '../core/data/bytes.js';
+import { generate } from '../core/generate.js';
+import { loadModel } from '../core/train/checkpointing.js';
+import { checkpointDirOf, train } from '../core/train/trainer.js';
+import { runBench } from '../bench/index.js';
+import { trainingProgress } from './progress.js';
+
+const DEFAULT_RUN_DIR = 'checkpoints/default';
+
+function integer(name: string, min = 0) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (!Number.isInteger(n) || n < min) throw new InvalidArgumentError(`${name} must be an integer ≥ ${min}`);
+    return n;
+  };
+}
+
+function number(name: string) {
+  return (value: string): number => {
+    const n = Number(value);
+    if (!Number.isFinite(n)) throw new InvalidArgumentError(`${name} must be a number`);
+    return n;
+  };
+}
+
+async function loadPreset(spec: string): Promise<Preset> {
+  if (PRESET_NAMES.includes(spec)) return preset(spec);
+  if (!existsSync(spec)) throw new ConfigError(`--config ${spec}: neither a preset (${PRESET_NAMES.join(', ')}) nor a file`);
+  let raw: unknown;
+  try {
+    raw = JSON.parse(await readFile(spec, 'utf8'));
+  } catch (err) {
+    throw new ConfigError(`--config ${spec}: not valid JSON (${(err as Error).message})`);
+  }
+  return resolvePreset(raw, spec);
+}
+
+async function startBackend(): Promise<void> {
+  const info = await initBackend();
+  process.stderr.write(`switchyard: ${describeBackend(info)}\n`);
+}
+
+interface TrainFlags {
+  config: string; data?: string; steps?: number; seed?: number; out: string;
+  shards: number; routers: number; singleProcess?: boolean; resume?: boolean;
+}
+
+async function trainCommand(flags: TrainFlags): Promise<void> {
+  if (!flags.singleProcess && (flags.shards > 1 || flags.routers > 1))
+    throw new ConfigError('distributed training (--shards/--routers > 1) is not available yet; use --single-process');
+  const p = await loadPreset(flags.config);
+  const t = { ...p.train, ...(flags.steps !== undefined ? { steps: flags.steps } : {}), ...(flags.seed !== undefined ? { seed: flags.seed } : {}) };
+  await startBackend();
+  const progress = trainingProgress();
+  const summary = await train({ model: p.model, train: t, dataPath: flags.data, outDir: resolve(flags.out), resume: flags.resume, onStep: progress.onStep })
+    .finally(() => progress.stop());
+  process.stdout.write(
+    `trained ${summary.steps} steps on ${summary.dataSource}: ${summary.tokens} tokens in ${summary.wallSeconds.toFixed(1)} s ` +
+    `(${summary.tokensPerSecond.toFixed(0)} tokens/s), loss ${summary.finalLoss.toFixed(4)}, ` +
+    `validation loss ${summary.validationLoss.toFixed(4)} nats/byte\ncheckpoint: ${summary.checkpointDir}\n`,
+  );
+}
+
+interface GenerateFlags { model: string; prompt: string; maxTokens: number; temperature: number; topP: number; seed: number }
+
+async function generateCommand(flags: GenerateFlags): Promise<void> {
+  await startBackend();
+  const model = await loadModel(resolve(flags.model));
+  try {
+    const prompt = encodeText(flags.prompt);
+    const out = await generate(model, prompt, { maxTokens: flags.maxTokens, temperature: flags.temperature, topP: flags.topP, seed: flags.seed });
+    process.stdout.write(flags.prompt + decodeIds(out.ids) + '\n');
+  } finally {
+    model.dispose();
+  }
+}
+
+async function upCommand(flags: { model?: string }): Promise<void> {
+  // Until the serving cluster lands, `up` trains the default model when needed and shows it generating.
+  const runDir = resolve(DEFAULT_RUN_DIR);
+  const modelDir = flags.model ? resolve(flags.model) : checkpointDirOf(runDir);
+  if (!existsSync(resolve(modelDir, 'config.json'))) {
+    if (flags.model) throw new ConfigError(`--model ${flags.model}: no config.json there`);
+    process.stderr.write(`switchyard: no default model yet; training the 'small' config into ${runDir} (one-time, a few minutes)\n`);
+    await trainCommand({ config: 'small', out: runDir, shards: 1, routers: 1, singleProcess: true });
+  }
+  for (const [i, prompt] of ['Call me Ishmael. ', 'The whale '].entries()) {
+    process.stdout.write(`\n--- sample ${i + 1} (temperature 0.8, top_p 0.95) ---\n`);
+    await generateCommand({ model: modelDir, prompt, maxTokens: 200, temperature: 0.8, topP: 0.95, seed: i + 1 });
+  }
+}
+
+export function buildProgram(): Command {
+  const program = new Command('switchyard').description('Mixture-of-Experts serving and training whose experts are independent services');
+  program.command('train').description('train a model (single process for now)')
+    .option('--config <name|file>', `preset (${PRESET_NAMES.join(', ')}) or JSON file {"base","model","train"}`, 'small')
+    .option('--data <path>', 'UTF-8 text file or folder (default: Moby Dick)')
+    .option('--steps <n>', 'training steps', integer('--steps', 1))
+    .option('--seed <n>', 'random seed', integer('--seed'))
+    .option('--out <dir>', 'run folder (checkpoint/, metrics.jsonl)', 'runs/train')
+    .option('--shards <n>', 'expert shards', integer('--shards', 1), 1)
+    .option('--routers <n>', 'router replicas', integer('--routers', 1), 1)
+    .option('--single-process', 'the reference run: everything in this process')
+    .option('--resume', 'continue from the run folder\'s checkpoint')
+    .action(trainCommand);
+  program.command('generate').description('continue a prompt with a trained checkpoint')
+    .requiredOption('--model <dir>', 'checkpoint folder')
+    .option('--prompt <text>', 'prompt text', 'Call me Ishmael. ')
+    .option('--max-tokens <n>', 'tokens to generate', integer('--max-tokens'), 200)
+    .option('--temperature <t>', '0 = greedy', number('--temperature'), 0.8)
+    .option('--top-p <p>', 'nucleus mass', number('--top-p'), 0.95)
+    .option('--seed <n>', 'sampling seed', integer('--seed'), 0)
+    .action(generateCommand);
+  program.command('up').description('run Switchyard locally (trains the default model first when there is none)')
+    .option('--model <dir>', 'checkpoint folder to use instead of the default model')
+    .addOption(new Option('--shards <n>', 'expert shards (serving cluster: coming)').argParser(integer('--shards', 1)))
+    .addOption(new Option('--routers <n>', 'router replicas (serving cluster: coming)').argParser(integer('--routers', 1)))
+    .action(upCommand);
+  program.command('bench').description('benchmarks: prints tables, writes bench-results/*.json')
+    .argument('[suites...]', 'suites to run (default: all)')
+    .option('--quick', 'short runs (under 2 minutes)')
+    .action(async (suites: string[], flags: { quick?: boolean }) => {
+      await startBackend();
+      await runBench(suites, { quick: flags.quick === true });
+    });
+  program.command('serve').description('run one service (router | expert | coordinator)')
+    .argument('<service>')
+    .action((service: string) => {
+      throw new ConfigError(`'serve ${service}': the serving cluster is not built yet (see the serving-cluster issue)`);
+    });
+  return program;
+}
+
+buildProgram().parseAsync(process.argv).catch((err: unknown) => {
+  const e = err as Error;
+  const known = ['ConfigError', 'CheckpointError', 'CorpusError', 'SamplingError', 'RangeError'].includes(e?.name);
+  process.stderr.write(`switchyard: ${known ? e.message : e?.stack ?? String(err)}\n`);
+  process.exitCode = known ? 2 : 1;
+});

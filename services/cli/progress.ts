@@ -1,0 +1,30 @@
+// Training progress on the terminal: a bar when stderr is a TTY, else one plain line per validation.
+import cliProgress from 'cli-progress';
+import type { StepReport } from '../core/train/trainer.js';
+
+export function trainingProgress(log: (line: string) => void = (l) => process.stderr.write(l + '\n')): { onStep: (r: StepReport) => void; stop: () => void } {
+  const tty = process.stderr.isTTY === true;
+  let bar: cliProgress.SingleBar | undefined;
+  let lastValidation = '—';
+  return {
+    onStep(r: StepReport) {
+      if (r.validationLoss !== undefined) lastValidation = r.validationLoss.toFixed(3);
+      const fields = { loss: r.loss.toFixed(3), val: lastValidation, tps: Math.round(r.tokensPerSecond) };
+      if (tty) {
+        if (!bar) {
+          bar = new cliProgress.SingleBar({
+            format: 'train |{bar}| {value}/{total} steps | loss {loss} | val {val} | {tps} tok/s | ETA {eta_formatted}',
+            etaBuffer: 20, hideCursor: true,
+          }, cliProgress.Presets.shades_classic);
+          bar.start(r.steps, r.step - 1, fields);
+        }
+        bar.update(r.step, fields);
+      } else if (r.validationLoss !== undefined || r.step === 1) {
+        log(`step ${r.step}/${r.steps}  loss ${fields.loss}  val ${fields.val}  ${fields.tps} tok/s  ${r.elapsedSeconds.toFixed(0)} s`);
+      }
+    },
+    stop() {
+      bar?.stop();
+    },
+  };
+}

@@ -1,0 +1,57 @@
+// A model checkpoint in Hugging Face layout, plus (for training) the optimizer moments and the trainer's
+// state in the same atomically written folder, so a resumed run continues bit for bit.
+import { loadCheckpoint, mixtralTensorShapes, readSafetensors, saveCheckpoint, serializeSafetensors } from '../checkpoint/index.js';
+import type { ModelConfig } from '../config.js';
+import { hfNames } from '../model/hf.js';
+import { MixtralModel } from '../model/model.js';
+import { join } from 'node:path';
+import { readFile } from 'node:fs/promises';
+import type { AdamW } from '../optim/adamw.js';
+
+export const TRAINER_STATE_FILE = 'trainer_state.json';
+export const OPTIMIZER_FILE = 'optimizer.safetensors';
+
+export function expectedModelTensors(config: ModelConfig): Map<string, number[]> {
+  const shapes = mixtralTensorShapes(config);
+  if (config.switchyard_gate.balance_bias_rate > 0)
+    for (let l = 0; l < config.num_hidden_layers; l++) shapes.set(hfNames.balanceBias(l), [config.num_local_experts]);
+  return shapes;
+}
+
+export interface TrainingSnapshot {
+  state: Record<string, unknown>;
+  optimizers: Record<string, AdamW>;
+}
+
+export async function saveModel(dir: string, model: MixtralModel, training?: TrainingSnapshot): Promise<void> {
+  const extraFiles: Record<string, string | Uint8Array> = {};
+  if (training) {
+    const moments = new Map();
+    const steps: Record<string, number> = {};
+    for (const [group, opt] of Object.entries(training.optimizers)) {
+      steps[group] = opt.step;
+      for (const [name, t] of opt.exportState()) moments.set(`${group}.${name}`, t);
+    }
+    extraFiles[OPTIMIZER_FILE] = serializeSafetensors(moments);
+    extraFiles[TRAINER_STATE_FILE] = JSON.stringify({ ...training.state, optimizer_steps: steps }, null, 2);
+  }
+  await saveCheckpoint(dir, { config: model.config, tensors: model.toHf(), extraFiles });
+}
+
+/** Loads a checkpoint into an in-process model; tensors are checked against the config first. */
+export async function loadModel(dir: string): Promise<MixtralModel> {
+  const { config, tensors } = await loadCheckpoint(dir, { expectedTensors: expectedModelTensors });
+  return MixtralModel.fromHf(config, tensors);
+}
+
+/** Trainer state and optimizer moments of a training checkpoint (throws when the folder has none). */
+export async function loadTrainingSnapshot(dir: string, optimizers: Record<string, AdamW>): Promise<Record<string, unknown>> {
+  const state = JSON.parse(await readFile(join(dir, TRAINER_STATE_FILE), 'utf8')) as Record<string, unknown> & { optimizer_steps: Record<string, number> };
+  const { tensors } = await readSafetensors(join(dir, OPTIMIZER_FILE));
+  for (const [group, opt] of Object.entries(optimizers)) {
+    const prefix = `${group}.`;
+    const own = new Map([...tensors].filter(([n]) => n.startsWith(prefix)).map(([n, t]) => [n.slice(prefix.length), t]));
+    opt.importState(state.optimizer_steps[group] ?? 0, own);
+  }
+  return state;
+}

@@ -1,0 +1,190 @@
+// Single-process training: seeded batches from a byte corpus, forward/backward through the model with
+// in-process experts, global-norm clipping, AdamW with warmup + cosine, periodic validation,
+// metrics.jsonl and atomic checkpoints that `resume` continues bit for bit.
+import { appendFile, mkdir, readFile, writeFile } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
+import { join } from 'node:path';
+import type { ModelConfig, TrainSettings } from '../config.js';
+import { BatchSampler, CorpusError, loadCorpus, splitCorpus, type Batch, type BatchSamplerState } from '../data/corpus.js';
+import { Rng } from '../data/random.js';
+import { MixtralModel } from '../model/model.js';
+import { AdamW, clipFactor, gradSquareSum } from '../optim/adamw.js';
+import { learningRate } from '../optim/schedule.js';
+import { loadModel, loadTrainingSnapshot, saveModel } from './checkpointing.js';
+
+export interface TrainRunOptions {
+  model: ModelConfig;
+  train: TrainSettings;
+  /** UTF-8 file or folder; default: Moby Dick. */
+  dataPath?: string;
+  outDir: string;
+  resume?: boolean;
+  /** Called after every step (progress bars, logs). */
+  onStep?: (report: StepReport) => void;
+  /** Stop after this step as if interrupted (tests of resume). */
+  stopAfterStep?: number;
+}
+
+export interface StepReport {
+  step: number;
+  steps: number;
+  loss: number;
+  crossEntropy: number;
+  auxLoss: number;
+  lr: number;
+  tokensPerSecond: number;
+  validationLoss?: number;
+  elapsedSeconds: number;
+}
+
+export interface TrainSummary {
+  steps: number;
+  tokens: number;
+  wallSeconds: number;
+  tokensPerSecond: number;
+  finalLoss: number;
+  validationLoss: number;
+  checkpointDir: string;
+  dataSource: string;
+}
+
+export const checkpointDirOf = (outDir: string): string => join(outDir, 'checkpoint');
+export const metricsFileOf = (outDir: string): string => join(outDir, 'metrics.jsonl');
+
+interface TrainerState {
+  step: number;
+  tokens: number;
+  elapsed_seconds: number;
+  sampler: BatchSamplerState;
+  noise_rng: number[];
+  train_settings: TrainSettings;
+  data_source: string;
+}
+
+/** Fixed validation batches, the same for every run on the same corpus and settings. */
+function validationBatches(validation: Uint8Array, t: TrainSettings): Batch[] {
+  const sampler = new BatchSampler(validation, t.seq_len, t.batch_sequences, t.seed ^ 0x5eed);
+  return Array.from({ length: t.eval_batches }, () => sampler.next());
+}
+
+async function validationLoss(model: MixtralModel, batches: Batch[], t: TrainSettings): Promise<number> {
+  let total = 0;
+  for (const b of batches) total += await model.evalLoss(b.inputs, b.targets, t.batch_sequences, t.seq_len);
+  return total / batches.length;
+}
+
+/** Keeps metrics lines up to `step` so a resumed run appends where the checkpoint left off. */
+async function truncateMetrics(path: string, step: number): Promise<void> {
+  if (!existsSync(path)) return;
+  const kept = (await readFile(path, 'utf8')).split('\n').filter((line) => line.trim() && (JSON.parse(line) as { step: number }).step <= step);
+  await writeFile(path, kept.map((l) => l + '\n').join(''));
+}
+
+export async function train(opts: TrainRunOptions): Promise<TrainSummary> {
+  const t = opts.train;
+  if (t.seq_len > opts.model.max_position_embeddings)
+    throw new CorpusError(`seq_len ${t.seq_len} exceeds max_position_embeddings ${opts.model.max_position_embeddings}`);
+  const corpus = await loadCorpus(opts.dataPath);
+  const { train: trainBytes, validation } = splitCorpus(corpus.bytes, t.validation_fraction);
+  const evalBatches = validationBatches(validation, t);
+  const ckptDir = checkpointDirOf(opts.outDir);
+  const metricsPath = metricsFileOf(opts.outDir);
+  await mkdir(opts.outDir, { recursive: true });
+
+  let model: MixtralModel;
+  let sampler: BatchSampler;
+  let noise: Rng;
+  let step = 0;
+  let tokens = 0;
+  let elapsedBefore = 0;
+  const resuming = opts.resume === true && existsSync(join(ckptDir, 'config.json'));
+  if (opts.resume && !resuming) throw new CorpusError(`--resume: no checkpoint in ${ckptDir}`);
+  if (resuming) {
+    model = await loadModel(ckptDir);
+    if (JSON.stringify(model.config) !== JSON.stringify(opts.model))
+      throw new Error(`--resume: the checkpoint in ${ckptDir} has a different model configuration than requested`);
+  } else {
+    model = MixtralModel.initialize(opts.model, t.seed);
+  }
+  const adamSettings = { beta1: t.beta1, beta2: t.beta2, eps: t.adam_eps, weightDecay: t.weight_decay };
+  const optimizers = { dense: new AdamW(model.dense, adamSettings), experts: new AdamW(model.localExperts!.params, adamSettings) };
+  if (resuming) {
+    const state = (await loadTrainingSnapshot(ckptDir, optimizers)) as unknown as TrainerState;
+    step = state.step;
+    tokens = state.tokens;
+    elapsedBefore = state.elapsed_seconds;
+    sampler = BatchSampler.restore(trainBytes, state.sampler);
+    noise = Rng.fromState(state.noise_rng);
+    await truncateMetrics(metricsPath, step);
+  } else {
+    sampler = new BatchSampler(trainBytes, t.seq_len, t.batch_sequences, t.seed);
+    noise = new Rng(t.seed + 1);
+    await writeFile(metricsPath, '');
+  }
+
+  const snapshot = (elapsed: number) => ({
+    state: {
+      step, tokens, elapsed_seconds: elapsed, sampler: sampler.state(), noise_rng: noise.state(),
+      train_settings: t, data_source: corpus.source,
+    } satisfies TrainerState as unknown as Record<string, unknown>,
+    optimizers,
+  });
+
+  const started = performance.now();
+  const elapsed = () => elapsedBefore + (performance.now() - started) / 1000;
+  let lastLoss = NaN;
+  let lastValidation = NaN;
+  const tokensPerStep = t.batch_sequences * t.seq_len;
+  const random = () => noise.next();
+  try {
+    while (step < t.steps) {
+      const stepStart = performance.now();
+      step++;
+      const batch = sampler.next();
+      const result = await model.lossAndGradients(batch.inputs, batch.targets, t.batch_sequences, t.seq_len, {
+        passId: `step${step}`, train: true, groupTokens: t.routing_group_tokens, random,
+      });
+      if (!Number.isFinite(result.loss)) throw new Error(`loss became ${result.loss} at step ${step}; lower the learning rate`);
+      const gradNorm = Math.sqrt(gradSquareSum(model.dense) + gradSquareSum(model.localExperts!.params));
+      const scale = clipFactor(gradNorm, t.grad_clip);
+      const lr = learningRate(t, step);
+      optimizers.dense.apply(lr, scale);
+      optimizers.experts.apply(lr, scale);
+      model.dense.clearGrads();
+      model.localExperts!.params.clearGrads();
+      model.updateBalance(result.layerStats);
+      tokens += tokensPerStep;
+      lastLoss = result.loss;
+      const stepSeconds = (performance.now() - stepStart) / 1000;
+      let validationLossValue: number | undefined;
+      if (step % t.eval_interval === 0 || step === t.steps) {
+        validationLossValue = await validationLoss(model, evalBatches, t);
+        lastValidation = validationLossValue;
+      }
+      const dropped = result.layerStats.reduce((s, l) => s + l.droppedChoices, 0);
+      const record = {
+        step, loss: result.loss, ce_loss: result.crossEntropy, aux_loss: result.auxLoss, z_loss: result.zLoss,
+        lr, grad_norm: gradNorm, tokens, tokens_per_s: tokensPerStep / stepSeconds,
+        dropped_fraction: dropped / (tokensPerStep * model.config.num_experts_per_tok * model.config.num_hidden_layers),
+        elapsed_s: elapsed(),
+        ...(validationLossValue !== undefined ? { val_loss: validationLossValue } : {}),
+      };
+      await appendFile(metricsPath, JSON.stringify(record) + '\n');
+      opts.onStep?.({
+        step, steps: t.steps, loss: result.loss, crossEntropy: result.crossEntropy, auxLoss: result.auxLoss, lr,
+        tokensPerSecond: record.tokens_per_s, validationLoss: validationLossValue, elapsedSeconds: record.elapsed_s,
+      });
+      if (step % t.checkpoint_interval === 0 || step === t.steps) await saveModel(ckptDir, model, snapshot(elapsed()));
+      if (opts.stopAfterStep !== undefined && step >= opts.stopAfterStep) break;
+    }
+    const wall = elapsed();
+    return {
+      steps: step, tokens, wallSeconds: wall, tokensPerSecond: tokens / Math.max(wall, 1e-9),
+      finalLoss: lastLoss, validationLoss: lastValidation, checkpointDir: ckptDir, dataSource: corpus.source,
+    };
+  } finally {
+    optimizers.dense.dispose();
+    optimizers.experts.dispose();
+    model.dispose();
+  }
+}

@@ -1,0 +1,69 @@
+import { test, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { runCli } from './support/cli.js';
+
+const root = await mkdtemp(join(tmpdir(), 'switchyard-cli-'));
+after(() => rm(root, { recursive: true, force: true }));
+
+test('train --single-process writes a checkpoint and metrics; generate continues a prompt', async () => {
+  const out = join(root, 'run');
+  const trained = await runCli(['train', '--config', 'tiny', '--steps', '6', '--single-process', '--out', out]);
+  assert.equal(trained.code, 0, trained.stderr);
+  assert.match(trained.stderr, /compute backend: wasm \(tfjs 'wasm', SIMD, 1 thread\)/);
+  assert.match(trained.stdout, /trained 6 steps on Moby Dick/);
+  const lines = (await readFile(join(out, 'metrics.jsonl'), 'utf8')).trim().split('\n');
+  assert.equal(lines.length, 6);
+  const gen = await runCli(['generate', '--model', join(out, 'checkpoint'), '--prompt', 'Ahab', '--max-tokens', '12', '--temperature', '0']);
+  assert.equal(gen.code, 0, gen.stderr);
+  assert.ok(gen.stdout.startsWith('Ahab'));
+});
+
+test('bad input gets a clear message and exit code 2', async () => {
+  const cases: Array<[string[], RegExp]> = [
+    [['train', '--config', 'nonexistent'], /neither a preset .* nor a file/],
+    [['train', '--config', 'tiny', '--shards', '2'], /--single-process/],
+    [['generate', '--model', join(root, 'missing')], /does not exist/],
+    [['train', '--config', 'tiny', '--data', join(root, 'no-such-file.txt')], /no-such-file/],
+  ];
+  for (const [args, message] of cases) {
+    const r = await runCli(args);
+    assert.equal(r.code, 2, `${args.join(' ')}: ${r.stderr}`);
+    assert.match(r.stderr, message);
+    assert.doesNotMatch(r.stderr, /\n\s+at /, 'no stack trace for user errors');
+  }
+  const steps = await runCli(['train', '--steps', 'zero']);
+  assert.notEqual(steps.code, 0);
+  assert.match(steps.stderr, /--steps must be an integer/);
+});
+
+test('SWITCHYARD_BACKEND forces a backend and rejects unknown names', async () => {
+  const out = join(root, 'cpu-run');
+  const forced = await runCli(['train', '--config', 'tiny', '--steps', '1', '--single-process', '--out', out], { SWITCHYARD_BACKEND: 'cpu' });
+  assert.equal(forced.code, 0, forced.stderr);
+  assert.match(forced.stderr, /compute backend: cpu \(tfjs 'cpu', 1 thread\)/);
+  const bad = await runCli(['train', '--config', 'tiny', '--steps', '1', '--out', out], { SWITCHYARD_BACKEND: 'quantum' });
+  assert.notEqual(bad.code, 0);
+  assert.match(bad.stderr, /SWITCHYARD_BACKEND='quantum' is not one of tensorflow-gpu, tensorflow, wasm, cpu/);
+  const native = await runCli(['train', '--config', 'tiny', '--steps', '1', '--out', out], { SWITCHYARD_BACKEND: 'tensorflow' });
+  // tfjs-node is an optional dependency whose install needs the internet; where it is absent, forcing it fails loudly.
+  if (native.code !== 0) assert.match(native.stderr, /backend 'tensorflow' forced by SWITCHYARD_BACKEND could not start/);
+});
+
+test('bench --quick reports the expert FFN as ratios of the matmul rate', async () => {
+  const dir = join(root, 'bench');
+  await mkdir(dir);
+  const r = await runCli(['bench', 'compute', '--quick'], {}, dir);
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stdout, /== compute ==/);
+  const summary = JSON.parse(await readFile(join(dir, 'bench-results', 'compute.json'), 'utf8')) as { rows: Array<{ name: string; ratio?: number; target?: string }> };
+  const forward = summary.rows.find((row) => row.name.startsWith('expert forward'));
+  const backward = summary.rows.find((row) => row.name.startsWith('expert backward'));
+  assert.ok(forward && forward.ratio! > 0 && forward.target === '>= 0.8');
+  assert.ok(backward && backward.ratio! > 0 && backward.target === '>= 0.6');
+  const unknown = await runCli(['bench', 'nosuch']);
+  assert.equal(unknown.code, 2);
+  assert.match(unknown.stderr, /unknown bench suite/);
+});
