@@ -23,3 +23,10 @@ test('package.json declares the bin, the exports map and optional native backend
   assert.ok(pkg.optionalDependencies['@tensorflow/tfjs-node-gpu']);
   assert.equal(pkg.scripts.start, 'node dist/services/cli/main.js up');
 });
+
+test('the main entry point exposes the shared core', async () => {
+  const core = await import('switchyard');
+  for (const name of ['MixtralModel', 'ExpertSet', 'InProcessTransport', 'AdamW', 'train', 'generate', 'initBackend', 'parseModelConfig'])
+    assert.equal(typeof (core as Record<string, unknown>)[name], 'function', name);
+  assert.equal(typeof core.gating.routeTokens, 'function');
+});

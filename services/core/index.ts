@@ -1,0 +1,15 @@
+// The package's main entry point (`import ... from 'switchyard'`): the core that every service shares.
+export { initBackend, describeBackend, backendInfo, BACKEND_CHOICES, type BackendInfo, type BackendChoice } from './backend.js';
+export { parseModelConfig, preset, resolvePreset, ConfigError, type ModelConfig, type TrainSettings, type GateSettings } from './config.js';
+export * as gating from './gating/index.js';
+export { MixtralModel, crossEntropy, type LossResult, type PassOptions } from './model/model.js';
+export { ExpertSet, InProcessTransport, type ExpertTransport, type RowBatch } from './model/experts.js';
+export { expertForward, expertBackward, transposeExpert, type ExpertWeights } from './model/expert.js';
+export { AdamW, clipFactor, gradSquareSum } from './optim/adamw.js';
+export { learningRate } from './optim/schedule.js';
+export { loadCheckpoint, saveCheckpoint, mixtralTensorShapes, CheckpointError } from './checkpoint/index.js';
+export { loadModel, saveModel } from './train/checkpointing.js';
+export { train, type TrainRunOptions, type TrainSummary } from './train/trainer.js';
+export { generate, sampleNext, type SamplingOptions } from './generate.js';
+export { encodeText, decodeIds } from './data/bytes.js';
+export { loadCorpus, BatchSampler, CorpusError } from './data/corpus.js';
