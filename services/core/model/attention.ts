@@ -74,25 +74,53 @@ function fromGrouped(x: tf.Tensor, s: AttentionShape, heads: number): T2 {
   return tf.reshape(tf.transpose(x5, [0, 3, 1, 2, 4]), [s.batch * s.tokens, heads * s.headDim]);
 }
 
+// Full-size masks for the training/prefill shapes, reused across calls: a same-shape add is faster on
+// wasm than a broadcast one, and the shapes repeat every step.
+const maskCache = new Map<string, tf.Tensor3D>();
+const MASK_CACHE_ENTRIES = 4;
+
+function maskFor(s: AttentionShape, group: number): tf.Tensor | undefined {
+  if (s.tokens === 1) return undefined; // one new query sees every cached key
+  if (s.past > 0) return causalMask(group, s.tokens, s.past);
+  const key = `${s.batch * s.kvHeads}x${group}x${s.tokens}`;
+  let mask = maskCache.get(key);
+  if (!mask) {
+    if (maskCache.size >= MASK_CACHE_ENTRIES) {
+      const [oldest, t] = maskCache.entries().next().value as [string, tf.Tensor3D];
+      maskCache.delete(oldest);
+      t.dispose();
+    }
+    mask = tf.tidy(() => tf.keep(tf.tile(tf.expandDims(causalMask(group, s.tokens, 0), 0), [s.batch * s.kvHeads, 1, 1]) as tf.Tensor3D));
+    maskCache.set(key, mask);
+  }
+  return mask;
+}
+
+/** The q, k and v column blocks of wqkv (small weight slices; activations are never split). */
+function qkvBlocks(wqkv: T2, s: AttentionShape, axis: 0 | 1): T2[] {
+  const qWidth = s.heads * s.headDim;
+  const kvWidth = s.kvHeads * s.headDim;
+  return tf.split(wqkv, [qWidth, kvWidth, kvWidth], axis) as T2[];
+}
+
 export function attentionForward(
   h: T2, w: AttentionWeights, s: AttentionShape, rope: Rope, kvCache?: KvCache, keepCache = true,
 ): { y: T2; cache?: AttentionCache; kv: KvCache } {
   return scoped(() => {
-    const qWidth = s.heads * s.headDim;
-    const kvWidth = s.kvHeads * s.headDim;
-    const qkv = mm(h, w.wqkv);
-    const [qRaw, kRaw, vRaw] = tf.split(qkv, [qWidth, kvWidth, kvWidth], 1) as T2[];
+    const [wq, wk, wv] = qkvBlocks(w.wqkv, s, 1);
     const { cos, sin } = rope.tables(positionsFor(s.batch, s.tokens, s.past));
-    const q = toGrouped(rope.apply(qRaw, s.heads, cos, sin), s, s.heads);
-    const kNew = toGrouped(rope.apply(kRaw, s.kvHeads, cos, sin), s, s.kvHeads);
-    const vNew = toGrouped(vRaw, s, s.kvHeads);
+    // The 1/sqrt(head_dim) score scale is folded into q, the smallest operand of the scores.
+    const scale = 1 / Math.sqrt(s.headDim);
+    const q = toGrouped(tf.mul(rope.apply(mm(h, wq), s.heads, cos, sin), scale), s, s.heads);
+    const kNew = toGrouped(rope.apply(mm(h, wk), s.kvHeads, cos, sin), s, s.kvHeads);
+    const vNew = toGrouped(mm(h, wv), s, s.kvHeads);
     const k = kvCache ? (tf.concat([kvCache.k, kNew], 1) as tf.Tensor3D) : kNew;
     const v = kvCache ? (tf.concat([kvCache.v, vNew], 1) as tf.Tensor3D) : vNew;
     const group = s.heads / s.kvHeads;
-    const scale = 1 / Math.sqrt(s.headDim);
     // Only the small [.., T, headDim] operands are ever transposed; the [.., T, T] ones never are.
-    const scores = tf.add(tf.mul(batchMatMul(q, swapLast(k)), scale), causalMask(group, s.tokens, s.past));
-    const probs = tf.softmax(scores) as tf.Tensor3D;
+    const raw = batchMatMul(q, swapLast(k));
+    const mask = maskFor(s, group);
+    const probs = tf.softmax(mask ? tf.add(raw, mask) : raw) as tf.Tensor3D;
     const context = fromGrouped(batchMatMul(probs, v), s, s.heads);
     const y = mm(context, w.wo);
     const cache: AttentionCache | undefined = keepCache
@@ -115,15 +143,17 @@ export function attentionBackward(
     const dProbs = batchMatMul(dContext, swapLast(cache.v));
     const dV = swapLast(batchMatMul(swapLast(dContext), cache.probs));
     // softmax backward: P ⊙ (dP − Σ dP⊙P)
-    const dScores = tf.mul(tf.mul(cache.probs, tf.sub(dProbs, tf.sum(tf.mul(dProbs, cache.probs), -1, true))), scale);
-    const dQ = batchMatMul(dScores as tf.Tensor3D, cache.k);
-    const dK = swapLast(batchMatMul(swapLast(cache.q), dScores as tf.Tensor3D));
-    const dqRaw = rope.backward(fromGrouped(dQ, s, s.heads), s.heads, cache.cos, cache.sin);
-    const dkRaw = rope.backward(fromGrouped(dK, s, s.kvHeads), s.kvHeads, cache.cos, cache.sin);
-    const dvRaw = fromGrouped(dV, s, s.kvHeads);
-    const dQkv = tf.concat([dqRaw, dkRaw, dvRaw], 1) as T2;
-    const dWqkv = mmTA(cache.h, dQkv);
-    const dh = mm(dQkv, wT.wqkvT);
+    const dScores = tf.mul(cache.probs, tf.sub(dProbs, tf.sum(tf.mul(dProbs, cache.probs), -1, true))) as tf.Tensor3D;
+    // cache.q already carries the scale, so dK needs none; dq gets it on the small [rows, width] tensor.
+    const dQ = batchMatMul(dScores, cache.k);
+    const dK = swapLast(batchMatMul(swapLast(cache.q), dScores));
+    const dq = rope.backward(tf.mul(fromGrouped(dQ, s, s.heads), scale) as T2, s.heads, cache.cos, cache.sin);
+    const dk = rope.backward(fromGrouped(dK, s, s.kvHeads), s.kvHeads, cache.cos, cache.sin);
+    const dv = fromGrouped(dV, s, s.kvHeads);
+    const hT = tf.transpose(cache.h);
+    const dWqkv = tf.concat([mm(hT, dq), mm(hT, dk), mm(hT, dv)], 1) as T2;
+    const [wqT, wkT, wvT] = qkvBlocks(wT.wqkvT, s, 0);
+    const dh = tf.addN([mm(dq, wqT), mm(dk, wkT), mm(dv, wvT)]) as T2;
     return { dh, dWqkv, dWo };
   });
 }
