@@ -10,8 +10,9 @@ import {
   type Tensor,
 } from '../services/core/checkpoint/safetensors.js';
 import {
-  atomicWriteFile, listCheckpoints, loadCheckpoint, mixtralTensorShapes, saveCheckpoint,
+  atomicWriteFile, listCheckpoints, loadCheckpoint, saveCheckpoint,
 } from '../services/core/checkpoint/index.js';
+import { mixtralTensorShapes } from '../services/core/model/hf.js';
 
 let root: string;
 before(() => {

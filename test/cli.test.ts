@@ -1,6 +1,6 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { runCli } from './support/cli.js';
@@ -21,12 +21,36 @@ test('train --single-process writes a checkpoint and metrics; generate continues
   assert.ok(gen.stdout.startsWith('Ahab'));
 });
 
+test('a JSON config file overrides a base preset, and an invalid one lists every problem', async () => {
+  const good = join(root, 'good.json');
+  await writeFile(good, JSON.stringify({ base: 'tiny', model: { num_local_experts: 6 }, train: { steps: 2, batch_sequences: 2 } }));
+  const out = join(root, 'file-run');
+  const r = await runCli(['train', '--config', good, '--out', out]);
+  assert.equal(r.code, 0, r.stderr);
+  const config = JSON.parse(await readFile(join(out, 'checkpoint', 'config.json'), 'utf8'));
+  assert.equal(config.num_local_experts, 6);
+  assert.equal(config.model_type, 'mixtral');
+  const bad = join(root, 'bad.json');
+  await writeFile(bad, JSON.stringify({ base: 'tiny', model: { num_experts_per_tok: 9, hidden_size: 30, switchyard_gate: { capacity_factor: 0 } } }));
+  const refused = await runCli(['train', '--config', bad, '--out', join(root, 'bad-run')]);
+  assert.equal(refused.code, 2);
+  assert.match(refused.stderr, /num_experts_per_tok \(k=9\) exceeds num_local_experts \(4\)/);
+  assert.match(refused.stderr, /hidden_size 30 is not divisible by num_attention_heads 4/);
+  assert.match(refused.stderr, /capacity factor must be > 0/);
+  const notJson = join(root, 'not.json');
+  await writeFile(notJson, '{ nope');
+  const unreadable = await runCli(['train', '--config', notJson]);
+  assert.equal(unreadable.code, 2);
+  assert.match(unreadable.stderr, /not valid JSON/);
+});
+
 test('bad input gets a clear message and exit code 2', async () => {
   const cases: Array<[string[], RegExp]> = [
     [['train', '--config', 'nonexistent'], /neither a preset .* nor a file/],
     [['train', '--config', 'tiny', '--shards', '2'], /--single-process/],
     [['generate', '--model', join(root, 'missing')], /does not exist/],
     [['train', '--config', 'tiny', '--data', join(root, 'no-such-file.txt')], /no-such-file/],
+    [['up', '--shards', '2'], /arrive with the serving cluster/],
   ];
   for (const [args, message] of cases) {
     const r = await runCli(args);

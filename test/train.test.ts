@@ -93,6 +93,9 @@ test('invalid configs are refused with the reason', () => {
   assert.throws(() => parseModelConfig({ ...base, hidden_size: 30 }), /not divisible by num_attention_heads/);
   assert.throws(() => parseModelConfig({ ...base, switchyard_gate: { ...tiny.model.switchyard_gate, capacity_factor: 0 } }), /capacity factor must be > 0/);
   assert.throws(() => parseModelConfig({ ...base, switchyard_gate: { ...tiny.model.switchyard_gate, eval_capacity_factor: -1 } }), /capacity factor must be > 0/);
+  assert.throws(() => parseModelConfig({ ...base, switchyard_gate: { ...tiny.model.switchyard_gate, second_expert_sampling: true } }), /needs policy 'gshard' or 'topk'/);
+  assert.throws(() => parseModelConfig({ ...base, num_attention_heads: 4, num_key_value_heads: 3 }), /not a multiple of num_key_value_heads/);
+  assert.throws(() => parseModelConfig({ ...base, hidden_size: 'big' }), /hidden_size/);
 });
 
 test('an empty corpus is refused before anything is written', async () => {

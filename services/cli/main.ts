@@ -83,8 +83,10 @@ async function generateCommand(flags: GenerateFlags): Promise<void> {
   }
 }
 
-async function upCommand(flags: { model?: string }): Promise<void> {
+async function upCommand(flags: { model?: string; shards?: number; routers?: number }): Promise<void> {
   // Until the serving cluster lands, `up` trains the default model when needed and shows it generating.
+  if ((flags.shards ?? 1) > 1 || (flags.routers ?? 1) > 1)
+    throw new ConfigError('up: --shards/--routers arrive with the serving cluster; today everything runs in one process');
   const runDir = resolve(DEFAULT_RUN_DIR);
   const modelDir = flags.model ? resolve(flags.model) : checkpointDirOf(runDir);
   if (!existsSync(resolve(modelDir, 'config.json'))) {
@@ -121,8 +123,8 @@ export function buildProgram(): Command {
     .action(generateCommand);
   program.command('up').description('run Switchyard locally (trains the default model first when there is none)')
     .option('--model <dir>', 'checkpoint folder to use instead of the default model')
-    .addOption(new Option('--shards <n>', 'expert shards (serving cluster: coming)').argParser(integer('--shards', 1)))
-    .addOption(new Option('--routers <n>', 'router replicas (serving cluster: coming)').argParser(integer('--routers', 1)))
+    .addOption(new Option('--shards <n>', 'expert shards (1 until the serving cluster lands)').argParser(integer('--shards', 1)))
+    .addOption(new Option('--routers <n>', 'router replicas (1 until the serving cluster lands)').argParser(integer('--routers', 1)))
     .action(upCommand);
   program.command('bench').description('benchmarks: prints tables, writes bench-results/*.json')
     .argument('[suites...]', 'suites to run (default: all)')

@@ -6,10 +6,13 @@ export function trainingProgress(log: (line: string) => void = (l) => process.st
   const tty = process.stderr.isTTY === true;
   let bar: cliProgress.SingleBar | undefined;
   let lastValidation = '—';
+  // Per-step rates jitter (validation and checkpoint steps are slower): show a moving average.
+  let rate = 0;
   return {
     onStep(r: StepReport) {
       if (r.validationLoss !== undefined) lastValidation = r.validationLoss.toFixed(3);
-      const fields = { loss: r.loss.toFixed(3), val: lastValidation, tps: Math.round(r.tokensPerSecond) };
+      rate = rate === 0 ? r.tokensPerSecond : 0.9 * rate + 0.1 * r.tokensPerSecond;
+      const fields = { loss: r.loss.toFixed(3), val: lastValidation, tps: Math.round(rate) };
       if (tty) {
         if (!bar) {
           bar = new cliProgress.SingleBar({

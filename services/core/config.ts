@@ -67,6 +67,11 @@ export const modelConfigSchema = z
       issue('switchyard_gate', `policy 'switch' is top-1 but num_experts_per_tok is ${c.num_experts_per_tok}`);
     if (policy === 'gshard' && c.num_experts_per_tok !== 2)
       issue('switchyard_gate', `policy 'gshard' is top-2 but num_experts_per_tok is ${c.num_experts_per_tok}`);
+    const gate = c.switchyard_gate;
+    if (gate.second_expert_sampling && !(policy === 'gshard' || (policy === 'topk' && c.num_experts_per_tok >= 2)))
+      issue('switchyard_gate', `second_expert_sampling needs policy 'gshard' or 'topk' with k ≥ 2, not '${policy}'`);
+    if (gate.second_expert_sampling && gate.balance_bias_rate > 0)
+      issue('switchyard_gate', 'second_expert_sampling and balance_bias_rate cannot be combined (both choose the experts)');
   });
 
 export type ModelConfig = z.infer<typeof modelConfigSchema>;

@@ -7,7 +7,8 @@ export { ExpertSet, InProcessTransport, type ExpertTransport, type RowBatch } fr
 export { expertForward, expertBackward, transposeExpert, type ExpertWeights } from './model/expert.js';
 export { AdamW, clipFactor, gradSquareSum } from './optim/adamw.js';
 export { learningRate } from './optim/schedule.js';
-export { loadCheckpoint, saveCheckpoint, mixtralTensorShapes, CheckpointError } from './checkpoint/index.js';
+export { loadCheckpoint, saveCheckpoint, CheckpointError } from './checkpoint/index.js';
+export { mixtralTensorShapes } from './model/hf.js';
 export { loadModel, saveModel } from './train/checkpointing.js';
 export { train, type TrainRunOptions, type TrainSummary } from './train/trainer.js';
 export { generate, sampleNext, type SamplingOptions } from './generate.js';

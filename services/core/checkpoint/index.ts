@@ -5,7 +5,7 @@ import { randomBytes } from 'node:crypto';
 import { constants as fsConstants } from 'node:fs';
 import { mkdir, open, readFile, readdir, rename, rm, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
-import { ConfigError, headDim, parseModelConfig, type ModelConfig } from '../config.js';
+import { ConfigError, parseModelConfig, type ModelConfig } from '../config.js';
 import {
   CheckpointError, readSafetensors, readSafetensorsHeader, writeSafetensors,
   type Tensor, type TensorInfo,
@@ -85,38 +85,6 @@ export async function atomicWriteFile(path: string, bytes: string | Uint8Array):
     throw err;
   }
   await fsyncDir(dirname(resolve(path)));
-}
-
-// ---------------------------------------------------------------- expected tensor names
-
-/** Hugging Face Mixtral tensor names and shapes ([out, in] for linear weights, as in PyTorch). */
-export function mixtralTensorShapes(config: ModelConfig): Map<string, number[]> {
-  const h = config.hidden_size;
-  const hd = headDim(config);
-  const q = config.num_attention_heads * hd;
-  const kv = config.num_key_value_heads * hd;
-  const ff = config.intermediate_size;
-  const m = new Map<string, number[]>();
-  m.set('model.embed_tokens.weight', [config.vocab_size, h]);
-  for (let i = 0; i < config.num_hidden_layers; i++) {
-    const p = `model.layers.${i}`;
-    m.set(`${p}.input_layernorm.weight`, [h]);
-    m.set(`${p}.self_attn.q_proj.weight`, [q, h]);
-    m.set(`${p}.self_attn.k_proj.weight`, [kv, h]);
-    m.set(`${p}.self_attn.v_proj.weight`, [kv, h]);
-    m.set(`${p}.self_attn.o_proj.weight`, [h, q]);
-    m.set(`${p}.post_attention_layernorm.weight`, [h]);
-    m.set(`${p}.block_sparse_moe.gate.weight`, [config.num_local_experts, h]);
-    for (let j = 0; j < config.num_local_experts; j++) {
-      const e = `${p}.block_sparse_moe.experts.${j}`;
-      m.set(`${e}.w1.weight`, [ff, h]);
-      m.set(`${e}.w2.weight`, [h, ff]);
-      m.set(`${e}.w3.weight`, [ff, h]);
-    }
-  }
-  m.set('model.norm.weight', [h]);
-  m.set('lm_head.weight', [config.vocab_size, h]);
-  return m;
 }
 
 // ---------------------------------------------------------------- saving
@@ -269,7 +237,7 @@ export async function listCheckpoints(parent: string): Promise<string[]> {
 // ---------------------------------------------------------------- loading
 
 export interface LoadOptions {
-  /** Expected names and shapes (e.g. mixtralTensorShapes), or a function of the loaded config giving them; every mismatch is reported at once. */
+  /** Expected names and shapes (e.g. mixtralTensorShapes from model/hf.ts), or a function of the loaded config giving them; every mismatch is reported at once. */
   expectedTensors?: Map<string, number[]> | ((config: ModelConfig) => Map<string, number[]>);
   /** Read only these tensors (only their byte ranges are read). Also restricts expectedTensors. */
   only?: (name: string) => boolean;

@@ -17,17 +17,13 @@ interface Chapter {
   text: string;
 }
 
-/** Loads the CommonJS dataset package, from this module's location or else the working directory. */
+/** Loads the CommonJS dataset package (a dependency of this package). */
 function loadMobyDick(): Chapter[] {
   let fn: () => Chapter[];
   try {
     fn = createRequire(import.meta.url)(MOBY_DICK_PACKAGE);
-  } catch {
-    try {
-      fn = createRequire(join(process.cwd(), 'package.json'))(MOBY_DICK_PACKAGE);
-    } catch (err) {
-      throw new CorpusError(`the default corpus needs the npm package ${MOBY_DICK_PACKAGE}, which cannot be loaded: ${(err as Error).message}`);
-    }
+  } catch (err) {
+    throw new CorpusError(`the default corpus needs the npm package ${MOBY_DICK_PACKAGE}, which cannot be loaded: ${(err as Error).message}`);
   }
   return fn();
 }

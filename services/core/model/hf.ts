@@ -1,10 +1,8 @@
 // Conversion between Hugging Face Mixtral tensors ([out, in] linear weights, separate q/k/v and w1/w3)
 // and Switchyard's compute layout ([in, out], q|k|v side by side). Checkpoints are always HF layout.
-import type { ModelConfig } from '../config.js';
-import { headDim } from '../config.js';
-import { transposeRows } from './tensors.js';
-
 import type { Tensor as HostTensor } from '../checkpoint/safetensors.js';
+import { headDim, type ModelConfig } from '../config.js';
+import { transposeRows } from './tensors.js';
 
 /** A tensor in host memory (the safetensors codec's type). */
 export type { HostTensor };
@@ -112,4 +110,36 @@ export function expertToHf(out: Map<string, HostTensor>, layer: number, expert: 
   out.set(hfNames.expert(layer, expert, 'w1'), flip(w.w1t));
   out.set(hfNames.expert(layer, expert, 'w3'), flip(w.w3t));
   out.set(hfNames.expert(layer, expert, 'w2'), flip(w.w2t));
+}
+
+/**
+ * Every tensor of a Hugging Face Mixtral checkpoint with its shape ([out, in] for linear weights, as in
+ * PyTorch), plus the balancing bias when the config enables it.
+ */
+export function mixtralTensorShapes(config: ModelConfig): Map<string, number[]> {
+  const h = config.hidden_size;
+  const hd = headDim(config);
+  const q = config.num_attention_heads * hd;
+  const kv = config.num_key_value_heads * hd;
+  const ff = config.intermediate_size;
+  const m = new Map<string, number[]>();
+  m.set(hfNames.embed, [config.vocab_size, h]);
+  for (let l = 0; l < config.num_hidden_layers; l++) {
+    m.set(hfNames.attnNorm(l), [h]);
+    m.set(hfNames.q(l), [q, h]);
+    m.set(hfNames.k(l), [kv, h]);
+    m.set(hfNames.v(l), [kv, h]);
+    m.set(hfNames.o(l), [h, q]);
+    m.set(hfNames.moeNorm(l), [h]);
+    m.set(hfNames.gate(l), [config.num_local_experts, h]);
+    for (let e = 0; e < config.num_local_experts; e++) {
+      m.set(hfNames.expert(l, e, 'w1'), [ff, h]);
+      m.set(hfNames.expert(l, e, 'w2'), [h, ff]);
+      m.set(hfNames.expert(l, e, 'w3'), [ff, h]);
+    }
+    if (config.switchyard_gate.balance_bias_rate > 0) m.set(hfNames.balanceBias(l), [config.num_local_experts]);
+  }
+  m.set(hfNames.norm, [h]);
+  m.set(hfNames.lmHead, [config.vocab_size, h]);
+  return m;
 }

@@ -1,8 +1,7 @@
 // A model checkpoint in Hugging Face layout, plus (for training) the optimizer moments and the trainer's
 // state in the same atomically written folder, so a resumed run continues bit for bit.
-import { loadCheckpoint, mixtralTensorShapes, readSafetensors, saveCheckpoint, serializeSafetensors } from '../checkpoint/index.js';
-import type { ModelConfig } from '../config.js';
-import { hfNames } from '../model/hf.js';
+import { loadCheckpoint, readSafetensors, saveCheckpoint, serializeSafetensors } from '../checkpoint/index.js';
+import { mixtralTensorShapes } from '../model/hf.js';
 import { MixtralModel } from '../model/model.js';
 import { join } from 'node:path';
 import { readFile } from 'node:fs/promises';
@@ -10,13 +9,6 @@ import type { AdamW } from '../optim/adamw.js';
 
 export const TRAINER_STATE_FILE = 'trainer_state.json';
 export const OPTIMIZER_FILE = 'optimizer.safetensors';
-
-export function expectedModelTensors(config: ModelConfig): Map<string, number[]> {
-  const shapes = mixtralTensorShapes(config);
-  if (config.switchyard_gate.balance_bias_rate > 0)
-    for (let l = 0; l < config.num_hidden_layers; l++) shapes.set(hfNames.balanceBias(l), [config.num_local_experts]);
-  return shapes;
-}
 
 export interface TrainingSnapshot {
   state: Record<string, unknown>;
@@ -40,7 +32,7 @@ export async function saveModel(dir: string, model: MixtralModel, training?: Tra
 
 /** Loads a checkpoint into an in-process model; tensors are checked against the config first. */
 export async function loadModel(dir: string): Promise<MixtralModel> {
-  const { config, tensors } = await loadCheckpoint(dir, { expectedTensors: expectedModelTensors });
+  const { config, tensors } = await loadCheckpoint(dir, { expectedTensors: mixtralTensorShapes });
   return MixtralModel.fromHf(config, tensors);
 }
 
