@@ -76,6 +76,21 @@ test('SWITCHYARD_BACKEND forces a backend and rejects unknown names', async () =
   if (native.code !== 0) assert.match(native.stderr, /backend 'tensorflow' forced by SWITCHYARD_BACKEND could not start/);
 });
 
+test('SWITCHYARD_WASM_THREADS runs wasm multi-threaded with the same numbers as one thread', async () => {
+  const losses: number[][] = [];
+  for (const threads of ['1', '2']) {
+    const out = join(root, `threads-${threads}`);
+    const r = await runCli(['train', '--config', 'tiny', '--steps', '3', '--out', out], { SWITCHYARD_WASM_THREADS: threads });
+    assert.equal(r.code, 0, r.stderr);
+    assert.match(r.stderr, new RegExp(`compute backend: wasm \\(tfjs 'wasm', SIMD, ${threads} threads?\\)`));
+    losses.push((await readFile(join(out, 'metrics.jsonl'), 'utf8')).trim().split('\n').map((l) => JSON.parse(l).loss as number));
+  }
+  assert.deepEqual(losses[1], losses[0]);
+  const bad = await runCli(['train', '--config', 'tiny', '--steps', '1', '--out', join(root, 'threads-bad')], { SWITCHYARD_WASM_THREADS: 'many' });
+  assert.notEqual(bad.code, 0);
+  assert.match(bad.stderr, /SWITCHYARD_WASM_THREADS='many' must be a positive integer/);
+});
+
 test('bench --quick reports the expert FFN as ratios of the matmul rate', async () => {
   const dir = join(root, 'bench');
   await mkdir(dir);

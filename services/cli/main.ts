@@ -146,4 +146,7 @@ buildProgram().parseAsync(process.argv).catch((err: unknown) => {
   const known = ['ConfigError', 'CheckpointError', 'CorpusError', 'SamplingError', 'RangeError'].includes(e?.name);
   process.stderr.write(`switchyard: ${known ? e.message : e?.stack ?? String(err)}\n`);
   process.exitCode = known ? 2 : 1;
+}).finally(() => {
+  // wasm pthread workers keep the event loop alive; a finished command ends the process.
+  if (process.env.SWITCHYARD_WASM_THREADS && Number(process.env.SWITCHYARD_WASM_THREADS) > 1) process.exit();
 });

@@ -2,6 +2,7 @@
 // installed, else wasm (SIMD), else the pure-JS cpu backend as a last resort.
 import * as tf from '@tensorflow/tfjs-core';
 import { createRequire } from 'node:module';
+import { prepareWasmThreads } from './wasm-threads.js';
 
 export const BACKEND_CHOICES = ['tensorflow-gpu', 'tensorflow', 'wasm', 'cpu'] as const;
 export type BackendChoice = (typeof BACKEND_CHOICES)[number];
@@ -28,11 +29,25 @@ async function tryNative(pkg: string): Promise<void> {
   if (!(await tf.setBackend('tensorflow'))) throw new Error('backend refused to initialise');
 }
 
-async function tryWasm(): Promise<{ threads: number; simd: boolean }> {
+/** Threads requested for wasm: SWITCHYARD_WASM_THREADS, default 1 (processes are the first way to scale). */
+function requestedWasmThreads(): number {
+  const raw = process.env.SWITCHYARD_WASM_THREADS;
+  if (raw === undefined || raw === '') return 1;
+  const n = Number(raw);
+  if (!Number.isInteger(n) || n < 1) throw new Error(`SWITCHYARD_WASM_THREADS='${raw}' must be a positive integer`);
+  return n;
+}
+
+async function tryWasm(threads: number): Promise<{ threads: number; simd: boolean }> {
   const wasm = await import('@tensorflow/tfjs-backend-wasm');
-  if (!(await tf.setBackend('wasm'))) throw new Error('wasm backend refused to initialise');
-  await tf.ready();
-  // tfjs turns wasm threads off under Node (its pthread workers are blob: URLs); processes scale instead.
+  const restore = threads > 1 ? prepareWasmThreads(threads) : undefined;
+  if (threads > 1) wasm.setThreadsCount(threads);
+  try {
+    if (!(await tf.setBackend('wasm'))) throw new Error('wasm backend refused to initialise');
+    await tf.ready();
+  } finally {
+    restore?.();
+  }
   const simd = (await tf.env().getAsync('WASM_HAS_SIMD_SUPPORT')) as boolean;
   return { threads: wasm.getThreadsCount(), simd };
 }
@@ -49,6 +64,7 @@ function parseChoice(value: string): BackendChoice {
 export async function initBackend(forced: string | undefined = process.env.SWITCHYARD_BACKEND): Promise<BackendInfo> {
   if (active) return active;
   const candidates: BackendChoice[] = forced ? [parseChoice(forced)] : [...BACKEND_CHOICES];
+  const wasmThreads = requestedWasmThreads();
   const skipped: string[] = [];
   for (const choice of candidates) {
     try {
@@ -56,7 +72,7 @@ export async function initBackend(forced: string | undefined = process.env.SWITC
       let simd = false;
       if (choice === 'tensorflow-gpu') await tryNative('@tensorflow/tfjs-node-gpu');
       else if (choice === 'tensorflow') await tryNative('@tensorflow/tfjs-node');
-      else if (choice === 'wasm') ({ threads, simd } = await tryWasm());
+      else if (choice === 'wasm') ({ threads, simd } = await tryWasm(wasmThreads));
       else {
         await import('@tensorflow/tfjs-backend-cpu');
         if (!(await tf.setBackend('cpu'))) throw new Error('cpu backend refused to initialise');
