@@ -43,9 +43,12 @@ async function loadPreset(spec: string): Promise<Preset> {
   return resolvePreset(raw, spec);
 }
 
+let backendAnnounced = false;
+
 async function startBackend(): Promise<void> {
   const info = await initBackend();
-  process.stderr.write(`switchyard: ${describeBackend(info)}\n`);
+  if (!backendAnnounced) process.stderr.write(`switchyard: ${describeBackend(info)}\n`);
+  backendAnnounced = true;
 }
 
 interface TrainFlags {

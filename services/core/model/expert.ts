@@ -8,16 +8,17 @@ export interface ExpertWeights { w1t: T2; w3t: T2; w2t: T2 }
 /** The same weights transposed, for the backward pass. */
 export interface ExpertWeightsT { w1: T2; w3: T2; w2: T2 }
 
-export interface ExpertCache { x: T2; a: T2; b: T2; sig: T2; g: T2 }
+export interface ExpertCache { x: T2; b: T2; sig: T2; silu: T2; g: T2 }
 
 export function expertForward(x: T2, w: ExpertWeights, keepCache: boolean): { y: T2; cache?: ExpertCache } {
   return scoped(() => {
     const a = mm(x, w.w1t);
     const b = mm(x, w.w3t);
     const sig = tf.sigmoid(a) as T2;
-    const g = tf.mul(tf.mul(a, sig), b) as T2;
+    const silu = tf.mul(a, sig) as T2;
+    const g = tf.mul(silu, b) as T2;
     const y = mm(g, w.w2t);
-    return keepCache ? { y, cache: { x: x.clone(), a, b, sig, g } } : { y };
+    return keepCache ? { y, cache: { x: x.clone(), b, sig, silu, g } } : { y };
   });
 }
 
@@ -27,13 +28,12 @@ export function transposeExpert(w: ExpertWeights): ExpertWeightsT {
 
 export function expertBackward(dy: T2, cache: ExpertCache, wT: ExpertWeightsT): { dx: T2; dW1t: T2; dW3t: T2; dW2t: T2 } {
   return scoped(() => {
-    const { x, a, b, sig, g } = cache;
+    const { x, b, sig, silu, g } = cache;
     const dW2t = mmTA(g, dy);
     const dg = mm(dy, wT.w2);
-    const silu = tf.mul(a, sig);
     const db = tf.mul(dg, silu) as T2;
-    // silu'(a) = σ(a)·(1 + a·(1 − σ(a)))
-    const dSilu = tf.mul(sig, tf.add(1, tf.mul(a, tf.sub(1, sig))));
+    // silu'(a) = σ(a)·(1 + a·(1 − σ(a))) = σ(a) + silu(a)·(1 − σ(a))
+    const dSilu = tf.add(sig, tf.mul(silu, tf.sub(1, sig)));
     const da = tf.mul(tf.mul(dg, b), dSilu) as T2;
     const xT = tf.transpose(x);
     const dW1t = mm(xT, da);

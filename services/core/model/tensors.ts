@@ -6,8 +6,21 @@ export type T2 = tf.Tensor2D;
 
 export const mm = (a: tf.Tensor, b: tf.Tensor): T2 => tf.matMul(a as T2, b as T2);
 
-/** a^T · b with an explicit transpose (fast path on wasm). */
+/**
+ * aᵀ·b with explicit transposes (the fast path on wasm): transposes a, or computes (bᵀ·a)ᵀ when
+ * transposing b and the [cols(a), cols(b)] result moves fewer elements than transposing a.
+ */
 export function mmTA(a: tf.Tensor, b: tf.Tensor): T2 {
+  const [rows, aCols] = a.shape as [number, number];
+  const bCols = b.shape[1] as number;
+  if (rows * bCols + aCols * bCols < rows * aCols) {
+    const bT = tf.transpose(b as T2);
+    const prod = tf.matMul(bT, a as T2);
+    const out = tf.transpose(prod) as T2;
+    bT.dispose();
+    prod.dispose();
+    return out;
+  }
   const aT = tf.transpose(a as T2);
   const out = tf.matMul(aT, b as T2) as T2;
   aT.dispose();
