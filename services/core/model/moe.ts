@@ -29,18 +29,57 @@ export interface MoeStats {
   plans: RoutingPlan[];
 }
 
-export interface MoeCache {
+/**
+ * Every routing group's plan laid end to end: token-major over the whole call (groups are contiguous
+ * token ranges), plus where each kept choice sits in its expert's row batch.
+ */
+interface Dispatch {
   plans: RoutingPlan[];
   groupStarts: number[];
-  groupSize: number;
-  logits: Float32Array;
-  /** Row of each choice in its expert's batch (−1 = dropped), tokens·k entries. */
-  choiceRow: Int32Array;
-  expertOutputs: Map<number, Float32Array>;
+  /** [tokens·k] chosen expert, combine weight, row in the expert's batch (−1 = dropped). */
+  expert: Int32Array;
+  weight: Float32Array;
+  row: Int32Array;
+  /** [E] rows per expert (kept choices, all groups). */
   rowCounts: Int32Array;
+}
+
+export interface MoeCache {
+  dispatch: Dispatch;
+  logits: Float32Array;
+  /** Output rows per expert, for the gradient of the combine weights. */
+  expertOutputs: Map<number, Float32Array>;
   hGate: T2;
   jitter?: tf.Tensor2D;
   passId: string;
+}
+
+function dispatchOf(plans: RoutingPlan[], groupStarts: number[], tokens: number, experts: number, k: number): Dispatch {
+  const expert = new Int32Array(tokens * k);
+  const weight = new Float32Array(tokens * k);
+  const row = new Int32Array(tokens * k).fill(-1);
+  const rowCounts = new Int32Array(experts);
+  plans.forEach((plan, g) => {
+    const base = groupStarts[g] * k;
+    expert.set(plan.expert, base);
+    weight.set(plan.weight, base);
+    // An expert's rows: group by group, each group's slots in order.
+    for (let i = 0; i < plan.expert.length; i++) if (plan.slot[i] >= 0) row[base + i] = rowCounts[plan.expert[i]] + plan.slot[i];
+    for (let e = 0; e < experts; e++) rowCounts[e] += plan.countsAfterDrop[e];
+  });
+  return { plans, groupStarts, expert, weight, row, rowCounts };
+}
+
+/** One empty batch per expert that has rows, and the batch index of each expert (−1 = none). */
+function emptyBatches(layer: number, rowCounts: Int32Array, hidden: number): { batches: RowBatch[]; batchOf: Int32Array } {
+  const batches: RowBatch[] = [];
+  const batchOf = new Int32Array(rowCounts.length).fill(-1);
+  rowCounts.forEach((rowCount, e) => {
+    if (rowCount === 0) return;
+    batchOf[e] = batches.length;
+    batches.push({ layer, expert: e, rowCount, rows: new Float32Array(rowCount * hidden) });
+  });
+  return { batches, batchOf };
 }
 
 export class MoeLayer {
@@ -53,6 +92,26 @@ export class MoeLayer {
     readonly transport: ExpertTransport,
   ) {}
 
+  private route(logits: Float32Array, tokens: number, opt: MoeCallOptions, noisy: boolean): { plans: RoutingPlan[]; groupStarts: number[]; zLoss: number } {
+    const E = this.experts;
+    const groupSize = opt.groupTokens > 0 ? opt.groupTokens : Math.max(tokens, 1);
+    const policy = policyFromSettings(this.gate, this.k, opt.train ? 'train' : 'eval', opt.selectionBias);
+    const plans: RoutingPlan[] = [];
+    const groupStarts: number[] = [];
+    let zSum = 0;
+    for (let start = 0; start < tokens; start += groupSize) {
+      const len = Math.min(groupSize, tokens - start);
+      const groupLogits = logits.subarray(start * E, (start + len) * E);
+      const p: GatePolicy = noisy && this.gate.second_expert_sampling && this.k >= 2
+        ? { ...policy, secondChoiceNoise: gumbelNoise(len * E, opt.random!) }
+        : policy;
+      plans.push(routeTokens(groupLogits, len, E, p));
+      groupStarts.push(start);
+      zSum += zLoss(groupLogits, len, E);
+    }
+    return { plans, groupStarts, zLoss: plans.length ? zSum / plans.length : 0 };
+  }
+
   async forward(h: T2, gateW: T2, opt: MoeCallOptions): Promise<{ y: T2; stats: MoeStats; cache?: MoeCache }> {
     const tokens = h.shape[0];
     const D = this.hidden;
@@ -62,163 +121,107 @@ export class MoeLayer {
     let jitter: tf.Tensor2D | undefined;
     let hGate = h;
     if (noisy && this.gate.jitter_eps > 0) {
-      const factors = multiplicativeJitter(new Float32Array(tokens * D), this.gate.jitter_eps, opt.random!);
-      jitter = tf.tensor2d(factors, [tokens, D]);
+      jitter = tf.tensor2d(multiplicativeJitter(new Float32Array(tokens * D), this.gate.jitter_eps, opt.random!), [tokens, D]);
       hGate = tf.mul(h, jitter);
     }
     const logitsT = mm(hGate, gateW);
     const logits = logitsT.dataSync() as Float32Array;
     logitsT.dispose();
+    const routed = this.route(logits, tokens, opt, noisy);
+    const dispatch = dispatchOf(routed.plans, routed.groupStarts, tokens, E, k);
+
     const hRows = h.dataSync() as Float32Array;
-
-    const groupSize = opt.groupTokens > 0 ? opt.groupTokens : tokens;
-    const groupStarts: number[] = [];
-    const plans: RoutingPlan[] = [];
-    const policy = policyFromSettings(this.gate, k, opt.train ? 'train' : 'eval', opt.selectionBias);
-    let auxSum = 0;
-    let zSum = 0;
-    for (let start = 0; start < tokens; start += groupSize) {
-      const len = Math.min(groupSize, tokens - start);
-      const groupLogits = logits.subarray(start * E, (start + len) * E);
-      const p: GatePolicy =
-        noisy && this.gate.second_expert_sampling && k >= 2
-          ? { ...policy, secondChoiceNoise: gumbelNoise(len * E, opt.random!) }
-          : policy;
-      const plan = routeTokens(groupLogits, len, E, p);
-      plans.push(plan);
-      groupStarts.push(start);
-      auxSum += plan.auxLoss;
-      zSum += zLoss(groupLogits, len, E);
-    }
-
-    // Rows of expert e: group by group, each group's slots in order.
-    const rowCounts = new Int32Array(E);
-    const choiceRow = new Int32Array(tokens * k).fill(-1);
-    const countsBeforeDrop = new Int32Array(E);
-    const countsAfterDrop = new Int32Array(E);
-    let droppedChoices = 0;
-    let capacity = 0;
-    for (let g = 0; g < plans.length; g++) {
-      const plan = plans[g];
-      const base = groupStarts[g] * k;
-      for (let i = 0; i < plan.expert.length; i++) {
-        if (plan.slot[i] < 0) {
-          droppedChoices++;
-          continue;
-        }
-        choiceRow[base + i] = rowCounts[plan.expert[i]] + plan.slot[i];
-      }
-      for (let e = 0; e < E; e++) {
-        rowCounts[e] += plan.countsAfterDrop[e];
-        countsBeforeDrop[e] += plan.countsBeforeDrop[e];
-        countsAfterDrop[e] += plan.countsAfterDrop[e];
-      }
-      capacity = Math.max(capacity, plan.capacity);
-    }
-    const batches: RowBatch[] = [];
-    const batchOf = new Int32Array(E).fill(-1);
-    for (let e = 0; e < E; e++) {
-      if (rowCounts[e] === 0) continue;
-      batchOf[e] = batches.length;
-      batches.push({ layer: this.layer, expert: e, rowCount: rowCounts[e], rows: new Float32Array(rowCounts[e] * D) });
-    }
+    const { batches, batchOf } = emptyBatches(this.layer, dispatch.rowCounts, D);
     for (let i = 0; i < tokens * k; i++) {
-      const row = choiceRow[i];
+      const row = dispatch.row[i];
       if (row < 0) continue;
-      const t = Math.floor(i / k);
-      const g = Math.floor(t / groupSize);
-      const e = plans[g].expert[i - groupStarts[g] * k];
-      batches[batchOf[e]].rows.set(hRows.subarray(t * D, t * D + D), row * D);
+      const t = (i / k) | 0;
+      batches[batchOf[dispatch.expert[i]]].rows.set(hRows.subarray(t * D, t * D + D), row * D);
     }
-
     const outputs = await this.transport.forward(opt.passId, batches, opt.train);
     const combined = new Float32Array(tokens * D);
     for (let i = 0; i < tokens * k; i++) {
-      const row = choiceRow[i];
+      const row = dispatch.row[i];
       if (row < 0) continue;
-      const t = Math.floor(i / k);
-      const g = Math.floor(t / groupSize);
-      const w = plans[g].weight[i - groupStarts[g] * k];
-      const out = outputs[batchOf[plans[g].expert[i - groupStarts[g] * k]]];
+      const w = dispatch.weight[i];
+      const out = outputs[batchOf[dispatch.expert[i]]];
       const o = row * D;
-      const c = t * D;
+      const c = ((i / k) | 0) * D;
       for (let d = 0; d < D; d++) combined[c + d] += w * out[o + d];
     }
     const y = tf.tensor2d(combined, [tokens, D]);
+
+    const countsBeforeDrop = new Int32Array(E);
+    let auxSum = 0;
+    let capacity = 0;
+    for (const plan of routed.plans) {
+      for (let e = 0; e < E; e++) countsBeforeDrop[e] += plan.countsBeforeDrop[e];
+      auxSum += plan.auxLoss;
+      capacity = Math.max(capacity, plan.capacity);
+    }
+    const kept = dispatch.rowCounts.reduce((s, n) => s + n, 0);
     const stats: MoeStats = {
-      countsBeforeDrop, countsAfterDrop, droppedChoices, capacity, plans,
-      auxLoss: auxSum / plans.length, zLoss: zSum / plans.length,
+      countsBeforeDrop, countsAfterDrop: dispatch.rowCounts, droppedChoices: tokens * k - kept, capacity,
+      plans: routed.plans, auxLoss: routed.plans.length ? auxSum / routed.plans.length : 0, zLoss: routed.zLoss,
     };
     if (!opt.train) {
-      if (jitter) { jitter.dispose(); hGate.dispose(); }
+      if (jitter) tf.dispose([jitter, hGate]);
       return { y, stats };
     }
     const expertOutputs = new Map<number, Float32Array>();
     batches.forEach((b, j) => expertOutputs.set(b.expert, outputs[j]));
-    const cache: MoeCache = {
-      plans, groupStarts, groupSize, logits, choiceRow, expertOutputs, rowCounts,
-      hGate: hGate === h ? h.clone() : hGate, jitter, passId: opt.passId,
-    };
+    const cache: MoeCache = { dispatch, logits, expertOutputs, hGate: hGate === h ? h.clone() : hGate, jitter, passId: opt.passId };
     return { y, stats, cache };
   }
 
   /**
-   * dy: gradient of the block output. Accumulates nothing itself: returns the gate weight gradient and
-   * the gradient of the block input. Loss terms: auxCoef·mean_groups(aux) + zCoef·mean_groups(z).
+   * dy: gradient of the block output. Returns the gradients of the block input and of the gate weight;
+   * expert weight gradients accumulate at the experts' holder. Loss terms:
+   * auxCoef·mean_groups(aux) + zCoef·mean_groups(z).
    */
   async backward(dy: T2, cache: MoeCache, gateWT: T2, auxCoef: number, zCoef: number): Promise<{ dh: T2; dGate: T2 }> {
     const D = this.hidden;
     const E = this.experts;
     const k = this.k;
     const tokens = dy.shape[0];
+    const { dispatch } = cache;
     const dyRows = dy.dataSync() as Float32Array;
-    const groupSize = cache.groupSize;
-    const dBatches: RowBatch[] = [];
-    const batchOf = new Int32Array(E).fill(-1);
-    for (let e = 0; e < E; e++) {
-      if (cache.rowCounts[e] === 0) continue;
-      batchOf[e] = dBatches.length;
-      dBatches.push({ layer: this.layer, expert: e, rowCount: cache.rowCounts[e], rows: new Float32Array(cache.rowCounts[e] * D) });
-    }
-    const dWeights = cache.plans.map((p) => new Float32Array(p.weight.length));
+    const { batches: dBatches, batchOf } = emptyBatches(this.layer, dispatch.rowCounts, D);
+    // d(combine weight) = dy · expert output; d(expert output) = weight · dy.
+    const dWeight = new Float32Array(tokens * k);
     for (let i = 0; i < tokens * k; i++) {
-      const row = cache.choiceRow[i];
+      const row = dispatch.row[i];
       if (row < 0) continue;
-      const t = Math.floor(i / k);
-      const g = Math.floor(t / groupSize);
-      const local = i - cache.groupStarts[g] * k;
-      const e = cache.plans[g].expert[local];
-      const w = cache.plans[g].weight[local];
+      const e = dispatch.expert[i];
+      const w = dispatch.weight[i];
       const out = cache.expertOutputs.get(e)!;
       const dRows = dBatches[batchOf[e]].rows;
       const o = row * D;
-      const c = t * D;
+      const c = ((i / k) | 0) * D;
       let dot = 0;
       for (let d = 0; d < D; d++) {
         dRows[o + d] = w * dyRows[c + d];
         dot += dyRows[c + d] * out[o + d];
       }
-      dWeights[g][local] = dot;
+      dWeight[i] = dot;
     }
     const dxRows = await this.transport.backward(cache.passId, dBatches);
     const dh = new Float32Array(tokens * D);
     for (let i = 0; i < tokens * k; i++) {
-      const row = cache.choiceRow[i];
+      const row = dispatch.row[i];
       if (row < 0) continue;
-      const t = Math.floor(i / k);
-      const g = Math.floor(t / groupSize);
-      const e = cache.plans[g].expert[i - cache.groupStarts[g] * k];
-      const dx = dxRows[batchOf[e]];
+      const dx = dxRows[batchOf[dispatch.expert[i]]];
       const o = row * D;
-      const c = t * D;
+      const c = ((i / k) | 0) * D;
       for (let d = 0; d < D; d++) dh[c + d] += dx[o + d];
     }
-    const groups = cache.plans.length;
+    const groups = dispatch.plans.length;
     const dLogits = new Float32Array(tokens * E);
-    cache.plans.forEach((plan, g) => {
-      const start = cache.groupStarts[g];
-      const groupLogits = cache.logits.subarray(start * E, (start + plan.tokens) * E);
-      dLogits.set(gateBackward(plan, groupLogits, dWeights[g], auxCoef / groups, zCoef / groups), start * E);
+    dispatch.plans.forEach((plan, g) => {
+      const start = dispatch.groupStarts[g];
+      const end = start + plan.tokens;
+      const grad = gateBackward(plan, cache.logits.subarray(start * E, end * E), dWeight.subarray(start * k, end * k), auxCoef / groups, zCoef / groups);
+      dLogits.set(grad, start * E);
     });
     const result = tf.tidy(() => {
       const dL = tf.tensor2d(dLogits, [tokens, E]);
@@ -227,8 +230,7 @@ export class MoeLayer {
       if (cache.jitter) dhGate = tf.mul(dhGate, cache.jitter);
       return { dh: tf.add(tf.tensor2d(dh, [tokens, D]), dhGate) as T2, dGate };
     });
-    cache.hGate.dispose();
-    cache.jitter?.dispose();
+    tf.dispose([cache.hGate, cache.jitter ?? []]);
     return result;
   }
 }
