@@ -2,6 +2,7 @@
 // The `switchyard` command line (DESIGN §10).
 import { Command, InvalidArgumentError, Option } from 'commander';
 import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { readFile } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { describeBackend, initBackend } from '../core/backend.js';
@@ -14,6 +15,11 @@ import { runBench } from '../bench/index.js';
 import { trainingProgress } from './progress.js';
 
 const DEFAULT_RUN_DIR = 'checkpoints/default';
+
+function packageVersion(): string {
+  const require = createRequire(import.meta.url);
+  return (require('../../../package.json') as { version: string }).version;
+}
 
 function integer(name: string, min = 0) {
   return (value: string): number => {
@@ -104,7 +110,9 @@ async function upCommand(flags: { model?: string; shards?: number; routers?: num
 }
 
 export function buildProgram(): Command {
-  const program = new Command('switchyard').description('Mixture-of-Experts serving and training whose experts are independent services');
+  const program = new Command('switchyard')
+    .description('Mixture-of-Experts serving and training whose experts are independent services')
+    .version(packageVersion());
   program.command('train').description('train a model (single process for now)')
     .option('--config <name|file>', `preset (${PRESET_NAMES.join(', ')}) or JSON file {"base","model","train"}`, 'small')
     .option('--data <path>', 'UTF-8 text file or folder (default: Moby Dick)')

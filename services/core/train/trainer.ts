@@ -73,11 +73,14 @@ async function validationLoss(model: MixtralModel, batches: Batch[], t: TrainSet
   return total / batches.length;
 }
 
-/** Keeps metrics lines up to `step` so a resumed run appends where the checkpoint left off. */
-async function truncateMetrics(path: string, step: number): Promise<void> {
-  if (!existsSync(path)) return;
-  const kept = (await readFile(path, 'utf8')).split('\n').filter((line) => line.trim() && (JSON.parse(line) as { step: number }).step <= step);
-  await writeFile(path, kept.map((l) => l + '\n').join(''));
+interface MetricsRecord { step: number; loss: number; val_loss?: number }
+
+/** Keeps metrics lines up to `step` so a resumed run appends where the checkpoint left off; returns them. */
+async function truncateMetrics(path: string, step: number): Promise<MetricsRecord[]> {
+  if (!existsSync(path)) return [];
+  const kept = (await readFile(path, 'utf8')).split('\n').filter((line) => line.trim()).map((line) => JSON.parse(line) as MetricsRecord).filter((r) => r.step <= step);
+  await writeFile(path, kept.map((r) => JSON.stringify(r) + '\n').join(''));
+  return kept;
 }
 
 export async function train(opts: TrainRunOptions): Promise<TrainSummary> {
@@ -97,6 +100,7 @@ export async function train(opts: TrainRunOptions): Promise<TrainSummary> {
   let step = 0;
   let tokens = 0;
   let elapsedBefore = 0;
+  let previous: MetricsRecord[] = [];
   const resuming = opts.resume === true && existsSync(join(ckptDir, 'config.json'));
   if (opts.resume && !resuming) throw new CorpusError(`--resume: no checkpoint in ${ckptDir}`);
   if (resuming) {
@@ -115,7 +119,7 @@ export async function train(opts: TrainRunOptions): Promise<TrainSummary> {
     elapsedBefore = state.elapsed_seconds;
     sampler = BatchSampler.restore(trainBytes, state.sampler);
     noise = Rng.fromState(state.noise_rng);
-    await truncateMetrics(metricsPath, step);
+    previous = await truncateMetrics(metricsPath, step);
   } else {
     sampler = new BatchSampler(trainBytes, t.seq_len, t.batch_sequences, t.seed);
     noise = new Rng(t.seed + 1);
@@ -132,8 +136,9 @@ export async function train(opts: TrainRunOptions): Promise<TrainSummary> {
 
   const started = performance.now();
   const elapsed = () => elapsedBefore + (performance.now() - started) / 1000;
-  let lastLoss = NaN;
-  let lastValidation = NaN;
+  // A resumed run that has nothing left to do still reports where it stands.
+  let lastLoss = previous.at(-1)?.loss ?? NaN;
+  let lastValidation = previous.findLast((r) => r.val_loss !== undefined)?.val_loss ?? NaN;
   const tokensPerStep = t.batch_sequences * t.seq_len;
   const random = () => noise.next();
   try {
