@@ -45,6 +45,10 @@ test('resume from step N reproduces every later step of an uninterrupted run', a
   const wa = (await loadCheckpoint(checkpointDirOf(straight))).tensors;
   const wb = (await loadCheckpoint(checkpointDirOf(resumed))).tensors;
   for (const [name, t] of wa) assert.deepEqual(wb.get(name)!.values, t.values, name);
+  // A finished run resumed with more steps extends it.
+  const extended = await train({ model: tiny.model, train: { ...settings, steps: 18 }, outDir: resumed, resume: true });
+  assert.equal(extended.steps, 18);
+  assert.deepEqual((await metrics(resumed)).map((r) => r.step), Array.from({ length: 18 }, (_, i) => i + 1));
 });
 
 test('checkpoint round trip gives identical logits', async () => {
