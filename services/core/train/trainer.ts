@@ -4,8 +4,8 @@
 import { appendFile, mkdir, readFile, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
-import type { ModelConfig, TrainSettings } from '../config.js';
-import { BatchSampler, CorpusError, loadCorpus, splitCorpus, type Batch, type BatchSamplerState } from '../data/corpus.js';
+import { ConfigError, type ModelConfig, type TrainSettings } from '../config.js';
+import { BatchSampler, loadCorpus, splitCorpus, type Batch, type BatchSamplerState } from '../data/corpus.js';
 import { Rng } from '../data/random.js';
 import { MixtralModel } from '../model/model.js';
 import { AdamW, clipFactor, gradSquareSum } from '../optim/adamw.js';
@@ -86,7 +86,7 @@ async function truncateMetrics(path: string, step: number): Promise<MetricsRecor
 export async function train(opts: TrainRunOptions): Promise<TrainSummary> {
   const t = opts.train;
   if (t.seq_len > opts.model.max_position_embeddings)
-    throw new CorpusError(`seq_len ${t.seq_len} exceeds max_position_embeddings ${opts.model.max_position_embeddings}`);
+    throw new ConfigError(`train.seq_len ${t.seq_len} exceeds the model's max_position_embeddings ${opts.model.max_position_embeddings}`);
   const corpus = await loadCorpus(opts.dataPath);
   const { train: trainBytes, validation } = splitCorpus(corpus.bytes, t.validation_fraction);
   const evalBatches = validationBatches(validation, t);
@@ -102,11 +102,11 @@ export async function train(opts: TrainRunOptions): Promise<TrainSummary> {
   let elapsedBefore = 0;
   let previous: MetricsRecord[] = [];
   const resuming = opts.resume === true && existsSync(join(ckptDir, 'config.json'));
-  if (opts.resume && !resuming) throw new CorpusError(`--resume: no checkpoint in ${ckptDir}`);
+  if (opts.resume && !resuming) throw new ConfigError(`--resume: no checkpoint in ${ckptDir}`);
   if (resuming) {
     model = await loadModel(ckptDir);
     if (JSON.stringify(model.config) !== JSON.stringify(opts.model))
-      throw new Error(`--resume: the checkpoint in ${ckptDir} has a different model configuration than requested`);
+      throw new ConfigError(`--resume: the checkpoint in ${ckptDir} has a different model configuration than requested (same --config as the run it continues?)`);
   } else {
     model = MixtralModel.initialize(opts.model, t.seed);
   }
