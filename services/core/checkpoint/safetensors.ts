@@ -4,7 +4,10 @@
 // offsets relative to the start of the data section. Reading validates everything and reads only the
 // byte ranges of the selected tensors, so a shard can load its experts from a large file.
 import { open, type FileHandle } from 'node:fs/promises';
-import { endianness } from 'node:os';
+import { decodeFloats, encodeFloats, type ReadableDtype } from '../dtypes.js';
+
+/** Re-exported for callers that convert single values. */
+export { f16ToF32, f32ToBf16 } from '../dtypes.js';
 
 export class CheckpointError extends Error {
   override name = 'CheckpointError';
@@ -41,74 +44,9 @@ export const READABLE_DTYPES = ['F32', 'F16', 'BF16', 'F64', 'I32', 'I64'] as co
 export type WriteDtype = 'F32' | 'BF16';
 
 const MAX_HEADER_BYTES = 100_000_000; // same guard as the reference implementation
-const LITTLE_ENDIAN = endianness() === 'LE';
 
 export function numElements(shape: readonly number[]): number {
   return shape.reduce((a, b) => a * b, 1);
-}
-
-// ---------------------------------------------------------------- dtype conversion
-
-/** IEEE half → float. */
-export function f16ToF32(h: number): number {
-  const sign = h & 0x8000 ? -1 : 1;
-  const exp = (h >> 10) & 0x1f;
-  const mant = h & 0x3ff;
-  if (exp === 0) return sign * mant * 2 ** -24;
-  if (exp === 0x1f) return mant ? NaN : sign * Infinity;
-  return sign * (1 + mant / 1024) * 2 ** (exp - 15);
-}
-
-const f32Scratch = new Float32Array(1);
-const u32Scratch = new Uint32Array(f32Scratch.buffer);
-
-/** float → bfloat16 bits, round to nearest even, NaN kept NaN. */
-export function f32ToBf16(x: number): number {
-  f32Scratch[0] = x;
-  const bits = u32Scratch[0]!;
-  if ((bits & 0x7fffffff) > 0x7f800000) return ((bits >>> 16) | 0x40) & 0xffff; // quiet NaN
-  return ((bits + 0x7fff + ((bits >>> 16) & 1)) >>> 16) & 0xffff;
-}
-
-function decode(dtype: string, bytes: Uint8Array, count: number): Float32Array {
-  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  switch (dtype) {
-    case 'F32': {
-      // `bytes` is a fresh, aligned buffer of exactly this tensor.
-      if (LITTLE_ENDIAN && bytes.byteOffset % 4 === 0) return new Float32Array(bytes.buffer, bytes.byteOffset, count);
-      const out = new Float32Array(count);
-      for (let i = 0; i < count; i++) out[i] = view.getFloat32(4 * i, true);
-      return out;
-    }
-    case 'BF16': {
-      const out = new Float32Array(count);
-      const u = new Uint32Array(out.buffer);
-      for (let i = 0; i < count; i++) u[i] = view.getUint16(2 * i, true) << 16;
-      return out;
-    }
-    case 'F16': {
-      const out = new Float32Array(count);
-      for (let i = 0; i < count; i++) out[i] = f16ToF32(view.getUint16(2 * i, true));
-      return out;
-    }
-    case 'F64': {
-      const out = new Float32Array(count);
-      for (let i = 0; i < count; i++) out[i] = view.getFloat64(8 * i, true);
-      return out;
-    }
-    case 'I32': {
-      const out = new Float32Array(count);
-      for (let i = 0; i < count; i++) out[i] = view.getInt32(4 * i, true);
-      return out;
-    }
-    case 'I64': {
-      const out = new Float32Array(count);
-      for (let i = 0; i < count; i++) out[i] = Number(view.getBigInt64(8 * i, true));
-      return out;
-    }
-    default:
-      throw new Error(`unsupported dtype ${dtype}`);
-  }
 }
 
 // ---------------------------------------------------------------- reading
@@ -245,7 +183,7 @@ export async function readSafetensors(file: string, options: ReadOptions = {}): 
       if (!(READABLE_DTYPES as readonly string[]).includes(info.dtype))
         throw new CheckpointError(`${file}: tensor '${name}' has dtype ${info.dtype}, which is not supported (supported: ${READABLE_DTYPES.join(', ')})`);
       const bytes = await readExactly(fh, info.end - info.begin, info.begin, file);
-      tensors.set(name, { shape: [...info.shape], values: decode(info.dtype, bytes, numElements(info.shape)) });
+      tensors.set(name, { shape: [...info.shape], values: decodeFloats(info.dtype as ReadableDtype, bytes, numElements(info.shape)) });
     }
     return { tensors, metadata: header.metadata, header: header.tensors };
   } finally {
@@ -300,17 +238,7 @@ function buildHeader(
 }
 
 function encodeTensor(t: Tensor, dtype: WriteDtype): Uint8Array {
-  if (dtype === 'F32') {
-    if (LITTLE_ENDIAN) return new Uint8Array(t.values.buffer, t.values.byteOffset, t.values.byteLength);
-    const out = new Uint8Array(t.values.length * 4);
-    const v = new DataView(out.buffer);
-    for (let i = 0; i < t.values.length; i++) v.setFloat32(4 * i, t.values[i]!, true);
-    return out;
-  }
-  const out = new Uint8Array(t.values.length * 2);
-  const v = new DataView(out.buffer);
-  for (let i = 0; i < t.values.length; i++) v.setUint16(2 * i, f32ToBf16(t.values[i]!), true);
-  return out;
+  return encodeFloats(t.values, dtype);
 }
 
 async function writeAll(fh: FileHandle, bytes: Uint8Array, position: number): Promise<void> {
