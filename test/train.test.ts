@@ -7,7 +7,7 @@ import { initBackend } from '../services/core/backend.js';
 import { parseModelConfig, preset, ConfigError } from '../services/core/config.js';
 import { loadCheckpoint, saveCheckpoint } from '../services/core/checkpoint/index.js';
 import { MixtralModel } from '../services/core/model/model.js';
-import { loadModel, saveModel } from '../services/core/train/checkpointing.js';
+import { loadModel, saveModel } from '../services/core/checkpoint/model.js';
 import { checkpointDirOf, metricsFileOf, train } from '../services/core/train/trainer.js';
 import { learningRate } from '../services/core/optim/schedule.js';
 

@@ -9,7 +9,10 @@ import { describeBackend, initBackend } from '../core/backend.js';
 import { ConfigError, PRESET_NAMES, preset, resolvePreset, type Preset } from '../core/config.js';
 import { decodeIds, encodeText } from '../core/data/bytes.js';
 import { generate } from '../core/generate.js';
-import { loadModel } from '../core/train/checkpointing.js';
+import { loadExpertSet, loadModel } from '../core/checkpoint/model.js';
+import { loadCheckpoint } from '../core/checkpoint/index.js';
+import { parseAssignment } from '../expert/assignment.js';
+import { startExpertServer } from '../expert/server.js';
 import { checkpointDirOf, train } from '../core/train/trainer.js';
 import { runBench } from '../bench/index.js';
 import { trainingProgress } from './progress.js';
@@ -109,6 +112,31 @@ async function upCommand(flags: { model?: string; shards?: number; routers?: num
   }
 }
 
+interface ServeFlags { checkpoint?: string; experts: string; host: string; port: number }
+
+async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
+  if (service !== 'expert')
+    throw new ConfigError(`'serve ${service}': only 'serve expert' exists so far; the router and coordinator arrive with the serving cluster`);
+  if (!flags.checkpoint) throw new ConfigError('serve expert: --checkpoint DIR is required');
+  await startBackend();
+  const dir = resolve(flags.checkpoint);
+  const { config } = await loadCheckpoint(dir, { only: () => false });
+  const keys = parseAssignment(flags.experts, config.num_hidden_layers, config.num_local_experts);
+  const experts = await loadExpertSet(dir, keys);
+  const server = await startExpertServer(experts, flags.host, flags.port);
+  process.stdout.write(`switchyard expert shard listening on ${flags.host}:${server.port} holding ${keys.length} experts\n`);
+  await new Promise<void>((resolveStop) => {
+    const stop = () => {
+      void server.close().then(() => {
+        experts.dispose();
+        resolveStop();
+      });
+    };
+    process.once('SIGTERM', stop);
+    process.once('SIGINT', stop);
+  });
+}
+
 export function buildProgram(): Command {
   const program = new Command('switchyard')
     .description('Mixture-of-Experts serving and training whose experts are independent services')
@@ -144,17 +172,19 @@ export function buildProgram(): Command {
       await startBackend();
       await runBench(suites, { quick: flags.quick === true });
     });
-  program.command('serve').description('run one service (router | expert | coordinator)')
-    .argument('<service>')
-    .action((service: string) => {
-      throw new ConfigError(`'serve ${service}': the serving cluster is not built yet (see the serving-cluster issue)`);
-    });
+  program.command('serve').description('run one service (expert today; router and coordinator with the serving cluster)')
+    .argument('<service>', 'expert | router | coordinator')
+    .option('--checkpoint <dir>', 'checkpoint folder to load from')
+    .option('--experts <spec>', "experts to hold: 'all' or LAYER:IDS groups, e.g. '0:0-3;1:0,2'", 'all')
+    .option('--host <host>', 'address to listen on', '127.0.0.1')
+    .option('--port <n>', 'port (0 = any free port)', integer('--port'), 0)
+    .action(serveCommand);
   return program;
 }
 
 buildProgram().parseAsync(process.argv).catch((err: unknown) => {
   const e = err as Error;
-  const known = ['ConfigError', 'CheckpointError', 'CorpusError', 'SamplingError', 'RangeError'].includes(e?.name);
+  const known = ['ConfigError', 'CheckpointError', 'CorpusError', 'SamplingError', 'RangeError', 'AssignmentError'].includes(e?.name);
   process.stderr.write(`switchyard: ${known ? e.message : e?.stack ?? String(err)}\n`);
   process.exitCode = known ? 2 : 1;
 }).finally(() => {

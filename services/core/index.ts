@@ -9,7 +9,7 @@ export { AdamW, clipFactor, gradSquareSum } from './optim/adamw.js';
 export { learningRate } from './optim/schedule.js';
 export { loadCheckpoint, saveCheckpoint, CheckpointError } from './checkpoint/index.js';
 export { mixtralTensorShapes } from './model/hf.js';
-export { loadModel, saveModel } from './train/checkpointing.js';
+export { loadModel, saveModel } from './checkpoint/model.js';
 export { train, type TrainRunOptions, type TrainSummary } from './train/trainer.js';
 export { generate, sampleNext, type SamplingOptions } from './generate.js';
 export { encodeText, decodeIds } from './data/bytes.js';

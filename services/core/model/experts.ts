@@ -3,6 +3,7 @@
 // transport of the serving cluster sends the same row batches to shards that hold ExpertSets.
 import * as tf from '@tensorflow/tfjs-core';
 import { ParameterTable } from './parameters.js';
+import { expertFromHf, type HostTensor } from './hf.js';
 import { expertBackward, expertForward, transposeExpert, type ExpertCache, type ExpertWeights, type ExpertWeightsT } from './expert.js';
 import { disposeAll } from './tensors.js';
 
@@ -19,6 +20,11 @@ export interface ExpertTransport {
   forward(passId: string, batches: RowBatch[], train: boolean): Promise<Float32Array[]>;
   /** Input-row gradients for output-row gradients of batches forwarded earlier under `passId`; weight gradients accumulate at the holder. */
   backward(passId: string, batches: RowBatch[]): Promise<Float32Array[]>;
+}
+
+/** A backward for rows whose forward this holder never saw (or already consumed). */
+export class MissingPassError extends Error {
+  override name = 'MissingPassError';
 }
 
 export const expertParamName = (layer: number, expert: number, part: 'w1t' | 'w3t' | 'w2t'): string =>
@@ -40,6 +46,13 @@ export class ExpertSet {
     this.params.define(expertParamName(layer, expert, 'w3t'), w.w3t);
     this.params.define(expertParamName(layer, expert, 'w2t'), w.w2t);
     this.held.add(keyOf(layer, expert));
+  }
+
+  /** Adds an expert from Hugging Face tensors ([out, in] w1/w2/w3 of that layer and expert). */
+  addFromHf(tensors: Map<string, HostTensor>, layer: number, expert: number): void {
+    const w = expertFromHf(tensors, layer, expert);
+    const matrix = (t: HostTensor) => tf.tensor2d(t.values, t.shape as [number, number]);
+    this.add(layer, expert, { w1t: matrix(w.w1t), w3t: matrix(w.w3t), w2t: matrix(w.w2t) });
   }
 
   holds(layer: number, expert: number): boolean {
@@ -102,7 +115,7 @@ export class ExpertSet {
     this.checkRows(b);
     const key = `${passId}|${keyOf(b.layer, b.expert)}`;
     const cache = this.caches.get(key);
-    if (!cache) throw new Error(`no forward of pass ${passId} for (layer ${b.layer}, expert ${b.expert}) to take gradients of`);
+    if (!cache) throw new MissingPassError(`no training forward of pass ${passId} for (layer ${b.layer}, expert ${b.expert}) to take gradients of`);
     if (cache.x.shape[0] !== b.rowCount) throw new RangeError(`backward has ${b.rowCount} rows, forward had ${cache.x.shape[0]}`);
     this.caches.delete(key);
     const dy = tf.tensor2d(b.rows, [b.rowCount, this.hidden]);

@@ -7,7 +7,7 @@ import { Rng } from '../data/random.js';
 import { updateBalanceBias } from '../gating/index.js';
 import { attentionBackward, attentionForward, type AttentionCache, type KvCache } from './attention.js';
 import { ExpertSet, InProcessTransport, type ExpertTransport } from './experts.js';
-import { denseFromHf, denseNames, denseToHf, expertFromHf, expertToHf, hfNames, type HostTensor } from './hf.js';
+import { denseFromHf, denseNames, denseToHf, expertToHf, hfNames, type HostTensor } from './hf.js';
 import { MoeLayer, type MoeCache, type MoeStats } from './moe.js';
 import { ParameterTable } from './parameters.js';
 import { rmsNormBackward, rmsNormForward, type RmsNormCache } from './rmsnorm.js';
@@ -103,14 +103,7 @@ export class MixtralModel {
     const model = new MixtralModel(config, new InProcessTransport(experts), experts);
     model.loadDense(tensors);
     for (let l = 0; l < config.num_hidden_layers; l++)
-      for (let e = 0; e < config.num_local_experts; e++) {
-        const w = expertFromHf(tensors, l, e);
-        experts.add(l, e, {
-          w1t: tf.tensor2d(w.w1t.values, w.w1t.shape as [number, number]),
-          w3t: tf.tensor2d(w.w3t.values, w.w3t.shape as [number, number]),
-          w2t: tf.tensor2d(w.w2t.values, w.w2t.shape as [number, number]),
-        });
-      }
+      for (let e = 0; e < config.num_local_experts; e++) experts.addFromHf(tensors, l, e);
     return model;
   }
 

@@ -10,7 +10,7 @@ import { Rng } from '../data/random.js';
 import { MixtralModel } from '../model/model.js';
 import { AdamW, clipFactor, gradSquareSum } from '../optim/adamw.js';
 import { learningRate } from '../optim/schedule.js';
-import { loadModel, loadTrainingSnapshot, saveModel } from './checkpointing.js';
+import { loadModel, loadTrainingSnapshot, saveModel } from '../checkpoint/model.js';
 
 export interface TrainRunOptions {
   model: ModelConfig;

@@ -36,3 +36,14 @@ export type SwitchyardProtos = ExpertProtos & CoordinatorProtos;
 export function loadProtos(): SwitchyardProtos {
   return grpc.loadPackageDefinition(packageDefinition()) as unknown as SwitchyardProtos;
 }
+
+/** Largest message either end accepts: a [8192, 4096] fp32 row batch with room to spare. */
+export const MAX_MESSAGE_BYTES = 256 * 1024 * 1024;
+
+/** Channel options every Switchyard client and server sets explicitly (DESIGN §6). */
+export const CHANNEL_OPTIONS: grpc.ChannelOptions = {
+  'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
+  'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
+  'grpc.keepalive_time_ms': 10_000,
+  'grpc.keepalive_timeout_ms': 5_000,
+};

@@ -1,8 +1,9 @@
 // A model checkpoint in Hugging Face layout, plus (for training) the optimizer moments and the trainer's
 // state in the same atomically written folder, so a resumed run continues bit for bit.
-import { loadCheckpoint, readSafetensors, saveCheckpoint, serializeSafetensors } from '../checkpoint/index.js';
-import { mixtralTensorShapes } from '../model/hf.js';
+import { loadCheckpoint, readSafetensors, saveCheckpoint, serializeSafetensors } from './index.js';
+import { isExpertTensor, mixtralTensorShapes } from '../model/hf.js';
 import { MixtralModel } from '../model/model.js';
+import { ExpertSet, type ExpertTransport } from '../model/experts.js';
 import { join } from 'node:path';
 import { readFile } from 'node:fs/promises';
 import type { AdamW } from '../optim/adamw.js';
@@ -34,6 +35,31 @@ export async function saveModel(dir: string, model: MixtralModel, training?: Tra
 export async function loadModel(dir: string): Promise<MixtralModel> {
   const { config, tensors } = await loadCheckpoint(dir, { expectedTensors: mixtralTensorShapes });
   return MixtralModel.fromHf(config, tensors);
+}
+
+/**
+ * The experts one shard holds, reading only their byte ranges (a shard's memory is proportional to
+ * its experts). Missing or misshaped expert tensors are listed all at once.
+ */
+export async function loadExpertSet(dir: string, keys: Array<{ layer: number; expert: number }>): Promise<ExpertSet> {
+  const wanted = new Set(keys.map((k) => `model.layers.${k.layer}.block_sparse_moe.experts.${k.expert}.`));
+  const only = (name: string) => isExpertTensor(name) && [...wanted].some((prefix) => name.startsWith(prefix));
+  const { config, tensors } = await loadCheckpoint(dir, { expectedTensors: mixtralTensorShapes, only });
+  const experts = new ExpertSet(config.hidden_size, config.intermediate_size);
+  for (const { layer, expert } of keys) {
+    if (layer >= config.num_hidden_layers || expert >= config.num_local_experts)
+      throw new RangeError(`expert (layer ${layer}, expert ${expert}) does not exist in ${dir} (${config.num_hidden_layers} layers × ${config.num_local_experts} experts)`);
+    experts.addFromHf(tensors, layer, expert);
+  }
+  return experts;
+}
+
+/** The router's part of a checkpoint (everything but the experts), reaching experts through `transport`. */
+export async function loadDenseModel(dir: string, transport: ExpertTransport): Promise<MixtralModel> {
+  const { config, tensors } = await loadCheckpoint(dir, { expectedTensors: mixtralTensorShapes, only: (name) => !isExpertTensor(name) });
+  const model = new MixtralModel(config, transport);
+  model.loadDense(tensors);
+  return model;
 }
 
 /** Trainer state and optimizer moments of a training checkpoint (throws when the folder has none). */

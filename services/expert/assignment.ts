@@ -1,0 +1,42 @@
+// Which experts a shard serves, as given on its command line: `all`, or `LAYER:EXPERTS` groups separated
+// by `;`, where EXPERTS is a comma list of ids and ranges, e.g. `0:0-3;1:0,2`.
+export interface ExpertKey { layer: number; expert: number }
+
+export class AssignmentError extends RangeError {
+  override name = 'AssignmentError';
+}
+
+export function parseAssignment(spec: string, layers: number, experts: number): ExpertKey[] {
+  const keys: ExpertKey[] = [];
+  const seen = new Set<string>();
+  const add = (layer: number, expert: number) => {
+    if (!(layer >= 0 && layer < layers)) throw new AssignmentError(`--experts '${spec}': layer ${layer} is outside 0..${layers - 1}`);
+    if (!(expert >= 0 && expert < experts)) throw new AssignmentError(`--experts '${spec}': expert ${expert} is outside 0..${experts - 1}`);
+    const key = `${layer}/${expert}`;
+    if (seen.has(key)) return;
+    seen.add(key);
+    keys.push({ layer, expert });
+  };
+  if (spec.trim() === 'all') {
+    for (let l = 0; l < layers; l++) for (let e = 0; e < experts; e++) add(l, e);
+    return keys;
+  }
+  const int = (text: string): number => {
+    if (!/^\d+$/.test(text.trim())) throw new AssignmentError(`--experts '${spec}': '${text}' is not a non-negative integer`);
+    return Number(text);
+  };
+  for (const group of spec.split(';').filter((g) => g.trim())) {
+    const [layerText, list, extra] = group.split(':');
+    if (list === undefined || extra !== undefined) throw new AssignmentError(`--experts '${spec}': expected LAYER:EXPERTS in '${group}'`);
+    const layer = int(layerText);
+    for (const part of list.split(',')) {
+      const [from, to] = part.split('-');
+      const first = int(from);
+      const last = to === undefined ? first : int(to);
+      if (last < first) throw new AssignmentError(`--experts '${spec}': empty range '${part}'`);
+      for (let e = first; e <= last; e++) add(layer, e);
+    }
+  }
+  if (keys.length === 0) throw new AssignmentError(`--experts '${spec}' names no expert`);
+  return keys;
+}

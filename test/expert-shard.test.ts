@@ -1,0 +1,139 @@
+import { test, after, before } from 'node:test';
+import assert from 'node:assert/strict';
+import * as grpc from '@grpc/grpc-js';
+import { status } from '@grpc/grpc-js';
+import { service as healthService } from 'grpc-health-check';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { initBackend } from '../services/core/backend.js';
+import { preset } from '../services/core/config.js';
+import { MixtralModel } from '../services/core/model/model.js';
+import { ExpertSet } from '../services/core/model/experts.js';
+import { loadDenseModel, saveModel } from '../services/core/checkpoint/model.js';
+import { GrpcExpertTransport } from '../services/core/wire/grpc-transport.js';
+import { toWireTensor } from '../services/core/wire/tensor.js';
+import { ExpertShard } from '../services/expert/shard.js';
+import { parseAssignment } from '../services/expert/assignment.js';
+import { startService, type RunningService } from './support/services.js';
+import * as tf from '@tensorflow/tfjs-core';
+
+await initBackend();
+const tiny = preset('tiny');
+let root: string;
+let checkpoint: string;
+let reference: MixtralModel;
+const services: RunningService[] = [];
+const B = 2;
+const T = 12;
+const ids = Int32Array.from({ length: B * T }, (_, i) => (i * 29 + 3) % 256);
+const targets = Int32Array.from(ids, (v) => (v * 7 + 1) % 256);
+
+before(async () => {
+  root = await mkdtemp(join(tmpdir(), 'switchyard-shards-'));
+  checkpoint = join(root, 'ckpt');
+  reference = MixtralModel.initialize(tiny.model, 11);
+  await saveModel(checkpoint, reference);
+});
+
+after(async () => {
+  await Promise.all(services.map((s) => s.stop()));
+  reference.dispose();
+  await rm(root, { recursive: true, force: true });
+});
+
+async function shard(experts: string): Promise<string> {
+  const s = await startService(['serve', 'expert', '--checkpoint', checkpoint, '--experts', experts, '--port', '0'], /listening on (\S+)/);
+  services.push(s);
+  return s.ready[1];
+}
+
+for (const [arrangement, specs] of [
+  ['one layer per shard', ['0:0-3', '1:0-3']],
+  ["a layer's experts split over shards, each shard holding several layers", ['0:0,1;1:2,3', '0:2,3;1:0,1']],
+] as const) {
+  test(`two expert shards (${arrangement}) give the single-process logits and dense gradients`, async () => {
+    const addresses = await Promise.all(specs.map(shard));
+    const owner = new Map<string, string>();
+    specs.forEach((spec, i) => {
+      for (const { layer, expert } of parseAssignment(spec, 2, 4)) owner.set(`${layer}/${expert}`, addresses[i]);
+    });
+    const transport = new GrpcExpertTransport((l, e) => owner.get(`${l}/${e}`)!, tiny.model.hidden_size);
+    const distributed = await loadDenseModel(checkpoint, transport);
+    try {
+      const want = await reference.logits(ids, B, T);
+      const got = await distributed.logits(ids, B, T);
+      let maxDiff = 0;
+      for (let i = 0; i < want.length; i++) maxDiff = Math.max(maxDiff, Math.abs(want[i] - got[i]));
+      assert.ok(maxDiff <= 1e-5, `max |Δlogit| = ${maxDiff}`);
+      assert.ok([...transport.messagesSent.values()].every((n) => n > 0), 'both shards were used');
+      // Backward over the wire: the router's gradients match the in-process run.
+      const a = await reference.lossAndGradients(ids, targets, B, T, { passId: 'p', train: true });
+      const b = await distributed.lossAndGradients(ids, targets, B, T, { passId: 'p', train: true });
+      assert.ok(Math.abs(a.loss - b.loss) <= 1e-6, `loss ${a.loss} vs ${b.loss}`);
+      for (const name of reference.dense.names()) {
+        const ga = reference.dense.gradOrZeros(name).dataSync();
+        const gb = distributed.dense.gradOrZeros(name).dataSync();
+        let diff = 0;
+        let scale = 0;
+        for (let i = 0; i < ga.length; i++) {
+          diff = Math.max(diff, Math.abs(ga[i] - gb[i]));
+          scale = Math.max(scale, Math.abs(ga[i]));
+        }
+        assert.ok(diff <= 1e-5 * Math.max(1, scale), `${name}: max |Δgrad| ${diff}`);
+      }
+    } finally {
+      reference.dense.clearGrads();
+      reference.localExperts!.params.clearGrads();
+      transport.close();
+      distributed.dispose();
+    }
+  });
+}
+
+test('an expert shard answers grpc.health.v1 and keeps serving after bad messages', async () => {
+  const address = await shard('0:0');
+  const Health = grpc.makeClientConstructor(healthService, 'grpc.health.v1.Health');
+  const client = new Health(address, grpc.credentials.createInsecure());
+  const reply = await new Promise<{ status: string }>((resolve, reject) =>
+    (client as unknown as { Check: (req: object, cb: (e: Error | null, r: { status: string }) => void) => void }).Check({ service: '' }, (e, r) => (e ? reject(e) : resolve(r))));
+  assert.equal(reply.status, 'SERVING');
+  client.close();
+  const transport = new GrpcExpertTransport(() => address, tiny.model.hidden_size);
+  try {
+    await assert.rejects(transport.forward('bad', [{ layer: 0, expert: 1, rowCount: 1, rows: new Float32Array(32) }], false), /not held by this shard/);
+    await assert.rejects(transport.forward('bad', [{ layer: 0, expert: 0, rowCount: 2, rows: new Float32Array(32) }], false), /needs 64 values/);
+    const rows = await transport.forward('ok', [{ layer: 0, expert: 0, rowCount: 1, rows: new Float32Array(32).fill(0.5) }], false);
+    assert.equal(rows[0].length, 32, 'still serving');
+  } finally {
+    transport.close();
+  }
+});
+
+test('the shard refuses malformed requests with the right status codes', () => {
+  const experts = new ExpertSet(4, 8);
+  experts.add(0, 0, { w1t: tf.ones([4, 8]), w3t: tf.ones([4, 8]), w2t: tf.ones([8, 4]) });
+  const shardHandler = new ExpertShard(experts);
+  const request = (over: object) => ({ messageId: '1', passId: 'p', kind: 'ROW_KIND_FORWARD', batches: [{ layer: 0, expert: 0, rows: toWireTensor(new Float32Array(8), [2, 4]) }], ...over });
+  const code = (over: object) => shardHandler.handle(request(over) as never).error?.code;
+  assert.equal(code({}), undefined);
+  assert.equal(code({ kind: 'ROW_KIND_UNSPECIFIED' }), status.INVALID_ARGUMENT);
+  assert.equal(code({ passId: '' }), status.INVALID_ARGUMENT);
+  assert.equal(code({ batches: [{ layer: 0, expert: 0, rows: { dtype: 'DTYPE_F32', shape: [2, 5], data: Buffer.alloc(40) } }] }), status.INVALID_ARGUMENT);
+  assert.equal(code({ batches: [{ layer: 0, expert: 0, rows: { dtype: 'DTYPE_F32', shape: [2, 4], data: Buffer.alloc(31) } }] }), status.INVALID_ARGUMENT);
+  assert.equal(code({ batches: [{ layer: 3, expert: 0, rows: toWireTensor(new Float32Array(4), [1, 4]) }] }), status.NOT_FOUND);
+  assert.equal(code({ kind: 'ROW_KIND_BACKWARD', passId: 'never-forwarded' }), status.FAILED_PRECONDITION);
+  const reply = shardHandler.handle(request({ kind: 'ROW_KIND_FORWARD_TRAIN', passId: 't' }) as never);
+  assert.deepEqual(reply.credits, [{ layer: 0, expert: 0, rows: 2 }], 'credits come back with the reply');
+  assert.equal(code({ kind: 'ROW_KIND_BACKWARD', passId: 't' }), undefined);
+  experts.dispose();
+});
+
+test('expert assignments parse ranges and lists and refuse nonsense', () => {
+  assert.deepEqual(parseAssignment('0:0-1;1:3', 2, 4), [{ layer: 0, expert: 0 }, { layer: 0, expert: 1 }, { layer: 1, expert: 3 }]);
+  assert.equal(parseAssignment('all', 2, 4).length, 8);
+  assert.throws(() => parseAssignment('2:0', 2, 4), /layer 2 is outside 0..1/);
+  assert.throws(() => parseAssignment('0:4', 2, 4), /expert 4 is outside 0..3/);
+  assert.throws(() => parseAssignment('0:x', 2, 4), /not a non-negative integer/);
+  assert.throws(() => parseAssignment('0-1', 2, 4), /expected LAYER:EXPERTS/);
+});

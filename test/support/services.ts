@@ -1,0 +1,48 @@
+// Real services as child processes on 127.0.0.1 (ephemeral ports), always stopped: by the test's
+// `after`, and at the latest when the test process exits.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { repoRoot } from './paths.js';
+
+export interface RunningService {
+  child: ChildProcess;
+  /** The ready line's match (e.g. the listening address). */
+  ready: RegExpMatchArray;
+  stderr: () => string;
+  stop: () => Promise<void>;
+}
+
+const running = new Set<ChildProcess>();
+process.once('exit', () => {
+  for (const child of running) child.kill('SIGKILL');
+});
+
+export function startService(args: string[], readyLine: RegExp, env: Record<string, string> = {}, timeoutMs = 60_000): Promise<RunningService> {
+  const child = spawn(process.execPath, [join(repoRoot, 'dist', 'services', 'cli', 'main.js'), ...args], {
+    env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  running.add(child);
+  let stderr = '';
+  child.stderr!.on('data', (chunk: Buffer) => { stderr += chunk.toString(); });
+  const exited = new Promise<void>((resolve) => child.once('exit', () => { running.delete(child); resolve(); }));
+  const stop = async () => {
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill('SIGTERM');
+      const timer = setTimeout(() => child.kill('SIGKILL'), 10_000);
+      await exited;
+      clearTimeout(timer);
+    }
+  };
+  return new Promise<RunningService>((resolve, reject) => {
+    const timer = setTimeout(() => { void stop(); reject(new Error(`service ${args.join(' ')} not ready within ${timeoutMs} ms: ${stderr}`)); }, timeoutMs);
+    createInterface({ input: child.stdout! }).on('line', (line) => {
+      const match = line.match(readyLine);
+      if (match) {
+        clearTimeout(timer);
+        resolve({ child, ready: match, stderr: () => stderr, stop });
+      }
+    });
+    void exited.then(() => { clearTimeout(timer); reject(new Error(`service ${args.join(' ')} exited early: ${stderr}`)); });
+  });
+}
