@@ -13,6 +13,8 @@ import { loadExpertSet, loadModel } from '../core/checkpoint/model.js';
 import { loadCheckpoint } from '../core/checkpoint/index.js';
 import { parseAssignment } from '../expert/assignment.js';
 import { startExpertServer } from '../expert/server.js';
+import { startCoordinator } from '../coordinator/server.js';
+import { CoordinatorLink } from '../core/wire/coordinator-link.js';
 import { checkpointDirOf, train } from '../core/train/trainer.js';
 import { runBench } from '../bench/index.js';
 import { trainingProgress } from './progress.js';
@@ -112,11 +114,27 @@ async function upCommand(flags: { model?: string; shards?: number; routers?: num
   }
 }
 
-interface ServeFlags { checkpoint?: string; experts: string; host: string; port: number }
+interface ServeFlags {
+  checkpoint?: string; experts: string; host: string; port: number; leaseTtlMs: number;
+  coordinator?: string; shardId?: string; tokenBudget: number;
+}
+
+/** Resolves when SIGTERM or SIGINT arrives. */
+const untilStopped = (): Promise<void> => new Promise((resolveStop) => {
+  process.once('SIGTERM', () => resolveStop());
+  process.once('SIGINT', () => resolveStop());
+});
 
 async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
+  if (service === 'coordinator') {
+    const coordinator = await startCoordinator(flags.host, flags.port, flags.leaseTtlMs);
+    process.stdout.write(`switchyard coordinator listening on ${flags.host}:${coordinator.port}\n`);
+    await untilStopped();
+    await coordinator.close();
+    return;
+  }
   if (service !== 'expert')
-    throw new ConfigError(`'serve ${service}': only 'serve expert' exists so far; the router and coordinator arrive with the serving cluster`);
+    throw new ConfigError(`'serve ${service}': the router arrives with the serving cluster; 'serve expert' and 'serve coordinator' exist`);
   if (!flags.checkpoint) throw new ConfigError('serve expert: --checkpoint DIR is required');
   await startBackend();
   const dir = resolve(flags.checkpoint);
@@ -124,17 +142,18 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
   const keys = parseAssignment(flags.experts, config.num_hidden_layers, config.num_local_experts);
   const experts = await loadExpertSet(dir, keys);
   const server = await startExpertServer(experts, flags.host, flags.port);
-  process.stdout.write(`switchyard expert shard listening on ${flags.host}:${server.port} holding ${keys.length} experts\n`);
-  await new Promise<void>((resolveStop) => {
-    const stop = () => {
-      void server.close().then(() => {
-        experts.dispose();
-        resolveStop();
-      });
-    };
-    process.once('SIGTERM', stop);
-    process.once('SIGINT', stop);
-  });
+  const address = `${flags.host}:${server.port}`;
+  const link = flags.coordinator
+    ? new CoordinatorLink(flags.coordinator, {
+      memberId: flags.shardId ?? `shard-${address}`, role: 'ROLE_EXPERT_SHARD', address, experts: keys, tokenBudget: flags.tokenBudget,
+    })
+    : undefined;
+  link?.start();
+  process.stdout.write(`switchyard expert shard listening on ${address} holding ${keys.length} experts\n`);
+  await untilStopped();
+  link?.close();
+  await server.close();
+  experts.dispose();
 }
 
 export function buildProgram(): Command {
@@ -178,6 +197,10 @@ export function buildProgram(): Command {
     .option('--experts <spec>', "experts to hold: 'all' or LAYER:IDS groups, e.g. '0:0-3;1:0,2'", 'all')
     .option('--host <host>', 'address to listen on', '127.0.0.1')
     .option('--port <n>', 'port (0 = any free port)', integer('--port'), 0)
+    .option('--coordinator <host:port>', 'expert: register with this coordinator and keep the lease alive')
+    .option('--shard-id <id>', 'expert: member id at the coordinator (default: shard-<address>)')
+    .option('--token-budget <rows>', 'expert: rows per expert accepted in flight', integer('--token-budget', 1), 4096)
+    .option('--lease-ttl-ms <ms>', 'coordinator: a member silent this long is removed', integer('--lease-ttl-ms', 1), 5000)
     .action(serveCommand);
   return program;
 }

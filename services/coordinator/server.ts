@@ -1,0 +1,70 @@
+// `switchyard serve coordinator`: membership with leases and the placement watch over gRPC, with
+// grpc.health.v1 and reflection. Soft state only: after a restart members simply register again.
+import * as grpc from '@grpc/grpc-js';
+import type { PlacementTable } from '../core/placement.js';
+import { loadProtos } from '../core/wire/protos.js';
+import { startGrpcServer } from '../core/wire/server.js';
+import type { HeartbeatReply } from '../generated/switchyard/v1/HeartbeatReply.js';
+import type { HeartbeatRequest__Output } from '../generated/switchyard/v1/HeartbeatRequest.js';
+import type { Placement } from '../generated/switchyard/v1/Placement.js';
+import type { RegisterReply } from '../generated/switchyard/v1/RegisterReply.js';
+import type { RegisterRequest__Output } from '../generated/switchyard/v1/RegisterRequest.js';
+import type { WatchPlacementRequest__Output } from '../generated/switchyard/v1/WatchPlacementRequest.js';
+import { Membership, type Role } from './membership.js';
+
+export const COORDINATOR_SERVICE_NAME = 'switchyard.v1.Coordinator';
+
+const ROLES: Record<string, Role> = { ROLE_ROUTER: 'router', ROLE_EXPERT_SHARD: 'expert-shard' };
+
+export function toWirePlacement(t: PlacementTable): Placement {
+  return { version: String(t.version), shards: t.shards, entries: t.entries };
+}
+
+export interface RunningCoordinator {
+  port: number;
+  membership: Membership;
+  close(): Promise<void>;
+}
+
+export async function startCoordinator(host: string, port: number, leaseTtlMs: number): Promise<RunningCoordinator> {
+  const membership = new Membership(leaseTtlMs);
+  const protos = loadProtos();
+  const watchers = new Set<grpc.ServerWritableStream<WatchPlacementRequest__Output, Placement>>();
+  const running = await startGrpcServer(host, port, COORDINATOR_SERVICE_NAME, (server) => server.addService(protos.switchyard.v1.Coordinator.service, {
+    Register(call: grpc.ServerUnaryCall<RegisterRequest__Output, RegisterReply>, callback: grpc.sendUnaryData<RegisterReply>) {
+      const r = call.request;
+      const role = ROLES[r.role];
+      if (!role) return callback({ code: grpc.status.INVALID_ARGUMENT, message: `unknown role ${r.role}` });
+      try {
+        const m = membership.register({ memberId: r.memberId, role, address: r.address, experts: r.experts, tokenBudget: r.tokenBudget });
+        callback(null, { leaseId: m.leaseId, leaseTtlMs: leaseTtlMs });
+      } catch (err) {
+        callback({ code: grpc.status.INVALID_ARGUMENT, message: (err as Error).message });
+      }
+    },
+    Heartbeat(call: grpc.ServerUnaryCall<HeartbeatRequest__Output, HeartbeatReply>, callback: grpc.sendUnaryData<HeartbeatReply>) {
+      callback(null, { known: membership.heartbeat(call.request.memberId, call.request.leaseId), leaseTtlMs: leaseTtlMs });
+    },
+    WatchPlacement(call: grpc.ServerWritableStream<WatchPlacementRequest__Output, Placement>) {
+      watchers.add(call);
+      call.write(toWirePlacement(membership.placement()));
+      const stop = membership.watch((table) => call.write(toWirePlacement(table)));
+      const done = () => {
+        stop();
+        watchers.delete(call);
+      };
+      call.on('cancelled', done);
+      call.on('close', done);
+    },
+  }));
+  const sweeper = setInterval(() => membership.expire(), Math.max(50, leaseTtlMs / 4));
+  return {
+    port: running.port,
+    membership,
+    close: async () => {
+      clearInterval(sweeper);
+      for (const w of watchers) w.end();
+      await running.shutdown();
+    },
+  };
+}

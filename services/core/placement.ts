@@ -1,0 +1,61 @@
+// Expert placement: which shard or shards hold each (layer, expert). One module for the coordinator
+// (table from registrations), `switchyard up` (default spread) and routers (lookup).
+
+export interface ExpertKey { layer: number; expert: number }
+
+export interface ShardHoldings {
+  shardId: string;
+  address: string;
+  experts: ExpertKey[];
+}
+
+export interface PlacementTable {
+  version: number;
+  shards: Array<{ shardId: string; address: string }>;
+  /** Every placed (layer, expert) with the shards holding it, sorted by layer then expert. */
+  entries: Array<{ layer: number; expert: number; shardIds: string[] }>;
+}
+
+/** The table for a set of shards: an expert held by several shards lists them all (replicas). */
+export function placementOf(holdings: ShardHoldings[], version: number): PlacementTable {
+  const byKey = new Map<string, { layer: number; expert: number; shardIds: string[] }>();
+  const shards = [...holdings].sort((a, b) => a.shardId.localeCompare(b.shardId));
+  for (const s of shards)
+    for (const { layer, expert } of s.experts) {
+      const key = `${layer}/${expert}`;
+      const entry = byKey.get(key) ?? { layer, expert, shardIds: [] };
+      entry.shardIds.push(s.shardId);
+      byKey.set(key, entry);
+    }
+  const entries = [...byKey.values()].sort((a, b) => a.layer - b.layer || a.expert - b.expert);
+  return { version, shards: shards.map(({ shardId, address }) => ({ shardId, address })), entries };
+}
+
+/**
+ * The default placement of `layers × experts` over `shards`: consecutive experts of a layer go to
+ * different shards and each shard gets the same number of experts (±1), so a batch's rows spread over
+ * every shard at every layer.
+ */
+export function spreadExperts(layers: number, experts: number, shards: number): ExpertKey[][] {
+  if (!(Number.isInteger(shards) && shards >= 1)) throw new RangeError(`shards must be a positive integer, got ${shards}`);
+  const out: ExpertKey[][] = Array.from({ length: shards }, () => []);
+  for (let layer = 0; layer < layers; layer++)
+    for (let expert = 0; expert < experts; expert++) out[(layer * experts + expert) % shards].push({ layer, expert });
+  return out;
+}
+
+/** `--experts` text for a list of keys (the inverse of the shard's assignment parser). */
+export function assignmentSpec(keys: ExpertKey[]): string {
+  const byLayer = new Map<number, number[]>();
+  for (const { layer, expert } of keys) byLayer.set(layer, [...(byLayer.get(layer) ?? []), expert]);
+  return [...byLayer].map(([layer, ids]) => `${layer}:${ids.join(',')}`).join(';');
+}
+
+/** The (layer, expert) pairs of a model that no shard in the table holds. */
+export function unplaced(table: PlacementTable, layers: number, experts: number): ExpertKey[] {
+  const placed = new Set(table.entries.filter((e) => e.shardIds.length > 0).map((e) => `${e.layer}/${e.expert}`));
+  const missing: ExpertKey[] = [];
+  for (let layer = 0; layer < layers; layer++)
+    for (let expert = 0; expert < experts; expert++) if (!placed.has(`${layer}/${expert}`)) missing.push({ layer, expert });
+  return missing;
+}
