@@ -4,7 +4,7 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { readFile } from 'node:fs/promises';
-import { resolve } from 'node:path';
+import { basename, dirname, resolve } from 'node:path';
 import { describeBackend, initBackend } from '../core/backend.js';
 import { ConfigError, PRESET_NAMES, preset, resolvePreset, type Preset } from '../core/config.js';
 import { decodeIds, encodeText } from '../core/data/bytes.js';
@@ -15,6 +15,8 @@ import { parseAssignment } from '../expert/assignment.js';
 import { startExpertServer } from '../expert/server.js';
 import { startCoordinator } from '../coordinator/server.js';
 import { CoordinatorLink } from '../core/wire/coordinator-link.js';
+import { RouterEngine } from '../router/engine.js';
+import { buildHttpApp } from '../router/http.js';
 import { checkpointDirOf, train } from '../core/train/trainer.js';
 import { runBench } from '../bench/index.js';
 import { trainingProgress } from './progress.js';
@@ -116,7 +118,32 @@ async function upCommand(flags: { model?: string; shards?: number; routers?: num
 
 interface ServeFlags {
   checkpoint?: string; experts: string; host: string; port: number; leaseTtlMs: number;
-  coordinator?: string; shardId?: string; tokenBudget: number;
+  coordinator?: string; shardId?: string; tokenBudget: number; modelName?: string;
+}
+
+/** The served model's name: --model-name, else the checkpoint folder's name (its parent's for `checkpoint`). */
+function modelNameOf(dir: string, given?: string): string {
+  if (given) return given;
+  const name = basename(dir);
+  return name === 'checkpoint' ? basename(dirname(dir)) : name;
+}
+
+async function serveRouter(flags: ServeFlags): Promise<void> {
+  if (!flags.checkpoint) throw new ConfigError('serve router: --checkpoint DIR is required');
+  if (!flags.coordinator) throw new ConfigError('serve router: --coordinator HOST:PORT is required');
+  await startBackend();
+  const dir = resolve(flags.checkpoint);
+  const engine = await RouterEngine.load(dir, modelNameOf(dir, flags.modelName));
+  const link = new CoordinatorLink(flags.coordinator, { memberId: `router-${process.pid}`, role: 'ROLE_ROUTER' });
+  link.start();
+  link.watch((table) => engine.setPlacement(table));
+  const app = buildHttpApp(engine);
+  const address = await app.listen({ host: flags.host, port: flags.port });
+  process.stdout.write(`switchyard router listening on ${address.replace(/^http:\/\//, '')} serving '${engine.modelName}'\n`);
+  await untilStopped();
+  await app.close();
+  link.close();
+  engine.close();
 }
 
 /** Resolves when SIGTERM or SIGINT arrives. */
@@ -133,8 +160,8 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
     await coordinator.close();
     return;
   }
-  if (service !== 'expert')
-    throw new ConfigError(`'serve ${service}': the router arrives with the serving cluster; 'serve expert' and 'serve coordinator' exist`);
+  if (service === 'router') return serveRouter(flags);
+  if (service !== 'expert') throw new ConfigError(`'serve ${service}': the services are expert, router and coordinator`);
   if (!flags.checkpoint) throw new ConfigError('serve expert: --checkpoint DIR is required');
   await startBackend();
   const dir = resolve(flags.checkpoint);
@@ -200,6 +227,7 @@ export function buildProgram(): Command {
     .option('--coordinator <host:port>', 'expert: register with this coordinator and keep the lease alive')
     .option('--shard-id <id>', 'expert: member id at the coordinator (default: shard-<address>)')
     .option('--token-budget <rows>', 'expert: rows per expert accepted in flight', integer('--token-budget', 1), 4096)
+    .option('--model-name <name>', 'router: the served model name (default: from the checkpoint folder)')
     .option('--lease-ttl-ms <ms>', 'coordinator: a member silent this long is removed', integer('--lease-ttl-ms', 1), 5000)
     .action(serveCommand);
   return program;

@@ -55,8 +55,11 @@ export interface Generation {
   finishReason: 'stop' | 'length';
 }
 
-/** Continues one prompt; returns only the new ids. */
-export async function generate(model: MixtralModel, prompt: Int32Array, o: SamplingOptions): Promise<Generation> {
+/**
+ * Continues one prompt; returns only the new ids. `onToken` sees each new id as it is chosen and may
+ * return true to stop there (stop sequences, cancelled streams).
+ */
+export async function generate(model: MixtralModel, prompt: Int32Array, o: SamplingOptions, onToken?: (id: number) => boolean | void): Promise<Generation> {
   checkSampling(o);
   if (prompt.length === 0) throw new SamplingError('prompt must contain at least one token');
   const limit = model.config.max_position_embeddings;
@@ -82,6 +85,10 @@ export async function generate(model: MixtralModel, prompt: Int32Array, o: Sampl
         break;
       }
       out.push(next);
+      if (onToken?.(next) === true) {
+        finishReason = 'stop';
+        break;
+      }
       input = Int32Array.of(next);
     }
   } finally {

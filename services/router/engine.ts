@@ -1,0 +1,60 @@
+// The router's model: dense weights in this process, experts on shards found through the coordinator's
+// placement. Inference calls share the shards' streams; replicas of an expert are used in turn.
+import { loadCheckpoint } from '../core/checkpoint/index.js';
+import { loadDenseModel } from '../core/checkpoint/model.js';
+import { generate, type SamplingOptions } from '../core/generate.js';
+import type { MixtralModel } from '../core/model/model.js';
+import type { PlacementTable } from '../core/placement.js';
+import { unplaced } from '../core/placement.js';
+import { GrpcExpertTransport } from '../core/wire/grpc-transport.js';
+
+export class RouterEngine {
+  private table?: PlacementTable;
+  private owners = new Map<string, string[]>();
+  private turn = 0;
+  private passes = 0;
+
+  private constructor(readonly model: MixtralModel, private readonly transport: GrpcExpertTransport, readonly modelName: string) {}
+
+  static async load(checkpointDir: string, modelName: string): Promise<RouterEngine> {
+    const { config } = await loadCheckpoint(checkpointDir, { only: () => false });
+    const holder: { engine?: RouterEngine } = {};
+    const transport = new GrpcExpertTransport((layer, expert) => holder.engine!.shardFor(layer, expert), config.hidden_size);
+    const model = await loadDenseModel(checkpointDir, transport);
+    holder.engine = new RouterEngine(model, transport, modelName);
+    return holder.engine;
+  }
+
+  /** Adopts a new placement (from the coordinator's watch). */
+  setPlacement(table: PlacementTable): void {
+    const addresses = new Map(table.shards.map((s) => [s.shardId, s.address]));
+    this.owners = new Map(table.entries.map((e) => [`${e.layer}/${e.expert}`, e.shardIds.map((id) => addresses.get(id)!).filter(Boolean)]));
+    this.table = table;
+  }
+
+  /** Ready when every expert of the model has a shard. */
+  ready(): boolean {
+    const c = this.model.config;
+    return this.table !== undefined && unplaced(this.table, c.num_hidden_layers, c.num_local_experts).length === 0;
+  }
+
+  private shardFor(layer: number, expert: number): string {
+    const owners = this.owners.get(`${layer}/${expert}`);
+    if (!owners || owners.length === 0) throw new Error(`no shard holds expert (layer ${layer}, expert ${expert})`);
+    return owners[this.turn++ % owners.length];
+  }
+
+  /** Logits [batch, tokens, vocab] for every position. */
+  infer(ids: Int32Array, batch: number, tokens: number): Promise<Float32Array> {
+    return this.model.logits(ids, batch, tokens, `infer${this.passes++}`);
+  }
+
+  complete(prompt: Int32Array, sampling: SamplingOptions, onToken?: (id: number) => boolean | void): ReturnType<typeof generate> {
+    return generate(this.model, prompt, sampling, onToken);
+  }
+
+  close(): void {
+    this.transport.close();
+    this.model.dispose();
+  }
+}

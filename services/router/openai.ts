@@ -1,0 +1,105 @@
+// OpenAI-compatible completions and models (DESIGN §9); `stream: true` answers with server-sent events.
+import type { FastifyInstance } from 'fastify';
+import { randomUUID } from 'node:crypto';
+import { decodeIds, encodeText } from '../core/data/bytes.js';
+import { HttpError } from './errors.js';
+import type { RouterEngine } from './engine.js';
+
+const MAX_TOKENS_LIMIT = 4096;
+
+const completionSchema = {
+  body: {
+    type: 'object',
+    required: ['prompt'],
+    properties: {
+      model: { type: 'string' },
+      prompt: { type: 'string', minLength: 1 },
+      max_tokens: { type: 'integer', minimum: 0, maximum: MAX_TOKENS_LIMIT, default: 16 },
+      temperature: { type: 'number', minimum: 0, maximum: 2, default: 1 },
+      top_p: { type: 'number', exclusiveMinimum: 0, maximum: 1, default: 1 },
+      seed: { type: 'integer', default: 0 },
+      stop: { anyOf: [{ type: 'string' }, { type: 'array', items: { type: 'string' }, maxItems: 4 }] },
+      stream: { type: 'boolean', default: false },
+    },
+  },
+} as const;
+
+interface CompletionBody {
+  model?: string;
+  prompt: string;
+  max_tokens: number;
+  temperature: number;
+  top_p: number;
+  seed: number;
+  stop?: string | string[];
+  stream: boolean;
+}
+
+export function openaiRoutes(app: FastifyInstance, engine: RouterEngine): void {
+  app.get('/v1/models', async () => ({
+    object: 'list',
+    data: [{ id: engine.modelName, object: 'model', created: 0, owned_by: 'switchyard' }],
+  }));
+
+  app.post<{ Body: CompletionBody }>('/v1/completions', { schema: completionSchema }, async (req, reply) => {
+    const body = req.body;
+    if (body.model !== undefined && body.model !== engine.modelName)
+      throw new HttpError(404, `model '${body.model}' is not served here (serving '${engine.modelName}')`, 'not_found_error');
+    if (!engine.ready()) throw new HttpError(503, 'not every expert has a shard yet', 'unavailable');
+    const prompt = encodeText(body.prompt);
+    const context = engine.model.config.max_position_embeddings;
+    if (prompt.length > context) throw new HttpError(400, `prompt of ${prompt.length} tokens exceeds the model's context of ${context}`);
+    const stops = (body.stop === undefined ? [] : Array.isArray(body.stop) ? body.stop : [body.stop]).filter((x) => x.length > 0);
+    const holdBack = Math.max(0, ...stops.map((x) => x.length - 1));
+    const id = `cmpl-${randomUUID()}`;
+    const created = Math.floor(Date.now() / 1000);
+    const ids: number[] = [];
+    let emitted = '';
+    // Text so far, cut at the first stop sequence; true once a stop sequence appeared.
+    const textUpTo = (): { text: string; stopped: boolean } => {
+      const text = decodeIds(ids);
+      for (const s of stops) {
+        const at = text.indexOf(s);
+        if (at >= 0) return { text: text.slice(0, at), stopped: true };
+      }
+      return { text, stopped: false };
+    };
+    const chunk = (text: string, finish: string | null) =>
+      `data: ${JSON.stringify({ id, object: 'text_completion', created, model: engine.modelName, choices: [{ index: 0, text, finish_reason: finish, logprobs: null }] })}\n\n`;
+    if (body.stream) {
+      reply.hijack();
+      reply.raw.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive', 'x-request-id': String(req.id) });
+    }
+    let closed = false;
+    // The response closing before we end it means the client went away: stop generating.
+    reply.raw.on('close', () => { closed = true; });
+    const sampling = { maxTokens: body.max_tokens, temperature: body.temperature, topP: body.top_p, seed: body.seed };
+    const result = await engine.complete(prompt, sampling, (next) => {
+      ids.push(next);
+      const { text, stopped } = textUpTo();
+      // Emit settled text only: nothing that ends inside a multi-byte character, and never the last
+      // characters that could still turn out to begin a stop sequence.
+      const settled = stopped ? text : text.slice(0, Math.max(0, text.length - holdBack));
+      if (body.stream && !closed && settled.length > emitted.length && !settled.endsWith('\uFFFD')) {
+        reply.raw.write(chunk(settled.slice(emitted.length), null));
+        emitted = settled;
+      }
+      return stopped || closed;
+    });
+    const { text, stopped } = textUpTo();
+    const finish = stopped ? 'stop' : result.finishReason;
+    if (body.stream) {
+      if (!closed) {
+        if (text.length > emitted.length) reply.raw.write(chunk(text.slice(emitted.length), null));
+        reply.raw.write(chunk('', finish));
+        reply.raw.end('data: [DONE]\n\n');
+      }
+      return reply;
+    }
+    return {
+      id, object: 'text_completion', created, model: engine.modelName,
+      choices: [{ index: 0, text, finish_reason: finish, logprobs: null }],
+      usage: { prompt_tokens: prompt.length, completion_tokens: result.ids.length, total_tokens: prompt.length + result.ids.length },
+    };
+  });
+}

@@ -1,0 +1,116 @@
+import { test, after, before } from 'node:test';
+import assert from 'node:assert/strict';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { initBackend } from '../services/core/backend.js';
+import { preset } from '../services/core/config.js';
+import { decodeIds, encodeText } from '../services/core/data/bytes.js';
+import { generate } from '../services/core/generate.js';
+import { MixtralModel } from '../services/core/model/model.js';
+import { saveModel } from '../services/core/checkpoint/model.js';
+import { assignmentSpec, spreadExperts } from '../services/core/placement.js';
+import { startService, type RunningService } from './support/services.js';
+
+await initBackend();
+const tiny = preset('tiny');
+let root: string;
+let reference: MixtralModel;
+let base: string;
+const services: RunningService[] = [];
+
+async function start(args: string[], ready: RegExp): Promise<RunningService> {
+  const s = await startService(args, ready);
+  services.push(s);
+  return s;
+}
+
+before(async () => {
+  root = await mkdtemp(join(tmpdir(), 'switchyard-router-'));
+  const checkpoint = join(root, 'tiny-moe');
+  reference = MixtralModel.initialize(tiny.model, 21);
+  await saveModel(checkpoint, reference);
+  const coordinator = await start(['serve', 'coordinator', '--port', '0', '--lease-ttl-ms', '2000'], /listening on (\S+)/);
+  const address = coordinator.ready[1];
+  for (const [i, keys] of spreadExperts(tiny.model.num_hidden_layers, tiny.model.num_local_experts, 2).entries())
+    await start(['serve', 'expert', '--checkpoint', checkpoint, '--experts', assignmentSpec(keys), '--port', '0', '--coordinator', address, '--shard-id', `shard-${i}`], /listening on/);
+  const router = await start(['serve', 'router', '--checkpoint', checkpoint, '--port', '0', '--coordinator', address], /listening on (\S+)/);
+  base = `http://${router.ready[1]}`;
+  for (let i = 0; i < 200; i++) {
+    if ((await fetch(`${base}/v2/health/ready`)).status === 200) return;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new Error('router never became ready');
+});
+
+after(async () => {
+  await Promise.all(services.map((s) => s.stop()));
+  reference?.dispose();
+  await rm(root, { recursive: true, force: true });
+});
+
+const post = (path: string, body: unknown, headers: Record<string, string> = {}) =>
+  fetch(`${base}${path}`, { method: 'POST', headers: { 'content-type': 'application/json', ...headers }, body: typeof body === 'string' ? body : JSON.stringify(body) });
+
+test('Open Inference infer over two shards returns the single-process logits', async () => {
+  const ids = Array.from({ length: 2 * 9 }, (_, i) => (i * 37 + 11) % 256);
+  const res = await post('/v2/models/tiny-moe/infer', { id: 'r1', inputs: [{ name: 'input_ids', datatype: 'INT64', shape: [2, 9], data: ids }] }, { 'x-request-id': 'abc-123' });
+  assert.equal(res.status, 200);
+  assert.equal(res.headers.get('x-request-id'), 'abc-123');
+  const body = (await res.json()) as { id: string; outputs: Array<{ name: string; shape: number[]; data: number[] }> };
+  assert.equal(body.id, 'r1');
+  assert.deepEqual(body.outputs[0].shape, [2, 9, tiny.model.vocab_size]);
+  const want = await reference.logits(Int32Array.from(ids), 2, 9);
+  let maxDiff = 0;
+  for (let i = 0; i < want.length; i++) maxDiff = Math.max(maxDiff, Math.abs(want[i] - body.outputs[0].data[i]));
+  assert.ok(maxDiff <= 1e-5, `max |Δlogit| = ${maxDiff}`);
+});
+
+test('greedy completions equal single-process generation, streamed or not', async () => {
+  const prompt = 'Call me';
+  const local = await generate(reference, encodeText(prompt), { maxTokens: 12, temperature: 0, topP: 1, seed: 0 });
+  const expected = decodeIds(local.ids);
+  const res = await post('/v1/completions', { model: 'tiny-moe', prompt, max_tokens: 12, temperature: 0 });
+  assert.equal(res.status, 200);
+  const body = (await res.json()) as { choices: Array<{ text: string; finish_reason: string }>; usage: { completion_tokens: number } };
+  assert.equal(body.choices[0].text, expected);
+  const streamed = await post('/v1/completions', { prompt, max_tokens: 12, temperature: 0, stream: true });
+  assert.equal(streamed.headers.get('content-type'), 'text/event-stream');
+  const events = (await streamed.text()).split('\n\n').filter(Boolean);
+  assert.equal(events.at(-1), 'data: [DONE]');
+  const text = events.slice(0, -1).map((e) => (JSON.parse(e.slice('data: '.length)) as { choices: Array<{ text: string }> }).choices[0].text).join('');
+  assert.equal(text, expected);
+  // A stop sequence ends the text before it, streamed or not.
+  const stop = expected.slice(3, 5);
+  const cut = expected.slice(0, expected.indexOf(stop));
+  const stopped = (await (await post('/v1/completions', { prompt, max_tokens: 12, temperature: 0, stop })).json()) as { choices: Array<{ text: string; finish_reason: string }> };
+  assert.deepEqual([stopped.choices[0].text, stopped.choices[0].finish_reason], [cut, 'stop']);
+  const streamedStop = (await (await post('/v1/completions', { prompt, max_tokens: 12, temperature: 0, stop, stream: true })).text()).split('\n\n').filter((e) => e && e !== 'data: [DONE]');
+  assert.equal(streamedStop.map((e) => (JSON.parse(e.slice(6)) as { choices: Array<{ text: string }> }).choices[0].text).join(''), cut);
+  const models = (await (await fetch(`${base}/v1/models`)).json()) as { data: Array<{ id: string }> };
+  assert.deepEqual(models.data.map((m) => m.id), ['tiny-moe']);
+});
+
+test('bad input gets a 4xx JSON error and the router keeps serving', async () => {
+  const infer = (inputs: unknown) => post('/v2/models/tiny-moe/infer', { inputs });
+  const cases: Array<[Promise<Response>, number, RegExp]> = [
+    [post('/v1/completions', '{"prompt": "x",'), 400, /JSON/i],
+    [infer([{ name: 'input_ids', datatype: 'FP32', shape: [1, 2], data: [1, 2] }]), 400, /datatype/],
+    [infer([{ name: 'input_ids', datatype: 'INT64', shape: [1, 3], data: [1, 2] }]), 400, /2 values for shape \[1, 3\]/],
+    [infer([{ name: 'input_ids', datatype: 'INT64', shape: [1, 2], data: [1, 999] }]), 400, /outside the vocabulary/],
+    [post('/v2/models/nope/infer', { inputs: [{ name: 'input_ids', datatype: 'INT64', shape: [1, 1], data: [1] }] }), 404, /not served here/],
+    [post('/v1/completions', { prompt: '' }), 400, /prompt/],
+    [post('/v1/completions', { prompt: 'x', max_tokens: 100000 }), 400, /max_tokens/],
+    [post('/v1/completions', { prompt: 'x', model: 'other' }), 404, /not served here/],
+    [post('/v1/completions', JSON.stringify({ prompt: 'x'.repeat(9 * 1024 * 1024) })), 413, /too large|limit/i],
+  ];
+  for (const [response, status, message] of cases) {
+    const res = await response;
+    assert.equal(res.status, status);
+    const body = (await res.json()) as { error: { message: string } };
+    assert.match(body.error.message, message);
+  }
+  assert.equal((await fetch(`${base}/v2/health/live`)).status, 200);
+  const ok = await post('/v1/completions', { prompt: 'x', max_tokens: 2, temperature: 0 });
+  assert.equal(ok.status, 200, 'still serving');
+});
