@@ -51,7 +51,6 @@ test('bad input gets a clear message and exit code 2', async () => {
     [['train', '--config', 'tiny', '--shards', '2'], /--single-process/],
     [['generate', '--model', join(root, 'missing')], /does not exist/],
     [['train', '--config', 'tiny', '--data', join(root, 'no-such-file.txt')], /no-such-file/],
-    [['up', '--shards', '2'], /arrive with the serving cluster/],
     [['train', '--config', 'tiny', '--out', join(root, 'never-trained'), '--resume'], /--resume: no checkpoint in/],
   ];
   for (const [args, message] of cases) {
@@ -63,6 +62,9 @@ test('bad input gets a clear message and exit code 2', async () => {
   const steps = await runCli(['train', '--steps', 'zero']);
   assert.notEqual(steps.code, 0);
   assert.match(steps.stderr, /--steps must be an integer/);
+  const shards = await runCli(['up', '--shards', '0']);
+  assert.notEqual(shards.code, 0);
+  assert.match(shards.stderr, /--shards must be an integer ≥ 1/);
 });
 
 test('SWITCHYARD_BACKEND forces a backend and rejects unknown names', async () => {

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // The `switchyard` command line (DESIGN §10).
-import { Command, InvalidArgumentError, Option } from 'commander';
+import { Command, InvalidArgumentError } from 'commander';
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { readFile } from 'node:fs/promises';
@@ -17,6 +17,7 @@ import { startCoordinator } from '../coordinator/server.js';
 import { CoordinatorLink } from '../core/wire/coordinator-link.js';
 import { RouterEngine } from '../router/engine.js';
 import { buildHttpApp } from '../router/http.js';
+import { Cluster } from './cluster.js';
 import { checkpointDirOf, train } from '../core/train/trainer.js';
 import { runBench } from '../bench/index.js';
 import { trainingProgress } from './progress.js';
@@ -99,21 +100,45 @@ async function generateCommand(flags: GenerateFlags): Promise<void> {
   }
 }
 
-async function upCommand(flags: { model?: string; shards?: number; routers?: number }): Promise<void> {
-  // Until the serving cluster lands, `up` trains the default model when needed and shows it generating.
-  if ((flags.shards ?? 1) > 1 || (flags.routers ?? 1) > 1)
-    throw new ConfigError('up: --shards/--routers arrive with the serving cluster; today everything runs in one process');
+/** Steps of the default model that `up` trains when none exists: a few minutes on two cores. */
+const UP_TRAIN_STEPS = 250;
+
+interface UpFlags { model?: string; shards: number; routers: number; host: string; port: number }
+
+async function upCommand(flags: UpFlags): Promise<void> {
   const runDir = resolve(DEFAULT_RUN_DIR);
   const modelDir = flags.model ? resolve(flags.model) : checkpointDirOf(runDir);
   if (!existsSync(resolve(modelDir, 'config.json'))) {
     if (flags.model) throw new ConfigError(`--model ${flags.model}: no config.json there`);
-    process.stderr.write(`switchyard: no default model yet; training the 'small' config into ${runDir} (one-time, a few minutes)\n`);
-    await trainCommand({ config: 'small', out: runDir, shards: 1, routers: 1, singleProcess: true });
+    process.stderr.write(`switchyard: no default model yet; training the 'small' config for ${UP_TRAIN_STEPS} steps into ${runDir} (one-time, a few minutes)\n`);
+    await trainCommand({ config: 'small', steps: UP_TRAIN_STEPS, out: runDir, shards: 1, routers: 1, singleProcess: true });
   }
-  for (const [i, prompt] of ['Call me Ishmael. ', 'The whale '].entries()) {
-    process.stdout.write(`\n--- sample ${i + 1} (temperature 0.8, top_p 0.95) ---\n`);
-    await generateCommand({ model: modelDir, prompt, maxTokens: 200, temperature: 0.8, topP: 0.95, seed: i + 1 });
+  const { config } = await loadCheckpoint(modelDir, { only: () => false });
+  const cluster = new Cluster({
+    checkpoint: modelDir, layers: config.num_hidden_layers, experts: config.num_local_experts,
+    shards: flags.shards, routers: flags.routers, host: flags.host, port: flags.port,
+    log: (line) => process.stderr.write(line + '\n'),
+  });
+  const stopped = untilStopped().then(() => cluster.stop());
+  try {
+    await cluster.up();
+  } catch (err) {
+    if (cluster.stopping) return; // Ctrl-C while starting
+    await cluster.stop();
+    throw err;
   }
+  const api = cluster.routerUrls[0];
+  const name = modelNameOf(modelDir);
+  process.stdout.write([
+    `switchyard cluster ready at ${api}: coordinator ${cluster.coordinatorAddress}, ${flags.shards} expert shard(s), ${flags.routers} router(s)`,
+    `  API (OpenAI):          ${api}/v1/completions   ${api}/v1/models`,
+    `  API (Open Inference):  ${api}/v2/models/${name}/infer   ${api}/v2/health/ready`,
+    `  processes:             ${Object.entries(cluster.pids()).map(([n, pid]) => `${n}=${pid}`).join(' ')}`,
+    `  try: curl -s ${api}/v1/completions -H 'content-type: application/json' -d '{"prompt": "Call me Ishmael. ", "max_tokens": 80}'`,
+    '  Ctrl-C stops the cluster.',
+    '',
+  ].join('\n'));
+  await stopped;
 }
 
 interface ServeFlags {
@@ -206,10 +231,12 @@ export function buildProgram(): Command {
     .option('--top-p <p>', 'nucleus mass', number('--top-p'), 0.95)
     .option('--seed <n>', 'sampling seed', integer('--seed'), 0)
     .action(generateCommand);
-  program.command('up').description('run Switchyard locally (trains the default model first when there is none)')
-    .option('--model <dir>', 'checkpoint folder to use instead of the default model')
-    .addOption(new Option('--shards <n>', 'expert shards (1 until the serving cluster lands)').argParser(integer('--shards', 1)))
-    .addOption(new Option('--routers <n>', 'router replicas (1 until the serving cluster lands)').argParser(integer('--routers', 1)))
+  program.command('up').description('the whole cluster on this machine (trains the default model first when there is none)')
+    .option('--model <dir>', 'checkpoint folder to serve instead of the default model')
+    .option('--shards <n>', 'expert shards', integer('--shards', 1), 2)
+    .option('--routers <n>', 'routers (HTTP ports P, P+1, ...)', integer('--routers', 1), 1)
+    .option('--host <host>', 'address every service listens on', '127.0.0.1')
+    .option('--port <n>', 'HTTP port of the first router (0 = any free port)', integer('--port'), 8000)
     .action(upCommand);
   program.command('bench').description('benchmarks: prints tables, writes bench-results/*.json')
     .argument('[suites...]', 'suites to run (default: all)')
