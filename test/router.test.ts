@@ -11,12 +11,16 @@ import { MixtralModel } from '../services/core/model/model.js';
 import { saveModel } from '../services/core/checkpoint/model.js';
 import { assignmentSpec, spreadExperts } from '../services/core/placement.js';
 import { startService, type RunningService } from './support/services.js';
+import { RouterEngine } from '../services/router/engine.js';
+import { CoordinatorLink } from '../services/core/wire/coordinator-link.js';
 
 await initBackend();
 const tiny = preset('tiny');
 let root: string;
 let reference: MixtralModel;
 let base: string;
+let coordinatorAddress: string;
+let checkpointDir: string;
 const services: RunningService[] = [];
 
 async function start(args: string[], ready: RegExp): Promise<RunningService> {
@@ -32,6 +36,8 @@ before(async () => {
   await saveModel(checkpoint, reference);
   const coordinator = await start(['serve', 'coordinator', '--port', '0', '--lease-ttl-ms', '2000'], /listening on (\S+)/);
   const address = coordinator.ready[1];
+  coordinatorAddress = address;
+  checkpointDir = checkpoint;
   for (const [i, keys] of spreadExperts(tiny.model.num_hidden_layers, tiny.model.num_local_experts, 2).entries())
     await start(['serve', 'expert', '--checkpoint', checkpoint, '--experts', assignmentSpec(keys), '--port', '0', '--coordinator', address, '--shard-id', `shard-${i}`], /listening on/);
   const router = await start(['serve', 'router', '--checkpoint', checkpoint, '--port', '0', '--coordinator', address], /listening on (\S+)/);
@@ -113,4 +119,32 @@ test('bad input gets a 4xx JSON error and the router keeps serving', async () =>
   assert.equal((await fetch(`${base}/v2/health/live`)).status, 200);
   const ok = await post('/v1/completions', { prompt: 'x', max_tokens: 2, temperature: 0 });
   assert.equal(ok.status, 200, 'still serving');
+});
+
+test('16 concurrent completions share expert messages and each equals generating it alone', async () => {
+  const engine = await RouterEngine.load(checkpointDir, 'tiny-moe');
+  const link = new CoordinatorLink(coordinatorAddress, { memberId: 'batching-test', role: 'ROLE_ROUTER' });
+  link.watch((table) => engine.setPlacement(table));
+  try {
+    for (let i = 0; i < 200 && !engine.ready(); i++) await new Promise((r) => setTimeout(r, 25));
+    assert.ok(engine.ready());
+    const prompts = Array.from({ length: 16 }, (_, i) => `prompt ${i}: ${'abcdefgh'.slice(0, 1 + (i % 8))}`);
+    const sampling = (i: number) => ({ maxTokens: 6 + (i % 5), temperature: i % 2 ? 0.9 : 0, topP: 0.95, seed: 100 + i });
+    const results = await Promise.all(prompts.map((p, i) => engine.complete(encodeText(p), sampling(i))));
+    for (const [i, p] of prompts.entries()) {
+      const alone = await generate(reference, encodeText(p), sampling(i));
+      assert.deepEqual(results[i].ids, alone.ids, `request ${i}`);
+      assert.equal(results[i].finishReason, alone.finishReason);
+    }
+    const { steps, maxSequencesPerStep } = engine.batcher.stats;
+    assert.equal(maxSequencesPerStep, 16, 'all requests ran in the same steps');
+    const messages = [...engine.transport.messagesSent.values()].reduce((a, b) => a + b, 0);
+    const layers = tiny.model.num_hidden_layers;
+    assert.ok(messages <= steps * layers * 2, `${messages} messages for ${steps} steps: at most one per shard per layer per step`);
+    const tokens = results.reduce((n, r) => n + r.ids.length, 0);
+    assert.ok(messages < tokens * layers, 'far fewer messages than one per request per token');
+  } finally {
+    link.close();
+    engine.close();
+  }
 });

@@ -2,7 +2,8 @@
 // placement. Inference calls share the shards' streams; replicas of an expert are used in turn.
 import { loadCheckpoint } from '../core/checkpoint/index.js';
 import { loadDenseModel } from '../core/checkpoint/model.js';
-import { generate, type SamplingOptions } from '../core/generate.js';
+import type { Generation, SamplingOptions } from '../core/generate.js';
+import { ContinuousBatcher } from './batcher.js';
 import type { MixtralModel } from '../core/model/model.js';
 import type { PlacementTable } from '../core/placement.js';
 import { unplaced } from '../core/placement.js';
@@ -14,7 +15,11 @@ export class RouterEngine {
   private turn = 0;
   private passes = 0;
 
-  private constructor(readonly model: MixtralModel, private readonly transport: GrpcExpertTransport, readonly modelName: string) {}
+  readonly batcher: ContinuousBatcher;
+
+  private constructor(readonly model: MixtralModel, readonly transport: GrpcExpertTransport, readonly modelName: string) {
+    this.batcher = new ContinuousBatcher(model);
+  }
 
   static async load(checkpointDir: string, modelName: string): Promise<RouterEngine> {
     const { config } = await loadCheckpoint(checkpointDir, { only: () => false });
@@ -49,8 +54,9 @@ export class RouterEngine {
     return this.model.logits(ids, batch, tokens, `infer${this.passes++}`);
   }
 
-  complete(prompt: Int32Array, sampling: SamplingOptions, onToken?: (id: number) => boolean | void): ReturnType<typeof generate> {
-    return generate(this.model, prompt, sampling, onToken);
+  /** Generation through the continuous batcher: concurrent requests share every model step. */
+  complete(prompt: Int32Array, sampling: SamplingOptions, onToken?: (id: number) => boolean | void): Promise<Generation> {
+    return this.batcher.submit(prompt, sampling, onToken);
   }
 
   close(): void {

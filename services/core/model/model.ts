@@ -215,6 +215,64 @@ export class MixtralModel {
     return { logits, hidden: nf.y, caches, finalNorm: nf.cache, stats, kv: newKv };
   }
 
+  /**
+   * One inference step for sequences of different lengths (continuous batching): each item brings its
+   * new ids and its KV cache. Attention runs per sequence; every MoE block runs once over the rows of
+   * all sequences, so each expert sees one batch per step. Returns each sequence's last-position logits
+   * and its extended cache (the caller disposes caches it no longer needs).
+   */
+  async decodeBatch(items: Array<{ ids: Int32Array; kv?: KvCache[]; past: number }>, passId: string): Promise<Array<{ logits: Float32Array; kv: KvCache[] }>> {
+    const c = this.config;
+    const eps = c.rms_norm_eps;
+    const offsets: number[] = [];
+    let rows = 0;
+    for (const it of items) {
+      if (it.ids.length === 0) throw new RangeError('a sequence in the batch has no new ids');
+      if (it.past + it.ids.length > c.max_position_embeddings)
+        throw new RangeError(`sequence length ${it.past + it.ids.length} exceeds max_position_embeddings ${c.max_position_embeddings}`);
+      offsets.push(rows);
+      rows += it.ids.length;
+    }
+    const allIds = new Int32Array(rows);
+    items.forEach((it, i) => allIds.set(it.ids, offsets[i]));
+    let x = this.embed(allIds);
+    const newKv: KvCache[][] = items.map(() => []);
+    for (let l = 0; l < c.num_hidden_layers; l++) {
+      const n1 = rmsNormForward(x, this.dense.get(denseNames.attnNorm(l)), eps);
+      const w = { wqkv: this.dense.get<tf.Rank.R2>(denseNames.wqkv(l)), wo: this.dense.get<tf.Rank.R2>(denseNames.wo(l)) };
+      const parts = items.map((it, i) => {
+        const h = tf.slice(n1.y, [offsets[i], 0], [it.ids.length, c.hidden_size]);
+        const a = attentionForward(h, w, this.attentionShape(1, it.ids.length, it.past), this.rope, it.kv?.[l], false);
+        h.dispose();
+        newKv[i].push(a.kv);
+        return a.y;
+      });
+      const attn = parts.length === 1 ? parts[0] : (tf.concat(parts, 0) as T2);
+      if (parts.length > 1) disposeAll(parts);
+      disposeAll([n1.y, n1.cache]);
+      const x1 = tf.add(x, attn) as T2;
+      disposeAll([x, attn]);
+      const n2 = rmsNormForward(x1, this.dense.get(denseNames.moeNorm(l)), eps);
+      const moe = await this.moe[l].forward(n2.y, this.dense.get(denseNames.gate(l)), {
+        passId: `${passId}/L${l}`, train: false, groupTokens: 0, selectionBias: this.balanceBias?.[l],
+      });
+      disposeAll([n2.y, n2.cache]);
+      x = tf.add(x1, moe.y) as T2;
+      disposeAll([x1, moe.y]);
+    }
+    const lastRows = items.map((it, i) => offsets[i] + it.ids.length - 1);
+    const logits = tf.tidy(() => {
+      const last = tf.gather(x, tf.tensor1d(lastRows, 'int32')) as T2;
+      const nf = rmsNormForward(last, this.dense.get(denseNames.norm), eps);
+      return mm(nf.y, this.dense.get(denseNames.lmHead));
+    });
+    x.dispose();
+    const values = logits.dataSync() as Float32Array;
+    logits.dispose();
+    const V = c.vocab_size;
+    return items.map((_, i) => ({ logits: values.slice(i * V, (i + 1) * V), kv: newKv[i] }));
+  }
+
   /** Logits for every position (evaluation, no caches kept). */
   async logits(ids: Int32Array, batch: number, tokens: number, passId = 'eval'): Promise<Float32Array> {
     const out = await this.forward(ids, batch, tokens, { passId, train: false });
