@@ -95,17 +95,25 @@ test('SWITCHYARD_WASM_THREADS runs wasm multi-threaded with the same numbers as 
   assert.match(bad.stderr, /SWITCHYARD_WASM_THREADS='many' must be a positive integer/);
 });
 
-test('bench --quick reports the expert FFN as ratios of the matmul rate', async () => {
+test('bench --quick runs every suite and reports each target as a ratio', async () => {
   const dir = join(root, 'bench');
   await mkdir(dir);
-  const r = await runCli(['bench', 'compute', '--quick'], {}, dir);
+  const r = await runCli(['bench', '--quick'], {}, dir);
   assert.equal(r.code, 0, r.stderr);
-  assert.match(r.stdout, /== compute ==/);
-  const summary = JSON.parse(await readFile(join(dir, 'bench-results', 'compute.json'), 'utf8')) as { rows: Array<{ name: string; ratio?: number; target?: string }> };
-  const forward = summary.rows.find((row) => row.name.startsWith('expert forward'));
-  const backward = summary.rows.find((row) => row.name.startsWith('expert backward'));
+  for (const suite of ['compute', 'wire', 'moe-layer', 'serving']) assert.match(r.stdout, new RegExp(`== ${suite} ==`));
+  type Summary = { rows: Array<{ name: string; value: number; unit: string; ratio?: number; target?: string }> };
+  const read = async (suite: string) => JSON.parse(await readFile(join(dir, 'bench-results', `${suite}.json`), 'utf8')) as Summary;
+  const compute = await read('compute');
+  const forward = compute.rows.find((row) => row.name.startsWith('expert forward'));
+  const backward = compute.rows.find((row) => row.name.startsWith('expert backward'));
   assert.ok(forward && forward.ratio! > 0 && forward.target === '>= 0.8');
   assert.ok(backward && backward.ratio! > 0 && backward.target === '>= 0.6');
+  const moe = (await read('moe-layer')).rows.find((row) => row.target === '>= 0.7');
+  assert.ok(moe && moe.ratio! > 0, 'distributed MoE layer measured against one process');
+  const wire = (await read('wire')).rows.filter((row) => row.target === '<= 1.02');
+  assert.ok(wire.length >= 1 && wire.every((row) => row.ratio! >= 1), 'wire bytes per row measured against raw bytes');
+  const serving = (await read('serving')).rows.filter((row) => row.unit === 'tokens/s');
+  assert.equal(serving.length, 3, 'throughput at 1, 8 and 32 concurrent requests');
   const unknown = await runCli(['bench', 'nosuch']);
   assert.equal(unknown.code, 2);
   assert.match(unknown.stderr, /unknown bench suite/);

@@ -1,8 +1,13 @@
 // `switchyard bench [suite...] [--quick]`: every suite prints a table and writes bench-results/<suite>.json.
 import { computeSuite } from './compute.js';
+import { moeLayerSuite, wireSuite } from './moe.js';
+import { servingSuite } from './serving.js';
 
 const SUITES: Record<string, (quick: boolean) => Promise<void>> = {
   compute: computeSuite,
+  wire: wireSuite,
+  'moe-layer': moeLayerSuite,
+  serving: servingSuite,
 };
 
 export async function runBench(names: string[], opts: { quick: boolean }): Promise<void> {

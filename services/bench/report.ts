@@ -33,6 +33,18 @@ export function timeMedian(reps: number, fn: () => void): number {
   return median(samples);
 }
 
+/** Median seconds of `reps` awaited calls after one warm-up call. */
+export async function timeMedianAsync(reps: number, fn: () => Promise<void>): Promise<number> {
+  await fn();
+  const samples: number[] = [];
+  for (let i = 0; i < reps; i++) {
+    const t0 = performance.now();
+    await fn();
+    samples.push((performance.now() - t0) / 1000);
+  }
+  return median(samples);
+}
+
 const fmt = (x: number | undefined, digits = 2): string => (x === undefined ? '' : Number.isInteger(x) ? String(x) : x.toFixed(digits));
 
 export async function report(suite: string, rows: BenchRow[], context: Record<string, unknown>): Promise<string> {

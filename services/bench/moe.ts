@@ -1,0 +1,113 @@
+// moe-layer suite: one MoE block distributed over two expert-shard processes on loopback versus the same
+// block in one process (target ≥ 0.7x at 2048 tokens); wire suite: bytes per dispatched row versus raw,
+// and the tensor codec's speed.
+import * as tf from '@tensorflow/tfjs-core';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import type { MethodDefinition } from '@grpc/proto-loader';
+import { parseModelConfig, BYTE_VOCAB_SIZE } from '../core/config.js';
+import { Rng } from '../core/data/random.js';
+import { MixtralModel } from '../core/model/model.js';
+import { InProcessTransport } from '../core/model/experts.js';
+import { MoeLayer } from '../core/model/moe.js';
+import { saveModel } from '../core/checkpoint/model.js';
+import { GrpcExpertTransport } from '../core/wire/grpc-transport.js';
+import { CoordinatorLink } from '../core/wire/coordinator-link.js';
+import { packageDefinition } from '../core/wire/protos.js';
+import { fromWireTensor, toWireTensor } from '../core/wire/tensor.js';
+import { Cluster } from '../cli/cluster.js';
+import { report, timeMedianAsync, type BenchRow } from './report.js';
+import { denseNames } from '../core/model/hf.js';
+
+const HIDDEN = 512;
+const INTERMEDIATE = 1024;
+
+async function placementOfCluster(coordinator: string): Promise<Map<string, string>> {
+  const link = new CoordinatorLink(coordinator, { memberId: 'bench', role: 'ROLE_ROUTER' });
+  return new Promise((resolve) => {
+    link.watch((table) => {
+      if (table.shards.length < 2) return;
+      const addresses = new Map(table.shards.map((s) => [s.shardId, s.address]));
+      link.close();
+      resolve(new Map(table.entries.map((e) => [`${e.layer}/${e.expert}`, addresses.get(e.shardIds[0])!])));
+    });
+  });
+}
+
+export async function moeLayerSuite(quick: boolean): Promise<void> {
+  const rows: BenchRow[] = [];
+  const reps = quick ? 3 : 5;
+  const expertCounts = quick ? [8] : [8, 64];
+  const tokenCounts = quick ? [2048] : [256, 2048, 8192];
+  for (const experts of expertCounts) {
+    const dir = await mkdtemp(join(tmpdir(), 'switchyard-bench-moe-'));
+    const config = parseModelConfig({
+      hidden_size: HIDDEN, intermediate_size: INTERMEDIATE, num_hidden_layers: 1, num_attention_heads: 8, num_key_value_heads: 8,
+      num_local_experts: experts, num_experts_per_tok: 2, vocab_size: BYTE_VOCAB_SIZE, max_position_embeddings: 64,
+    });
+    const model = MixtralModel.initialize(config, 3);
+    await saveModel(join(dir, 'ckpt'), model);
+    const cluster = new Cluster({
+      checkpoint: join(dir, 'ckpt'), layers: 1, experts, shards: 2, routers: 0, host: '127.0.0.1', port: 0, log: () => undefined,
+    });
+    try {
+      await cluster.up();
+      const owners = await placementOfCluster(cluster.coordinatorAddress);
+      const remote = new GrpcExpertTransport((l, e) => owners.get(`${l}/${e}`)!, HIDDEN);
+      const gate = model.dense.get<tf.Rank.R2>(denseNames.gate(0));
+      const local = new MoeLayer(0, HIDDEN, experts, 2, config.switchyard_gate, new InProcessTransport(model.localExperts!));
+      const distributed = new MoeLayer(0, HIDDEN, experts, 2, config.switchyard_gate, remote);
+      const rng = new Rng(1);
+      for (const tokens of tokenCounts) {
+        const h = tf.tensor2d(Float32Array.from({ length: tokens * HIDDEN }, () => rng.normal()), [tokens, HIDDEN]);
+        const run = (layer: MoeLayer) => async () => {
+          const { y } = await layer.forward(h, gate, { passId: 'bench', train: false, groupTokens: 0 });
+          y.dataSync();
+          y.dispose();
+        };
+        const inProcess = tokens / (await timeMedianAsync(reps, run(local)));
+        const overGrpc = tokens / (await timeMedianAsync(reps, run(distributed)));
+        h.dispose();
+        const ratio = overGrpc / inProcess;
+        rows.push({ name: `E=${experts} ${tokens} tokens, one process`, value: inProcess, unit: 'tokens/s' });
+        rows.push({
+          name: `E=${experts} ${tokens} tokens, 2 shards`, value: overGrpc, unit: 'tokens/s', anchor: inProcess, ratio,
+          ...(tokens === 2048 ? { target: '>= 0.7', met: ratio >= 0.7 } : {}),
+        });
+      }
+      remote.close();
+    } finally {
+      await cluster.stop();
+      model.dispose();
+      await rm(dir, { recursive: true, force: true });
+    }
+  }
+  await report('moe-layer', rows, { hidden: HIDDEN, intermediate: INTERMEDIATE, k: 2, shards: 2, reps, quick });
+}
+
+export async function wireSuite(quick: boolean): Promise<void> {
+  const rows: BenchRow[] = [];
+  const exchange = packageDefinition()['switchyard.v1.ExpertService'] as unknown as Record<string, MethodDefinition<object, object>>;
+  const { requestSerialize, requestDeserialize } = exchange.Exchange;
+  const rng = new Rng(2);
+  for (const rowCount of [1, 16, 64, 1024]) {
+    const values = Float32Array.from({ length: rowCount * HIDDEN }, () => rng.normal());
+    const bytes = requestSerialize({ messageId: '1', passId: 'step1/L0', kind: 'ROW_KIND_FORWARD', batches: [{ layer: 0, expert: 3, rows: toWireTensor(values, [rowCount, HIDDEN]) }] });
+    const ratio = bytes.length / values.byteLength;
+    rows.push({ name: `bytes per row, ${rowCount} rows x ${HIDDEN} fp32`, value: bytes.length / rowCount, unit: 'bytes', anchor: HIDDEN * 4, ratio, ...(rowCount >= 64 ? { target: '<= 1.02', met: ratio <= 1.02 } : {}) });
+  }
+  const big = Float32Array.from({ length: 2048 * HIDDEN }, () => rng.normal());
+  const reps = quick ? 5 : 20;
+  const encoded = requestSerialize({ messageId: '1', passId: 'p', kind: 'ROW_KIND_FORWARD', batches: [{ layer: 0, expert: 0, rows: toWireTensor(big, [2048, HIDDEN]) }] });
+  const encodeSeconds = await timeMedianAsync(reps, async () => {
+    requestSerialize({ messageId: '1', passId: 'p', kind: 'ROW_KIND_FORWARD', batches: [{ layer: 0, expert: 0, rows: toWireTensor(big, [2048, HIDDEN]) }] });
+  });
+  const decodeSeconds = await timeMedianAsync(reps, async () => {
+    const m = requestDeserialize(encoded) as { batches: Array<{ rows: Parameters<typeof fromWireTensor>[0] }> };
+    fromWireTensor(m.batches[0].rows, 'rows');
+  });
+  rows.push({ name: 'encode 2048x512 fp32 message', value: big.byteLength / encodeSeconds / 1e6, unit: 'MB/s' });
+  rows.push({ name: 'decode 2048x512 fp32 message', value: big.byteLength / decodeSeconds / 1e6, unit: 'MB/s' });
+  await report('wire', rows, { hidden: HIDDEN, quick });
+}
