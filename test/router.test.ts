@@ -72,6 +72,45 @@ test('Open Inference infer over two shards returns the single-process logits', a
   assert.ok(maxDiff <= 1e-5, `max |Δlogit| = ${maxDiff}`);
 });
 
+test('the binary tensor extension and routing decisions per layer', async () => {
+  const ids = Array.from({ length: 2 * 5 }, (_, i) => (i * 13 + 7) % 256);
+  const header = Buffer.from(JSON.stringify({
+    inputs: [{ name: 'input_ids', datatype: 'INT64', shape: [2, 5], parameters: { binary_data_size: ids.length * 8 } }],
+    outputs: [{ name: 'logits', parameters: { binary_data: true } }, { name: 'routing_experts' }, { name: 'routing_weights', parameters: { binary_data: true } }],
+  }));
+  const data = Buffer.alloc(ids.length * 8);
+  ids.forEach((id, i) => data.writeBigInt64LE(BigInt(id), i * 8));
+  const res = await fetch(`${base}/v2/models/tiny-moe/infer`, {
+    method: 'POST', headers: { 'content-type': 'application/octet-stream', 'inference-header-content-length': String(header.length) },
+    body: Buffer.concat([header, data]),
+  });
+  assert.equal(res.status, 200);
+  const bytes = Buffer.from(await res.arrayBuffer());
+  const headLength = Number(res.headers.get('inference-header-content-length'));
+  const head = JSON.parse(bytes.subarray(0, headLength).toString()) as { outputs: Array<{ name: string; shape: number[]; data?: number[]; parameters?: { binary_data_size: number } }> };
+  const [logitsOut, expertsOut, weightsOut] = head.outputs;
+  const V = tiny.model.vocab_size;
+  const k = tiny.model.num_experts_per_tok;
+  const layers = tiny.model.num_hidden_layers;
+  assert.deepEqual(logitsOut.shape, [2, 5, V]);
+  const logits = new Float32Array(bytes.buffer.slice(bytes.byteOffset + headLength, bytes.byteOffset + headLength + logitsOut.parameters!.binary_data_size));
+  const want = await reference.logits(Int32Array.from(ids), 2, 5);
+  let maxDiff = 0;
+  for (let i = 0; i < want.length; i++) maxDiff = Math.max(maxDiff, Math.abs(want[i] - logits[i]));
+  assert.ok(maxDiff <= 1e-5, `binary logits: max |Δ| = ${maxDiff}`);
+  assert.deepEqual(expertsOut.shape, [layers, 2, 5, k]);
+  assert.ok(expertsOut.data!.every((e) => e >= 0 && e < tiny.model.num_local_experts));
+  const start = headLength + logitsOut.parameters!.binary_data_size;
+  const weights = new Float32Array(bytes.buffer.slice(bytes.byteOffset + start, bytes.byteOffset + start + weightsOut.parameters!.binary_data_size));
+  assert.equal(weights.length, layers * 10 * k);
+  for (let t = 0; t < layers * 10; t++) assert.ok(Math.abs(weights[t * k] + weights[t * k + 1] - 1) < 1e-5, 'mixtral weights sum to 1');
+  const broken = await fetch(`${base}/v2/models/tiny-moe/infer`, {
+    method: 'POST', headers: { 'content-type': 'application/octet-stream', 'inference-header-content-length': String(header.length + 999) }, body: Buffer.concat([header, data]),
+  });
+  assert.equal(broken.status, 400);
+  assert.match(((await broken.json()) as { error: { message: string } }).error.message, /inference-header-content-length/);
+});
+
 test('greedy completions equal single-process generation, streamed or not', async () => {
   const prompt = 'Call me';
   const local = await generate(reference, encodeText(prompt), { maxTokens: 12, temperature: 0, topP: 1, seed: 0 });

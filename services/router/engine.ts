@@ -49,9 +49,9 @@ export class RouterEngine {
     return owners[this.turn++ % owners.length];
   }
 
-  /** Logits [batch, tokens, vocab] for every position. */
-  infer(ids: Int32Array, batch: number, tokens: number): Promise<Float32Array> {
-    return this.model.logits(ids, batch, tokens, `infer${this.passes++}`);
+  /** Logits [batch, tokens, vocab] for every position, and per layer the routing of every token. */
+  infer(ids: Int32Array, batch: number, tokens: number): ReturnType<MixtralModel['logitsWithRouting']> {
+    return this.model.logitsWithRouting(ids, batch, tokens, `infer${this.passes++}`);
   }
 
   /** Generation through the continuous batcher: concurrent requests share every model step. */

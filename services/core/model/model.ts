@@ -275,10 +275,15 @@ export class MixtralModel {
 
   /** Logits for every position (evaluation, no caches kept). */
   async logits(ids: Int32Array, batch: number, tokens: number, passId = 'eval'): Promise<Float32Array> {
+    return (await this.logitsWithRouting(ids, batch, tokens, passId)).logits;
+  }
+
+  /** Logits for every position and each layer's routing statistics (plans per routing group). */
+  async logitsWithRouting(ids: Int32Array, batch: number, tokens: number, passId = 'eval'): Promise<{ logits: Float32Array; routing: MoeStats[] }> {
     const out = await this.forward(ids, batch, tokens, { passId, train: false });
     const values = out.logits.dataSync() as Float32Array;
     disposeAll([out.logits, out.hidden, out.kv]);
-    return values;
+    return { logits: values, routing: out.stats };
   }
 
   /** Mean cross-entropy (nats per token) without gradients. */
