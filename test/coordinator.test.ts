@@ -1,4 +1,5 @@
 import { test, after, before } from 'node:test';
+import * as grpc from '@grpc/grpc-js';
 import assert from 'node:assert/strict';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -108,6 +109,12 @@ test('shards register, a killed shard is dropped after its lease, and everyone r
   watcher.watch(() => undefined);
   try {
     const full = await waitFor(watcher, 'both shards', (t) => t.shards.length === 2 && unplaced(t, 2, 4).length === 0);
+    // A malformed Register gets INVALID_ARGUMENT and the coordinator keeps serving.
+    const raw = new grpc.Client(coordinatorAddress, grpc.credentials.createInsecure());
+    const refused = await new Promise<grpc.ServiceError | null>((resolve) =>
+      raw.makeUnaryRequest('/switchyard.v1.Coordinator/Register', (b: Buffer) => b, (b: Buffer) => b, Buffer.from([0x12, 0x7f]), (err) => resolve(err)));
+    raw.close();
+    assert.equal(refused?.code, grpc.status.INVALID_ARGUMENT);
     assert.deepEqual(full.shards.map((s) => s.shardId), ['shard-a', 'shard-b']);
     shardB.child.kill('SIGKILL');
     const afterLoss = await waitFor(watcher, 'shard-b dropped', (t) => t.shards.length === 1);

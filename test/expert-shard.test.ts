@@ -99,6 +99,17 @@ test('an expert shard answers grpc.health.v1 and keeps serving after bad message
     (client as unknown as { Check: (req: object, cb: (e: Error | null, r: { status: string }) => void) => void }).Check({ service: '' }, (e, r) => (e ? reject(e) : resolve(r))));
   assert.equal(reply.status, 'SERVING');
   client.close();
+  // Bytes that are not an ExpertRequest end that stream with INVALID_ARGUMENT (grpc-js alone says INTERNAL).
+  const raw = new grpc.Client(address, grpc.credentials.createInsecure());
+  const garbage = await new Promise<grpc.ServiceError>((resolve) => {
+    const call = raw.makeBidiStreamRequest('/switchyard.v1.ExpertService/Exchange', (b: Buffer) => b, (b: Buffer) => b);
+    call.on('error', resolve);
+    call.on('data', () => undefined);
+    call.write(Buffer.from([0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f, 0x01]));
+  });
+  raw.close();
+  assert.equal(garbage.code, status.INVALID_ARGUMENT);
+  assert.match(garbage.details, /malformed request/);
   const transport = new GrpcExpertTransport(() => address, tiny.model.hidden_size);
   try {
     await assert.rejects(transport.forward('bad', [{ layer: 0, expert: 1, rowCount: 1, rows: new Float32Array(32) }], false), /not held by this shard/);

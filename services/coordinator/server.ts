@@ -3,7 +3,7 @@
 import * as grpc from '@grpc/grpc-js';
 import type { PlacementTable } from '../core/placement.js';
 import { loadProtos } from '../core/wire/protos.js';
-import { startGrpcServer } from '../core/wire/server.js';
+import { isMalformed, malformedStatus, startGrpcServer, tolerant, type MalformedMessage } from '../core/wire/server.js';
 import type { HeartbeatReply } from '../generated/switchyard/v1/HeartbeatReply.js';
 import type { HeartbeatRequest__Output } from '../generated/switchyard/v1/HeartbeatRequest.js';
 import type { Placement } from '../generated/switchyard/v1/Placement.js';
@@ -29,9 +29,10 @@ export interface RunningCoordinator {
 export async function startCoordinator(host: string, port: number, leaseTtlMs: number): Promise<RunningCoordinator> {
   const membership = new Membership(leaseTtlMs);
   const protos = loadProtos();
-  const watchers = new Set<grpc.ServerWritableStream<WatchPlacementRequest__Output, Placement>>();
-  const running = await startGrpcServer(host, port, COORDINATOR_SERVICE_NAME, (server) => server.addService(protos.switchyard.v1.Coordinator.service, {
-    Register(call: grpc.ServerUnaryCall<RegisterRequest__Output, RegisterReply>, callback: grpc.sendUnaryData<RegisterReply>) {
+  const watchers = new Set<grpc.ServerWritableStream<WatchPlacementRequest__Output | MalformedMessage, Placement>>();
+  const running = await startGrpcServer(host, port, COORDINATOR_SERVICE_NAME, (server) => server.addService(tolerant(protos.switchyard.v1.Coordinator.service), {
+    Register(call: grpc.ServerUnaryCall<RegisterRequest__Output | MalformedMessage, RegisterReply>, callback: grpc.sendUnaryData<RegisterReply>) {
+      if (isMalformed(call.request)) return callback(malformedStatus(call.request));
       const r = call.request;
       const role = ROLES[r.role];
       if (!role) return callback({ code: grpc.status.INVALID_ARGUMENT, message: `unknown role ${r.role}` });
@@ -42,10 +43,15 @@ export async function startCoordinator(host: string, port: number, leaseTtlMs: n
         callback({ code: grpc.status.INVALID_ARGUMENT, message: (err as Error).message });
       }
     },
-    Heartbeat(call: grpc.ServerUnaryCall<HeartbeatRequest__Output, HeartbeatReply>, callback: grpc.sendUnaryData<HeartbeatReply>) {
+    Heartbeat(call: grpc.ServerUnaryCall<HeartbeatRequest__Output | MalformedMessage, HeartbeatReply>, callback: grpc.sendUnaryData<HeartbeatReply>) {
+      if (isMalformed(call.request)) return callback(malformedStatus(call.request));
       callback(null, { known: membership.heartbeat(call.request.memberId, call.request.leaseId), leaseTtlMs: leaseTtlMs });
     },
-    WatchPlacement(call: grpc.ServerWritableStream<WatchPlacementRequest__Output, Placement>) {
+    WatchPlacement(call: grpc.ServerWritableStream<WatchPlacementRequest__Output | MalformedMessage, Placement>) {
+      if (isMalformed(call.request)) {
+        call.emit('error', malformedStatus(call.request));
+        return;
+      }
       watchers.add(call);
       call.write(toWirePlacement(membership.placement()));
       const stop = membership.watch((table) => call.write(toWirePlacement(table)));

@@ -2,7 +2,7 @@
 import * as grpc from '@grpc/grpc-js';
 import type { ExpertSet } from '../core/model/experts.js';
 import { loadProtos } from '../core/wire/protos.js';
-import { startGrpcServer } from '../core/wire/server.js';
+import { isMalformed, malformedStatus, startGrpcServer, tolerant, type MalformedMessage } from '../core/wire/server.js';
 import type { ExpertReply } from '../generated/switchyard/v1/ExpertReply.js';
 import type { ExpertRequest__Output } from '../generated/switchyard/v1/ExpertRequest.js';
 import { ExpertShard } from './shard.js';
@@ -19,10 +19,14 @@ export interface RunningExpertServer {
 export async function startExpertServer(experts: ExpertSet, host: string, port: number): Promise<RunningExpertServer> {
   const shard = new ExpertShard(experts);
   const protos = loadProtos();
-  const running = await startGrpcServer(host, port, EXPERT_SERVICE_NAME, (server) => server.addService(protos.switchyard.v1.ExpertService.service, {
-    Exchange(call: grpc.ServerDuplexStream<ExpertRequest__Output, ExpertReply>) {
+  const running = await startGrpcServer(host, port, EXPERT_SERVICE_NAME, (server) => server.addService(tolerant(protos.switchyard.v1.ExpertService.service), {
+    Exchange(call: grpc.ServerDuplexStream<ExpertRequest__Output | MalformedMessage, ExpertReply>) {
       // Compute is synchronous; grpc-js buffers replies while the client reads slowly.
-      call.on('data', (request: ExpertRequest__Output) => call.write(shard.handle(request)));
+      call.on('data', (request: ExpertRequest__Output | MalformedMessage) => {
+        // Undecodable bytes leave no message id to answer: the stream ends with INVALID_ARGUMENT.
+        if (isMalformed(request)) call.emit('error', malformedStatus(request));
+        else call.write(shard.handle(request));
+      });
       call.on('end', () => call.end());
       call.on('error', () => undefined);
     },

@@ -5,6 +5,41 @@ import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation } from 'grpc-health-check';
 import { CHANNEL_OPTIONS, packageDefinition } from './protos.js';
 
+const MALFORMED = Symbol('malformed');
+
+/** What a handler receives instead of a request whose bytes did not decode. */
+export interface MalformedMessage { [MALFORMED]: string }
+
+export function isMalformed(message: unknown): message is MalformedMessage {
+  return typeof message === 'object' && message !== null && MALFORMED in message;
+}
+
+/** The status a malformed request is answered with (grpc-js would say INTERNAL). */
+export function malformedStatus(message: MalformedMessage): Partial<grpc.StatusObject> {
+  return { code: grpc.status.INVALID_ARGUMENT, details: `malformed request: ${message[MALFORMED]}` };
+}
+
+/**
+ * The service definition with request decoding that cannot throw: undecodable bytes reach the handler
+ * as a MalformedMessage, so it can answer INVALID_ARGUMENT and the server keeps serving.
+ */
+export function tolerant<D extends grpc.ServiceDefinition>(definition: D): D {
+  const out: Record<string, grpc.MethodDefinition<unknown, unknown>> = {};
+  for (const [name, method] of Object.entries(definition)) {
+    out[name] = {
+      ...method,
+      requestDeserialize: (bytes: Buffer) => {
+        try {
+          return method.requestDeserialize(bytes);
+        } catch (err) {
+          return { [MALFORMED]: (err as Error).message } satisfies MalformedMessage;
+        }
+      },
+    };
+  }
+  return out as unknown as D;
+}
+
 export interface RunningGrpcServer {
   server: grpc.Server;
   port: number;
