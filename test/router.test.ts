@@ -24,7 +24,7 @@ let checkpointDir: string;
 const services: RunningService[] = [];
 
 async function start(args: string[], ready: RegExp): Promise<RunningService> {
-  const s = await startService(args, ready);
+  const s = await startService(args, ready, { SWITCHYARD_LOG: 'debug' });
   services.push(s);
   return s;
 }
@@ -63,6 +63,8 @@ test('Open Inference infer over two shards returns the single-process logits', a
   const res = await post('/v2/models/tiny-moe/infer', { id: 'r1', inputs: [{ name: 'input_ids', datatype: 'INT64', shape: [2, 9], data: ids }] }, { 'x-request-id': 'abc-123' });
   assert.equal(res.status, 200);
   assert.equal(res.headers.get('x-request-id'), 'abc-123');
+  // The request id travels with the rows to the shards and into their logs.
+  assert.ok(services.some((svc) => svc.stderr().includes('"request_ids":["abc-123"]')), 'a shard logged the request id');
   const body = (await res.json()) as { id: string; outputs: Array<{ name: string; shape: number[]; data: number[] }> };
   assert.equal(body.id, 'r1');
   assert.deepEqual(body.outputs[0].shape, [2, 9, tiny.model.vocab_size]);

@@ -162,7 +162,7 @@ async function serveRouter(flags: ServeFlags): Promise<void> {
   const link = new CoordinatorLink(flags.coordinator, { memberId: `router-${process.pid}`, role: 'ROLE_ROUTER' });
   link.start();
   link.watch((table) => engine.setPlacement(table));
-  const app = buildHttpApp(engine);
+  const app = buildHttpApp(engine, process.env.SWITCHYARD_LOG ?? 'info');
   const address = await app.listen({ host: flags.host, port: flags.port });
   process.stdout.write(`switchyard router listening on ${address.replace(/^http:\/\//, '')} serving '${engine.modelName}'\n`);
   await untilStopped();

@@ -16,8 +16,13 @@ export interface RunningExpertServer {
   close(): Promise<void>;
 }
 
+/** Per-message records go to stderr as JSON lines when SWITCHYARD_LOG=debug. */
+const debugLog = process.env.SWITCHYARD_LOG === 'debug'
+  ? (record: Record<string, unknown>) => process.stderr.write(JSON.stringify({ time: Date.now(), service: 'expert', ...record }) + '\n')
+  : undefined;
+
 export async function startExpertServer(experts: ExpertSet, host: string, port: number): Promise<RunningExpertServer> {
-  const shard = new ExpertShard(experts);
+  const shard = new ExpertShard(experts, debugLog);
   const protos = loadProtos();
   const running = await startGrpcServer(host, port, EXPERT_SERVICE_NAME, (server) => server.addService(tolerant(protos.switchyard.v1.ExpertService.service), {
     Exchange(call: grpc.ServerDuplexStream<ExpertRequest__Output | MalformedMessage, ExpertReply>) {

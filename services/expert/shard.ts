@@ -17,7 +17,8 @@ export class ExpertShard {
   readonly rowsServed = new Map<string, number>();
   messagesServed = 0;
 
-  constructor(readonly experts: ExpertSet) {}
+  /** `log` receives one record per served message (pass, kind, rows, request ids). */
+  constructor(readonly experts: ExpertSet, private readonly log?: (record: Record<string, unknown>) => void) {}
 
   handle(request: ExpertRequest__Output): ExpertReply {
     try {
@@ -32,6 +33,10 @@ export class ExpertShard {
         throw new ShardError(status.INVALID_ARGUMENT, `unsupported row kind ${request.kind}`);
       }
       this.messagesServed++;
+      this.log?.({
+        msg: 'rows served', pass: request.passId, kind: request.kind, request_ids: request.requestIds,
+        batches: batches.map((b) => `${b.layer}/${b.expert}:${b.rowCount}`).join(' '),
+      });
       for (const b of batches) {
         const key = `${b.layer}/${b.expert}`;
         this.rowsServed.set(key, (this.rowsServed.get(key) ?? 0) + b.rowCount);

@@ -19,6 +19,7 @@ interface Running {
   past: number;
   kv?: KvCache[];
   onToken?: (id: number) => boolean | void;
+  requestId?: string;
   resolve: (g: Generation) => void;
   reject: (err: Error) => void;
 }
@@ -33,7 +34,7 @@ export class ContinuousBatcher {
 
   constructor(private readonly model: MixtralModel, readonly maxSequences = 64) {}
 
-  submit(prompt: Int32Array, sampling: SamplingOptions, onToken?: (id: number) => boolean | void): Promise<Generation> {
+  submit(prompt: Int32Array, sampling: SamplingOptions, onToken?: (id: number) => boolean | void, requestId?: string): Promise<Generation> {
     checkSampling(sampling);
     if (prompt.length === 0) return Promise.reject(new RangeError('prompt must contain at least one token'));
     const limit = this.model.config.max_position_embeddings;
@@ -41,7 +42,7 @@ export class ContinuousBatcher {
     return new Promise<Generation>((resolve, reject) => {
       this.waiting.push({
         sampling, rng: new Rng(sampling.seed), stop: new Set(sampling.stopIds ?? [EOS_ID]), out: [],
-        pending: prompt, past: 0, onToken, resolve, reject,
+        pending: prompt, past: 0, onToken, requestId, resolve, reject,
       });
       if (!this.looping) void this.loop();
     });
@@ -71,7 +72,8 @@ export class ContinuousBatcher {
         this.stats.maxSequencesPerStep = Math.max(this.stats.maxSequencesPerStep, batch.length);
         let results: Awaited<ReturnType<MixtralModel['decodeBatch']>>;
         try {
-          results = await this.model.decodeBatch(batch.map((s) => ({ ids: s.pending, kv: s.kv, past: s.past })), `gen${this.steps}`);
+          results = await this.model.decodeBatch(batch.map((s) => ({ ids: s.pending, kv: s.kv, past: s.past })), `gen${this.steps}`,
+            batch.flatMap((s) => (s.requestId ? [s.requestId] : [])));
         } catch (err) {
           for (const s of batch) {
             disposeAll(s.kv);

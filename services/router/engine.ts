@@ -50,13 +50,13 @@ export class RouterEngine {
   }
 
   /** Logits [batch, tokens, vocab] for every position, and per layer the routing of every token. */
-  infer(ids: Int32Array, batch: number, tokens: number): ReturnType<MixtralModel['logitsWithRouting']> {
-    return this.model.logitsWithRouting(ids, batch, tokens, `infer${this.passes++}`);
+  infer(ids: Int32Array, batch: number, tokens: number, requestId?: string): ReturnType<MixtralModel['logitsWithRouting']> {
+    return this.model.logitsWithRouting(ids, batch, tokens, `infer${this.passes++}`, requestId ? [requestId] : undefined);
   }
 
   /** Generation through the continuous batcher: concurrent requests share every model step. */
-  complete(prompt: Int32Array, sampling: SamplingOptions, onToken?: (id: number) => boolean | void): Promise<Generation> {
-    return this.batcher.submit(prompt, sampling, onToken);
+  complete(prompt: Int32Array, sampling: SamplingOptions, onToken?: (id: number) => boolean | void, requestId?: string): Promise<Generation> {
+    return this.batcher.submit(prompt, sampling, onToken, requestId);
   }
 
   close(): void {

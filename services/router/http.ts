@@ -9,12 +9,13 @@ import { openaiRoutes } from './openai.js';
 
 export const BODY_LIMIT_BYTES = 8 * 1024 * 1024;
 
-export function buildHttpApp(engine: RouterEngine): FastifyInstance {
+/** `logLevel` turns on fastify's JSON request log (to stdout) at that level; request ids are x-request-id. */
+export function buildHttpApp(engine: RouterEngine, logLevel?: string): FastifyInstance {
   const app = Fastify({
     bodyLimit: BODY_LIMIT_BYTES,
     requestIdHeader: 'x-request-id',
     genReqId: () => randomUUID(),
-    logger: false,
+    logger: logLevel ? { level: logLevel } : false,
   });
   app.addHook('onSend', async (req, reply) => {
     reply.header('x-request-id', req.id);

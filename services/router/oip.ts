@@ -121,7 +121,7 @@ export function oipRoutes(app: FastifyInstance, engine: RouterEngine): void {
       throw new HttpError(400, `sequence length ${tokens} exceeds the model's context of ${config.max_position_embeddings}`);
     const bad = input.data.findIndex((id) => id < 0 || id >= config.vocab_size);
     if (bad >= 0) throw new HttpError(400, `input_ids[${bad}] = ${input.data[bad]} is outside the vocabulary [0, ${config.vocab_size})`);
-    const { logits, routing } = await engine.infer(Int32Array.from(input.data), batch, tokens);
+    const { logits, routing } = await engine.infer(Int32Array.from(input.data), batch, tokens, String(req.id));
     const requested = req.body.outputs ?? [{ name: 'logits' as const }];
     const k = config.num_experts_per_tok;
     const layers = config.num_hidden_layers;

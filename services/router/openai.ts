@@ -85,7 +85,7 @@ export function openaiRoutes(app: FastifyInstance, engine: RouterEngine): void {
         emitted = settled;
       }
       return stopped || closed;
-    });
+    }, String(req.id));
     const { text, stopped } = textUpTo();
     const finish = stopped ? 'stop' : result.finishReason;
     if (body.stream) {

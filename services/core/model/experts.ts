@@ -15,11 +15,16 @@ export interface RowBatch {
   rows: Float32Array;
 }
 
+/** What a call is for, beyond its rows: the client requests (x-request-id) it serves, for logs. */
+export interface CallContext {
+  requestIds?: string[];
+}
+
 export interface ExpertTransport {
   /** Output rows per batch. With `train`, the holder keeps what backward needs under `passId`. */
-  forward(passId: string, batches: RowBatch[], train: boolean): Promise<Float32Array[]>;
+  forward(passId: string, batches: RowBatch[], train: boolean, context?: CallContext): Promise<Float32Array[]>;
   /** Input-row gradients for output-row gradients of batches forwarded earlier under `passId`; weight gradients accumulate at the holder. */
-  backward(passId: string, batches: RowBatch[]): Promise<Float32Array[]>;
+  backward(passId: string, batches: RowBatch[], context?: CallContext): Promise<Float32Array[]>;
 }
 
 /** A backward for rows whose forward this holder never saw (or already consumed). */

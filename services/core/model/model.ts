@@ -21,6 +21,8 @@ export interface PassOptions {
   groupTokens?: number;
   /** Source of opt-in training noise (jitter, second-expert sampling). */
   random?: () => number;
+  /** Client requests served by this pass (x-request-id), for the experts' holders' logs. */
+  requestIds?: string[];
 }
 
 export interface LossResult {
@@ -195,7 +197,7 @@ export class MixtralModel {
       const n2 = rmsNormForward(x1, this.dense.get(denseNames.moeNorm(l)), eps);
       const moe = await this.moe[l].forward(n2.y, this.dense.get(denseNames.gate(l)), {
         passId: `${opt.passId}/L${l}`, train: opt.train, groupTokens: opt.groupTokens ?? 0, random: opt.random,
-        selectionBias: this.balanceBias?.[l],
+        selectionBias: this.balanceBias?.[l], requestIds: opt.requestIds,
       });
       n2.y.dispose();
       x = tf.add(x1, moe.y) as T2;
@@ -221,7 +223,7 @@ export class MixtralModel {
    * all sequences, so each expert sees one batch per step. Returns each sequence's last-position logits
    * and its extended cache (the caller disposes caches it no longer needs).
    */
-  async decodeBatch(items: Array<{ ids: Int32Array; kv?: KvCache[]; past: number }>, passId: string): Promise<Array<{ logits: Float32Array; kv: KvCache[] }>> {
+  async decodeBatch(items: Array<{ ids: Int32Array; kv?: KvCache[]; past: number }>, passId: string, requestIds?: string[]): Promise<Array<{ logits: Float32Array; kv: KvCache[] }>> {
     const c = this.config;
     const eps = c.rms_norm_eps;
     const offsets: number[] = [];
@@ -254,7 +256,7 @@ export class MixtralModel {
       disposeAll([x, attn]);
       const n2 = rmsNormForward(x1, this.dense.get(denseNames.moeNorm(l)), eps);
       const moe = await this.moe[l].forward(n2.y, this.dense.get(denseNames.gate(l)), {
-        passId: `${passId}/L${l}`, train: false, groupTokens: 0, selectionBias: this.balanceBias?.[l],
+        passId: `${passId}/L${l}`, train: false, groupTokens: 0, selectionBias: this.balanceBias?.[l], requestIds,
       });
       disposeAll([n2.y, n2.cache]);
       x = tf.add(x1, moe.y) as T2;
@@ -279,8 +281,8 @@ export class MixtralModel {
   }
 
   /** Logits for every position and each layer's routing statistics (plans per routing group). */
-  async logitsWithRouting(ids: Int32Array, batch: number, tokens: number, passId = 'eval'): Promise<{ logits: Float32Array; routing: MoeStats[] }> {
-    const out = await this.forward(ids, batch, tokens, { passId, train: false });
+  async logitsWithRouting(ids: Int32Array, batch: number, tokens: number, passId = 'eval', requestIds?: string[]): Promise<{ logits: Float32Array; routing: MoeStats[] }> {
+    const out = await this.forward(ids, batch, tokens, { passId, train: false, requestIds });
     const values = out.logits.dataSync() as Float32Array;
     disposeAll([out.logits, out.hidden, out.kv]);
     return { logits: values, routing: out.stats };

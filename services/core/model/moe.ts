@@ -15,6 +15,8 @@ export interface MoeCallOptions {
   random?: () => number;
   /** Per-expert selection bias (aux-loss-free balancing). */
   selectionBias?: Float32Array;
+  /** Client requests whose tokens this call carries (x-request-id), passed on to the experts' holders. */
+  requestIds?: string[];
 }
 
 /** Per-call routing statistics (summed over groups). */
@@ -138,7 +140,7 @@ export class MoeLayer {
       const t = (i / k) | 0;
       batches[batchOf[dispatch.expert[i]]].rows.set(hRows.subarray(t * D, t * D + D), row * D);
     }
-    const outputs = await this.transport.forward(opt.passId, batches, opt.train);
+    const outputs = await this.transport.forward(opt.passId, batches, opt.train, { requestIds: opt.requestIds });
     const combined = new Float32Array(tokens * D);
     for (let i = 0; i < tokens * k; i++) {
       const row = dispatch.row[i];

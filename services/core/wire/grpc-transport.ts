@@ -1,7 +1,7 @@
 // ExpertTransport over gRPC: one long-lived Exchange stream per shard; each forward/backward call sends
 // every shard exactly one message with all of its row batches and waits for the replies.
 import * as grpc from '@grpc/grpc-js';
-import type { ExpertTransport, RowBatch } from '../model/experts.js';
+import type { CallContext, ExpertTransport, RowBatch } from '../model/experts.js';
 import type { ExpertReply__Output } from '../../generated/switchyard/v1/ExpertReply.js';
 import type { ExpertRequest } from '../../generated/switchyard/v1/ExpertRequest.js';
 import type { ExpertServiceClient } from '../../generated/switchyard/v1/ExpertService.js';
@@ -97,7 +97,7 @@ export class GrpcExpertTransport implements ExpertTransport {
     return s;
   }
 
-  private async exchange(passId: string, batches: RowBatch[], kind: RowKind): Promise<Float32Array[]> {
+  private async exchange(passId: string, batches: RowBatch[], kind: RowKind, context?: CallContext): Promise<Float32Array[]> {
     const byShard = new Map<string, number[]>();
     batches.forEach((b, i) => {
       const address = this.placement(b.layer, b.expert);
@@ -108,7 +108,7 @@ export class GrpcExpertTransport implements ExpertTransport {
     await Promise.all([...byShard].map(async ([address, indices]) => {
       this.messagesSent.set(address, (this.messagesSent.get(address) ?? 0) + 1);
       const reply = await this.shard(address).send({
-        passId, kind,
+        passId, kind, requestIds: context?.requestIds ?? [],
         batches: indices.map((i) => ({ layer: batches[i].layer, expert: batches[i].expert, rows: toWireTensor(batches[i].rows, [batches[i].rowCount, this.hidden]) })),
       });
       if (reply.error) throw new ExpertCallError(address, reply.error.code, reply.error.message);
@@ -120,12 +120,12 @@ export class GrpcExpertTransport implements ExpertTransport {
     return results;
   }
 
-  forward(passId: string, batches: RowBatch[], train: boolean): Promise<Float32Array[]> {
-    return this.exchange(passId, batches, train ? 'ROW_KIND_FORWARD_TRAIN' : 'ROW_KIND_FORWARD');
+  forward(passId: string, batches: RowBatch[], train: boolean, context?: CallContext): Promise<Float32Array[]> {
+    return this.exchange(passId, batches, train ? 'ROW_KIND_FORWARD_TRAIN' : 'ROW_KIND_FORWARD', context);
   }
 
-  backward(passId: string, batches: RowBatch[]): Promise<Float32Array[]> {
-    return this.exchange(passId, batches, 'ROW_KIND_BACKWARD');
+  backward(passId: string, batches: RowBatch[], context?: CallContext): Promise<Float32Array[]> {
+    return this.exchange(passId, batches, 'ROW_KIND_BACKWARD', context);
   }
 
   close(): void {
