@@ -91,6 +91,27 @@ for (const [arrangement, specs] of [
   });
 }
 
+test('bf16 on the wire keeps logits within bf16 tolerance', async () => {
+  const address = await shard('all');
+  const transport = new GrpcExpertTransport(() => address, tiny.model.hidden_size, 30_000, 'BF16');
+  const distributed = await loadDenseModel(checkpoint, transport);
+  try {
+    const want = await reference.logits(ids, B, T);
+    const got = await distributed.logits(ids, B, T);
+    let maxDiff = 0;
+    let scale = 0;
+    for (let i = 0; i < want.length; i++) {
+      maxDiff = Math.max(maxDiff, Math.abs(want[i] - got[i]));
+      scale = Math.max(scale, Math.abs(want[i]));
+    }
+    assert.ok(maxDiff > 0, 'bf16 rounding is visible');
+    assert.ok(maxDiff <= 2 ** -7 * Math.max(1, scale), `max |Δlogit| ${maxDiff} within bf16 tolerance`);
+  } finally {
+    transport.close();
+    distributed.dispose();
+  }
+});
+
 test('an expert shard answers grpc.health.v1 and keeps serving after bad messages', async () => {
   const address = await shard('0:0');
   const Health = grpc.makeClientConstructor(healthService, 'grpc.health.v1.Health');

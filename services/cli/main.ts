@@ -18,6 +18,7 @@ import { CoordinatorLink } from '../core/wire/coordinator-link.js';
 import { RouterEngine } from '../router/engine.js';
 import { buildHttpApp } from '../router/http.js';
 import { Cluster } from './cluster.js';
+import type { FloatDtype } from '../core/dtypes.js';
 import { checkpointDirOf, train } from '../core/train/trainer.js';
 import { runBench } from '../bench/index.js';
 import { trainingProgress } from './progress.js';
@@ -143,7 +144,15 @@ async function upCommand(flags: UpFlags): Promise<void> {
 
 interface ServeFlags {
   checkpoint?: string; experts: string; host: string; port: number; leaseTtlMs: number;
-  coordinator?: string; shardId?: string; tokenBudget: number; modelName?: string;
+  coordinator?: string; shardId?: string; tokenBudget: number; modelName?: string; wireDtype: string;
+}
+
+const WIRE_DTYPES: Record<string, FloatDtype> = { f32: 'F32', bf16: 'BF16', f16: 'F16' };
+
+function wireDtypeOf(value: string): FloatDtype {
+  const d = WIRE_DTYPES[value.toLowerCase()];
+  if (!d) throw new ConfigError(`--wire-dtype ${value}: expected f32, bf16 or f16`);
+  return d;
 }
 
 /** The served model's name: --model-name, else the checkpoint folder's name (its parent's for `checkpoint`). */
@@ -158,7 +167,7 @@ async function serveRouter(flags: ServeFlags): Promise<void> {
   if (!flags.coordinator) throw new ConfigError('serve router: --coordinator HOST:PORT is required');
   await startBackend();
   const dir = resolve(flags.checkpoint);
-  const engine = await RouterEngine.load(dir, modelNameOf(dir, flags.modelName));
+  const engine = await RouterEngine.load(dir, modelNameOf(dir, flags.modelName), wireDtypeOf(flags.wireDtype));
   const link = new CoordinatorLink(flags.coordinator, { memberId: `router-${process.pid}`, role: 'ROLE_ROUTER' });
   link.start();
   link.watch((table) => engine.setPlacement(table));
@@ -255,6 +264,7 @@ export function buildProgram(): Command {
     .option('--shard-id <id>', 'expert: member id at the coordinator (default: shard-<address>)')
     .option('--token-budget <rows>', 'expert: rows per expert accepted in flight', integer('--token-budget', 1), 4096)
     .option('--model-name <name>', 'router: the served model name (default: from the checkpoint folder)')
+    .option('--wire-dtype <f32|bf16|f16>', 'router: dtype of row batches on the wire (bf16/f16 halve the bytes)', 'f32')
     .option('--lease-ttl-ms <ms>', 'coordinator: a member silent this long is removed', integer('--lease-ttl-ms', 1), 5000)
     .action(serveCommand);
   return program;

@@ -3,6 +3,7 @@
 import { status } from '@grpc/grpc-js';
 import { MissingPassError, type ExpertSet, type RowBatch } from '../core/model/experts.js';
 import { fromWireTensor, toWireTensor, WireError } from '../core/wire/tensor.js';
+import type { FloatDtype } from '../core/dtypes.js';
 import type { ExpertReply } from '../generated/switchyard/v1/ExpertReply.js';
 import type { ExpertRequest__Output } from '../generated/switchyard/v1/ExpertRequest.js';
 
@@ -22,7 +23,7 @@ export class ExpertShard {
 
   handle(request: ExpertRequest__Output): ExpertReply {
     try {
-      const batches = this.decode(request);
+      const { batches, dtype } = this.decode(request);
       let outputs: Float32Array[];
       if (request.kind === 'ROW_KIND_FORWARD' || request.kind === 'ROW_KIND_FORWARD_TRAIN') {
         const train = request.kind === 'ROW_KIND_FORWARD_TRAIN';
@@ -43,7 +44,8 @@ export class ExpertShard {
       }
       return {
         messageId: request.messageId,
-        batches: batches.map((b, i) => ({ layer: b.layer, expert: b.expert, rows: toWireTensor(outputs[i], [b.rowCount, this.experts.hidden]) })),
+        // Replies use the dtype the request came in.
+        batches: batches.map((b, i) => ({ layer: b.layer, expert: b.expert, rows: toWireTensor(outputs[i], [b.rowCount, this.experts.hidden], dtype) })),
         credits: batches.map((b) => ({ layer: b.layer, expert: b.expert, rows: b.rowCount })),
       };
     } catch (err) {
@@ -54,16 +56,19 @@ export class ExpertShard {
     }
   }
 
-  private decode(request: ExpertRequest__Output): RowBatch[] {
+  private decode(request: ExpertRequest__Output): { batches: RowBatch[]; dtype: FloatDtype } {
     if (!request.passId) throw new ShardError(status.INVALID_ARGUMENT, 'pass_id is empty');
     const seen = new Set<string>();
-    return request.batches.map((b, i) => {
+    let dtype: FloatDtype = 'F32';
+    const batches = request.batches.map((b, i) => {
       const key = `${b.layer}/${b.expert}`;
       if (seen.has(key)) throw new ShardError(status.INVALID_ARGUMENT, `two batches for (layer ${b.layer}, expert ${b.expert})`);
       seen.add(key);
       if (!this.experts.holds(b.layer, b.expert)) throw new ShardError(status.NOT_FOUND, `expert (layer ${b.layer}, expert ${b.expert}) is not held by this shard`);
-      const { values, shape } = fromWireTensor(b.rows, `batches[${i}].rows`, [null, this.experts.hidden]);
-      return { layer: b.layer, expert: b.expert, rowCount: shape[0], rows: values };
+      const decoded = fromWireTensor(b.rows, `batches[${i}].rows`, [null, this.experts.hidden]);
+      dtype = decoded.dtype;
+      return { layer: b.layer, expert: b.expert, rowCount: decoded.shape[0], rows: decoded.values };
     });
+    return { batches, dtype };
   }
 }

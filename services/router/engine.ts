@@ -4,6 +4,7 @@ import { loadCheckpoint } from '../core/checkpoint/index.js';
 import { loadDenseModel } from '../core/checkpoint/model.js';
 import type { Generation, SamplingOptions } from '../core/generate.js';
 import { ContinuousBatcher } from './batcher.js';
+import type { FloatDtype } from '../core/dtypes.js';
 import type { MixtralModel } from '../core/model/model.js';
 import type { PlacementTable } from '../core/placement.js';
 import { unplaced } from '../core/placement.js';
@@ -21,10 +22,10 @@ export class RouterEngine {
     this.batcher = new ContinuousBatcher(model);
   }
 
-  static async load(checkpointDir: string, modelName: string): Promise<RouterEngine> {
+  static async load(checkpointDir: string, modelName: string, wireDtype: FloatDtype = 'F32'): Promise<RouterEngine> {
     const { config } = await loadCheckpoint(checkpointDir, { only: () => false });
     const holder: { engine?: RouterEngine } = {};
-    const transport = new GrpcExpertTransport((layer, expert) => holder.engine!.shardFor(layer, expert), config.hidden_size);
+    const transport = new GrpcExpertTransport((layer, expert) => holder.engine!.shardFor(layer, expert), config.hidden_size, 30_000, wireDtype);
     const model = await loadDenseModel(checkpointDir, transport);
     holder.engine = new RouterEngine(model, transport, modelName);
     return holder.engine;

@@ -8,6 +8,7 @@ import type { ExpertServiceClient } from '../../generated/switchyard/v1/ExpertSe
 import type { RowKind } from '../../generated/switchyard/v1/RowKind.js';
 import { CHANNEL_OPTIONS, loadProtos } from './protos.js';
 import { fromWireTensor, toWireTensor } from './tensor.js';
+import type { FloatDtype } from '../dtypes.js';
 
 /** Where each (layer, expert) is served: a shard address (host:port). */
 export type PlacementLookup = (layer: number, expert: number) => string;
@@ -86,7 +87,8 @@ export class GrpcExpertTransport implements ExpertTransport {
   /** Messages sent per shard, for tests and metrics. */
   readonly messagesSent = new Map<string, number>();
 
-  constructor(private readonly placement: PlacementLookup, readonly hidden: number, private readonly timeoutMs = 30_000) {}
+  /** `wireDtype` BF16 or F16 halves the bytes of every row batch both ways, at reduced precision. */
+  constructor(private readonly placement: PlacementLookup, readonly hidden: number, private readonly timeoutMs = 30_000, readonly wireDtype: FloatDtype = 'F32') {}
 
   private shard(address: string): ShardStream {
     let s = this.shards.get(address);
@@ -109,7 +111,7 @@ export class GrpcExpertTransport implements ExpertTransport {
       this.messagesSent.set(address, (this.messagesSent.get(address) ?? 0) + 1);
       const reply = await this.shard(address).send({
         passId, kind, requestIds: context?.requestIds ?? [],
-        batches: indices.map((i) => ({ layer: batches[i].layer, expert: batches[i].expert, rows: toWireTensor(batches[i].rows, [batches[i].rowCount, this.hidden]) })),
+        batches: indices.map((i) => ({ layer: batches[i].layer, expert: batches[i].expert, rows: toWireTensor(batches[i].rows, [batches[i].rowCount, this.hidden], this.wireDtype) })),
       });
       if (reply.error) throw new ExpertCallError(address, reply.error.code, reply.error.message);
       if (reply.batches.length !== indices.length) throw new ExpertCallError(address, grpc.status.INTERNAL, `${reply.batches.length} batches for ${indices.length} sent`);
