@@ -8,6 +8,10 @@ import { oipRoutes } from './oip.js';
 import { openaiRoutes } from './openai.js';
 
 export const BODY_LIMIT_BYTES = 8 * 1024 * 1024;
+/** Oversized bodies up to this size are read and discarded so the client gets its 413 (larger: connection closed). */
+const DRAIN_LIMIT_BYTES = 64 * 1024 * 1024;
+
+const tooLarge = (length: number) => ({ error: { message: `request body of ${length} bytes is over the limit of ${BODY_LIMIT_BYTES} bytes`, type: 'request_too_large' } });
 
 /** `logLevel` turns on fastify's JSON request log (to stdout) at that level; request ids are x-request-id. */
 export function buildHttpApp(engine: RouterEngine, logLevel?: string): FastifyInstance {
@@ -16,6 +20,18 @@ export function buildHttpApp(engine: RouterEngine, logLevel?: string): FastifyIn
     requestIdHeader: 'x-request-id',
     genReqId: () => randomUUID(),
     logger: logLevel ? { level: logLevel } : false,
+  });
+  // A server that answers 413 while the client is still uploading and then closes makes the client's
+  // write fail before it reads the answer; draining the (bounded) rest of the body avoids that.
+  app.addHook('onRequest', (req, reply, done) => {
+    const length = Number(req.headers['content-length'] ?? 0);
+    if (!(length > BODY_LIMIT_BYTES)) return done();
+    if (length > DRAIN_LIMIT_BYTES) {
+      void reply.code(413).header('connection', 'close').send(tooLarge(length));
+      return;
+    }
+    req.raw.on('end', () => void reply.code(413).send(tooLarge(length)));
+    req.raw.resume();
   });
   app.addHook('onSend', async (req, reply) => {
     reply.header('x-request-id', req.id);
