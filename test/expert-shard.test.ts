@@ -164,6 +164,9 @@ test('the shard refuses malformed requests with the right status codes', () => {
 test('expert assignments parse ranges and lists and refuse nonsense', () => {
   assert.deepEqual(parseAssignment('0:0-1;1:3', 2, 4), [{ layer: 0, expert: 0 }, { layer: 0, expert: 1 }, { layer: 1, expert: 3 }]);
   assert.equal(parseAssignment('all', 2, 4).length, 8);
+  const parts = [0, 1, 2].map((i) => parseAssignment(`spread:${i}/3`, 2, 4));
+  assert.deepEqual(parts.flat().map((k) => `${k.layer}/${k.expert}`).sort(), parseAssignment('all', 2, 4).map((k) => `${k.layer}/${k.expert}`).sort(), 'the spread parts cover every expert once');
+  assert.throws(() => parseAssignment('spread:3/3', 2, 4), /shard index/);
   assert.throws(() => parseAssignment('2:0', 2, 4), /layer 2 is outside 0..1/);
   assert.throws(() => parseAssignment('0:4', 2, 4), /expert 4 is outside 0..3/);
   assert.throws(() => parseAssignment('0:x', 2, 4), /not a non-negative integer/);

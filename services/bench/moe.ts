@@ -49,7 +49,7 @@ export async function moeLayerSuite(quick: boolean): Promise<void> {
     const model = MixtralModel.initialize(config, 3);
     await saveModel(join(dir, 'ckpt'), model);
     const cluster = new Cluster({
-      checkpoint: join(dir, 'ckpt'), layers: 1, experts, shards: 2, routers: 0, host: '127.0.0.1', port: 0, log: () => undefined,
+      checkpoint: join(dir, 'ckpt'), shards: 2, routers: 0, host: '127.0.0.1', port: 0, log: () => undefined,
     });
     try {
       await cluster.up();

@@ -21,8 +21,7 @@ export async function servingSuite(quick: boolean): Promise<void> {
   await saveModel(join(dir, 'small'), model);
   model.dispose();
   const cluster = new Cluster({
-    checkpoint: join(dir, 'small'), layers: config.num_hidden_layers, experts: config.num_local_experts,
-    shards: 2, routers: 1, host: '127.0.0.1', port: 0, log: () => undefined,
+    checkpoint: join(dir, 'small'), shards: 2, routers: 1, host: '127.0.0.1', port: 0, log: () => undefined,
   });
   const rows: BenchRow[] = [];
   const maxTokens = quick ? 16 : 48;

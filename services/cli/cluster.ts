@@ -3,12 +3,9 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
-import { assignmentSpec, spreadExperts } from '../core/placement.js';
 
 export interface ClusterOptions {
   checkpoint: string;
-  layers: number;
-  experts: number;
   shards: number;
   routers: number;
   host: string;
@@ -60,9 +57,8 @@ export class Cluster {
     const o = this.options;
     const [, coordinator] = await this.start('coordinator', ['serve', 'coordinator', '--host', o.host, '--port', '0'], /listening on (\S+)/);
     this.coordinatorAddress = coordinator;
-    const spread = spreadExperts(o.layers, o.experts, o.shards);
-    await Promise.all(spread.map((keys, i) => this.start(`shard-${i}`, [
-      'serve', 'expert', '--checkpoint', o.checkpoint, '--experts', assignmentSpec(keys), '--host', o.host, '--port', '0',
+    await Promise.all(Array.from({ length: o.shards }, (_, i) => this.start(`shard-${i}`, [
+      'serve', 'expert', '--checkpoint', o.checkpoint, '--experts', `spread:${i}/${o.shards}`, '--host', o.host, '--port', '0',
       '--coordinator', coordinator, '--shard-id', `shard-${i}`,
     ], /listening on/)));
     const routers = await Promise.all(Array.from({ length: o.routers }, (_, i) => this.start(`router-${i}`, [

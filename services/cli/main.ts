@@ -114,10 +114,9 @@ async function upCommand(flags: UpFlags): Promise<void> {
     process.stderr.write(`switchyard: no default model yet; training the 'small' config for ${UP_TRAIN_STEPS} steps into ${runDir} (one-time, a few minutes)\n`);
     await trainCommand({ config: 'small', steps: UP_TRAIN_STEPS, out: runDir, shards: 1, routers: 1, singleProcess: true });
   }
-  const { config } = await loadCheckpoint(modelDir, { only: () => false });
+  await loadCheckpoint(modelDir, { only: () => false }); // a broken checkpoint is reported here, before any process starts
   const cluster = new Cluster({
-    checkpoint: modelDir, layers: config.num_hidden_layers, experts: config.num_local_experts,
-    shards: flags.shards, routers: flags.routers, host: flags.host, port: flags.port,
+    checkpoint: modelDir, shards: flags.shards, routers: flags.routers, host: flags.host, port: flags.port,
     log: (line) => process.stderr.write(line + '\n'),
   });
   const stopped = untilStopped().then(() => cluster.stop());

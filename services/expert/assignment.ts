@@ -1,6 +1,9 @@
-// Which experts a shard serves, as given on its command line: `all`, or `LAYER:EXPERTS` groups separated
-// by `;`, where EXPERTS is a comma list of ids and ranges, e.g. `0:0-3;1:0,2`.
-export interface ExpertKey { layer: number; expert: number }
+// Which experts a shard serves, as given on its command line: `all`; `spread:I/N`, shard I's part of the
+// default placement over N shards (a StatefulSet pod passes its ordinal); or `LAYER:EXPERTS` groups
+// separated by `;`, where EXPERTS is a comma list of ids and ranges, e.g. `0:0-3;1:0,2`.
+import { spreadExperts, type ExpertKey } from '../core/placement.js';
+
+export type { ExpertKey };
 
 export class AssignmentError extends RangeError {
   override name = 'AssignmentError';
@@ -20,6 +23,12 @@ export function parseAssignment(spec: string, layers: number, experts: number): 
   if (spec.trim() === 'all') {
     for (let l = 0; l < layers; l++) for (let e = 0; e < experts; e++) add(l, e);
     return keys;
+  }
+  const spread = spec.trim().match(/^spread:(\d+)\/(\d+)$/);
+  if (spread) {
+    const [index, shards] = [Number(spread[1]), Number(spread[2])];
+    if (!(shards >= 1 && index < shards)) throw new AssignmentError(`--experts '${spec}': shard index must be in 0..N-1 with N ≥ 1`);
+    return spreadExperts(layers, experts, shards)[index];
   }
   const int = (text: string): number => {
     if (!/^\d+$/.test(text.trim())) throw new AssignmentError(`--experts '${spec}': '${text}' is not a non-negative integer`);
