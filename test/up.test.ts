@@ -55,3 +55,12 @@ test('up runs coordinator, shards and router as child processes, serves, and SIG
     await up.stop();
   }
 });
+
+test('services started by up stop by themselves when up is killed outright', async () => {
+  const up = await startService(['up', '--model', checkpoint, '--port', '0', '--shards', '1'], /cluster ready at (\S+):/);
+  const children = childrenOf(up.child.pid!);
+  assert.equal(children.length, 3);
+  up.child.kill('SIGKILL');
+  for (let i = 0; i < 100 && children.some(alive); i++) await new Promise((r) => setTimeout(r, 100));
+  assert.deepEqual(children.filter(alive), [], 'no orphans after SIGKILL of up');
+});

@@ -31,7 +31,9 @@ export class Cluster {
 
   /** Starts `args` and resolves with the first stdout match of `ready`. */
   private start(name: string, args: string[], ready: RegExp): Promise<RegExpMatchArray> {
-    const child: Child = { name, process: spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] }), stderrTail: [] };
+    // Children stop by themselves should this process die without stopping them.
+    const env = { ...process.env, SWITCHYARD_EXIT_WITH_PARENT: '1' };
+    const child: Child = { name, process: spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env }), stderrTail: [] };
     this.children.push(child);
     createInterface({ input: child.process.stderr! }).on('line', (line) => {
       child.stderrTail.push(line);

@@ -180,9 +180,17 @@ async function serveRouter(flags: ServeFlags): Promise<void> {
 }
 
 /** Resolves when SIGTERM or SIGINT arrives. */
+/** Set by a parent (`up`, tests) so a service never outlives it, even when the parent is killed outright. */
+export const EXIT_WITH_PARENT_ENV = 'SWITCHYARD_EXIT_WITH_PARENT';
+
+/** Resolves on SIGTERM or SIGINT, or when the process that started this one is gone (if asked to). */
 const untilStopped = (): Promise<void> => new Promise((resolveStop) => {
   process.once('SIGTERM', () => resolveStop());
   process.once('SIGINT', () => resolveStop());
+  if (process.env[EXIT_WITH_PARENT_ENV] === '1') {
+    const parent = process.ppid;
+    setInterval(() => { if (process.ppid !== parent) resolveStop(); }, 500).unref();
+  }
 });
 
 async function serveCommand(service: string, flags: ServeFlags): Promise<void> {

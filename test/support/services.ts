@@ -20,7 +20,7 @@ process.once('exit', () => {
 
 export function startService(args: string[], readyLine: RegExp, env: Record<string, string> = {}, timeoutMs = 60_000): Promise<RunningService> {
   const child = spawn(process.execPath, [join(repoRoot, 'dist', 'services', 'cli', 'main.js'), ...args], {
-    env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, SWITCHYARD_EXIT_WITH_PARENT: '1', ...env }, stdio: ['ignore', 'pipe', 'pipe'],
   });
   running.add(child);
   let stderr = '';
