@@ -208,3 +208,20 @@ test('16 concurrent completions share expert messages and each equals generating
     engine.close();
   }
 });
+
+test('a streaming completion whose shard dies ends with an error event, then the router answers 503', async () => {
+  const shard = services.find((s) => s.child.spawnargs.includes('shard-1'))!;
+  shard.child.kill('SIGKILL');
+  await new Promise((r) => shard.child.once('exit', r));
+  const res = await post('/v1/completions', { prompt: 'The sea', max_tokens: 20, temperature: 0, stream: true });
+  // The shard's lease (2 s) still stands, so the router tries it: the stream has begun when it fails.
+  assert.equal(res.status, 200);
+  const events = (await res.text()).split('\n\n').filter(Boolean);
+  assert.equal(events.at(-1), 'data: [DONE]');
+  assert.match(events.at(-2)!, /"error":\{"message":".*shard/);
+  // Once the lease runs out the placement no longer covers every expert: not ready, 503 with Retry-After.
+  for (let i = 0; i < 100 && (await fetch(`${base}/v2/health/ready`)).status === 200; i++) await new Promise((r) => setTimeout(r, 100));
+  const refused = await post('/v1/completions', { prompt: 'x', max_tokens: 2 });
+  assert.equal(refused.status, 503);
+  assert.equal(refused.headers.get('retry-after'), '1');
+});

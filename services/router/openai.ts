@@ -74,18 +74,26 @@ export function openaiRoutes(app: FastifyInstance, engine: RouterEngine): void {
     // The response closing before we end it means the client went away: stop generating.
     reply.raw.on('close', () => { closed = true; });
     const sampling = { maxTokens: body.max_tokens, temperature: body.temperature, topP: body.top_p, seed: body.seed };
-    const result = await engine.complete(prompt, sampling, (next) => {
-      ids.push(next);
-      const { text, stopped } = textUpTo();
-      // Emit settled text only: nothing that ends inside a multi-byte character, and never the last
-      // characters that could still turn out to begin a stop sequence.
-      const settled = stopped ? text : text.slice(0, Math.max(0, text.length - holdBack));
-      if (body.stream && !closed && settled.length > emitted.length && !settled.endsWith('\uFFFD')) {
-        reply.raw.write(chunk(settled.slice(emitted.length), null));
-        emitted = settled;
-      }
-      return stopped || closed;
-    }, String(req.id));
+    let result: Awaited<ReturnType<RouterEngine['complete']>>;
+    try {
+      result = await engine.complete(prompt, sampling, (next) => {
+        ids.push(next);
+        const { text, stopped } = textUpTo();
+        // Emit settled text only: nothing that ends inside a multi-byte character, and never the last
+        // characters that could still turn out to begin a stop sequence.
+        const settled = stopped ? text : text.slice(0, Math.max(0, text.length - holdBack));
+        if (body.stream && !closed && settled.length > emitted.length && !settled.endsWith('\uFFFD')) {
+          reply.raw.write(chunk(settled.slice(emitted.length), null));
+          emitted = settled;
+        }
+        return stopped || closed;
+      }, String(req.id));
+    } catch (err) {
+      if (!body.stream) throw err;
+      // Headers are sent: report the failure as a final event and end the stream.
+      if (!closed) reply.raw.end(`data: ${JSON.stringify({ error: { message: (err as Error).message, type: 'server_error' } })}\n\ndata: [DONE]\n\n`);
+      return reply;
+    }
     const { text, stopped } = textUpTo();
     const finish = stopped ? 'stop' : result.finishReason;
     if (body.stream) {
