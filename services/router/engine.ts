@@ -3,7 +3,7 @@
 import { loadCheckpoint } from '../core/checkpoint/index.js';
 import { loadDenseModel } from '../core/checkpoint/model.js';
 import type { Generation, SamplingOptions } from '../core/generate.js';
-import { ContinuousBatcher } from './batcher.js';
+import { ContinuousBatcher } from '../core/generate.js';
 import type { FloatDtype } from '../core/dtypes.js';
 import type { MixtralModel } from '../core/model/model.js';
 import type { PlacementTable } from '../core/placement.js';
