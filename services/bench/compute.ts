@@ -27,7 +27,7 @@ const plainMatMuls = (pairs: Array<[T2, T2]>) => () => {
   });
 };
 
-function expertRows(rng: Rng, reps: number, N: number, D: number, H: number): BenchRow[] {
+async function expertRows(rng: Rng, reps: number, N: number, D: number, H: number): Promise<BenchRow[]> {
   const tag = `N=${N} D=${D} H=${H}`;
   const x = randomMatrix(rng, N, D, 1);
   const w = { w1t: randomMatrix(rng, D, H, 0.02), w3t: randomMatrix(rng, D, H, 0.02), w2t: randomMatrix(rng, H, D, 0.02) };
@@ -39,16 +39,16 @@ function expertRows(rng: Rng, reps: number, N: number, D: number, H: number): Be
   // Ceilings: the forward multiplies x·w1, x·w3, g·w2; the backward dy·w2ᵀ, gᵀ·dy, xᵀ·da, xᵀ·db, da·w1ᵀ, db·w3ᵀ.
   const forwardFlops = 6 * N * D * H;
   const backwardFlops = 12 * N * D * H;
-  const forwardCeiling = forwardFlops / timeMedian(reps, plainMatMuls([[x, w.w1t], [x, w.w3t], [g, w.w2t]])) / 1e9;
-  const backwardCeiling = backwardFlops / timeMedian(reps, plainMatMuls([[gT, dy], [dy, wT.w2], [xT, g], [xT, g], [g, wT.w1], [g, wT.w3]])) / 1e9;
-  const forward = forwardFlops / timeMedian(reps, () => {
+  const forwardCeiling = forwardFlops / await timeMedian(reps, plainMatMuls([[x, w.w1t], [x, w.w3t], [g, w.w2t]])) / 1e9;
+  const backwardCeiling = backwardFlops / await timeMedian(reps, plainMatMuls([[gT, dy], [dy, wT.w2], [xT, g], [xT, g], [g, wT.w1], [g, wT.w3]])) / 1e9;
+  const forward = forwardFlops / await timeMedian(reps, () => {
     const { y } = expertForward(x, w, false);
     sync(y);
     y.dispose();
   }) / 1e9;
   const { y, cache } = expertForward(x, w, true);
   y.dispose();
-  const backward = backwardFlops / timeMedian(reps, () => {
+  const backward = backwardFlops / await timeMedian(reps, () => {
     const grads = expertBackward(dy, cache!, wT);
     sync(grads.dx);
     sync(grads.dW2t);
@@ -65,17 +65,18 @@ function expertRows(rng: Rng, reps: number, N: number, D: number, H: number): Be
 
 export async function computeSuite(quick: boolean): Promise<void> {
   const rng = new Rng(7);
-  const reps = quick ? 3 : 7;
+  const reps = quick ? 5 : 7;
   // DESIGN §8's shape, and the small model's expert shape (not in --quick).
   const shapes = quick ? [[2048, 512, 2048]] : [[2048, 512, 2048], [4096, 128, 256]];
-  const rows: BenchRow[] = shapes.flatMap(([N, D, H]) => expertRows(rng, reps, N, D, H));
+  const rows: BenchRow[] = [];
+  for (const [N, D, H] of shapes) rows.push(...(await expertRows(rng, reps, N, D, H)));
   // Attention's batched matMul: tfjs's own kernel versus one 2-D matMul per batch entry.
   const [n, r, k, c] = [64, 256, 32, 128];
   const a = tf.randomNormal([n, r, k]) as tf.Tensor3D;
   const b = tf.randomNormal([n, k, c]) as tf.Tensor3D;
   const flops = 2 * n * r * k * c;
-  const native = timeMedian(reps, () => { const o = tf.matMul(a, b); sync(o); o.dispose(); });
-  const sliced = timeMedian(reps, () => { const o = batchMatMul(a, b); sync(o); o.dispose(); });
+  const native = await timeMedian(reps, () => { const o = tf.matMul(a, b); sync(o); o.dispose(); });
+  const sliced = await timeMedian(reps, () => { const o = batchMatMul(a, b); sync(o); o.dispose(); });
   disposeAll([a, b]);
   rows.push({ name: `tf.matMul batched ${n}x(${r}x${k}x${c})`, value: flops / native / 1e9, unit: 'GFLOP/s' });
   rows.push({ name: 'batchMatMul (per-entry 2-D)', value: flops / sliced / 1e9, unit: 'GFLOP/s', anchor: flops / native / 1e9, ratio: native / sliced });

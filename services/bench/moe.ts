@@ -17,7 +17,7 @@ import { CoordinatorLink } from '../core/wire/coordinator-link.js';
 import { packageDefinition } from '../core/wire/protos.js';
 import { fromWireTensor, toWireTensor } from '../core/wire/tensor.js';
 import { Cluster } from '../cli/cluster.js';
-import { report, timeMedianAsync, type BenchRow } from './report.js';
+import { report, timeMedian, type BenchRow } from './report.js';
 import { denseNames } from '../core/model/hf.js';
 
 const HIDDEN = 512;
@@ -66,8 +66,8 @@ export async function moeLayerSuite(quick: boolean): Promise<void> {
           y.dataSync();
           y.dispose();
         };
-        const inProcess = tokens / (await timeMedianAsync(reps, run(local)));
-        const overGrpc = tokens / (await timeMedianAsync(reps, run(distributed)));
+        const inProcess = tokens / (await timeMedian(reps, run(local)));
+        const overGrpc = tokens / (await timeMedian(reps, run(distributed)));
         h.dispose();
         const ratio = overGrpc / inProcess;
         rows.push({ name: `E=${experts} ${tokens} tokens, one process`, value: inProcess, unit: 'tokens/s' });
@@ -100,10 +100,10 @@ export async function wireSuite(quick: boolean): Promise<void> {
   const big = Float32Array.from({ length: 2048 * HIDDEN }, () => rng.normal());
   const reps = quick ? 5 : 20;
   const encoded = requestSerialize({ messageId: '1', passId: 'p', kind: 'ROW_KIND_FORWARD', batches: [{ layer: 0, expert: 0, rows: toWireTensor(big, [2048, HIDDEN]) }] });
-  const encodeSeconds = await timeMedianAsync(reps, async () => {
+  const encodeSeconds = await timeMedian(reps, async () => {
     requestSerialize({ messageId: '1', passId: 'p', kind: 'ROW_KIND_FORWARD', batches: [{ layer: 0, expert: 0, rows: toWireTensor(big, [2048, HIDDEN]) }] });
   });
-  const decodeSeconds = await timeMedianAsync(reps, async () => {
+  const decodeSeconds = await timeMedian(reps, async () => {
     const m = requestDeserialize(encoded) as { batches: Array<{ rows: Parameters<typeof fromWireTensor>[0] }> };
     fromWireTensor(m.batches[0].rows, 'rows');
   });

@@ -21,20 +21,8 @@ export function median(values: number[]): number {
   return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
 }
 
-/** Median seconds of `reps` timed calls after one warm-up call. */
-export function timeMedian(reps: number, fn: () => void): number {
-  fn();
-  const samples: number[] = [];
-  for (let i = 0; i < reps; i++) {
-    const t0 = performance.now();
-    fn();
-    samples.push((performance.now() - t0) / 1000);
-  }
-  return median(samples);
-}
-
-/** Median seconds of `reps` awaited calls after one warm-up call. */
-export async function timeMedianAsync(reps: number, fn: () => Promise<void>): Promise<number> {
+/** Median seconds of `reps` calls (awaited when they return a promise) after one warm-up call. */
+export async function timeMedian(reps: number, fn: () => void | Promise<void>): Promise<number> {
   await fn();
   const samples: number[] = [];
   for (let i = 0; i < reps; i++) {
