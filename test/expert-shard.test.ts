@@ -58,7 +58,7 @@ for (const [arrangement, specs] of [
     specs.forEach((spec, i) => {
       for (const { layer, expert } of parseAssignment(spec, 2, 4)) owner.set(`${layer}/${expert}`, addresses[i]);
     });
-    const transport = new GrpcExpertTransport((l, e) => owner.get(`${l}/${e}`)!, tiny.model.hidden_size);
+    const transport = new GrpcExpertTransport((l, e) => [owner.get(`${l}/${e}`)!], tiny.model.hidden_size);
     const distributed = await loadDenseModel(checkpoint, transport);
     try {
       const want = await reference.logits(ids, B, T);
@@ -93,7 +93,7 @@ for (const [arrangement, specs] of [
 
 test('bf16 on the wire keeps logits within bf16 tolerance', async () => {
   const address = await shard('all');
-  const transport = new GrpcExpertTransport(() => address, tiny.model.hidden_size, 30_000, 'BF16');
+  const transport = new GrpcExpertTransport(() => [address], tiny.model.hidden_size, 30_000, 'BF16');
   const distributed = await loadDenseModel(checkpoint, transport);
   try {
     const want = await reference.logits(ids, B, T);
@@ -131,7 +131,7 @@ test('an expert shard answers grpc.health.v1 and keeps serving after bad message
   raw.close();
   assert.equal(garbage.code, status.INVALID_ARGUMENT);
   assert.match(garbage.details, /malformed request/);
-  const transport = new GrpcExpertTransport(() => address, tiny.model.hidden_size);
+  const transport = new GrpcExpertTransport(() => [address], tiny.model.hidden_size);
   try {
     await assert.rejects(transport.forward('bad', [{ layer: 0, expert: 1, rowCount: 1, rows: new Float32Array(32) }], false), /not held by this shard/);
     await assert.rejects(transport.forward('bad', [{ layer: 0, expert: 0, rowCount: 2, rows: new Float32Array(32) }], false), /needs 64 values/);

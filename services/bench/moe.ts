@@ -54,7 +54,7 @@ export async function moeLayerSuite(quick: boolean): Promise<void> {
     try {
       await cluster.up();
       const owners = await placementOfCluster(cluster.coordinatorAddress);
-      const remote = new GrpcExpertTransport((l, e) => owners.get(`${l}/${e}`)!, HIDDEN);
+      const remote = new GrpcExpertTransport((l, e) => [owners.get(`${l}/${e}`)!], HIDDEN);
       const gate = model.dense.get<tf.Rank.R2>(denseNames.gate(0));
       const local = new MoeLayer(0, HIDDEN, experts, 2, config.switchyard_gate, new InProcessTransport(model.localExperts!));
       const distributed = new MoeLayer(0, HIDDEN, experts, 2, config.switchyard_gate, remote);

@@ -6,7 +6,7 @@ import { createRequire } from 'node:module';
 import { readFile } from 'node:fs/promises';
 import { basename, dirname, resolve } from 'node:path';
 import { describeBackend, initBackend } from '../core/backend.js';
-import { ConfigError, PRESET_NAMES, preset, resolvePreset, type Preset } from '../core/config.js';
+import { ConfigError, PRESET_NAMES, parseModelConfig, parseTrainSettings, preset, resolvePreset, type Preset } from '../core/config.js';
 import { decodeIds, encodeText } from '../core/data/bytes.js';
 import { generate } from '../core/generate.js';
 import { loadExpertSet, loadModel } from '../core/checkpoint/model.js';
@@ -22,6 +22,12 @@ import type { FloatDtype } from '../core/dtypes.js';
 import { checkpointDirOf, train } from '../core/train/trainer.js';
 import { runBench } from '../bench/index.js';
 import { trainingProgress } from './progress.js';
+import { RUN_FILE, trainDistributed, type RunFile } from './train-cluster.js';
+import { startMetricsServer } from '../core/metrics/registry.js';
+import { TrainLink } from '../core/wire/train-link.js';
+import { runRouterTraining } from '../router/trainer.js';
+import { runShardTraining } from '../expert/trainer.js';
+import { ExpertSet } from '../core/model/experts.js';
 
 const DEFAULT_RUN_DIR = 'checkpoints/default';
 
@@ -68,17 +74,36 @@ async function startBackend(): Promise<void> {
 
 interface TrainFlags {
   config: string; data?: string; steps?: number; seed?: number; out: string;
-  shards: number; routers: number; singleProcess?: boolean; resume?: boolean;
+  shards: number; routers: number; singleProcess?: boolean; resume?: boolean; replicate?: string; host?: string;
+}
+
+/** `--replicate 0:1,1:3`: experts (LAYER:EXPERT) that get a second holder. */
+function parseReplicate(spec: string | undefined, layers: number, experts: number): Array<{ layer: number; expert: number }> {
+  if (!spec) return [];
+  return spec.split(',').map((item) => {
+    const m = item.trim().match(/^(\d+):(\d+)$/);
+    if (!m) throw new ConfigError(`--replicate '${spec}': expected LAYER:EXPERT items separated by commas, e.g. 0:1,1:3`);
+    const [layer, expert] = [Number(m[1]), Number(m[2])];
+    if (layer >= layers || expert >= experts) throw new ConfigError(`--replicate '${item}': the model has ${layers} layers × ${experts} experts`);
+    return { layer, expert };
+  });
 }
 
 async function trainCommand(flags: TrainFlags): Promise<void> {
-  if (!flags.singleProcess && (flags.shards > 1 || flags.routers > 1))
-    throw new ConfigError('distributed training (--shards/--routers > 1) is not available yet; use --single-process');
   const p = await loadPreset(flags.config);
   const t = { ...p.train, ...(flags.steps !== undefined ? { steps: flags.steps } : {}), ...(flags.seed !== undefined ? { seed: flags.seed } : {}) };
+  const distributed = !flags.singleProcess && (flags.shards > 1 || flags.routers > 1);
+  if (flags.singleProcess && flags.replicate) throw new ConfigError('--replicate places experts on shards; it needs a distributed run (--shards ≥ 2)');
   await startBackend();
   const progress = trainingProgress();
-  const summary = await train({ model: p.model, train: t, dataPath: flags.data, outDir: resolve(flags.out), resume: flags.resume, onStep: progress.onStep })
+  const outDir = resolve(flags.out);
+  const summary = await (distributed
+    ? trainDistributed({
+      model: p.model, train: t, dataPath: flags.data, outDir, resume: flags.resume, routers: flags.routers, shards: flags.shards,
+      replicate: parseReplicate(flags.replicate, p.model.num_hidden_layers, p.model.num_local_experts), host: flags.host ?? '127.0.0.1',
+      onStep: progress.onStep, log: (line) => process.stderr.write(line + '\n'),
+    })
+    : train({ model: p.model, train: t, dataPath: flags.data, outDir, resume: flags.resume, onStep: progress.onStep }))
     .finally(() => progress.stop());
   process.stdout.write(
     `trained ${summary.steps} steps on ${summary.dataSource}: ${summary.tokens} tokens in ${summary.wallSeconds.toFixed(1)} s ` +
@@ -144,6 +169,8 @@ async function upCommand(flags: UpFlags): Promise<void> {
 interface ServeFlags {
   checkpoint?: string; experts: string; host: string; port: number; leaseTtlMs: number;
   coordinator?: string; shardId?: string; tokenBudget: number; modelName?: string; wireDtype: string;
+  train?: boolean; trainRouters?: number; trainShards?: number; trainCheckpoint?: string;
+  run?: string; index?: number; routers?: number; metricsPort: number;
 }
 
 const WIRE_DTYPES: Record<string, FloatDtype> = { f32: 'F32', bf16: 'BF16', f16: 'F16' };
@@ -193,42 +220,98 @@ const untilStopped = (): Promise<void> => new Promise((resolveStop) => {
   }
 });
 
-async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
-  if (service === 'coordinator') {
-    const coordinator = await startCoordinator(flags.host, flags.port, flags.leaseTtlMs);
-    process.stdout.write(`switchyard coordinator listening on ${flags.host}:${coordinator.port}\n`);
-    await untilStopped();
-    await coordinator.close();
-    return;
+/** JSON log lines on stderr (the supervisor keeps them in the run's logs/ folder). */
+const jsonLog = (service: string) => (record: Record<string, unknown>) =>
+  process.stderr.write(JSON.stringify({ time: new Date().toISOString(), service, ...record }) + '\n');
+
+async function serveCoordinator(flags: ServeFlags): Promise<void> {
+  const training = [flags.trainRouters, flags.trainShards, flags.trainCheckpoint];
+  if (training.some((x) => x !== undefined) && training.some((x) => x === undefined))
+    throw new ConfigError('serve coordinator: a training job needs all of --train-routers, --train-shards and --train-checkpoint');
+  const coordinator = await startCoordinator(flags.host, flags.port, flags.leaseTtlMs, flags.trainCheckpoint === undefined ? undefined : {
+    routers: flags.trainRouters!, shards: flags.trainShards!, checkpointDir: resolve(flags.trainCheckpoint), log: jsonLog('coordinator'),
+  });
+  const metrics = await startMetricsServer(flags.host, flags.metricsPort);
+  process.stdout.write(`switchyard coordinator listening on ${flags.host}:${coordinator.port} (metrics http://${flags.host}:${metrics.port}/metrics)\n`);
+  await untilStopped();
+  await coordinator.close();
+  await metrics.close();
+}
+
+/** `serve trainer`: one training router replica of a distributed run (started by `train --routers R`). */
+async function serveTrainer(flags: ServeFlags): Promise<void> {
+  if (!flags.run || !flags.coordinator || flags.index === undefined || !flags.routers)
+    throw new ConfigError('serve trainer: --run DIR, --coordinator HOST:PORT, --index I and --routers R are required');
+  if (flags.index >= flags.routers) throw new ConfigError(`serve trainer: --index ${flags.index} must be below --routers ${flags.routers}`);
+  await startBackend();
+  const runDir = resolve(flags.run);
+  const run = JSON.parse(await readFile(resolve(runDir, RUN_FILE), 'utf8')) as RunFile;
+  const memberId = `router-${flags.index}`;
+  const link = new CoordinatorLink(flags.coordinator, { memberId, role: 'ROLE_ROUTER' });
+  link.start();
+  link.watch(() => undefined);
+  const trainLink = new TrainLink(flags.coordinator, memberId);
+  const metrics = await startMetricsServer(flags.host, flags.metricsPort);
+  process.stdout.write(`switchyard training router ${flags.index} of ${flags.routers} (metrics http://${flags.host}:${metrics.port}/metrics)\n`);
+  try {
+    const summary = await runRouterTraining({
+      link: trainLink, index: flags.index, routers: flags.routers, model: parseModelConfig(run.model), train: parseTrainSettings(run.train),
+      dataPath: run.data, outDir: runDir, placement: () => link.placement, log: jsonLog(memberId),
+    });
+    jsonLog(memberId)({ msg: 'training finished', ...summary });
+  } finally {
+    trainLink.close();
+    link.close();
+    await metrics.close();
   }
+}
+
+async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
+  if (service === 'coordinator') return serveCoordinator(flags);
   if (service === 'router') return serveRouter(flags);
-  if (service !== 'expert') throw new ConfigError(`'serve ${service}': the services are expert, router and coordinator`);
+  if (service === 'trainer') return serveTrainer(flags);
+  if (service !== 'expert') throw new ConfigError(`'serve ${service}': the services are expert, router, coordinator and trainer`);
   if (!flags.checkpoint) throw new ConfigError('serve expert: --checkpoint DIR is required');
   await startBackend();
   const dir = resolve(flags.checkpoint);
   const { config } = await loadCheckpoint(dir, { only: () => false });
   const keys = parseAssignment(flags.experts, config.num_hidden_layers, config.num_local_experts);
-  const experts = await loadExpertSet(dir, keys);
+  if (flags.train && (!flags.coordinator || !flags.shardId)) throw new ConfigError('serve expert --train: --coordinator and --shard-id are required');
+  // A training shard loads its experts when the run (re)starts, from the checkpoint the coordinator names.
+  const experts = flags.train ? new ExpertSet(config.hidden_size, config.intermediate_size) : await loadExpertSet(dir, keys);
   const server = await startExpertServer(experts, flags.host, flags.port);
   const address = `${flags.host}:${server.port}`;
+  let training: Promise<void> | undefined;
+  let trainLink: TrainLink | undefined;
+  if (flags.train) {
+    trainLink = new TrainLink(flags.coordinator!, flags.shardId!);
+    training = runShardTraining({ link: trainLink, memberId: flags.shardId!, shard: server.shard, keys, log: jsonLog(flags.shardId!) });
+    training.catch((err: Error) => {
+      jsonLog(flags.shardId!)({ msg: 'training failed', error: err.stack ?? err.message });
+      process.exit(1);
+    });
+  }
+  const metrics = flags.train ? await startMetricsServer(flags.host, flags.metricsPort) : undefined;
   const link = flags.coordinator
     ? new CoordinatorLink(flags.coordinator, {
       memberId: flags.shardId ?? `shard-${address}`, role: 'ROLE_EXPERT_SHARD', address, experts: keys, tokenBudget: flags.tokenBudget,
     })
     : undefined;
   link?.start();
-  process.stdout.write(`switchyard expert shard listening on ${address} holding ${keys.length} experts\n`);
+  process.stdout.write(`switchyard expert shard listening on ${address} holding ${keys.length} experts${metrics ? ` (metrics http://${flags.host}:${metrics.port}/metrics)` : ''}\n`);
   await untilStopped();
+  trainLink?.close();
   link?.close();
   await server.close();
-  experts.dispose();
+  await metrics?.close();
+  server.shard.experts.dispose();
 }
 
 export function buildProgram(): Command {
   const program = new Command('switchyard')
     .description('Mixture-of-Experts serving and training whose experts are independent services')
     .version(packageVersion());
-  program.command('train').description('train a model (single process for now)')
+  program.command('train').description('train a model: in one process, or distributed over router replicas and expert shards')
     .option('--config <name|file>', `preset (${PRESET_NAMES.join(', ')}) or JSON file {"base","model","train"}`, 'small')
     .option('--data <path>', 'UTF-8 text file or folder (default: Moby Dick)')
     .option('--steps <n>', 'training steps', integer('--steps', 1))
@@ -238,6 +321,8 @@ export function buildProgram(): Command {
     .option('--routers <n>', 'router replicas', integer('--routers', 1), 1)
     .option('--single-process', 'the reference run: everything in this process')
     .option('--resume', 'continue from the run folder\'s checkpoint')
+    .option('--replicate <L:E,...>', 'distributed: experts that get a replica on a second shard, e.g. 0:1,1:3')
+    .option('--host <host>', 'distributed: address the local services listen on', '127.0.0.1')
     .action(trainCommand);
   program.command('generate').description('continue a prompt with a trained checkpoint')
     .requiredOption('--model <dir>', 'checkpoint folder')
@@ -261,8 +346,8 @@ export function buildProgram(): Command {
       await startBackend();
       await runBench(suites, { quick: flags.quick === true });
     });
-  program.command('serve').description('run one service (expert today; router and coordinator with the serving cluster)')
-    .argument('<service>', 'expert | router | coordinator')
+  program.command('serve').description('run one service, as a container runs it')
+    .argument('<service>', 'expert | router | coordinator | trainer')
     .option('--checkpoint <dir>', 'checkpoint folder to load from')
     .option('--experts <spec>', "experts to hold: 'all' or LAYER:IDS groups, e.g. '0:0-3;1:0,2'", 'all')
     .option('--host <host>', 'address to listen on', '127.0.0.1')
@@ -273,6 +358,14 @@ export function buildProgram(): Command {
     .option('--model-name <name>', 'router: the served model name (default: from the checkpoint folder)')
     .option('--wire-dtype <f32|bf16|f16>', 'router: dtype of row batches on the wire (bf16/f16 halve the bytes)', 'f32')
     .option('--lease-ttl-ms <ms>', 'coordinator: a member silent this long is removed', integer('--lease-ttl-ms', 1), 5000)
+    .option('--train', 'expert: take part in the distributed training run of --coordinator')
+    .option('--train-routers <n>', 'coordinator: router replicas of the training run it coordinates', integer('--train-routers', 1))
+    .option('--train-shards <n>', 'coordinator: expert shards of the training run', integer('--train-shards', 1))
+    .option('--train-checkpoint <dir>', 'coordinator: the training run\'s checkpoint folder (resumed from, committed into)')
+    .option('--run <dir>', 'trainer: the run folder (train.json, metrics.jsonl, checkpoint/)')
+    .option('--index <i>', 'trainer: this replica\'s index', integer('--index'))
+    .option('--routers <n>', 'trainer: router replicas in the run', integer('--routers', 1))
+    .option('--metrics-port <n>', 'training services: port of the Prometheus /metrics endpoint (0 = any free port)', integer('--metrics-port'), 0)
     .action(serveCommand);
   return program;
 }

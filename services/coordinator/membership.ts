@@ -19,6 +19,7 @@ export class Membership {
   private nextLease = 1;
   private version = 0;
   private readonly listeners = new Set<(table: PlacementTable) => void>();
+  private readonly memberListeners = new Set<(memberId: string, event: 'registered' | 'expired') => void>();
 
   constructor(readonly leaseTtlMs: number, private readonly now: () => number = Date.now) {}
 
@@ -28,6 +29,7 @@ export class Membership {
     const member: Member = { ...m, leaseId: String(this.nextLease++), expiresAt: this.now() + this.leaseTtlMs };
     this.members.set(m.memberId, member);
     if (m.role === 'expert-shard') this.changed();
+    for (const l of this.memberListeners) l(m.memberId, 'registered');
     return member;
   }
 
@@ -46,11 +48,22 @@ export class Membership {
     const gone = [...this.members.values()].filter((m) => m.expiresAt <= now);
     for (const m of gone) this.members.delete(m.memberId);
     if (gone.some((m) => m.role === 'expert-shard')) this.changed();
+    for (const m of gone) for (const l of this.memberListeners) l(m.memberId, 'expired');
     return gone.map((m) => m.memberId);
   }
 
   list(role?: Role): Member[] {
     return [...this.members.values()].filter((m) => !role || m.role === role);
+  }
+
+  get(memberId: string): Member | undefined {
+    return this.members.get(memberId);
+  }
+
+  /** Calls `listener` when a member registers (or re-registers with a new lease) or its lease expires. */
+  onMemberChange(listener: (memberId: string, event: 'registered' | 'expired') => void): () => void {
+    this.memberListeners.add(listener);
+    return () => this.memberListeners.delete(listener);
   }
 
   placement(): PlacementTable {

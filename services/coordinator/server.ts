@@ -10,7 +10,13 @@ import type { Placement } from '../generated/switchyard/v1/Placement.js';
 import type { RegisterReply } from '../generated/switchyard/v1/RegisterReply.js';
 import type { RegisterRequest__Output } from '../generated/switchyard/v1/RegisterRequest.js';
 import type { WatchPlacementRequest__Output } from '../generated/switchyard/v1/WatchPlacementRequest.js';
+import type { ReduceChunk } from '../generated/switchyard/v1/ReduceChunk.js';
+import type { ReduceChunk__Output } from '../generated/switchyard/v1/ReduceChunk.js';
+import type { TrainSyncReply } from '../generated/switchyard/v1/TrainSyncReply.js';
+import type { TrainSyncRequest__Output } from '../generated/switchyard/v1/TrainSyncRequest.js';
 import { Membership, type Role } from './membership.js';
+import { ReduceHub } from './allreduce-hub.js';
+import { TrainingJob, TrainSyncError, type TrainingJobOptions } from './training.js';
 
 export const COORDINATOR_SERVICE_NAME = 'switchyard.v1.Coordinator';
 
@@ -23,11 +29,16 @@ export function toWirePlacement(t: PlacementTable): Placement {
 export interface RunningCoordinator {
   port: number;
   membership: Membership;
+  reduceHub: ReduceHub;
+  training?: TrainingJob;
   close(): Promise<void>;
 }
 
-export async function startCoordinator(host: string, port: number, leaseTtlMs: number): Promise<RunningCoordinator> {
+export async function startCoordinator(host: string, port: number, leaseTtlMs: number, trainingOptions?: TrainingJobOptions): Promise<RunningCoordinator> {
   const membership = new Membership(leaseTtlMs);
+  const reduceHub = new ReduceHub();
+  const training = trainingOptions ? new TrainingJob(trainingOptions, membership) : undefined;
+  if (training) training.onAbort = (generation, reason) => reduceHub.drop(`g${generation}/`, `training attempt ${generation} aborted: ${reason}`);
   const protos = loadProtos();
   const watchers = new Set<grpc.ServerWritableStream<WatchPlacementRequest__Output | MalformedMessage, Placement>>();
   const running = await startGrpcServer(host, port, COORDINATOR_SERVICE_NAME, (server) => server.addService(tolerant(protos.switchyard.v1.Coordinator.service), {
@@ -62,11 +73,37 @@ export async function startCoordinator(host: string, port: number, leaseTtlMs: n
       call.on('cancelled', done);
       call.on('close', done);
     },
+    AllReduce(call: grpc.ServerDuplexStream<ReduceChunk__Output | MalformedMessage, ReduceChunk>) {
+      call.on('data', (chunk: ReduceChunk__Output | MalformedMessage) => {
+        if (isMalformed(chunk)) return void call.emit('error', malformedStatus(chunk));
+        try {
+          reduceHub.add(chunk, call);
+        } catch (err) {
+          call.emit('error', { code: grpc.status.INVALID_ARGUMENT, details: (err as Error).message });
+        }
+      });
+      const gone = () => reduceHub.forget(call);
+      call.on('end', () => call.end());
+      call.on('cancelled', gone);
+      call.on('error', gone);
+    },
+    TrainSync(call: grpc.ServerUnaryCall<TrainSyncRequest__Output | MalformedMessage, TrainSyncReply>, callback: grpc.sendUnaryData<TrainSyncReply>) {
+      if (isMalformed(call.request)) return callback(malformedStatus(call.request));
+      if (!training) return callback({ code: grpc.status.FAILED_PRECONDITION, details: 'this coordinator runs no training job (start it with --train-routers/--train-shards/--train-checkpoint)' });
+      try {
+        training.handle(call.request, (reply) => callback(null, reply));
+      } catch (err) {
+        const code = err instanceof TrainSyncError ? grpc.status[err.code] : grpc.status.INTERNAL;
+        callback({ code, details: (err as Error).message });
+      }
+    },
   }));
   const sweeper = setInterval(() => membership.expire(), Math.max(50, leaseTtlMs / 4));
   return {
     port: running.port,
     membership,
+    reduceHub,
+    training,
     close: async () => {
       clearInterval(sweeper);
       for (const w of watchers) w.end();

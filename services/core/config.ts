@@ -146,7 +146,7 @@ const PRESETS: Record<string, { model: Record<string, unknown>; train: Record<st
       vocab_size: BYTE_VOCAB_SIZE, max_position_embeddings: 64,
       bos_token_id: BOS_ID, eos_token_id: EOS_ID,
     },
-    train: { steps: 20, batch_sequences: 4, seq_len: 32, lr: 3e-3, warmup_steps: 4, eval_interval: 10, eval_batches: 2, checkpoint_interval: 10 },
+    train: { steps: 20, batch_sequences: 4, seq_len: 32, lr: 3e-3, warmup_steps: 4, eval_interval: 10, eval_batches: 2, checkpoint_interval: 10, routing_group_tokens: 32 },
   },
   // The default model: reaches < 2.0 nats/byte on Moby Dick within minutes on two cores.
   small: {

@@ -59,3 +59,23 @@ export function unplaced(table: PlacementTable, layers: number, experts: number)
     for (let expert = 0; expert < experts; expert++) if (!placed.has(`${layer}/${expert}`)) missing.push({ layer, expert });
   return missing;
 }
+
+/**
+ * Adds replicas of hot experts to a placement (one key list per shard): each listed expert is copied to
+ * the next shards after its holder until it has `copies` holders (at most one per shard).
+ */
+export function withReplicas(assignment: ExpertKey[][], hot: ExpertKey[], copies = 2): ExpertKey[][] {
+  const out = assignment.map((keys) => [...keys]);
+  const holds = (s: number, k: ExpertKey) => out[s].some((x) => x.layer === k.layer && x.expert === k.expert);
+  for (const k of hot) {
+    const holders = out.map((_, s) => s).filter((s) => holds(s, k));
+    if (holders.length === 0) throw new RangeError(`expert (layer ${k.layer}, expert ${k.expert}) is not placed, so it cannot be replicated`);
+    if (copies > out.length) throw new RangeError(`cannot place ${copies} replicas of expert (layer ${k.layer}, expert ${k.expert}) on ${out.length} shard(s)`);
+    for (let s = (holders[0] + 1) % out.length; holders.length < copies; s = (s + 1) % out.length)
+      if (!holders.includes(s)) {
+        out[s].push(k);
+        holders.push(s);
+      }
+  }
+  return out;
+}

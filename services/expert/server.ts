@@ -30,7 +30,11 @@ export async function startExpertServer(experts: ExpertSet, host: string, port: 
       call.on('data', (request: ExpertRequest__Output | MalformedMessage) => {
         // Undecodable bytes leave no message id to answer: the stream ends with INVALID_ARGUMENT.
         if (isMalformed(request)) call.emit('error', malformedStatus(request));
-        else call.write(shard.handle(request));
+        else {
+          const reply = shard.submit(request);
+          if (reply instanceof Promise) void reply.then((r) => { if (!call.writableEnded && !call.destroyed) call.write(r); });
+          else call.write(reply);
+        }
       });
       call.on('end', () => call.end());
       call.on('error', () => undefined);

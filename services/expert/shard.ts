@@ -13,13 +13,73 @@ class ShardError extends Error {
   }
 }
 
+/**
+ * Holds back training rows until the shard has the weights they need: rows of step n need the weights
+ * after step n−1, so a router that finished its step first never computes with stale experts.
+ */
+export class StepGate {
+  /** Current training attempt; the weights step is undefined while the experts (re)load. */
+  private generation = 0;
+  private appliedStep?: number;
+  private waiters: Array<{ generation: number; weightsStep: number; release: (error?: ShardError) => void }> = [];
+
+  /** A new attempt: rows wait until `ready`. */
+  begin(generation: number): void {
+    this.generation = generation;
+    this.appliedStep = undefined;
+    this.settle();
+  }
+
+  /** The experts now hold the weights after `step` optimizer steps. */
+  ready(step: number): void {
+    this.appliedStep = step;
+    this.settle();
+  }
+
+  /** undefined: go ahead; a promise: wait for it; a ShardError: refuse. */
+  admit(generation: number, weightsStep: number): ShardError | Promise<void> | undefined {
+    const verdict = this.verdict(generation, weightsStep);
+    if (verdict !== 'wait') return verdict;
+    return new Promise((resolve, reject) => this.waiters.push({ generation, weightsStep, release: (err) => (err ? reject(err) : resolve()) }));
+  }
+
+  private verdict(generation: number, weightsStep: number): ShardError | 'wait' | undefined {
+    if (generation < this.generation) return new ShardError(status.ABORTED, `rows of aborted training attempt ${generation} (now ${this.generation})`);
+    if (generation > this.generation || this.appliedStep === undefined || weightsStep > this.appliedStep) return 'wait';
+    if (weightsStep < this.appliedStep) return new ShardError(status.FAILED_PRECONDITION, `rows need the weights after step ${weightsStep}; this shard has applied step ${this.appliedStep}`);
+    return undefined;
+  }
+
+  private settle(): void {
+    const still: typeof this.waiters = [];
+    for (const w of this.waiters) {
+      const v = this.verdict(w.generation, w.weightsStep);
+      if (v === 'wait') still.push(w);
+      else w.release(v);
+    }
+    this.waiters = still;
+  }
+}
+
 export class ExpertShard {
   /** Rows computed per (layer/expert) since start, for metrics and tests. */
   readonly rowsServed = new Map<string, number>();
   messagesServed = 0;
+  /** Present while the shard trains: orders training rows after the optimizer steps they depend on. */
+  gate?: StepGate;
 
   /** `log` receives one record per served message (pass, kind, rows, request ids). */
-  constructor(readonly experts: ExpertSet, private readonly log?: (record: Record<string, unknown>) => void) {}
+  constructor(public experts: ExpertSet, private readonly log?: (record: Record<string, unknown>) => void) {}
+
+  /** Answers a request, after its weights step when it is a training request. */
+  submit(request: ExpertRequest__Output): ExpertReply | Promise<ExpertReply> {
+    const generation = Number(request.trainGeneration);
+    if (!this.gate || generation === 0) return this.handle(request);
+    const verdict = this.gate.admit(generation, Number(request.weightsStep));
+    if (verdict === undefined) return this.handle(request);
+    if (verdict instanceof ShardError) return { messageId: request.messageId, error: { code: verdict.code, message: verdict.message } };
+    return verdict.then(() => this.handle(request), (err: ShardError) => ({ messageId: request.messageId, error: { code: err.code, message: err.message } }));
+  }
 
   handle(request: ExpertRequest__Output): ExpertReply {
     try {

@@ -1,5 +1,5 @@
 // The router's model: dense weights in this process, experts on shards found through the coordinator's
-// placement. Inference calls share the shards' streams; replicas of an expert are used in turn.
+// placement. Inference calls share the shards' streams; a batch for a replicated expert is split over its replicas.
 import { loadCheckpoint } from '../core/checkpoint/index.js';
 import { loadDenseModel } from '../core/checkpoint/model.js';
 import type { Generation, SamplingOptions } from '../core/generate.js';
@@ -13,7 +13,6 @@ import { GrpcExpertTransport } from '../core/wire/grpc-transport.js';
 export class RouterEngine {
   private table?: PlacementTable;
   private owners = new Map<string, string[]>();
-  private turn = 0;
   private passes = 0;
 
   readonly batcher: ContinuousBatcher;
@@ -25,7 +24,7 @@ export class RouterEngine {
   static async load(checkpointDir: string, modelName: string, wireDtype: FloatDtype = 'F32'): Promise<RouterEngine> {
     const { config } = await loadCheckpoint(checkpointDir, { only: () => false });
     const holder: { engine?: RouterEngine } = {};
-    const transport = new GrpcExpertTransport((layer, expert) => holder.engine!.shardFor(layer, expert), config.hidden_size, 30_000, wireDtype);
+    const transport = new GrpcExpertTransport((layer, expert) => holder.engine!.shardsFor(layer, expert), config.hidden_size, 30_000, wireDtype);
     const model = await loadDenseModel(checkpointDir, transport);
     holder.engine = new RouterEngine(model, transport, modelName);
     return holder.engine;
@@ -44,10 +43,8 @@ export class RouterEngine {
     return this.table !== undefined && unplaced(this.table, c.num_hidden_layers, c.num_local_experts).length === 0;
   }
 
-  private shardFor(layer: number, expert: number): string {
-    const owners = this.owners.get(`${layer}/${expert}`);
-    if (!owners || owners.length === 0) throw new Error(`no shard holds expert (layer ${layer}, expert ${expert})`);
-    return owners[this.turn++ % owners.length];
+  private shardsFor(layer: number, expert: number): string[] {
+    return this.owners.get(`${layer}/${expert}`) ?? [];
   }
 
   /** Logits [batch, tokens, vocab] for every position, and per layer the routing of every token. */

@@ -64,7 +64,7 @@ export async function fsyncDir(dir: string): Promise<void> {
   }
 }
 
-async function writeFileSynced(path: string, bytes: string | Uint8Array): Promise<void> {
+export async function writeFileSynced(path: string, bytes: string | Uint8Array): Promise<void> {
   const fh = await open(path, 'w');
   try {
     await fh.writeFile(bytes);
@@ -192,6 +192,16 @@ export async function saveCheckpoint(dir: string, opts: SaveOptions): Promise<Sa
     await rm(tmp, { recursive: true, force: true }).catch(() => undefined);
     throw err;
   }
+  await commitStaged(tmp, target);
+  return { dir: target, files: files.sort() };
+}
+
+/**
+ * Puts a complete, fsynced staging folder in place of `target` by renames only: a crash at any moment
+ * leaves either the old or the new checkpoint loadable.
+ */
+export async function commitStaged(tmp: string, target: string): Promise<void> {
+  const parent = dirname(target);
   if (await exists(target)) {
     const aside = `${target}${OLD_MARK}${uniqueSuffix()}`;
     await rename(target, aside);
@@ -210,7 +220,18 @@ export async function saveCheckpoint(dir: string, opts: SaveOptions): Promise<Sa
   }
   // Leftovers of an earlier save of this folder that crashed between its two renames.
   for (const stale of await asideCopies(target)) await rm(stale, { recursive: true, force: true });
-  return { dir: target, files: files.sort() };
+}
+
+/** Staging folders of `target` left by saves that never committed (a crash mid-write). */
+export async function removeStaleStaging(target: string): Promise<void> {
+  const prefix = basename(target) + TMP_MARK;
+  const entries = await readdir(dirname(target), { withFileTypes: true }).catch(() => []);
+  for (const e of entries) if (e.isDirectory() && e.name.startsWith(prefix)) await rm(join(dirname(target), e.name), { recursive: true, force: true });
+}
+
+/** The staging folder every member of a distributed run writes its part of one checkpoint into. */
+export function stagingDirOf(target: string, generation: number, step: number): string {
+  return `${resolve(target)}${TMP_MARK}g${generation}-s${step}`;
 }
 
 /** `dir.old-*` siblings (a previous complete checkpoint moved aside during a save). */

@@ -1,6 +1,7 @@
 // A model checkpoint in Hugging Face layout, plus (for training) the optimizer moments and the trainer's
 // state in the same atomically written folder, so a resumed run continues bit for bit.
-import { loadCheckpoint, readSafetensors, saveCheckpoint, serializeSafetensors } from './index.js';
+import { loadCheckpoint, saveCheckpoint, serializeSafetensors } from './index.js';
+import { loadOptimizerMoments } from './cluster.js';
 import { isExpertTensor, mixtralTensorShapes } from '../model/hf.js';
 import { MixtralModel } from '../model/model.js';
 import { ExpertSet, type ExpertTransport } from '../model/experts.js';
@@ -62,10 +63,16 @@ export async function loadDenseModel(dir: string, transport: ExpertTransport): P
   return model;
 }
 
+export type TrainerStateFile = Record<string, unknown> & { step: number; optimizer_steps: Record<string, number> };
+
+export async function readTrainerState(dir: string): Promise<TrainerStateFile> {
+  return JSON.parse(await readFile(join(dir, TRAINER_STATE_FILE), 'utf8')) as TrainerStateFile;
+}
+
 /** Trainer state and optimizer moments of a training checkpoint (throws when the folder has none). */
 export async function loadTrainingSnapshot(dir: string, optimizers: Record<string, AdamW>): Promise<Record<string, unknown>> {
-  const state = JSON.parse(await readFile(join(dir, TRAINER_STATE_FILE), 'utf8')) as Record<string, unknown> & { optimizer_steps: Record<string, number> };
-  const { tensors } = await readSafetensors(join(dir, OPTIMIZER_FILE));
+  const state = await readTrainerState(dir);
+  const tensors = await loadOptimizerMoments(dir, (name) => Object.keys(optimizers).some((group) => name.startsWith(`${group}.`)));
   for (const [group, opt] of Object.entries(optimizers)) {
     const prefix = `${group}.`;
     const own = new Map([...tensors].filter(([n]) => n.startsWith(prefix)).map(([n, t]) => [n.slice(prefix.length), t]));

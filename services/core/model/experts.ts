@@ -2,6 +2,7 @@
 // the MoE layer reaches them (DESIGN §14). The in-process transport calls an ExpertSet directly; the gRPC
 // transport of the serving cluster sends the same row batches to shards that hold ExpertSets.
 import * as tf from '@tensorflow/tfjs-core';
+import { createHash } from 'node:crypto';
 import { ParameterTable } from './parameters.js';
 import { expertFromHf, type HostTensor } from './hf.js';
 import { expertBackward, expertForward, transposeExpert, type ExpertCache, type ExpertWeights, type ExpertWeightsT } from './expert.js';
@@ -78,6 +79,21 @@ export class ExpertSet {
       w3t: this.params.get(expertParamName(layer, expert, 'w3t')),
       w2t: this.params.get(expertParamName(layer, expert, 'w2t')),
     };
+  }
+
+  /** Parameter names of one expert, in the order gradients and digests use. */
+  paramNames(layer: number, expert: number): string[] {
+    return (['w1t', 'w3t', 'w2t'] as const).map((part) => expertParamName(layer, expert, part));
+  }
+
+  /** SHA-256 of the expert's weights: replicas that must be identical compare these. */
+  digest(layer: number, expert: number): string {
+    const hash = createHash('sha256');
+    for (const name of this.paramNames(layer, expert)) {
+      const v = this.params.get(name).dataSync() as Float32Array;
+      hash.update(new Uint8Array(v.buffer, v.byteOffset, v.byteLength));
+    }
+    return hash.digest('hex');
   }
 
   private weightsT(layer: number, expert: number): ExpertWeightsT {

@@ -366,11 +366,11 @@ export class MixtralModel {
     this.dense.accumulate(denseNames.embed, tf.tensor2d(grad, [this.config.vocab_size, D]));
   }
 
-  /** After an optimizer step: move the aux-loss-free balancing bias by this step's loads. */
-  updateBalance(stats: MoeStats[]): void {
+  /** After an optimizer step: move the aux-loss-free balancing bias by this step's loads (per layer, before dropping). */
+  updateBalance(countsBeforeDrop: Int32Array[]): void {
     if (!this.balanceBias) return;
     const rate = this.config.switchyard_gate.balance_bias_rate;
-    stats.forEach((s, l) => updateBalanceBias(this.balanceBias![l], s.countsBeforeDrop, rate));
+    countsBeforeDrop.forEach((counts, l) => updateBalanceBias(this.balanceBias![l], counts, rate));
   }
 
   dispose(): void {

@@ -48,6 +48,40 @@ export class ParameterTable {
     } else this.grads.set(name, tf.keep(grad));
   }
 
+  /** Replaces the gradient of `name` (e.g. with its all-reduced sum); takes ownership of `grad`. */
+  setGrad(name: string, grad: tf.Tensor): void {
+    const value = this.values.get(name);
+    if (!value) throw new Error(`gradient for unknown parameter ${name}`);
+    if (grad.size !== value.size) throw new RangeError(`gradient for ${name} has ${grad.size} values, the parameter ${value.size}`);
+    this.grads.get(name)?.dispose();
+    this.grads.set(name, tf.keep(grad.shape.join() === value.shape.join() ? grad : tf.reshape(grad, value.shape)));
+  }
+
+  /** All gradients (zeros where none arrived) laid end to end in `names` order, as one host vector. */
+  flatGrads(names: string[] = this.names()): Float32Array {
+    const total = names.reduce((n, name) => n + this.get(name).size, 0);
+    const out = new Float32Array(total);
+    let offset = 0;
+    for (const name of names) {
+      const size = this.get(name).size;
+      const g = this.grads.get(name);
+      if (g) out.set(g.dataSync() as Float32Array, offset);
+      offset += size;
+    }
+    return out;
+  }
+
+  /** Sets every gradient in `names` from a vector laid out as flatGrads lays it out. */
+  setFlatGrads(values: Float32Array, names: string[] = this.names()): void {
+    let offset = 0;
+    for (const name of names) {
+      const p = this.get(name);
+      this.setGrad(name, tf.tensor(values.slice(offset, offset + p.size), p.shape));
+      offset += p.size;
+    }
+    if (offset !== values.length) throw new RangeError(`gradient vector has ${values.length} values, the parameters ${offset}`);
+  }
+
   /** The gradient, or zeros when nothing reached the parameter this step. */
   gradOrZeros(name: string): tf.Tensor {
     return this.grads.get(name) ?? tf.zerosLike(this.get(name));

@@ -84,9 +84,9 @@ export class AdamW {
 }
 
 /** Σ‖g‖² over a table's gradients, for global-norm clipping across tables (and, later, across processes). */
-export function gradSquareSum(table: ParameterTable): number {
+export function gradSquareSum(table: ParameterTable, names: string[] = table.names()): number {
   let total = 0;
-  for (const name of table.names()) {
+  for (const name of names) {
     if (!table.hasGrad(name)) continue;
     const s = tf.tidy(() => tf.sum(tf.square(table.gradOrZeros(name))));
     total += s.dataSync()[0];

@@ -48,10 +48,39 @@ export interface TrainSummary {
   dataSource: string;
 }
 
+export interface StepNumbers {
+  step: number;
+  loss: number;
+  crossEntropy: number;
+  auxLoss: number;
+  zLoss: number;
+  /** Routing choices dropped over the global batch and all layers. */
+  droppedChoices: number;
+  lr: number;
+  gradNorm: number;
+  tokens: number;
+  stepSeconds: number;
+  elapsedSeconds: number;
+  validationLoss?: number;
+}
+
+/** One metrics.jsonl line: the same fields for single-process and distributed runs. */
+export function metricsRecord(model: ModelConfig, t: TrainSettings, n: StepNumbers, extra: Record<string, number> = {}): Record<string, number> & MetricsRecord {
+  const tokensPerStep = t.batch_sequences * t.seq_len;
+  return {
+    step: n.step, loss: n.loss, ce_loss: n.crossEntropy, aux_loss: n.auxLoss, z_loss: n.zLoss,
+    lr: n.lr, grad_norm: n.gradNorm, tokens: n.tokens, tokens_per_s: tokensPerStep / n.stepSeconds,
+    dropped_fraction: n.droppedChoices / (tokensPerStep * model.num_experts_per_tok * model.num_hidden_layers),
+    elapsed_s: n.elapsedSeconds,
+    ...extra,
+    ...(n.validationLoss !== undefined ? { val_loss: n.validationLoss } : {}),
+  };
+}
+
 export const checkpointDirOf = (outDir: string): string => join(outDir, 'checkpoint');
 export const metricsFileOf = (outDir: string): string => join(outDir, 'metrics.jsonl');
 
-interface TrainerState {
+export interface TrainerState {
   step: number;
   tokens: number;
   elapsed_seconds: number;
@@ -62,21 +91,21 @@ interface TrainerState {
 }
 
 /** Fixed validation batches, the same for every run on the same corpus and settings. */
-function validationBatches(validation: Uint8Array, t: TrainSettings): Batch[] {
+export function validationBatches(validation: Uint8Array, t: TrainSettings): Batch[] {
   const sampler = new BatchSampler(validation, t.seq_len, t.batch_sequences, t.seed ^ 0x5eed);
   return Array.from({ length: t.eval_batches }, () => sampler.next());
 }
 
-async function validationLoss(model: MixtralModel, batches: Batch[], t: TrainSettings): Promise<number> {
+export async function validationLoss(model: MixtralModel, batches: Batch[], t: TrainSettings): Promise<number> {
   let total = 0;
   for (const b of batches) total += await model.evalLoss(b.inputs, b.targets, t.batch_sequences, t.seq_len);
   return total / batches.length;
 }
 
-interface MetricsRecord { step: number; loss: number; val_loss?: number }
+export interface MetricsRecord { step: number; loss: number; val_loss?: number }
 
 /** Keeps metrics lines up to `step` so a resumed run appends where the checkpoint left off; returns them. */
-async function truncateMetrics(path: string, step: number): Promise<MetricsRecord[]> {
+export async function truncateMetrics(path: string, step: number): Promise<MetricsRecord[]> {
   if (!existsSync(path)) return [];
   const kept = (await readFile(path, 'utf8')).split('\n').filter((line) => line.trim()).map((line) => JSON.parse(line) as MetricsRecord).filter((r) => r.step <= step);
   await writeFile(path, kept.map((r) => JSON.stringify(r) + '\n').join(''));
@@ -157,7 +186,7 @@ export async function train(opts: TrainRunOptions): Promise<TrainSummary> {
       optimizers.experts.apply(lr, scale);
       model.dense.clearGrads();
       model.localExperts!.params.clearGrads();
-      model.updateBalance(result.layerStats);
+      model.updateBalance(result.layerStats.map((l) => l.countsBeforeDrop));
       tokens += tokensPerStep;
       lastLoss = result.loss;
       const stepSeconds = (performance.now() - stepStart) / 1000;
@@ -166,14 +195,11 @@ export async function train(opts: TrainRunOptions): Promise<TrainSummary> {
         validationLossValue = await validationLoss(model, evalBatches, t);
         lastValidation = validationLossValue;
       }
-      const dropped = result.layerStats.reduce((s, l) => s + l.droppedChoices, 0);
-      const record = {
-        step, loss: result.loss, ce_loss: result.crossEntropy, aux_loss: result.auxLoss, z_loss: result.zLoss,
-        lr, grad_norm: gradNorm, tokens, tokens_per_s: tokensPerStep / stepSeconds,
-        dropped_fraction: dropped / (tokensPerStep * model.config.num_experts_per_tok * model.config.num_hidden_layers),
-        elapsed_s: elapsed(),
-        ...(validationLossValue !== undefined ? { val_loss: validationLossValue } : {}),
-      };
+      const record = metricsRecord(model.config, t, {
+        step, loss: result.loss, crossEntropy: result.crossEntropy, auxLoss: result.auxLoss, zLoss: result.zLoss,
+        droppedChoices: result.layerStats.reduce((s, l) => s + l.droppedChoices, 0),
+        lr, gradNorm, tokens, stepSeconds, elapsedSeconds: elapsed(), validationLoss: validationLossValue,
+      });
       await appendFile(metricsPath, JSON.stringify(record) + '\n');
       opts.onStep?.({
         step, steps: t.steps, loss: result.loss, crossEntropy: result.crossEntropy, auxLoss: result.auxLoss, lr,

@@ -10,8 +10,14 @@ import { CHANNEL_OPTIONS, loadProtos } from './protos.js';
 import { fromWireTensor, toWireTensor } from './tensor.js';
 import type { FloatDtype } from '../dtypes.js';
 
-/** Where each (layer, expert) is served: a shard address (host:port). */
-export type PlacementLookup = (layer: number, expert: number) => string;
+/** Where each (layer, expert) is served: the addresses (host:port) of every shard holding a replica. */
+export type PlacementLookup = (layer: number, expert: number) => string[];
+
+/** Rows [rowStart, rowStart + rowCount) of batch `batch` go to `address`. */
+interface Piece { batch: number; address: string; rowStart: number; rowCount: number }
+
+/** The training attempt and weights version the rows of the current step need (shards hold rows back until then). */
+export interface TrainingTag { generation: number; weightsStep: number }
 
 export class ExpertCallError extends Error {
   override name = 'ExpertCallError';
@@ -86,6 +92,10 @@ export class GrpcExpertTransport implements ExpertTransport {
   private readonly shards = new Map<string, ShardStream>();
   /** Messages sent per shard, for tests and metrics. */
   readonly messagesSent = new Map<string, number>();
+  /** Set by a training router for the step in flight; undefined when serving. */
+  training?: TrainingTag;
+  private readonly trainSplits = new Map<string, Piece[]>();
+  private turn = 0;
 
   /** `wireDtype` BF16 or F16 halves the bytes of every row batch both ways, at reduced precision. */
   constructor(private readonly placement: PlacementLookup, readonly hidden: number, private readonly timeoutMs = 30_000, readonly wireDtype: FloatDtype = 'F32') {}
@@ -99,35 +109,76 @@ export class GrpcExpertTransport implements ExpertTransport {
     return s;
   }
 
-  private async exchange(passId: string, batches: RowBatch[], kind: RowKind, context?: CallContext): Promise<Float32Array[]> {
-    const byShard = new Map<string, number[]>();
+  /**
+   * Splits each batch over the replicas of its expert: contiguous, nearly equal row ranges. Inference
+   * rotates which replica gets the larger share (and single rows), so replicas share the load.
+   */
+  private split(batches: RowBatch[]): Piece[] {
+    const pieces: Piece[] = [];
     batches.forEach((b, i) => {
-      const address = this.placement(b.layer, b.expert);
-      if (!byShard.has(address)) byShard.set(address, []);
-      byShard.get(address)!.push(i);
+      const owners = this.placement(b.layer, b.expert);
+      if (owners.length === 0) throw new ExpertCallError('-', grpc.status.UNAVAILABLE, `no shard holds expert (layer ${b.layer}, expert ${b.expert})`);
+      const parts = Math.min(owners.length, Math.max(b.rowCount, 1));
+      const first = this.training ? 0 : this.turn++ % owners.length;
+      let start = 0;
+      for (let p = 0; p < parts; p++) {
+        const rows = Math.floor(b.rowCount / parts) + (p < b.rowCount % parts ? 1 : 0);
+        pieces.push({ batch: i, address: owners[(first + p) % owners.length], rowStart: start, rowCount: rows });
+        start += rows;
+      }
     });
-    const results: Float32Array[] = new Array(batches.length);
-    await Promise.all([...byShard].map(async ([address, indices]) => {
+    return pieces;
+  }
+
+  private async exchange(passId: string, batches: RowBatch[], kind: RowKind, pieces: Piece[], context?: CallContext): Promise<Float32Array[]> {
+    const D = this.hidden;
+    const byShard = new Map<string, Piece[]>();
+    for (const p of pieces) {
+      if (!byShard.has(p.address)) byShard.set(p.address, []);
+      byShard.get(p.address)!.push(p);
+    }
+    const results = batches.map((b, i) => (pieces.filter((p) => p.batch === i).length === 1 ? undefined : new Float32Array(b.rowCount * D)));
+    const whole: Array<Float32Array | undefined> = new Array(batches.length);
+    const tag = this.training;
+    await Promise.all([...byShard].map(async ([address, mine]) => {
       this.messagesSent.set(address, (this.messagesSent.get(address) ?? 0) + 1);
       const reply = await this.shard(address).send({
         passId, kind, requestIds: context?.requestIds ?? [],
-        batches: indices.map((i) => ({ layer: batches[i].layer, expert: batches[i].expert, rows: toWireTensor(batches[i].rows, [batches[i].rowCount, this.hidden], this.wireDtype) })),
+        trainGeneration: String(tag?.generation ?? 0), weightsStep: String(tag?.weightsStep ?? 0),
+        batches: mine.map((p) => {
+          const b = batches[p.batch];
+          return { layer: b.layer, expert: b.expert, rows: toWireTensor(b.rows.subarray(p.rowStart * D, (p.rowStart + p.rowCount) * D), [p.rowCount, D], this.wireDtype) };
+        }),
       });
       if (reply.error) throw new ExpertCallError(address, reply.error.code, reply.error.message);
-      if (reply.batches.length !== indices.length) throw new ExpertCallError(address, grpc.status.INTERNAL, `${reply.batches.length} batches for ${indices.length} sent`);
-      indices.forEach((i, j) => {
-        results[i] = fromWireTensor(reply.batches[j].rows, `reply batch ${j}`, [batches[i].rowCount, this.hidden]).values;
+      if (reply.batches.length !== mine.length) throw new ExpertCallError(address, grpc.status.INTERNAL, `${reply.batches.length} batches for ${mine.length} sent`);
+      mine.forEach((p, j) => {
+        const values = fromWireTensor(reply.batches[j].rows, `reply batch ${j}`, [p.rowCount, D]).values;
+        const out = results[p.batch];
+        if (out) out.set(values, p.rowStart * D);
+        else whole[p.batch] = values;
       });
     }));
-    return results;
+    return batches.map((_, i) => results[i] ?? whole[i]!);
   }
 
   forward(passId: string, batches: RowBatch[], train: boolean, context?: CallContext): Promise<Float32Array[]> {
-    return this.exchange(passId, batches, train ? 'ROW_KIND_FORWARD_TRAIN' : 'ROW_KIND_FORWARD', context);
+    const pieces = this.split(batches);
+    // A training backward must reach the replicas that saw each row's forward.
+    if (train) this.trainSplits.set(passId, pieces);
+    return this.exchange(passId, batches, train ? 'ROW_KIND_FORWARD_TRAIN' : 'ROW_KIND_FORWARD', pieces, context);
   }
 
   backward(passId: string, batches: RowBatch[], context?: CallContext): Promise<Float32Array[]> {
-    return this.exchange(passId, batches, 'ROW_KIND_BACKWARD', context);
+    const pieces = this.trainSplits.get(passId);
+    this.trainSplits.delete(passId);
+    if (!pieces) throw new Error(`backward of pass ${passId} without its training forward`);
+    return this.exchange(passId, batches, 'ROW_KIND_BACKWARD', pieces, context);
+  }
+
+  /** Forgets the row splits of passes that will get no backward (an aborted training step). */
+  forgetPasses(): void {
+    this.trainSplits.clear();
   }
 
   close(): void {

@@ -1,0 +1,244 @@
+// The coordinator's part of distributed training (DESIGN §2, §7): which members form the run, the
+// per-step barriers, the global gradient norm, replica checks, checkpoint commits, and aborts. A step
+// completes everywhere or nowhere: any failure aborts the attempt ("generation"), every member rejoins,
+// reloads the last committed checkpoint and continues from it.
+import { mkdir } from 'node:fs/promises';
+import { resolve } from 'node:path';
+import { checkpointStep, commitClusterCheckpoint, type CheckpointPartFiles } from '../core/checkpoint/cluster.js';
+import { removeStaleStaging, stagingDirOf } from '../core/checkpoint/index.js';
+import { placementOf } from '../core/placement.js';
+import type { TrainSyncReply } from '../generated/switchyard/v1/TrainSyncReply.js';
+import type { TrainSyncRequest__Output } from '../generated/switchyard/v1/TrainSyncRequest.js';
+import type { Member, Membership } from './membership.js';
+
+export interface TrainingJobOptions {
+  /** Members the run needs before it starts or resumes. */
+  routers: number;
+  shards: number;
+  /** The committed checkpoint (and where new ones go). */
+  checkpointDir: string;
+  log?: (record: Record<string, unknown>) => void;
+}
+
+/** A refusal that is not an abort (e.g. a member that has not registered yet): answered as an RPC error. */
+export class TrainSyncError extends Error {
+  constructor(readonly code: 'FAILED_PRECONDITION' | 'INVALID_ARGUMENT', message: string) {
+    super(message);
+  }
+}
+
+type Reply = (reply: TrainSyncReply) => void;
+
+interface Arrival { request: TrainSyncRequest__Output; reply: Reply }
+
+interface Barrier {
+  arrivals: Map<string, Arrival>;
+  resolving: boolean;
+}
+
+interface TrainSettingsView { steps: number; checkpoint_interval: number }
+
+export class TrainingJob {
+  generation = 1;
+  private state: 'joining' | 'running' | 'finished' = 'joining';
+  private joins = new Map<string, Arrival>();
+  /** Members of the running generation with the lease each held when it joined. */
+  private roster = new Map<string, { role: Member['role']; leaseId: string }>();
+  private barriers = new Map<string, Barrier>();
+  /** Replies of completed barriers, for members whose long poll timed out just before the answer. */
+  private resolved = new Map<string, TrainSyncReply>();
+  private joinReply?: TrainSyncReply;
+  private settingsJson = '';
+  private lastAbort = '';
+  committedStep = 0;
+  /** Called on every abort with the generation that ended (the all-reduce hub drops its reductions). */
+  onAbort?: (generation: number, reason: string) => void;
+
+  constructor(readonly options: TrainingJobOptions, private readonly membership: Membership) {
+    membership.onMemberChange((memberId, event) => {
+      if (this.state === 'joining') {
+        if (event === 'expired') this.joins.delete(memberId);
+        return;
+      }
+      const m = this.roster.get(memberId);
+      if (!m) return;
+      const current = membership.get(memberId);
+      if (event === 'expired' || current?.leaseId !== m.leaseId) this.abort(`${memberId} ${event === 'expired' ? 'stopped answering (lease expired)' : 'restarted'}`);
+    });
+  }
+
+  private log(record: Record<string, unknown>): void {
+    this.options.log?.({ service: 'coordinator', generation: this.generation, ...record });
+  }
+
+  handle(request: TrainSyncRequest__Output, reply: Reply): void {
+    const generation = Number(request.generation);
+    const step = Number(request.step);
+    switch (request.phase) {
+      case 'TRAIN_PHASE_JOIN': return this.join(request, reply);
+      case 'TRAIN_PHASE_ABORT':
+        if (generation === this.generation && this.state === 'running') this.abort(`${request.memberId}: ${request.error || 'aborted'}`);
+        return reply({ aborted: true, abortReason: this.lastAbort, generation: String(this.generation) });
+      case 'TRAIN_PHASE_BACKWARD_DONE':
+      case 'TRAIN_PHASE_COMMIT':
+      case 'TRAIN_PHASE_CHECKPOINT':
+        break;
+      default:
+        throw new TrainSyncError('INVALID_ARGUMENT', `unknown training phase ${request.phase}`);
+    }
+    const key = `${generation}/${step}/${request.phase}`;
+    const memo = this.resolved.get(key);
+    if (memo) return reply(memo);
+    if (generation !== this.generation || this.state !== 'running')
+      return reply({ aborted: true, abortReason: this.lastAbort || 'not part of the current attempt', generation: String(this.generation) });
+    if (!this.roster.has(request.memberId))
+      return reply({ aborted: true, abortReason: `${request.memberId} is not a member of generation ${generation}`, generation: String(this.generation) });
+    let barrier = this.barriers.get(key);
+    if (!barrier) {
+      barrier = { arrivals: new Map(), resolving: false };
+      this.barriers.set(key, barrier);
+    }
+    barrier.arrivals.set(request.memberId, { request, reply });
+    if (!barrier.resolving && barrier.arrivals.size === this.roster.size) {
+      barrier.resolving = true;
+      void this.complete(key, step, request.phase, barrier);
+    }
+  }
+
+  private join(request: TrainSyncRequest__Output, reply: Reply): void {
+    const member = this.membership.get(request.memberId);
+    if (!member) throw new TrainSyncError('FAILED_PRECONDITION', `${request.memberId} has not registered`);
+    if (this.state === 'finished') this.state = 'joining'; // a new run (e.g. resumed with more steps)
+    if (this.state === 'running') {
+      const known = this.roster.get(request.memberId);
+      // The same process asking again (its long poll timed out): same answer.
+      if (known && known.leaseId === member.leaseId && this.joinReply) return reply(this.joinReply);
+      this.abort(`${request.memberId} rejoined`);
+    }
+    this.joins.set(request.memberId, { request, reply });
+    if (request.trainSettingsJson) this.settingsJson = request.trainSettingsJson;
+    this.tryStart().catch((err: unknown) => {
+      // E.g. no committed checkpoint to resume from: every joiner hears why and retries.
+      const reason = `cannot start training: ${(err as Error).message}`;
+      this.log({ msg: reason });
+      const waiting = [...this.joins.values()];
+      this.joins.clear();
+      for (const a of waiting) a.reply({ aborted: true, abortReason: reason, generation: String(this.generation) });
+    });
+  }
+
+  private starting = false;
+
+  private async tryStart(): Promise<void> {
+    if (this.state !== 'joining' || this.starting) return;
+    const joined = [...this.joins.keys()].map((id) => this.membership.get(id)).filter((m): m is Member => m !== undefined);
+    const routers = joined.filter((m) => m.role === 'router');
+    const shards = joined.filter((m) => m.role === 'expert-shard');
+    if (routers.length < this.options.routers || shards.length < this.options.shards || !this.settingsJson) return;
+    this.starting = true;
+    try {
+      const dir = resolve(this.options.checkpointDir);
+      this.committedStep = await checkpointStep(dir);
+      await removeStaleStaging(dir); // parts of checkpoints that never committed
+      if (this.state !== 'joining') return;
+      const members = [...routers, ...shards];
+      this.roster = new Map(members.map((m) => [m.memberId, { role: m.role, leaseId: m.leaseId }]));
+      const placement = placementOf(shards.map((m) => ({ shardId: m.memberId, address: m.address, experts: m.experts })), 0);
+      const replicas = placement.entries.filter((e) => e.shardIds.length > 1).map((e) => ({ layer: e.layer, expert: e.expert, shardIds: e.shardIds }));
+      this.joinReply = {
+        generation: String(this.generation), resumeStep: String(this.committedStep), checkpointDir: dir,
+        trainSettingsJson: this.settingsJson, replicas, routers: routers.length,
+      };
+      this.state = 'running';
+      this.barriers.clear();
+      this.resolved.clear();
+      const waiting = [...this.joins.values()];
+      this.joins.clear();
+      this.log({ msg: 'training attempt started', members: [...this.roster.keys()], resume_step: this.committedStep, replicated_experts: replicas.length });
+      for (const a of waiting) a.reply(this.joinReply);
+    } finally {
+      this.starting = false;
+    }
+  }
+
+  private settings(): TrainSettingsView {
+    return JSON.parse(this.settingsJson) as TrainSettingsView;
+  }
+
+  private async complete(key: string, step: number, phase: string, barrier: Barrier): Promise<void> {
+    const generation = this.generation;
+    let reply: TrainSyncReply;
+    try {
+      reply = { generation: String(generation), ...(await this.resolve(step, phase, [...barrier.arrivals.values()].map((a) => a.request))) };
+    } catch (err) {
+      this.abort(`step ${step}: ${(err as Error).message}`);
+      return;
+    }
+    if (generation !== this.generation || this.barriers.get(key) !== barrier) return; // aborted meanwhile
+    this.barriers.delete(key);
+    this.resolved.set(key, reply);
+    for (const k of this.resolved.keys()) if (Number(k.split('/')[1]) < step - 2) this.resolved.delete(k);
+    if (phase === 'TRAIN_PHASE_CHECKPOINT' && step === this.settings().steps) {
+      // The run is complete: members leaving now is no failure.
+      this.state = 'finished';
+      this.log({ msg: 'training finished', step });
+    }
+    for (const a of barrier.arrivals.values()) a.reply(reply);
+  }
+
+  private async resolve(step: number, phase: string, requests: TrainSyncRequest__Output[]): Promise<Partial<TrainSyncReply>> {
+    if (phase === 'TRAIN_PHASE_BACKWARD_DONE') return {};
+    if (phase === 'TRAIN_PHASE_COMMIT') {
+      this.checkReplicas(requests);
+      const routerSums = requests.filter((r) => this.roster.get(r.memberId)?.role === 'router').map((r) => r.gradSquareSum);
+      // Router replicas hold identical all-reduced dense gradients: any difference is divergence.
+      if (routerSums.some((s) => s !== routerSums[0])) throw new Error(`router replicas disagree on the dense gradient norm (${routerSums.join(', ')})`);
+      const shardSum = requests.filter((r) => this.roster.get(r.memberId)?.role === 'expert-shard').reduce((s, r) => s + r.gradSquareSum, 0);
+      const gradNorm = Math.sqrt((routerSums[0] ?? 0) + shardSum);
+      const t = this.settings();
+      const checkpoint = step % t.checkpoint_interval === 0 || step === t.steps;
+      const stagingDir = stagingDirOf(this.options.checkpointDir, this.generation, step);
+      if (checkpoint) await mkdir(stagingDir, { recursive: true });
+      return { gradNorm, checkpoint, stagingDir: checkpoint ? stagingDir : '' };
+    }
+    // CHECKPOINT: every part is durable; write the indexes and commit.
+    const staging = stagingDirOf(this.options.checkpointDir, this.generation, step);
+    const parts: CheckpointPartFiles[] = requests.flatMap((r) => r.parts.map((p) => ({ file: p.file, tensors: p.tensors, optimizerFile: p.optimizerFile, optimizerTensors: p.optimizerTensors })));
+    const state = requests.find((r) => r.trainerStateJson)?.trainerStateJson;
+    if (!state) throw new Error('no member sent the trainer state for the checkpoint');
+    const started = performance.now();
+    await commitClusterCheckpoint(staging, resolve(this.options.checkpointDir), parts, state);
+    this.committedStep = step;
+    this.log({ msg: 'checkpoint committed', step, parts: parts.length, seconds: (performance.now() - started) / 1000 });
+    return {};
+  }
+
+  /** Every holder of a replicated expert must report the same weights digest. */
+  private checkReplicas(requests: TrainSyncRequest__Output[]): void {
+    const seen = new Map<string, { digest: string; memberId: string }>();
+    for (const r of requests)
+      for (const d of r.digests) {
+        const key = `${d.layer}/${d.expert}`;
+        const first = seen.get(key);
+        if (!first) seen.set(key, { digest: d.digest, memberId: r.memberId });
+        else if (first.digest !== d.digest)
+          throw new Error(`replicas of expert (layer ${d.layer}, expert ${d.expert}) diverged: ${first.memberId} and ${r.memberId} hold different weights`);
+      }
+  }
+
+  /** Ends the running attempt: every waiting member is told, and all rejoin from the last checkpoint. */
+  abort(reason: string): void {
+    if (this.state !== 'running') return;
+    const ended = this.generation;
+    this.lastAbort = reason;
+    this.generation++;
+    this.state = 'joining';
+    this.joinReply = undefined;
+    this.log({ msg: 'training attempt aborted', ended_generation: ended, reason });
+    const reply: TrainSyncReply = { aborted: true, abortReason: reason, generation: String(this.generation) };
+    for (const b of this.barriers.values()) for (const a of b.arrivals.values()) a.reply(reply);
+    this.barriers.clear();
+    this.resolved.clear();
+    this.onAbort?.(ended, reason);
+  }
+}

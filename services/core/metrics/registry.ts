@@ -1,0 +1,40 @@
+// One Prometheus registry per process (prom-client) and the HTTP endpoint that exposes it. Services
+// that already run an HTTP server mount `metricsText` there; the others start this small server.
+import { createServer, type Server } from 'node:http';
+import { collectDefaultMetrics, Gauge, Registry } from 'prom-client';
+
+export const registry = new Registry();
+collectDefaultMetrics({ register: registry });
+
+let buildInfo: Gauge | undefined;
+
+/** `moe_build_info{version, backend, service} 1` (DESIGN §11), set once the backend is known. */
+export function setBuildInfo(version: string, backend: string, service: string): void {
+  buildInfo ??= new Gauge({ name: 'moe_build_info', help: 'Switchyard version and compute backend of this process', labelNames: ['version', 'backend', 'service'], registers: [registry] });
+  buildInfo.reset();
+  buildInfo.set({ version, backend, service }, 1);
+}
+
+export async function metricsText(): Promise<{ contentType: string; body: string }> {
+  return { contentType: registry.contentType, body: await registry.metrics() };
+}
+
+export interface MetricsServer { port: number; close(): Promise<void> }
+
+/** Serves GET /metrics on host:port (0 = any free port). */
+export async function startMetricsServer(host: string, port: number): Promise<MetricsServer> {
+  const server: Server = createServer((req, res) => {
+    if (req.method !== 'GET' || (req.url ?? '').split('?')[0] !== '/metrics') {
+      res.writeHead(404, { 'content-type': 'application/json' }).end(JSON.stringify({ error: 'only GET /metrics is served here' }));
+      return;
+    }
+    metricsText().then(({ contentType, body }) => res.writeHead(200, { 'content-type': contentType }).end(body),
+      (err: Error) => res.writeHead(500, { 'content-type': 'application/json' }).end(JSON.stringify({ error: err.message })));
+  });
+  await new Promise<void>((resolve, reject) => server.once('error', reject).listen(port, host, () => resolve()));
+  const address = server.address();
+  return {
+    port: typeof address === 'object' && address ? address.port : port,
+    close: () => new Promise((resolve) => server.close(() => resolve())),
+  };
+}

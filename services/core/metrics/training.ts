@@ -1,0 +1,41 @@
+// Training metrics (DESIGN §11), shared by the single-process trainer, training routers and shards:
+// base units, `_total` counters, label sets bounded by the model's layers and experts.
+import { Counter, Gauge, Histogram } from 'prom-client';
+import { registry } from './registry.js';
+
+const BYTES_BUCKETS = [1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9];
+const SECONDS_BUCKETS = [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
+
+export const trainingMetrics = {
+  step: new Gauge({ name: 'switchyard_train_step', help: 'Last completed training step', registers: [registry] }),
+  loss: new Gauge({ name: 'switchyard_train_loss', help: 'Training objective of the last step (cross-entropy + auxiliary terms)', registers: [registry] }),
+  validationLoss: new Gauge({ name: 'switchyard_train_validation_loss', help: 'Last validation cross-entropy, nats per token', registers: [registry] }),
+  tokensPerSecond: new Gauge({ name: 'switchyard_train_tokens_per_second', help: 'Global-batch tokens per second of the last step', registers: [registry] }),
+  tokens: new Counter({ name: 'switchyard_train_tokens_total', help: 'Training tokens processed (global batch)', registers: [registry] }),
+  stepSeconds: new Histogram({ name: 'switchyard_train_step_seconds', help: 'Wall time of a training step', buckets: SECONDS_BUCKETS, registers: [registry] }),
+  expertTokens: new Counter({
+    name: 'switchyard_train_expert_tokens_total', help: 'Routing choices per (layer, expert) in training, before and after capacity',
+    labelNames: ['layer', 'expert', 'stage'], registers: [registry],
+  }),
+  allReduceSeconds: new Histogram({ name: 'switchyard_allreduce_seconds', help: 'Wall time of one all-reduce (all its buckets)', labelNames: ['group'], buckets: SECONDS_BUCKETS, registers: [registry] }),
+  allReduceBytes: new Counter({ name: 'switchyard_allreduce_bytes_total', help: 'Bytes this process sent into all-reduces', labelNames: ['group'], registers: [registry] }),
+  allReduceMessageBytes: new Histogram({ name: 'switchyard_allreduce_payload_bytes', help: 'Payload of one all-reduce', labelNames: ['group'], buckets: BYTES_BUCKETS, registers: [registry] }),
+  aborts: new Counter({ name: 'switchyard_train_aborted_steps_total', help: 'Training steps aborted (a member failed); the run rolled back to its last checkpoint', registers: [registry] }),
+  checkpointSeconds: new Histogram({ name: 'switchyard_checkpoint_write_seconds', help: 'Time to write this process\'s part of a checkpoint', buckets: SECONDS_BUCKETS, registers: [registry] }),
+};
+
+/** Per-(layer, expert) routing counts of one step (global batch). */
+export function recordExpertLoad(countsBeforeDrop: ArrayLike<number>[], countsAfterDrop: ArrayLike<number>[]): void {
+  countsBeforeDrop.forEach((counts, layer) => {
+    for (let e = 0; e < counts.length; e++) {
+      trainingMetrics.expertTokens.inc({ layer: String(layer), expert: String(e), stage: 'routed' }, counts[e]);
+      trainingMetrics.expertTokens.inc({ layer: String(layer), expert: String(e), stage: 'kept' }, countsAfterDrop[layer][e]);
+    }
+  });
+}
+
+export function recordAllReduce(group: string, seconds: number, bytesSent: number): void {
+  trainingMetrics.allReduceSeconds.observe({ group }, seconds);
+  trainingMetrics.allReduceBytes.inc({ group }, bytesSent);
+  trainingMetrics.allReduceMessageBytes.observe({ group }, bytesSent);
+}
