@@ -2,12 +2,16 @@
 import { computeSuite } from './compute.js';
 import { moeLayerSuite, wireSuite } from './moe.js';
 import { servingSuite } from './serving.js';
+import { allreduceSuite } from './allreduce.js';
+import { trainingSuite } from './training.js';
 
 const SUITES: Record<string, (quick: boolean) => Promise<void>> = {
   compute: computeSuite,
   wire: wireSuite,
   'moe-layer': moeLayerSuite,
   serving: servingSuite,
+  allreduce: allreduceSuite,
+  training: trainingSuite,
 };
 
 export async function runBench(names: string[], opts: { quick: boolean }): Promise<void> {
