@@ -100,7 +100,7 @@ test('bench --quick runs every suite and reports each target as a ratio', async 
   await mkdir(dir);
   const r = await runCli(['bench', '--quick'], {}, dir);
   assert.equal(r.code, 0, r.stderr);
-  for (const suite of ['compute', 'wire', 'moe-layer', 'serving']) assert.match(r.stdout, new RegExp(`== ${suite} ==`));
+  for (const suite of ['compute', 'wire', 'moe-layer', 'serving', 'allreduce', 'training']) assert.match(r.stdout, new RegExp(`== ${suite} ==`));
   type Summary = { rows: Array<{ name: string; value: number; unit: string; ratio?: number; target?: string }> };
   const read = async (suite: string) => JSON.parse(await readFile(join(dir, 'bench-results', `${suite}.json`), 'utf8')) as Summary;
   const compute = await read('compute');
@@ -114,6 +114,10 @@ test('bench --quick runs every suite and reports each target as a ratio', async 
   assert.ok(wire.length >= 1 && wire.every((row) => row.ratio! >= 1), 'wire bytes per row measured against raw bytes');
   const serving = (await read('serving')).rows.filter((row) => row.unit === 'tokens/s');
   assert.equal(serving.length, 3, 'throughput at 1, 8 and 32 concurrent requests');
+  const allreduce = (await read('allreduce')).rows.filter((row) => row.target === '>= 0.5');
+  assert.ok(allreduce.length >= 1 && allreduce.every((row) => row.ratio! > 0), 'all-reduce bandwidth against the raw stream ceiling');
+  const training = (await read('training')).rows.find((row) => row.name.startsWith('2 routers'));
+  assert.ok(training && training.ratio! > 0, 'distributed training tokens/s against one process');
   const unknown = await runCli(['bench', 'nosuch']);
   assert.equal(unknown.code, 2);
   assert.match(unknown.stderr, /unknown bench suite/);

@@ -115,6 +115,11 @@ test('2 routers × 2 shards train exactly like one process: every loss and the f
   const got = await metrics(out);
   assertLossesEqual(got, await metrics(ref));
   for (const r of got) assert.ok(r.allreduce_bytes > 0 && r.allreduce_s >= 0, 'all-reduce figures in metrics.jsonl');
+  // Router replicas stay bit-identical: same dense weights after every step.
+  const digests = async (router: string) => (await jsonLines(join(out, 'logs', `${router}.log`))).filter((r) => r.msg === 'step applied').map((r) => r.dense_digest);
+  const [d0, d1] = [await digests('router-0'), await digests('router-1')];
+  assert.equal(d0.length, 20);
+  assert.deepEqual(d1, d0);
   const { worst, tensors } = await weightsDifference(checkpointDirOf(out), checkpointDirOf(ref));
   assert.equal(tensors, 3 + tiny.model.num_hidden_layers * (7 + 3 * tiny.model.num_local_experts), "every tensor of the model");
   assert.ok(worst <= 1e-4, `final weights differ by ${worst} (relative)`);
@@ -188,8 +193,11 @@ test('a crash while a checkpoint is written leaves the previous one loadable, an
   const run = startTrain(['--config', config, '--routers', '2', '--shards', '2', '--out', out], { SWITCHYARD_TEST_CHECKPOINT_DELAY_MS: '1500' });
   try {
     // Wait until a shard's part of the step-8 checkpoint is on disk but the checkpoint is not committed.
-    const staging = `${ckpt}.tmp-g1-s8`;
-    await until('a staged part of checkpoint 8', async () => ((await readdir(staging)).some((f) => f.startsWith('model-shard-')) ? true : undefined));
+    const stagingOf8 = async () => (await readdir(out)).find((f) => /^checkpoint\.tmp-g\d+-s8$/.test(f));
+    await until('a staged part of checkpoint 8', async () => {
+      const staging = await stagingOf8();
+      return staging && (await readdir(join(out, staging))).some((f) => f.startsWith('model-shard-')) ? true : undefined;
+    });
     killGroup(run.child);
     // The children notice their parent is gone and stop too.
     await run.exit;
@@ -199,13 +207,14 @@ test('a crash while a checkpoint is written leaves the previous one loadable, an
   const state = JSON.parse(await readFile(join(ckpt, 'trainer_state.json'), 'utf8')) as { step: number };
   assert.equal(state.step, 4, 'the committed checkpoint is still step 4');
   (await loadModel(ckpt)).dispose();
-  assert.ok(existsSync(`${ckpt}.tmp-g1-s8`), 'the half-written checkpoint was left in its staging folder');
+  const staged = (await readdir(out)).filter((f) => /^checkpoint\.tmp-g\d+-s8$/.test(f));
+  assert.equal(staged.length, 1, 'the half-written checkpoint was left in its staging folder');
   // Let the killed children (they poll for their parent) exit before the run restarts.
   await new Promise((r) => setTimeout(r, 1_000));
   const resumed = await runCli(['train', '--config', config, '--routers', '2', '--shards', '2', '--out', out, '--resume']);
   assert.equal(resumed.code, 0, resumed.stderr);
   assertLossesEqual(await metrics(out), await metrics(ref), 5);
-  assert.ok(!existsSync(`${ckpt}.tmp-g1-s8`), 'stale staging folders are cleaned up');
+  assert.ok(!existsSync(join(out, staged[0])), 'stale staging folders are cleaned up');
   const { worst } = await weightsDifference(ckpt, checkpointDirOf(ref));
   assert.ok(worst <= 1e-4, `final weights differ by ${worst} (relative)`);
 });

@@ -73,12 +73,19 @@ export class Supervisor {
       if (spec.restart && entry.restarts < this.maxRestarts) {
         entry.restarts++;
         this.log(`switchyard: ${why}; restarting it (${entry.restarts}/${this.maxRestarts})`);
-        this.start({ ...spec }).catch((err: Error) => this.onFailure?.(spec.name, err.message));
+        this.start({ ...entry.spec }).catch((err: Error) => this.onFailure?.(spec.name, err.message));
       } else {
         this.onFailure?.(spec.name, `${why}; see ${join(this.logDir, `${spec.name}.log`)}`);
       }
     });
     return ready;
+  }
+
+  /** Arguments for the child's future restarts (e.g. pin the port it got, so peers find it again). */
+  setArgs(name: string, args: string[]): void {
+    const c = this.children.get(name);
+    if (!c) throw new Error(`no child ${name}`);
+    c.spec = { ...c.spec, args };
   }
 
   pids(): Record<string, number> {

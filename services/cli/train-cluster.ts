@@ -88,11 +88,11 @@ export async function trainDistributed(o: DistributedTrainOptions): Promise<Trai
   process.once('SIGINT', stopOnSignal);
   process.once('SIGTERM', stopOnSignal);
   try {
-    const [, coordinator] = await supervisor.start({
-      name: 'coordinator', restart: true, ready: /listening on (\S+)/,
-      args: ['serve', 'coordinator', '--host', o.host, '--port', '0', '--lease-ttl-ms', '10000',
-        '--train-routers', String(o.routers), '--train-shards', String(o.shards), '--train-checkpoint', ckpt],
-    });
+    const coordinatorArgs = (port: string) => ['serve', 'coordinator', '--host', o.host, '--port', port, '--lease-ttl-ms', '10000',
+      '--train-routers', String(o.routers), '--train-shards', String(o.shards), '--train-checkpoint', ckpt];
+    const [, coordinator] = await supervisor.start({ name: 'coordinator', restart: true, ready: /listening on (\S+)/, args: coordinatorArgs('0') });
+    // A restarted coordinator comes back on the same port, where every member keeps looking for it.
+    supervisor.setArgs('coordinator', coordinatorArgs(coordinator.slice(coordinator.lastIndexOf(':') + 1)));
     await Promise.all(placement.map((keys, i) => supervisor.start({
       name: `shard-${i}`, restart: true, ready: /listening on/,
       args: ['serve', 'expert', '--train', '--checkpoint', ckpt, '--experts', assignmentSpec(keys), '--host', o.host, '--port', '0',

@@ -39,7 +39,11 @@ interface Barrier {
 interface TrainSettingsView { steps: number; checkpoint_interval: number }
 
 export class TrainingJob {
-  generation = 1;
+  /**
+   * Attempt numbers start from the clock, so attempts stay distinct across coordinator restarts (the
+   * coordinator keeps no state; members' rows and reductions are tagged with their attempt).
+   */
+  generation = Date.now();
   private state: 'joining' | 'running' | 'finished' = 'joining';
   private joins = new Map<string, Arrival>();
   /** Members of the running generation with the lease each held when it joined. */
@@ -190,6 +194,8 @@ export class TrainingJob {
     if (phase === 'TRAIN_PHASE_BACKWARD_DONE') return {};
     if (phase === 'TRAIN_PHASE_COMMIT') {
       this.checkReplicas(requests);
+      const routerDigests = new Set(requests.filter((r) => this.roster.get(r.memberId)?.role === 'router').map((r) => r.weightsDigest));
+      if (routerDigests.size > 1) throw new Error('router replicas hold different dense weights');
       const routerSums = requests.filter((r) => this.roster.get(r.memberId)?.role === 'router').map((r) => r.gradSquareSum);
       // Router replicas hold identical all-reduced dense gradients: any difference is divergence.
       if (routerSums.some((s) => s !== routerSums[0])) throw new Error(`router replicas disagree on the dense gradient norm (${routerSums.join(', ')})`);

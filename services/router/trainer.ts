@@ -158,13 +158,15 @@ export async function runRouterTraining(o: RouterTrainingOptions): Promise<Route
           model.dense.setFlatGrads(reduced.sums[0], names);
           const sum = reduced.sums[1];
           const denseSquares = gradSquareSum(model.dense);
-          const commit = await o.link.barrier(generation, step, 'TRAIN_PHASE_COMMIT', { gradSquareSum: denseSquares });
+          const weightsDigest = model.dense.digest();
+          const commit = await o.link.barrier(generation, step, 'TRAIN_PHASE_COMMIT', { gradSquareSum: denseSquares, weightsDigest });
           const lr = learningRate(t, step);
           optimizer.apply(lr, clipFactor(commit.gradNorm, t.grad_clip));
           model.dense.clearGrads();
           const countsBefore = Array.from({ length: L }, (_, l) => Int32Array.from(sum.subarray(4 + l * E, 4 + (l + 1) * E)));
           const countsAfter = Array.from({ length: L }, (_, l) => Int32Array.from(sum.subarray(4 + L * E + l * E, 4 + L * E + (l + 1) * E)));
           model.updateBalance(countsBefore);
+          o.log({ msg: 'step applied', step, generation, dense_digest: model.dense.digest() });
           tokens += tokensPerStep;
           const R = o.routers;
           const [ce, aux, z] = [sum[0] / R, sum[1] / R, sum[2] / R];

@@ -2,7 +2,6 @@
 // the MoE layer reaches them (DESIGN §14). The in-process transport calls an ExpertSet directly; the gRPC
 // transport of the serving cluster sends the same row batches to shards that hold ExpertSets.
 import * as tf from '@tensorflow/tfjs-core';
-import { createHash } from 'node:crypto';
 import { ParameterTable } from './parameters.js';
 import { expertFromHf, type HostTensor } from './hf.js';
 import { expertBackward, expertForward, transposeExpert, type ExpertCache, type ExpertWeights, type ExpertWeightsT } from './expert.js';
@@ -88,12 +87,7 @@ export class ExpertSet {
 
   /** SHA-256 of the expert's weights: replicas that must be identical compare these. */
   digest(layer: number, expert: number): string {
-    const hash = createHash('sha256');
-    for (const name of this.paramNames(layer, expert)) {
-      const v = this.params.get(name).dataSync() as Float32Array;
-      hash.update(new Uint8Array(v.buffer, v.byteOffset, v.byteLength));
-    }
-    return hash.digest('hex');
+    return this.params.digest(this.paramNames(layer, expert));
   }
 
   private weightsT(layer: number, expert: number): ExpertWeightsT {

@@ -1,6 +1,7 @@
 // Named parameters with their accumulated gradients. Dense weights (router) and experts (shards) each
 // keep one table; the optimizer and checkpoints work on tables, whatever process holds them.
 import * as tf from '@tensorflow/tfjs-core';
+import { createHash } from 'node:crypto';
 
 export class ParameterTable {
   private readonly values = new Map<string, tf.Tensor>();
@@ -80,6 +81,16 @@ export class ParameterTable {
       offset += p.size;
     }
     if (offset !== values.length) throw new RangeError(`gradient vector has ${values.length} values, the parameters ${offset}`);
+  }
+
+  /** SHA-256 of the values of `names` (all by default), in order: replicas that must agree compare these. */
+  digest(names: string[] = this.names()): string {
+    const hash = createHash('sha256');
+    for (const name of names) {
+      const v = this.get(name).dataSync() as Float32Array;
+      hash.update(new Uint8Array(v.buffer, v.byteOffset, v.byteLength));
+    }
+    return hash.digest('hex');
   }
 
   /** The gradient, or zeros when nothing reached the parameter this step. */
