@@ -24,6 +24,7 @@ import { runBench } from '../bench/index.js';
 import { trainingProgress } from './progress.js';
 import { RUN_FILE, trainDistributed, type RunFile } from './train-cluster.js';
 import { startMetricsServer } from '../core/metrics/registry.js';
+import { registerCoordinatorTrainingMetrics } from '../core/metrics/training.js';
 import { TrainLink } from '../core/wire/train-link.js';
 import { runRouterTraining } from '../router/trainer.js';
 import { runShardTraining } from '../expert/trainer.js';
@@ -230,6 +231,10 @@ async function serveCoordinator(flags: ServeFlags): Promise<void> {
     throw new ConfigError('serve coordinator: a training job needs all of --train-routers, --train-shards and --train-checkpoint');
   const coordinator = await startCoordinator(flags.host, flags.port, flags.leaseTtlMs, flags.trainCheckpoint === undefined ? undefined : {
     routers: flags.trainRouters!, shards: flags.trainShards!, checkpointDir: resolve(flags.trainCheckpoint), log: jsonLog('coordinator'),
+  });
+  registerCoordinatorTrainingMetrics({
+    generation: () => coordinator.training?.generation ?? 0, committedStep: () => coordinator.training?.committedStep ?? 0,
+    reduceBytesIn: () => coordinator.reduceHub.bytesIn, reduceBytesOut: () => coordinator.reduceHub.bytesOut, pendingChunks: () => coordinator.reduceHub.pendingChunks,
   });
   const metrics = await startMetricsServer(flags.host, flags.metricsPort);
   process.stdout.write(`switchyard coordinator listening on ${flags.host}:${coordinator.port} (metrics http://${flags.host}:${metrics.port}/metrics)\n`);

@@ -39,3 +39,14 @@ export function recordAllReduce(group: string, seconds: number, bytesSent: numbe
   trainingMetrics.allReduceBytes.inc({ group }, bytesSent);
   trainingMetrics.allReduceMessageBytes.observe({ group }, bytesSent);
 }
+
+/** The coordinator's view of a training run, read when Prometheus scrapes. */
+export function registerCoordinatorTrainingMetrics(view: {
+  generation: () => number; committedStep: () => number; reduceBytesIn: () => number; reduceBytesOut: () => number; pendingChunks: () => number;
+}): void {
+  new Gauge({ name: 'switchyard_train_generation', help: 'Current training attempt (changes on every abort)', registers: [registry], collect() { this.set(view.generation()); } });
+  new Gauge({ name: 'switchyard_train_committed_step', help: 'Step of the last committed cluster checkpoint', registers: [registry], collect() { this.set(view.committedStep()); } });
+  new Gauge({ name: 'switchyard_allreduce_pending_chunks', help: 'All-reduce chunks waiting for contributors', registers: [registry], collect() { this.set(view.pendingChunks()); } });
+  new Counter({ name: 'switchyard_allreduce_hub_received_bytes_total', help: 'Bytes the coordinator received into all-reduces', registers: [registry], collect() { this.reset(); this.inc(view.reduceBytesIn()); } });
+  new Counter({ name: 'switchyard_allreduce_hub_sent_bytes_total', help: 'Bytes of sums the coordinator sent back', registers: [registry], collect() { this.reset(); this.inc(view.reduceBytesOut()); } });
+}
