@@ -48,7 +48,7 @@ test('a JSON config file overrides a base preset, and an invalid one lists every
 test('bad input gets a clear message and exit code 2', async () => {
   const cases: Array<[string[], RegExp]> = [
     [['train', '--config', 'nonexistent'], /neither a preset .* nor a file/],
-    [['train', '--config', 'tiny', '--shards', '2'], /--single-process/],
+    [['train', '--config', 'tiny', '--routers', '3', '--shards', '2', '--out', join(root, 'uneven')], /does not split over 3 routers/],
     [['generate', '--model', join(root, 'missing')], /does not exist/],
     [['train', '--config', 'tiny', '--data', join(root, 'no-such-file.txt')], /no-such-file/],
     [['train', '--config', 'tiny', '--out', join(root, 'never-trained'), '--resume'], /--resume: no checkpoint in/],
