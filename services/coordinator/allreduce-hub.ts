@@ -35,7 +35,8 @@ export class ReduceHub {
     const key = `${chunk.reduction}#${chunk.chunk}`;
     let p = this.pending.get(key);
     if (!p) {
-      p = { sum: Float32Array.from(values), contributors: chunk.contributors, chunks: chunk.chunks, sinks: [sink] };
+      // The decoded values belong to this message alone, so the first contribution becomes the sum.
+      p = { sum: values, contributors: chunk.contributors, chunks: chunk.chunks, sinks: [sink] };
       this.pending.set(key, p);
     } else {
       if (p.contributors !== chunk.contributors || p.chunks !== chunk.chunks || p.sum.length !== values.length)
