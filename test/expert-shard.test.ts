@@ -91,6 +91,33 @@ for (const [arrangement, specs] of [
   });
 }
 
+test('every expert replicated on two shards: rows split over the replicas, logits and gradients unchanged', async () => {
+  const addresses = await Promise.all(['all', 'all'].map(shard));
+  const transport = new GrpcExpertTransport(() => addresses, tiny.model.hidden_size);
+  const distributed = await loadDenseModel(checkpoint, transport);
+  try {
+    const want = await reference.logits(ids, B, T);
+    const got = await distributed.logits(ids, B, T);
+    let maxDiff = 0;
+    for (let i = 0; i < want.length; i++) maxDiff = Math.max(maxDiff, Math.abs(want[i] - got[i]));
+    assert.ok(maxDiff <= 1e-5, `max |Δlogit| = ${maxDiff}`);
+    assert.deepEqual([...transport.messagesSent.keys()].sort(), [...addresses].sort(), 'both replicas served rows');
+    // Each row's backward must reach the replica that ran its forward (else the shard has no activations).
+    const a = await reference.lossAndGradients(ids, targets, B, T, { passId: 'r', train: true });
+    const b = await distributed.lossAndGradients(ids, targets, B, T, { passId: 'r', train: true });
+    assert.ok(Math.abs(a.loss - b.loss) <= 1e-6, `loss ${a.loss} vs ${b.loss}`);
+    const name = reference.dense.names()[0];
+    const ga = reference.dense.gradOrZeros(name).dataSync();
+    const gb = distributed.dense.gradOrZeros(name).dataSync();
+    for (let i = 0; i < ga.length; i += 97) assert.ok(Math.abs(ga[i] - gb[i]) <= 1e-5, `${name}[${i}]`);
+  } finally {
+    reference.dense.clearGrads();
+    reference.localExperts!.params.clearGrads();
+    transport.close();
+    distributed.dispose();
+  }
+});
+
 test('bf16 on the wire keeps logits within bf16 tolerance', async () => {
   const address = await shard('all');
   const transport = new GrpcExpertTransport(() => [address], tiny.model.hidden_size, 30_000, 'BF16');
