@@ -29,6 +29,7 @@ import { TrainLink } from '../core/wire/train-link.js';
 import { runRouterTraining } from '../router/trainer.js';
 import { runShardTraining } from '../expert/trainer.js';
 import { ExpertSet } from '../core/model/experts.js';
+import { OVERFLOW_POLICIES, type OverflowPolicy } from '../core/overload.js';
 
 const DEFAULT_RUN_DIR = 'checkpoints/default';
 
@@ -172,6 +173,8 @@ interface ServeFlags {
   coordinator?: string; shardId?: string; tokenBudget: number; modelName?: string; wireDtype: string;
   train?: boolean; trainRouters?: number; trainShards?: number; trainCheckpoint?: string;
   run?: string; index?: number; routers?: number; metricsPort: number;
+  overflow: string; maxQueue: number; maxBatch: number; inferConcurrency: number; requestTimeoutMs: number; apiTokenFile?: string;
+  maxRssMb: number; drainMs: number;
 }
 
 const WIRE_DTYPES: Record<string, FloatDtype> = { f32: 'F32', bf16: 'BF16', f16: 'F16' };
@@ -194,17 +197,38 @@ async function serveRouter(flags: ServeFlags): Promise<void> {
   if (!flags.coordinator) throw new ConfigError('serve router: --coordinator HOST:PORT is required');
   await startBackend();
   const dir = resolve(flags.checkpoint);
-  const engine = await RouterEngine.load(dir, modelNameOf(dir, flags.modelName), wireDtypeOf(flags.wireDtype));
+  const overflow = flags.overflow as OverflowPolicy;
+  if (!OVERFLOW_POLICIES.includes(overflow)) throw new ConfigError(`--overflow ${flags.overflow}: expected one of ${OVERFLOW_POLICIES.join(', ')}`);
+  const apiToken = await readApiToken(flags.apiTokenFile);
+  const engine = await RouterEngine.load(dir, modelNameOf(dir, flags.modelName), {
+    wireDtype: wireDtypeOf(flags.wireDtype), overflow, maxSequences: flags.maxBatch, maxWaiting: flags.maxQueue,
+    inferConcurrency: flags.inferConcurrency, inferQueue: flags.maxQueue,
+  });
   const link = new CoordinatorLink(flags.coordinator, { memberId: `router-${process.pid}`, role: 'ROLE_ROUTER' });
   link.start();
   link.watch((table) => engine.setPlacement(table));
-  const app = buildHttpApp(engine, process.env.SWITCHYARD_LOG ?? 'info');
+  const app = buildHttpApp(engine, {
+    logLevel: process.env.SWITCHYARD_LOG ?? 'info', apiToken, requestTimeoutMs: flags.requestTimeoutMs, maxRssBytes: flags.maxRssMb * 2 ** 20,
+  });
   const address = await app.listen({ host: flags.host, port: flags.port });
-  process.stdout.write(`switchyard router listening on ${address.replace(/^http:\/\//, '')} serving '${engine.modelName}'\n`);
+  process.stdout.write(`switchyard router listening on ${address.replace(/^http:\/\//, '')} serving '${engine.modelName}' (overflow policy ${overflow}${apiToken ? ', bearer token required' : ''})\n`);
   await untilStopped();
+  // Graceful: stop accepting, let every admitted request finish, then leave.
   await app.close();
+  await engine.drain();
+  await link.leave();
   link.close();
   engine.close();
+}
+
+/** The API token: --api-token-file, else SWITCHYARD_API_TOKEN (unset: no authentication). */
+async function readApiToken(file?: string): Promise<string | undefined> {
+  if (file) {
+    const token = (await readFile(file, 'utf8').catch((err: Error) => { throw new ConfigError(`--api-token-file ${file}: ${err.message}`); })).trim();
+    if (!token) throw new ConfigError(`--api-token-file ${file} is empty`);
+    return token;
+  }
+  return process.env.SWITCHYARD_API_TOKEN?.trim() || undefined;
 }
 
 /** Resolves when SIGTERM or SIGINT arrives. */
@@ -305,8 +329,12 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
   link?.start();
   process.stdout.write(`switchyard expert shard listening on ${address} holding ${keys.length} experts${metrics ? ` (metrics http://${flags.host}:${metrics.port}/metrics)` : ''}\n`);
   await untilStopped();
+  // Graceful: leave the placement first so routers send elsewhere, serve what is already on its way,
+  // then stop (open streams are cut after the drain; routers retry their rows on other replicas).
   trainLink?.close();
+  await link?.leave();
   link?.close();
+  await new Promise((r) => setTimeout(r, flags.drainMs));
   await server.close();
   await metrics?.close();
   server.shard.experts.dispose();
@@ -370,6 +398,14 @@ export function buildProgram(): Command {
     .option('--run <dir>', 'trainer: the run folder (train.json, metrics.jsonl, checkpoint/)')
     .option('--index <i>', 'trainer: this replica\'s index', integer('--index'))
     .option('--routers <n>', 'trainer: router replicas in the run', integer('--routers', 1))
+    .option('--overflow <policy>', `router: rows that cannot reach their expert (${OVERFLOW_POLICIES.join(' | ')}; reject = 503)`, 'drop')
+    .option('--max-queue <n>', 'router: requests that may wait for a place before 503', integer('--max-queue', 0), 256)
+    .option('--max-batch <n>', 'router: generations in one model step', integer('--max-batch', 1), 64)
+    .option('--infer-concurrency <n>', 'router: Open Inference infer calls at once', integer('--infer-concurrency', 1), 4)
+    .option('--request-timeout-ms <ms>', 'router: deadline of a request without an x-request-timeout-ms header', integer('--request-timeout-ms', 1), 30_000)
+    .option('--api-token-file <file>', 'router: require Authorization: Bearer <token> (also SWITCHYARD_API_TOKEN)')
+    .option('--max-rss-mb <mb>', 'router: answer 503 above this resident memory', integer('--max-rss-mb', 64), 3072)
+    .option('--drain-ms <ms>', 'expert: after leaving the placement on SIGTERM, keep serving this long for rows already on their way', integer('--drain-ms'), 1_000)
     .option('--metrics-port <n>', 'training services: port of the Prometheus /metrics endpoint (0 = any free port)', integer('--metrics-port'), 0)
     .action(serveCommand);
   return program;

@@ -28,7 +28,7 @@ export class Membership {
     if (m.role === 'expert-shard' && !m.address) throw new RangeError(`shard ${m.memberId} registered without an address`);
     const member: Member = { ...m, leaseId: String(this.nextLease++), expiresAt: this.now() + this.leaseTtlMs };
     this.members.set(m.memberId, member);
-    if (m.role === 'expert-shard') this.changed();
+    this.changed(); // shards change the placement; routers change how budgets divide into credits
     for (const l of this.memberListeners) l(m.memberId, 'registered');
     return member;
   }
@@ -47,9 +47,19 @@ export class Membership {
     const now = this.now();
     const gone = [...this.members.values()].filter((m) => m.expiresAt <= now);
     for (const m of gone) this.members.delete(m.memberId);
-    if (gone.some((m) => m.role === 'expert-shard')) this.changed();
+    if (gone.length) this.changed();
     for (const m of gone) for (const l of this.memberListeners) l(m.memberId, 'expired');
     return gone.map((m) => m.memberId);
+  }
+
+  /** Removes a member at its own request (graceful shutdown); false for an unknown lease. */
+  deregister(memberId: string, leaseId: string): boolean {
+    const m = this.members.get(memberId);
+    if (!m || m.leaseId !== leaseId) return false;
+    this.members.delete(memberId);
+    this.changed();
+    for (const l of this.memberListeners) l(memberId, 'expired');
+    return true;
   }
 
   list(role?: Role): Member[] {
@@ -67,7 +77,7 @@ export class Membership {
   }
 
   placement(): PlacementTable {
-    return placementOf(this.list('expert-shard').map((m) => ({ shardId: m.memberId, address: m.address, experts: m.experts })), this.version);
+    return placementOf(this.list('expert-shard').map((m) => ({ shardId: m.memberId, address: m.address, experts: m.experts, tokenBudget: m.tokenBudget })), this.version, this.list('router').length);
   }
 
   /** Calls `listener` with every new placement; returns the unsubscribe function. */

@@ -4,6 +4,8 @@ import * as grpc from '@grpc/grpc-js';
 import type { PlacementTable } from '../core/placement.js';
 import { loadProtos } from '../core/wire/protos.js';
 import { isMalformed, malformedStatus, startGrpcServer, tolerant, type MalformedMessage } from '../core/wire/server.js';
+import type { DeregisterReply } from '../generated/switchyard/v1/DeregisterReply.js';
+import type { DeregisterRequest__Output } from '../generated/switchyard/v1/DeregisterRequest.js';
 import type { HeartbeatReply } from '../generated/switchyard/v1/HeartbeatReply.js';
 import type { HeartbeatRequest__Output } from '../generated/switchyard/v1/HeartbeatRequest.js';
 import type { Placement } from '../generated/switchyard/v1/Placement.js';
@@ -23,7 +25,7 @@ export const COORDINATOR_SERVICE_NAME = 'switchyard.v1.Coordinator';
 const ROLES: Record<string, Role> = { ROLE_ROUTER: 'router', ROLE_EXPERT_SHARD: 'expert-shard' };
 
 export function toWirePlacement(t: PlacementTable): Placement {
-  return { version: String(t.version), shards: t.shards, entries: t.entries };
+  return { version: String(t.version), shards: t.shards, entries: t.entries, routers: t.routers ?? 0 };
 }
 
 export interface RunningCoordinator {
@@ -57,6 +59,10 @@ export async function startCoordinator(host: string, port: number, leaseTtlMs: n
     Heartbeat(call: grpc.ServerUnaryCall<HeartbeatRequest__Output | MalformedMessage, HeartbeatReply>, callback: grpc.sendUnaryData<HeartbeatReply>) {
       if (isMalformed(call.request)) return callback(malformedStatus(call.request));
       callback(null, { known: membership.heartbeat(call.request.memberId, call.request.leaseId), leaseTtlMs: leaseTtlMs });
+    },
+    Deregister(call: grpc.ServerUnaryCall<DeregisterRequest__Output | MalformedMessage, DeregisterReply>, callback: grpc.sendUnaryData<DeregisterReply>) {
+      if (isMalformed(call.request)) return callback(malformedStatus(call.request));
+      callback(null, { known: membership.deregister(call.request.memberId, call.request.leaseId) });
     },
     WatchPlacement(call: grpc.ServerWritableStream<WatchPlacementRequest__Output | MalformedMessage, Placement>) {
       if (isMalformed(call.request)) {

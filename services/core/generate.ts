@@ -5,6 +5,7 @@ import { Rng } from './data/random.js';
 import type { KvCache } from './model/attention.js';
 import type { MixtralModel } from './model/model.js';
 import { disposeAll } from './model/tensors.js';
+import { OverloadError } from './overload.js';
 
 export interface SamplingOptions {
   maxTokens: number;
@@ -53,6 +54,8 @@ export function sampleNext(logits: Float32Array, o: Pick<SamplingOptions, 'tempe
 export interface Generation {
   ids: number[];
   finishReason: 'stop' | 'length';
+  /** Why some of its tokens could not reach their experts (overflow policy drop/reroute), if any did. */
+  degraded?: string[];
 }
 
 /**
@@ -60,7 +63,7 @@ export interface Generation {
  * return true to stop there (stop sequences, cancelled streams). The same loop as a batch of one.
  */
 export function generate(model: MixtralModel, prompt: Int32Array, o: SamplingOptions, onToken?: (id: number) => boolean | void): Promise<Generation> {
-  return new ContinuousBatcher(model, 1).submit(prompt, o, onToken);
+  return new ContinuousBatcher(model, { maxSequences: 1 }).submit(prompt, o, onToken);
 }
 
 /*
@@ -80,42 +83,102 @@ interface Running {
   kv?: KvCache[];
   onToken?: (id: number) => boolean | void;
   requestId?: string;
+  deadline?: number;
+  timer?: NodeJS.Timeout;
+  /** Settled already (finished, failed or past its deadline): drop it at the next step boundary. */
+  done: boolean;
+  degraded?: Set<string>;
   resolve: (g: Generation) => void;
   reject: (err: Error) => void;
 }
 
+export interface BatcherOptions {
+  /** Sequences in one model step (the rest wait). */
+  maxSequences?: number;
+  /** Requests allowed to wait for a place; beyond it submit() refuses with OverloadError (503). */
+  maxWaiting?: number;
+}
+
 export class ContinuousBatcher {
-  private readonly waiting: Running[] = [];
+  private waiting: Running[] = [];
   private running: Running[] = [];
   private looping = false;
   private steps = 0;
+  private closing = false;
+  private idle?: () => void;
   /** Steps run and the largest number of sequences in one step, for tests and metrics. */
   readonly stats = { steps: 0, maxSequencesPerStep: 0 };
+  readonly maxSequences: number;
+  readonly maxWaiting: number;
 
-  constructor(private readonly model: MixtralModel, readonly maxSequences = 64) {}
+  constructor(private readonly model: MixtralModel, options: BatcherOptions = {}) {
+    this.maxSequences = options.maxSequences ?? 64;
+    this.maxWaiting = options.maxWaiting ?? Number.POSITIVE_INFINITY;
+  }
 
-  submit(prompt: Int32Array, sampling: SamplingOptions, onToken?: (id: number) => boolean | void, requestId?: string): Promise<Generation> {
+  /** Requests waiting for a place and running now (for metrics and admission). */
+  get depth(): { waiting: number; running: number } {
+    return { waiting: this.waiting.length, running: this.running.length };
+  }
+
+  /**
+   * Queues a generation. `deadline` (epoch ms): if it has not finished by then it is rejected with
+   * OverloadError('deadline') at that moment, and leaves the batch at the next step.
+   */
+  submit(prompt: Int32Array, sampling: SamplingOptions, onToken?: (id: number) => boolean | void, requestId?: string, deadline?: number): Promise<Generation> {
     try {
       checkSampling(sampling);
     } catch (err) {
       return Promise.reject(err);
     }
+    if (this.closing) return Promise.reject(new OverloadError('the router is shutting down', 'shutting_down'));
+    if (this.waiting.length >= this.maxWaiting)
+      return Promise.reject(new OverloadError(`the admission queue is full (${this.maxWaiting} requests waiting)`, 'queue_full'));
+    if (deadline !== undefined && deadline <= Date.now()) return Promise.reject(new OverloadError('the request deadline passed before it was queued', 'deadline'));
     if (prompt.length === 0) return Promise.reject(new SamplingError('prompt must contain at least one token'));
     const limit = this.model.config.max_position_embeddings;
     if (prompt.length > limit) return Promise.reject(new SamplingError(`prompt of ${prompt.length} tokens exceeds the context of ${limit}`));
     return new Promise<Generation>((resolve, reject) => {
-      this.waiting.push({
+      const s: Running = {
         sampling, rng: new Rng(sampling.seed), stop: new Set(sampling.stopIds ?? [EOS_ID]), out: [],
-        pending: prompt, past: 0, onToken, requestId, resolve, reject,
-      });
+        pending: prompt, past: 0, onToken, requestId, deadline, done: false, resolve, reject,
+      };
+      if (deadline !== undefined)
+        s.timer = setTimeout(() => {
+          if (s.done) return;
+          const queued = this.waiting.includes(s);
+          this.waiting = this.waiting.filter((w) => w !== s);
+          this.fail(s, new OverloadError(queued ? 'the request deadline passed while it waited for a place' : 'the request deadline passed during generation', 'deadline'));
+        }, deadline - Date.now());
+      this.waiting.push(s);
       if (!this.looping) void this.loop();
     });
   }
 
-  private finish(s: Running, finishReason: Generation['finishReason']): void {
+  private settle(s: Running): void {
+    s.done = true;
+    clearTimeout(s.timer);
     disposeAll(s.kv);
     s.kv = undefined;
-    s.resolve({ ids: s.out, finishReason });
+  }
+
+  private finish(s: Running, finishReason: Generation['finishReason']): void {
+    if (s.done) return;
+    this.settle(s);
+    s.resolve({ ids: s.out, finishReason, ...(s.degraded ? { degraded: [...s.degraded] } : {}) });
+  }
+
+  private fail(s: Running, err: Error): void {
+    if (s.done) return;
+    this.settle(s);
+    s.reject(err);
+  }
+
+  /** Refuses new requests and resolves once every queued and running one has finished. */
+  drain(): Promise<void> {
+    this.closing = true;
+    if (!this.looping && this.running.length === 0 && this.waiting.length === 0) return Promise.resolve();
+    return new Promise((resolve) => { this.idle = resolve; });
   }
 
   private async loop(): Promise<void> {
@@ -123,9 +186,11 @@ export class ContinuousBatcher {
     const limit = this.model.config.max_position_embeddings;
     try {
       while (this.running.length || this.waiting.length) {
+        this.running = this.running.filter((s) => !s.done);
         while (this.waiting.length && this.running.length < this.maxSequences) this.running.push(this.waiting.shift()!);
         // Same stopping rule as generate(): room for the pending ids and tokens still wanted.
         this.running = this.running.filter((s) => {
+          if (s.done) return false;
           if (s.out.length < s.sampling.maxTokens && s.past + s.pending.length <= limit) return true;
           this.finish(s, 'length');
           return false;
@@ -135,19 +200,23 @@ export class ContinuousBatcher {
         this.stats.steps = ++this.steps;
         this.stats.maxSequencesPerStep = Math.max(this.stats.maxSequencesPerStep, batch.length);
         let results: Awaited<ReturnType<MixtralModel['decodeBatch']>>;
+        // Messages to the experts may wait as long as the most patient request of the step.
+        const deadline = batch.every((s) => s.deadline !== undefined) ? Math.max(...batch.map((s) => s.deadline!)) : undefined;
         try {
           results = await this.model.decodeBatch(batch.map((s) => ({ ids: s.pending, kv: s.kv, past: s.past })), `gen${this.steps}`,
-            batch.flatMap((s) => (s.requestId ? [s.requestId] : [])));
+            { requestIds: batch.flatMap((s) => (s.requestId ? [s.requestId] : [])), deadline });
         } catch (err) {
-          for (const s of batch) {
-            disposeAll(s.kv);
-            s.reject(err as Error);
-          }
+          for (const s of batch) this.fail(s, err as Error);
           this.running = [];
           continue;
         }
         const still: Running[] = [];
         batch.forEach((s, i) => {
+          if (s.done) {
+            disposeAll(results[i].kv); // left during the step (deadline)
+            return;
+          }
+          for (const reason of results[i].degraded ?? []) (s.degraded ??= new Set()).add(reason);
           disposeAll(s.kv);
           s.kv = results[i].kv;
           s.past += s.pending.length;
@@ -163,6 +232,7 @@ export class ContinuousBatcher {
       }
     } finally {
       this.looping = false;
+      if (this.closing) this.idle?.();
     }
   }
 }

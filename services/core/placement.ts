@@ -7,17 +7,21 @@ export interface ShardHoldings {
   shardId: string;
   address: string;
   experts: ExpertKey[];
+  /** Rows per expert the shard accepts in flight (0 = unlimited). */
+  tokenBudget?: number;
 }
 
 export interface PlacementTable {
   version: number;
-  shards: Array<{ shardId: string; address: string }>;
+  shards: Array<{ shardId: string; address: string; tokenBudget?: number }>;
+  /** Routers registered; each may keep tokenBudget / routers rows per expert in flight on a shard. */
+  routers?: number;
   /** Every placed (layer, expert) with the shards holding it, sorted by layer then expert. */
   entries: Array<{ layer: number; expert: number; shardIds: string[] }>;
 }
 
 /** The table for a set of shards: an expert held by several shards lists them all (replicas). */
-export function placementOf(holdings: ShardHoldings[], version: number): PlacementTable {
+export function placementOf(holdings: ShardHoldings[], version: number, routers = 0): PlacementTable {
   const byKey = new Map<string, { layer: number; expert: number; shardIds: string[] }>();
   const shards = [...holdings].sort((a, b) => a.shardId.localeCompare(b.shardId));
   for (const s of shards)
@@ -28,7 +32,14 @@ export function placementOf(holdings: ShardHoldings[], version: number): Placeme
       byKey.set(key, entry);
     }
   const entries = [...byKey.values()].sort((a, b) => a.layer - b.layer || a.expert - b.expert);
-  return { version, shards: shards.map(({ shardId, address }) => ({ shardId, address })), entries };
+  return { version, routers, shards: shards.map(({ shardId, address, tokenBudget }) => ({ shardId, address, tokenBudget: tokenBudget ?? 0 })), entries };
+}
+
+/** A router's credits on a shard: its share of the shard's per-expert budget (undefined = unlimited). */
+export function creditsPerExpert(table: PlacementTable, shardId: string): number | undefined {
+  const budget = table.shards.find((s) => s.shardId === shardId)?.tokenBudget ?? 0;
+  if (!(budget > 0)) return undefined;
+  return Math.max(1, Math.floor(budget / Math.max(1, table.routers ?? 1)));
 }
 
 /**

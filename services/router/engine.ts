@@ -7,54 +7,102 @@ import { ContinuousBatcher } from '../core/generate.js';
 import type { FloatDtype } from '../core/dtypes.js';
 import type { MixtralModel } from '../core/model/model.js';
 import type { PlacementTable } from '../core/placement.js';
-import { unplaced } from '../core/placement.js';
+import { creditsPerExpert, unplaced } from '../core/placement.js';
+import type { OverflowPolicy } from '../core/overload.js';
+import { servingMetrics } from '../core/metrics/serving.js';
+import { Limiter } from './admission.js';
 import { GrpcExpertTransport } from '../core/wire/grpc-transport.js';
+
+export interface EngineOptions {
+  wireDtype?: FloatDtype;
+  overflow?: OverflowPolicy;
+  /** Generations running in one step, and waiting for a place (beyond: 503). */
+  maxSequences?: number;
+  maxWaiting?: number;
+  /** Open Inference `infer` calls at once, and waiting. */
+  inferConcurrency?: number;
+  inferQueue?: number;
+}
 
 export class RouterEngine {
   private table?: PlacementTable;
   private owners = new Map<string, string[]>();
+  /** Owners of experts that later placements no longer list (the coordinator restarted or a shard left): used only when no listed owner exists. */
+  private staleOwners = new Map<string, string[]>();
+  private shardIdOf = new Map<string, string>();
   private passes = 0;
 
   readonly batcher: ContinuousBatcher;
+  readonly inferLimiter: Limiter;
 
-  private constructor(readonly model: MixtralModel, readonly transport: GrpcExpertTransport, readonly modelName: string) {
-    this.batcher = new ContinuousBatcher(model);
+  private constructor(readonly model: MixtralModel, readonly transport: GrpcExpertTransport, readonly modelName: string, options: EngineOptions) {
+    this.batcher = new ContinuousBatcher(model, { maxSequences: options.maxSequences ?? 64, maxWaiting: options.maxWaiting ?? 256 });
+    this.inferLimiter = new Limiter(options.inferConcurrency ?? 4, options.inferQueue ?? 64);
   }
 
-  static async load(checkpointDir: string, modelName: string, wireDtype: FloatDtype = 'F32'): Promise<RouterEngine> {
+  static async load(checkpointDir: string, modelName: string, options: EngineOptions = {}): Promise<RouterEngine> {
     const { config } = await loadCheckpoint(checkpointDir, { only: () => false });
     const holder: { engine?: RouterEngine } = {};
-    const transport = new GrpcExpertTransport((layer, expert) => holder.engine!.shardsFor(layer, expert), config.hidden_size, 30_000, wireDtype);
+    const transport = new GrpcExpertTransport((layer, expert) => holder.engine!.shardsFor(layer, expert), config.hidden_size, {
+      wireDtype: options.wireDtype, overflow: options.overflow,
+      creditLimit: (address) => holder.engine!.creditsOf(address),
+      onUnserved: (layer, expert, rows, reason) => servingMetrics.unservedRows.inc({ layer: String(layer), expert: String(expert), reason }, rows),
+      onDispatch: (address, bytes, seconds) => {
+        const shard = holder.engine!.shardIdOf.get(address) ?? address;
+        servingMetrics.dispatchSeconds.observe({ shard }, seconds);
+        servingMetrics.dispatchBytes.inc({ shard }, bytes);
+      },
+    });
+    transport.health.onChange = () => servingMetrics.shardsDown.set(transport.health.downAddresses().length);
     const model = await loadDenseModel(checkpointDir, transport);
-    holder.engine = new RouterEngine(model, transport, modelName);
+    holder.engine = new RouterEngine(model, transport, modelName, options);
     return holder.engine;
   }
 
-  /** Adopts a new placement (from the coordinator's watch). */
+  /** Adopts a new placement (from the coordinator's watch), remembering owners it no longer lists. */
   setPlacement(table: PlacementTable): void {
     const addresses = new Map(table.shards.map((s) => [s.shardId, s.address]));
-    this.owners = new Map(table.entries.map((e) => [`${e.layer}/${e.expert}`, e.shardIds.map((id) => addresses.get(id)!).filter(Boolean)]));
+    const owners = new Map(table.entries.map((e) => [`${e.layer}/${e.expert}`, e.shardIds.map((id) => addresses.get(id)!).filter(Boolean)]));
+    for (const [key, previous] of this.owners) if (!owners.get(key)?.length) this.staleOwners.set(key, previous);
+    for (const key of owners.keys()) this.staleOwners.delete(key);
+    this.owners = owners;
+    this.shardIdOf = new Map(table.shards.map((s) => [s.address, s.shardId]));
     this.table = table;
+  }
+
+  /** This router's credits per expert on the shard at `address` (undefined = unlimited). */
+  creditsOf(address: string): number | undefined {
+    const shardId = this.shardIdOf.get(address);
+    return this.table && shardId ? creditsPerExpert(this.table, shardId) : undefined;
   }
 
   /** Ready when every expert of the model has a shard. */
   ready(): boolean {
     const c = this.model.config;
-    return this.table !== undefined && unplaced(this.table, c.num_hidden_layers, c.num_local_experts).length === 0;
+    if (this.table === undefined) return false;
+    // Experts remembered from an earlier placement count: routers keep serving while the coordinator is away.
+    return unplaced(this.table, c.num_hidden_layers, c.num_local_experts).every((k) => this.staleOwners.has(`${k.layer}/${k.expert}`));
   }
 
   private shardsFor(layer: number, expert: number): string[] {
-    return this.owners.get(`${layer}/${expert}`) ?? [];
+    const key = `${layer}/${expert}`;
+    const listed = this.owners.get(key) ?? [];
+    return listed.length ? listed : this.staleOwners.get(key) ?? [];
   }
 
   /** Logits [batch, tokens, vocab] for every position, and per layer the routing of every token. */
-  infer(ids: Int32Array, batch: number, tokens: number, requestId?: string): ReturnType<MixtralModel['logitsWithRouting']> {
-    return this.model.logitsWithRouting(ids, batch, tokens, `infer${this.passes++}`, requestId ? [requestId] : undefined);
+  infer(ids: Int32Array, batch: number, tokens: number, requestId?: string, deadline?: number): ReturnType<MixtralModel['logitsWithRouting']> {
+    return this.inferLimiter.run(deadline, () => this.model.logitsWithRouting(ids, batch, tokens, `infer${this.passes++}`, requestId ? [requestId] : undefined, deadline));
   }
 
   /** Generation through the continuous batcher: concurrent requests share every model step. */
-  complete(prompt: Int32Array, sampling: SamplingOptions, onToken?: (id: number) => boolean | void, requestId?: string): Promise<Generation> {
-    return this.batcher.submit(prompt, sampling, onToken, requestId);
+  complete(prompt: Int32Array, sampling: SamplingOptions, onToken?: (id: number) => boolean | void, requestId?: string, deadline?: number): Promise<Generation> {
+    return this.batcher.submit(prompt, sampling, onToken, requestId, deadline);
+  }
+
+  /** Graceful shutdown: refuse new work, finish what is queued and running. */
+  async drain(): Promise<void> {
+    await Promise.all([this.batcher.drain(), this.inferLimiter.drain()]);
   }
 
   close(): void {

@@ -1,7 +1,11 @@
 // The router's HTTP server: fastify with one plugin per route family, schema-validated bodies, JSON
 // errors, request ids from x-request-id, and explicit body limits.
-import Fastify, { type FastifyInstance } from 'fastify';
-import { randomUUID } from 'node:crypto';
+import Fastify, { type FastifyInstance, type FastifyRequest } from 'fastify';
+import underPressure from '@fastify/under-pressure';
+import { randomUUID, timingSafeEqual } from 'node:crypto';
+import { OverloadError } from '../core/overload.js';
+import { metricsText } from '../core/metrics/registry.js';
+import { servingMetrics } from '../core/metrics/serving.js';
 import { HttpError } from './errors.js';
 import type { RouterEngine } from './engine.js';
 import { oipRoutes } from './oip.js';
@@ -13,8 +17,41 @@ const DRAIN_LIMIT_BYTES = 64 * 1024 * 1024;
 
 const tooLarge = (length: number) => ({ error: { message: `request body of ${length} bytes is over the limit of ${BODY_LIMIT_BYTES} bytes`, type: 'request_too_large' } });
 
-/** `logLevel` turns on fastify's JSON request log (to stdout) at that level; request ids are x-request-id. */
-export function buildHttpApp(engine: RouterEngine, logLevel?: string): FastifyInstance {
+export interface HttpOptions {
+  /** fastify's JSON request log (to stdout) at this level; request ids are x-request-id. */
+  logLevel?: string;
+  /** Clients must send `Authorization: Bearer <token>` (health and /metrics stay open for probes and scrapers). */
+  apiToken?: string;
+  /** Deadline of a request without an `x-request-timeout-ms` header. */
+  requestTimeoutMs?: number;
+  /** Above these the router answers 503 before doing any work (@fastify/under-pressure). */
+  maxEventLoopDelayMs?: number;
+  maxHeapUsedBytes?: number;
+  maxRssBytes?: number;
+}
+
+export const DEADLINE_HEADER = 'x-request-timeout-ms';
+/** Longest deadline a client may ask for. */
+const MAX_TIMEOUT_MS = 10 * 60_000;
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    /** Epoch ms by which the answer must be sent (from x-request-timeout-ms or the default). */
+    deadline: number;
+  }
+}
+
+const OPEN_PATHS = /^\/(v2\/health\/|metrics$)/;
+
+function bearerMatches(header: string | undefined, token: string): boolean {
+  const given = Buffer.from(header?.startsWith('Bearer ') ? header.slice(7) : '');
+  const want = Buffer.from(token);
+  return given.length === want.length && timingSafeEqual(given, want);
+}
+
+export function buildHttpApp(engine: RouterEngine, options: HttpOptions | string = {}): FastifyInstance {
+  const o: HttpOptions = typeof options === 'string' ? { logLevel: options } : options;
+  const logLevel = o.logLevel;
   const app = Fastify({
     bodyLimit: BODY_LIMIT_BYTES,
     requestIdHeader: 'x-request-id',
@@ -36,11 +73,57 @@ export function buildHttpApp(engine: RouterEngine, logLevel?: string): FastifyIn
   app.addHook('onSend', async (req, reply) => {
     reply.header('x-request-id', req.id);
   });
+  app.decorateRequest('deadline', 0);
+  app.addHook('onRequest', async (req: FastifyRequest, reply) => {
+    if (o.apiToken && !OPEN_PATHS.test(req.url.split('?')[0]) && !bearerMatches(req.headers.authorization, o.apiToken)) {
+      servingMetrics.rejections.inc({ reason: 'unauthorized' });
+      return reply.code(401).header('www-authenticate', 'Bearer').send({ error: { message: 'missing or wrong bearer token (Authorization: Bearer <token>)', type: 'authentication_error' } });
+    }
+    const raw = req.headers[DEADLINE_HEADER];
+    let timeout = o.requestTimeoutMs ?? 30_000;
+    if (raw !== undefined) {
+      const n = Number(raw);
+      if (!(Number.isFinite(n) && n > 0 && n <= MAX_TIMEOUT_MS))
+        return reply.code(400).send({ error: { message: `${DEADLINE_HEADER} must be a number of milliseconds in (0, ${MAX_TIMEOUT_MS}], got '${String(raw)}'`, type: 'invalid_request_error' } });
+      timeout = n;
+    }
+    req.deadline = Date.now() + timeout;
+    servingMetrics.inFlight.inc();
+  });
+  app.addHook('onResponse', async (req, reply) => {
+    const route = req.routeOptions.url ?? 'unmatched';
+    servingMetrics.inFlight.dec();
+    servingMetrics.requests.inc({ route, status: String(reply.statusCode) });
+    servingMetrics.latency.observe({ route }, reply.elapsedTime / 1000);
+  });
+  void app.register(underPressure, {
+    maxEventLoopDelay: o.maxEventLoopDelayMs ?? 2_000,
+    maxHeapUsedBytes: o.maxHeapUsedBytes ?? 1_500 * 2 ** 20,
+    maxRssBytes: o.maxRssBytes ?? 3 * 2 ** 30,
+    retryAfter: 1,
+    pressureHandler: (req, reply, type, value) => {
+      // Probes and scrapes must keep working: they are how an operator sees the pressure.
+      if (OPEN_PATHS.test(req.url.split('?')[0])) return;
+      servingMetrics.rejections.inc({ reason: `pressure_${type}` });
+      void reply.code(503).header('retry-after', '1').send({ error: { message: `the router is under pressure (${type} ${Math.round(value ?? 0)})`, type: 'overloaded' } });
+    },
+  });
+  app.get('/metrics', async (_req, reply) => {
+    const { contentType, body } = await metricsText();
+    return reply.header('content-type', contentType).send(body);
+  });
   app.setErrorHandler((err: Error & { statusCode?: number; validation?: unknown; code?: string }, _req, reply) => {
+    if (err instanceof OverloadError) {
+      servingMetrics.rejections.inc({ reason: err.reason });
+      return reply.code(503).header('retry-after', String(err.retryAfterSeconds)).send({ error: { message: err.message, type: 'overloaded', reason: err.reason } });
+    }
     const status = err instanceof HttpError ? err.statusCode : err.validation ? 400 : err.statusCode && err.statusCode < 500 ? err.statusCode : 500;
     const type = err instanceof HttpError ? err.type : status === 413 ? 'request_too_large' : status < 500 ? 'invalid_request_error' : 'server_error';
     const message = status === 500 ? `internal error: ${err.message}` : err.message;
-    if (status === 503) reply.header('retry-after', '1');
+    if (status === 503) {
+      servingMetrics.rejections.inc({ reason: 'unavailable' });
+      reply.header('retry-after', '1');
+    }
     return reply.code(status).send({ error: { message, type } });
   });
   app.setNotFoundHandler((req, reply) => reply.code(404).send({ error: { message: `no route ${req.method} ${req.url}`, type: 'not_found_error' } }));

@@ -121,7 +121,8 @@ export function oipRoutes(app: FastifyInstance, engine: RouterEngine): void {
       throw new HttpError(400, `sequence length ${tokens} exceeds the model's context of ${config.max_position_embeddings}`);
     const bad = input.data.findIndex((id) => id < 0 || id >= config.vocab_size);
     if (bad >= 0) throw new HttpError(400, `input_ids[${bad}] = ${input.data[bad]} is outside the vocabulary [0, ${config.vocab_size})`);
-    const { logits, routing } = await engine.infer(Int32Array.from(input.data), batch, tokens, String(req.id));
+    const { logits, routing } = await engine.infer(Int32Array.from(input.data), batch, tokens, String(req.id), req.deadline);
+    const reasons = [...new Set(routing.flatMap((l) => l.degradedReasons ?? []))];
     const requested = req.body.outputs ?? [{ name: 'logits' as const }];
     const k = config.num_experts_per_tok;
     const layers = config.num_hidden_layers;
@@ -141,7 +142,12 @@ export function oipRoutes(app: FastifyInstance, engine: RouterEngine): void {
         : name === 'routing_experts' ? { name, datatype: 'INT32', shape: [layers, batch, tokens, k], values: routingOf('expert') }
           : { name, datatype: 'FP32', shape: [layers, batch, tokens, k], values: routingOf('weight') });
     const binary = requested.map((o) => o.parameters?.binary_data === true);
-    const head = { model_name: engine.modelName, model_version: '1', ...(req.body.id ? { id: req.body.id } : {}) };
+    // Some rows could not reach their experts (drop or reroute policy): Open Inference response parameters say so.
+    if (reasons.length) reply.header('x-switchyard-degraded', 'true');
+    const head = {
+      model_name: engine.modelName, model_version: '1', ...(req.body.id ? { id: req.body.id } : {}),
+      ...(reasons.length ? { parameters: { degraded: true, degraded_reasons: reasons.join('; ') } } : {}),
+    };
     if (!binary.some(Boolean))
       return { ...head, outputs: outputs.map((o) => ({ name: o.name, datatype: o.datatype, shape: o.shape, data: Array.from(o.values) })) };
     // Binary extension: JSON header, then the raw little-endian bytes of each binary output in order.

@@ -3,6 +3,8 @@ import type { FastifyInstance } from 'fastify';
 import { randomUUID } from 'node:crypto';
 import { decodeIds, encodeText } from '../core/data/bytes.js';
 import { HttpError } from './errors.js';
+import { OverloadError } from '../core/overload.js';
+import { servingMetrics } from '../core/metrics/serving.js';
 import type { RouterEngine } from './engine.js';
 
 const MAX_TOKENS_LIMIT = 4096;
@@ -87,25 +89,32 @@ export function openaiRoutes(app: FastifyInstance, engine: RouterEngine): void {
           emitted = settled;
         }
         return stopped || closed;
-      }, String(req.id));
+      }, String(req.id), req.deadline);
     } catch (err) {
       if (!body.stream) throw err;
       // Headers are sent: report the failure as a final event and end the stream.
-      if (!closed) reply.raw.end(`data: ${JSON.stringify({ error: { message: (err as Error).message, type: 'server_error' } })}\n\ndata: [DONE]\n\n`);
+      const overloaded = err instanceof OverloadError;
+      if (overloaded) servingMetrics.rejections.inc({ reason: err.reason });
+      if (!closed) reply.raw.end(`data: ${JSON.stringify({ error: { message: (err as Error).message, type: overloaded ? 'overloaded' : 'server_error', ...(overloaded ? { reason: err.reason } : {}) } })}\n\ndata: [DONE]\n\n`);
       return reply;
     }
+    // Some rows could not reach their experts (drop or reroute policy): say so.
+    const degraded = result.degraded ? { degraded: { reasons: result.degraded } } : {};
+    if (result.degraded) servingMetrics.degraded.inc();
     const { text, stopped } = textUpTo();
     const finish = stopped ? 'stop' : result.finishReason;
     if (body.stream) {
       if (!closed) {
         if (text.length > emitted.length) reply.raw.write(chunk(text.slice(emitted.length), null));
+        if (result.degraded) reply.raw.write(`data: ${JSON.stringify({ id, object: 'text_completion', created, model: engine.modelName, choices: [], ...degraded })}\n\n`);
         reply.raw.write(chunk('', finish));
         reply.raw.end('data: [DONE]\n\n');
       }
       return reply;
     }
+    if (result.degraded) reply.header('x-switchyard-degraded', 'true');
     return {
-      id, object: 'text_completion', created, model: engine.modelName,
+      id, object: 'text_completion', created, model: engine.modelName, ...degraded,
       choices: [{ index: 0, text, finish_reason: finish, logprobs: null }],
       usage: { prompt_tokens: prompt.length, completion_tokens: result.ids.length, total_tokens: prompt.length + result.ids.length },
     };

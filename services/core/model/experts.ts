@@ -6,6 +6,7 @@ import { ParameterTable } from './parameters.js';
 import { expertFromHf, type HostTensor } from './hf.js';
 import { expertBackward, expertForward, transposeExpert, type ExpertCache, type ExpertWeights, type ExpertWeightsT } from './expert.js';
 import { disposeAll } from './tensors.js';
+import type { OverflowPolicy, Unserved } from '../overload.js';
 
 /** Rows for one (layer, expert): `rowCount` rows of `hidden` floats, row-major. */
 export interface RowBatch {
@@ -18,6 +19,8 @@ export interface RowBatch {
 /** What a call is for, beyond its rows: the client requests (x-request-id) it serves, for logs. */
 export interface CallContext {
   requestIds?: string[];
+  /** Epoch ms after which no request of the call waits for the answer any more. */
+  deadline?: number;
 }
 
 export interface ExpertTransport {
@@ -25,6 +28,13 @@ export interface ExpertTransport {
   forward(passId: string, batches: RowBatch[], train: boolean, context?: CallContext): Promise<Float32Array[]>;
   /** Input-row gradients for output-row gradients of batches forwarded earlier under `passId`; weight gradients accumulate at the holder. */
   backward(passId: string, batches: RowBatch[], context?: CallContext): Promise<Float32Array[]>;
+  /**
+   * Inference forward that may leave batches unserved (no live holder, out of credits) instead of
+   * failing the call; transports that cannot lose holders need not implement it.
+   */
+  serve?(passId: string, batches: RowBatch[], context?: CallContext): Promise<Array<Float32Array | Unserved>>;
+  /** What the MoE block does with unserved rows. */
+  readonly overflow?: OverflowPolicy;
 }
 
 /** A backward for rows whose forward this holder never saw (or already consumed). */

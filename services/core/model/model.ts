@@ -23,6 +23,8 @@ export interface PassOptions {
   random?: () => number;
   /** Client requests served by this pass (x-request-id), for the experts' holders' logs. */
   requestIds?: string[];
+  /** Epoch ms after which nobody waits for this pass (inference). */
+  deadline?: number;
 }
 
 export interface LossResult {
@@ -197,7 +199,7 @@ export class MixtralModel {
       const n2 = rmsNormForward(x1, this.dense.get(denseNames.moeNorm(l)), eps);
       const moe = await this.moe[l].forward(n2.y, this.dense.get(denseNames.gate(l)), {
         passId: `${opt.passId}/L${l}`, train: opt.train, groupTokens: opt.groupTokens ?? 0, random: opt.random,
-        selectionBias: this.balanceBias?.[l], requestIds: opt.requestIds,
+        selectionBias: this.balanceBias?.[l], requestIds: opt.requestIds, deadline: opt.deadline,
       });
       n2.y.dispose();
       x = tf.add(x1, moe.y) as T2;
@@ -223,7 +225,9 @@ export class MixtralModel {
    * all sequences, so each expert sees one batch per step. Returns each sequence's last-position logits
    * and its extended cache (the caller disposes caches it no longer needs).
    */
-  async decodeBatch(items: Array<{ ids: Int32Array; kv?: KvCache[]; past: number }>, passId: string, requestIds?: string[]): Promise<Array<{ logits: Float32Array; kv: KvCache[] }>> {
+  async decodeBatch(
+    items: Array<{ ids: Int32Array; kv?: KvCache[]; past: number }>, passId: string, opt: { requestIds?: string[]; deadline?: number } = {},
+  ): Promise<Array<{ logits: Float32Array; kv: KvCache[]; degraded?: string[] }>> {
     const c = this.config;
     const eps = c.rms_norm_eps;
     const offsets: number[] = [];
@@ -239,6 +243,7 @@ export class MixtralModel {
     items.forEach((it, i) => allIds.set(it.ids, offsets[i]));
     let x = this.embed(allIds);
     const newKv: KvCache[][] = items.map(() => []);
+    const degraded: Array<Set<string> | undefined> = items.map(() => undefined);
     for (let l = 0; l < c.num_hidden_layers; l++) {
       const n1 = rmsNormForward(x, this.dense.get(denseNames.attnNorm(l)), eps);
       const w = { wqkv: this.dense.get<tf.Rank.R2>(denseNames.wqkv(l)), wo: this.dense.get<tf.Rank.R2>(denseNames.wo(l)) };
@@ -256,9 +261,16 @@ export class MixtralModel {
       disposeAll([x, attn]);
       const n2 = rmsNormForward(x1, this.dense.get(denseNames.moeNorm(l)), eps);
       const moe = await this.moe[l].forward(n2.y, this.dense.get(denseNames.gate(l)), {
-        passId: `${passId}/L${l}`, train: false, groupTokens: 0, selectionBias: this.balanceBias?.[l], requestIds,
+        passId: `${passId}/L${l}`, train: false, groupTokens: 0, selectionBias: this.balanceBias?.[l], requestIds: opt.requestIds, deadline: opt.deadline,
       });
       disposeAll([n2.y, n2.cache]);
+      const flagged = moe.stats.degradedTokens;
+      if (flagged)
+        items.forEach((it, i) => {
+          if (!flagged.subarray(offsets[i], offsets[i] + it.ids.length).some((f) => f === 1)) return;
+          degraded[i] ??= new Set();
+          for (const r of moe.stats.degradedReasons ?? []) degraded[i]!.add(r);
+        });
       x = tf.add(x1, moe.y) as T2;
       disposeAll([x1, moe.y]);
     }
@@ -272,7 +284,7 @@ export class MixtralModel {
     const values = logits.dataSync() as Float32Array;
     logits.dispose();
     const V = c.vocab_size;
-    return items.map((_, i) => ({ logits: values.slice(i * V, (i + 1) * V), kv: newKv[i] }));
+    return items.map((_, i) => ({ logits: values.slice(i * V, (i + 1) * V), kv: newKv[i], ...(degraded[i] ? { degraded: [...degraded[i]!] } : {}) }));
   }
 
   /** Logits for every position (evaluation, no caches kept). */
@@ -281,8 +293,8 @@ export class MixtralModel {
   }
 
   /** Logits for every position and each layer's routing statistics (plans per routing group). */
-  async logitsWithRouting(ids: Int32Array, batch: number, tokens: number, passId = 'eval', requestIds?: string[]): Promise<{ logits: Float32Array; routing: MoeStats[] }> {
-    const out = await this.forward(ids, batch, tokens, { passId, train: false, requestIds });
+  async logitsWithRouting(ids: Int32Array, batch: number, tokens: number, passId = 'eval', requestIds?: string[], deadline?: number): Promise<{ logits: Float32Array; routing: MoeStats[] }> {
+    const out = await this.forward(ids, batch, tokens, { passId, train: false, requestIds, deadline });
     const values = out.logits.dataSync() as Float32Array;
     disposeAll([out.logits, out.hidden, out.kv]);
     return { logits: values, routing: out.stats };

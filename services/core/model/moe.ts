@@ -4,6 +4,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { gateBackward, gumbelNoise, multiplicativeJitter, policyFromSettings, routeTokens, zLoss, type GatePolicy, type RoutingPlan } from '../gating/index.js';
 import type { GateSettings } from '../config.js';
 import type { ExpertTransport, RowBatch } from './experts.js';
+import { isUnserved, OverloadError, type Unserved } from '../overload.js';
 import { mm, mmTA, type T2 } from './tensors.js';
 
 export interface MoeCallOptions {
@@ -17,6 +18,8 @@ export interface MoeCallOptions {
   selectionBias?: Float32Array;
   /** Client requests whose tokens this call carries (x-request-id), passed on to the experts' holders. */
   requestIds?: string[];
+  /** Epoch ms after which nobody waits for this call's answer. */
+  deadline?: number;
 }
 
 /** Per-call routing statistics (summed over groups). */
@@ -29,6 +32,9 @@ export interface MoeStats {
   droppedChoices: number;
   capacity: number;
   plans: RoutingPlan[];
+  /** Inference only: tokens with a choice that could not reach its expert (1), and why. */
+  degradedTokens?: Uint8Array;
+  degradedReasons?: string[];
 }
 
 /**
@@ -140,14 +146,26 @@ export class MoeLayer {
       const t = (i / k) | 0;
       batches[batchOf[dispatch.expert[i]]].rows.set(hRows.subarray(t * D, t * D + D), row * D);
     }
-    const outputs = await this.transport.forward(opt.passId, batches, opt.train, { requestIds: opt.requestIds });
+    const context = { requestIds: opt.requestIds, deadline: opt.deadline };
+    const outputs: Array<Float32Array | Unserved> = !opt.train && this.transport.serve
+      ? await this.transport.serve(opt.passId, batches, context)
+      : await this.transport.forward(opt.passId, batches, opt.train, context);
     const combined = new Float32Array(tokens * D);
+    const lost = outputs.some(isUnserved) ? await this.overflow(outputs, batches, logits, dispatch, hRows, tokens, opt) : undefined;
     for (let i = 0; i < tokens * k; i++) {
       const row = dispatch.row[i];
       if (row < 0) continue;
       const w = dispatch.weight[i];
-      const out = outputs[batchOf[dispatch.expert[i]]];
-      const o = row * D;
+      const served = outputs[batchOf[dispatch.expert[i]]];
+      let out: Float32Array;
+      let o = row * D;
+      if (isUnserved(served)) {
+        // Rerouted to another expert, or dropped to the residual path (contributes nothing).
+        const moved = lost?.moved.get(i);
+        if (!moved) continue;
+        out = moved.values;
+        o = moved.row * D;
+      } else out = served;
       const c = ((i / k) | 0) * D;
       for (let d = 0; d < D; d++) combined[c + d] += w * out[o + d];
     }
@@ -165,15 +183,66 @@ export class MoeLayer {
     const stats: MoeStats = {
       countsBeforeDrop, countsAfterDrop: dispatch.rowCounts, droppedChoices: tokens * k - kept, capacity,
       plans: routed.plans, auxLoss: routed.plans.length ? auxSum / routed.plans.length : 0, zLoss: routed.zLoss,
+      ...(lost ? { degradedTokens: lost.tokens, degradedReasons: lost.reasons } : {}),
     };
     if (!opt.train) {
       if (jitter) tf.dispose([jitter, hGate]);
       return { y, stats };
     }
     const expertOutputs = new Map<number, Float32Array>();
-    batches.forEach((b, j) => expertOutputs.set(b.expert, outputs[j]));
+    batches.forEach((b, j) => expertOutputs.set(b.expert, outputs[j] as Float32Array)); // training never leaves rows unserved
     const cache: MoeCache = { dispatch, logits, expertOutputs, hGate: hGate === h ? h.clone() : hGate, jitter, passId: opt.passId };
     return { y, stats, cache };
+  }
+
+  /**
+   * Inference rows whose expert could not take them, per the transport's overflow policy: `reject`
+   * fails the call with 503; `reroute` sends them to the token's best-scoring reachable expert it did not
+   * choose already (one more round trip); otherwise they drop to the residual path. Returns where moved
+   * rows' outputs are and which tokens were affected.
+   */
+  private async overflow(
+    outputs: Array<Float32Array | Unserved>, batches: RowBatch[], logits: Float32Array, dispatch: Dispatch, hRows: Float32Array, tokens: number, opt: MoeCallOptions,
+  ): Promise<{ moved: Map<number, { values: Float32Array; row: number }>; tokens: Uint8Array; reasons: string[] }> {
+    const E = this.experts;
+    const k = this.k;
+    const D = this.hidden;
+    const policy = this.transport.overflow ?? 'drop';
+    const reasons = [...new Set(outputs.filter(isUnserved).map((u) => u.unserved))];
+    if (policy === 'reject') throw new OverloadError(`experts out of reach: ${reasons.join('; ')}`, 'unavailable');
+    const lostExperts = new Set(batches.filter((_, j) => isUnserved(outputs[j])).map((b) => b.expert));
+    const affected = new Uint8Array(tokens);
+    const moved = new Map<number, { values: Float32Array; row: number }>();
+    const target = new Map<number, { expert: number; row: number }>();
+    const rowsPerExpert = new Int32Array(E);
+    for (let i = 0; i < tokens * k; i++) {
+      if (dispatch.row[i] < 0 || !lostExperts.has(dispatch.expert[i])) continue;
+      const t = (i / k) | 0;
+      affected[t] = 1;
+      if (policy !== 'reroute') continue;
+      let best = -1;
+      for (let e = 0; e < E; e++) {
+        if (lostExperts.has(e)) continue;
+        let taken = false;
+        for (let c = 0; c < k; c++) if (dispatch.expert[t * k + c] === e) taken = true;
+        if (!taken && (best < 0 || logits[t * E + e] > logits[t * E + best])) best = e;
+      }
+      if (best >= 0) target.set(i, { expert: best, row: rowsPerExpert[best]++ });
+    }
+    if (target.size > 0) {
+      const { batches: extra, batchOf } = emptyBatches(this.layer, rowsPerExpert, D);
+      for (const [i, { expert, row }] of target) {
+        const t = (i / k) | 0;
+        extra[batchOf[expert]].rows.set(hRows.subarray(t * D, t * D + D), row * D);
+      }
+      const second = await this.transport.serve!(`${opt.passId}/reroute`, extra, { requestIds: opt.requestIds, deadline: opt.deadline });
+      for (const [i, { expert, row }] of target) {
+        const out = second[batchOf[expert]];
+        if (!isUnserved(out)) moved.set(i, { values: out, row });
+      }
+      reasons.push(`${moved.size} choice(s) rerouted to the next-best expert`);
+    }
+    return { moved, tokens: affected, reasons };
   }
 
   /**

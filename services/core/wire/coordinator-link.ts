@@ -7,6 +7,7 @@ import type { CoordinatorClient } from '../../generated/switchyard/v1/Coordinato
 import type { Placement__Output } from '../../generated/switchyard/v1/Placement.js';
 import type { Role } from '../../generated/switchyard/v1/Role.js';
 import { CHANNEL_OPTIONS, loadProtos } from './protos.js';
+import { channelCredentials } from './credentials.js';
 
 export interface MemberInfo {
   memberId: string;
@@ -22,7 +23,8 @@ const RETRY_MS = 250;
 export function fromWirePlacement(p: Placement__Output): PlacementTable {
   return {
     version: Number(p.version),
-    shards: p.shards.map((s) => ({ shardId: s.shardId, address: s.address })),
+    routers: p.routers,
+    shards: p.shards.map((s) => ({ shardId: s.shardId, address: s.address, tokenBudget: s.tokenBudget })),
     entries: p.entries.map((e) => ({ layer: e.layer, expert: e.expert, shardIds: [...e.shardIds] })),
   };
 }
@@ -40,7 +42,7 @@ export class CoordinatorLink {
 
   constructor(readonly address: string, readonly member: MemberInfo) {
     const protos = loadProtos();
-    this.client = new protos.switchyard.v1.Coordinator(address, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
+    this.client = new protos.switchyard.v1.Coordinator(address, channelCredentials(), CHANNEL_OPTIONS);
   }
 
   private deadline(): Date {
@@ -87,6 +89,15 @@ export class CoordinatorLink {
       call.on('close', () => { if (!this.closed) setTimeout(open, RETRY_MS); });
     };
     open();
+  }
+
+  /** Leaves the coordinator now (graceful shutdown), so routers stop sending before this member stops. */
+  async leave(): Promise<void> {
+    const leaseId = this.leaseId;
+    this.closed = true;
+    clearTimeout(this.timer);
+    if (leaseId === undefined) return;
+    await new Promise<void>((resolve) => this.client.Deregister({ memberId: this.member.memberId, leaseId }, { deadline: this.deadline() }, () => resolve()));
   }
 
   close(): void {

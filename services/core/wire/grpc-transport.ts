@@ -1,12 +1,18 @@
 // ExpertTransport over gRPC: one long-lived Exchange stream per shard; each forward/backward call sends
-// every shard exactly one message with all of its row batches and waits for the replies.
+// every shard exactly one message with all of its row batches and waits for the replies. Serving also
+// keeps per-shard health (a broken stream marks a shard down at once; a health probe brings it back),
+// spends credits per row in flight, and moves rows of a lost shard to the expert's other replicas.
 import * as grpc from '@grpc/grpc-js';
 import type { CallContext, ExpertTransport, RowBatch } from '../model/experts.js';
+import { Credits } from '../credits.js';
+import { OverloadError, type OverflowPolicy, type Unserved } from '../overload.js';
+import { HealthProbe } from './health-probe.js';
 import type { ExpertReply__Output } from '../../generated/switchyard/v1/ExpertReply.js';
 import type { ExpertRequest } from '../../generated/switchyard/v1/ExpertRequest.js';
 import type { ExpertServiceClient } from '../../generated/switchyard/v1/ExpertService.js';
 import type { RowKind } from '../../generated/switchyard/v1/RowKind.js';
 import { CHANNEL_OPTIONS, loadProtos } from './protos.js';
+import { channelCredentials } from './credentials.js';
 import { fromWireTensor, toWireTensor } from './tensor.js';
 import type { FloatDtype } from '../dtypes.js';
 
@@ -40,7 +46,7 @@ class ShardStream {
 
   constructor(readonly address: string, private readonly timeoutMs: number) {
     const protos = loadProtos();
-    this.client = new protos.switchyard.v1.ExpertService(address, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
+    this.client = new protos.switchyard.v1.ExpertService(address, channelCredentials(), CHANNEL_OPTIONS);
   }
 
   private stream(): grpc.ClientDuplexStream<ExpertRequest, ExpertReply__Output> {
@@ -67,14 +73,15 @@ class ShardStream {
     return call;
   }
 
-  async send(request: Omit<ExpertRequest, 'messageId'>): Promise<ExpertReply__Output> {
+  /** Sends one request; `timeoutMs` (default: the transport's) bounds the wait for its reply. */
+  async send(request: Omit<ExpertRequest, 'messageId'>, timeoutMs = this.timeoutMs): Promise<ExpertReply__Output> {
     const messageId = String(this.nextId++);
     const call = this.stream();
     const reply = new Promise<ExpertReply__Output>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.pending.delete(messageId);
-        reject(new ExpertCallError(this.address, grpc.status.DEADLINE_EXCEEDED, `no reply within ${this.timeoutMs} ms`));
-      }, this.timeoutMs);
+        reject(new ExpertCallError(this.address, grpc.status.DEADLINE_EXCEEDED, `no reply within ${timeoutMs} ms`));
+      }, timeoutMs);
       this.pending.set(messageId, { resolve, reject, timer });
     });
     // Honour backpressure: wait for 'drain' when the stream's buffer is full.
@@ -88,17 +95,47 @@ class ShardStream {
   }
 }
 
+export interface ServingOptions {
+  /** Per-message reply timeout when the call carries no deadline. */
+  timeoutMs?: number;
+  wireDtype?: FloatDtype;
+  overflow?: OverflowPolicy;
+  /** Credits per (shard, expert) for this router (undefined = unlimited). */
+  creditLimit?: (address: string, layer: number, expert: number) => number | undefined;
+  /** Counted per expert: rows that could not be served as routed, by reason. */
+  onUnserved?: (layer: number, expert: number, rows: number, reason: 'shard_down' | 'at_capacity') => void;
+  /** Seen per message: shard, payload bytes and seconds to the reply. */
+  onDispatch?: (address: string, bytes: number, seconds: number) => void;
+}
+
+/** Errors that mean the shard (not the request) is the problem: try the expert's other replicas. */
+const SHARD_LOST = new Set<number>([grpc.status.UNAVAILABLE, grpc.status.CANCELLED, grpc.status.UNKNOWN, grpc.status.INTERNAL, grpc.status.NOT_FOUND]);
+
 export class GrpcExpertTransport implements ExpertTransport {
   private readonly shards = new Map<string, ShardStream>();
   /** Messages sent per shard, for tests and metrics. */
   readonly messagesSent = new Map<string, number>();
   /** Set by a training router for the step in flight; undefined when serving. */
   training?: TrainingTag;
+  readonly overflow: OverflowPolicy;
+  readonly credits = new Credits();
+  readonly health: HealthProbe;
   private readonly trainSplits = new Map<string, Piece[]>();
   private turn = 0;
+  private readonly timeoutMs: number;
+  readonly wireDtype: FloatDtype;
 
-  /** `wireDtype` BF16 or F16 halves the bytes of every row batch both ways, at reduced precision. */
-  constructor(private readonly placement: PlacementLookup, readonly hidden: number, private readonly timeoutMs = 30_000, readonly wireDtype: FloatDtype = 'F32') {}
+  constructor(private readonly placement: PlacementLookup, readonly hidden: number, options: ServingOptions | number = {}, wireDtype?: FloatDtype) {
+    // (placement, hidden, timeoutMs, wireDtype) is the older positional form.
+    const o: ServingOptions = typeof options === 'number' ? { timeoutMs: options, wireDtype } : options;
+    this.timeoutMs = o.timeoutMs ?? 30_000;
+    this.wireDtype = o.wireDtype ?? wireDtype ?? 'F32';
+    this.overflow = o.overflow ?? 'drop';
+    this.options = o;
+    this.health = new HealthProbe();
+  }
+
+  private readonly options: ServingOptions;
 
   private shard(address: string): ShardStream {
     let s = this.shards.get(address);
@@ -110,14 +147,20 @@ export class GrpcExpertTransport implements ExpertTransport {
   }
 
   /**
-   * Splits each batch over the replicas of its expert: contiguous, nearly equal row ranges. Inference
-   * rotates which replica gets the larger share (and single rows), so replicas share the load.
+   * Splits each batch over the live replicas of its expert: contiguous, nearly equal row ranges.
+   * Inference rotates which replica gets the larger share (and single rows), so replicas share the load.
+   * Batches without a live holder get no piece.
    */
-  private split(batches: RowBatch[]): Piece[] {
+  private split(batches: RowBatch[], indices: number[] = batches.map((_, i) => i), live = false): Piece[] {
     const pieces: Piece[] = [];
-    batches.forEach((b, i) => {
-      const owners = this.placement(b.layer, b.expert);
-      if (owners.length === 0) throw new ExpertCallError('-', grpc.status.UNAVAILABLE, `no shard holds expert (layer ${b.layer}, expert ${b.expert})`);
+    for (const i of indices) {
+      const b = batches[i];
+      const all = this.placement(b.layer, b.expert);
+      const owners = live ? all.filter((a) => !this.health.isDown(a)) : all;
+      if (owners.length === 0) {
+        if (live) continue;
+        throw new ExpertCallError('-', grpc.status.UNAVAILABLE, `no shard holds expert (layer ${b.layer}, expert ${b.expert})`);
+      }
       const parts = Math.min(owners.length, Math.max(b.rowCount, 1));
       const first = this.training ? 0 : this.turn++ % owners.length;
       let start = 0;
@@ -126,54 +169,128 @@ export class GrpcExpertTransport implements ExpertTransport {
         pieces.push({ batch: i, address: owners[(first + p) % owners.length], rowStart: start, rowCount: rows });
         start += rows;
       }
-    });
+    }
     return pieces;
   }
 
-  private async exchange(passId: string, batches: RowBatch[], kind: RowKind, pieces: Piece[], context?: CallContext): Promise<Float32Array[]> {
+  /** Sends each shard its pieces in one message; fills `out` per batch. */
+  private async sendPieces(passId: string, batches: RowBatch[], kind: RowKind, pieces: Piece[], out: Array<Float32Array | undefined>, context?: CallContext): Promise<void> {
     const D = this.hidden;
     const byShard = new Map<string, Piece[]>();
     for (const p of pieces) {
       if (!byShard.has(p.address)) byShard.set(p.address, []);
       byShard.get(p.address)!.push(p);
     }
-    const results = batches.map((b, i) => (pieces.filter((p) => p.batch === i).length === 1 ? undefined : new Float32Array(b.rowCount * D)));
-    const whole: Array<Float32Array | undefined> = new Array(batches.length);
     const tag = this.training;
+    const timeout = context?.deadline !== undefined ? Math.max(1, Math.min(this.timeoutMs, context.deadline - Date.now())) : this.timeoutMs;
     await Promise.all([...byShard].map(async ([address, mine]) => {
       this.messagesSent.set(address, (this.messagesSent.get(address) ?? 0) + 1);
+      const started = performance.now();
+      let bytes = 0;
       const reply = await this.shard(address).send({
         passId, kind, requestIds: context?.requestIds ?? [],
         trainGeneration: String(tag?.generation ?? 0), weightsStep: String(tag?.weightsStep ?? 0),
         batches: mine.map((p) => {
           const b = batches[p.batch];
-          return { layer: b.layer, expert: b.expert, rows: toWireTensor(b.rows.subarray(p.rowStart * D, (p.rowStart + p.rowCount) * D), [p.rowCount, D], this.wireDtype) };
+          const rows = toWireTensor(b.rows.subarray(p.rowStart * D, (p.rowStart + p.rowCount) * D), [p.rowCount, D], this.wireDtype);
+          bytes += rows.data!.length;
+          return { layer: b.layer, expert: b.expert, rows };
         }),
-      });
+      }, timeout);
       if (reply.error) throw new ExpertCallError(address, reply.error.code, reply.error.message);
       if (reply.batches.length !== mine.length) throw new ExpertCallError(address, grpc.status.INTERNAL, `${reply.batches.length} batches for ${mine.length} sent`);
+      this.options.onDispatch?.(address, bytes, (performance.now() - started) / 1000);
       mine.forEach((p, j) => {
         const values = fromWireTensor(reply.batches[j].rows, `reply batch ${j}`, [p.rowCount, D]).values;
-        const out = results[p.batch];
-        if (out) out.set(values, p.rowStart * D);
-        else whole[p.batch] = values;
+        if (p.rowCount === batches[p.batch].rowCount) out[p.batch] = values;
+        else {
+          out[p.batch] ??= new Float32Array(batches[p.batch].rowCount * D);
+          out[p.batch]!.set(values, p.rowStart * D);
+        }
       });
     }));
-    return batches.map((_, i) => results[i] ?? whole[i]!);
   }
 
   forward(passId: string, batches: RowBatch[], train: boolean, context?: CallContext): Promise<Float32Array[]> {
     const pieces = this.split(batches);
     // A training backward must reach the replicas that saw each row's forward.
     if (train) this.trainSplits.set(passId, pieces);
-    return this.exchange(passId, batches, train ? 'ROW_KIND_FORWARD_TRAIN' : 'ROW_KIND_FORWARD', pieces, context);
+    const out: Array<Float32Array | undefined> = new Array(batches.length);
+    return this.sendPieces(passId, batches, train ? 'ROW_KIND_FORWARD_TRAIN' : 'ROW_KIND_FORWARD', pieces, out, context).then(() => out as Float32Array[]);
   }
 
   backward(passId: string, batches: RowBatch[], context?: CallContext): Promise<Float32Array[]> {
     const pieces = this.trainSplits.get(passId);
     this.trainSplits.delete(passId);
     if (!pieces) throw new Error(`backward of pass ${passId} without its training forward`);
-    return this.exchange(passId, batches, 'ROW_KIND_BACKWARD', pieces, context);
+    const out: Array<Float32Array | undefined> = new Array(batches.length);
+    return this.sendPieces(passId, batches, 'ROW_KIND_BACKWARD', pieces, out, context).then(() => out as Float32Array[]);
+  }
+
+  /**
+   * Inference: every batch goes to live replicas of its expert, within this router's credits. A shard
+   * that fails is marked down and its batches go to the remaining replicas; what no replica can take
+   * comes back unserved (the MoE block applies the overflow policy), never as a failed call.
+   */
+  async serve(passId: string, batches: RowBatch[], context?: CallContext): Promise<Array<Float32Array | Unserved>> {
+    const out: Array<Float32Array | undefined> = new Array(batches.length);
+    const unserved = new Map<number, 'shard_down' | 'at_capacity'>();
+    let todo = batches.map((_, i) => i);
+    for (let round = 0; todo.length > 0 && round < 4; round++) {
+      if (context?.deadline !== undefined && Date.now() >= context.deadline) throw new OverloadError('the request deadline passed while its rows were with the experts', 'deadline');
+      const pieces = this.split(batches, todo, true);
+      for (const i of todo) if (!pieces.some((p) => p.batch === i)) unserved.set(i, 'shard_down');
+      const granted = await this.takeCredits(batches, pieces, context?.deadline);
+      for (const p of pieces) if (!granted.has(p.batch)) unserved.set(p.batch, 'at_capacity');
+      const sendable = pieces.filter((p) => granted.has(p.batch));
+      const failed = new Set<number>();
+      await Promise.all([...new Set(sendable.map((p) => p.address))].map(async (address) => {
+        const mine = sendable.filter((p) => p.address === address);
+        try {
+          await this.sendPieces(passId, batches, 'ROW_KIND_FORWARD', mine, out, context);
+        } catch (err) {
+          const code = (err as ExpertCallError).code;
+          if (code === grpc.status.DEADLINE_EXCEEDED && context?.deadline !== undefined && Date.now() >= context.deadline - 1)
+            throw new OverloadError('the request deadline passed while its rows were with the experts', 'deadline');
+          if (!SHARD_LOST.has(code) && code !== grpc.status.DEADLINE_EXCEEDED) throw err;
+          this.health.markDown(address, (err as Error).message);
+          for (const p of mine) failed.add(p.batch);
+        } finally {
+          for (const p of mine) this.credits.give(creditKey(address, batches[p.batch]), p.rowCount);
+        }
+      }));
+      for (const i of failed) out[i] = undefined;
+      todo = [...failed];
+    }
+    for (const i of todo) unserved.set(i, 'shard_down');
+    return batches.map((b, i) => {
+      const reason = out[i] === undefined ? unserved.get(i) ?? 'shard_down' : undefined;
+      if (!reason) return out[i]!;
+      this.options.onUnserved?.(b.layer, b.expert, b.rowCount, reason);
+      return { unserved: reason === 'shard_down' ? `no live shard holds expert ${b.layer}/${b.expert}` : `expert ${b.layer}/${b.expert} is at capacity` };
+    });
+  }
+
+  /** Takes credits for whole batches (all pieces or none); returns the batches that got them. */
+  private async takeCredits(batches: RowBatch[], pieces: Piece[], deadline?: number): Promise<Set<number>> {
+    const granted = new Set<number>();
+    const byBatch = new Map<number, Piece[]>();
+    for (const p of pieces) byBatch.set(p.batch, [...(byBatch.get(p.batch) ?? []), p]);
+    await Promise.all([...byBatch].map(async ([i, mine]) => {
+      const taken: Piece[] = [];
+      for (const p of mine) {
+        const key = creditKey(p.address, batches[i]);
+        const limit = this.options.creditLimit?.(p.address, batches[i].layer, batches[i].expert);
+        const ok = this.overflow === 'wait' && deadline !== undefined
+          ? await this.credits.take(key, p.rowCount, limit, deadline)
+          : this.credits.tryTake(key, p.rowCount, limit);
+        if (!ok) break;
+        taken.push(p);
+      }
+      if (taken.length === mine.length) granted.add(i);
+      else for (const p of taken) this.credits.give(creditKey(p.address, batches[i]), p.rowCount);
+    }));
+    return granted;
   }
 
   /** Forgets the row splits of passes that will get no backward (an aborted training step). */
@@ -184,5 +301,8 @@ export class GrpcExpertTransport implements ExpertTransport {
   close(): void {
     for (const s of this.shards.values()) s.close();
     this.shards.clear();
+    this.health.close();
   }
 }
+
+const creditKey = (address: string, b: RowBatch): string => `${address}|${b.layer}/${b.expert}`;

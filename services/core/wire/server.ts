@@ -4,6 +4,7 @@ import * as grpc from '@grpc/grpc-js';
 import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation } from 'grpc-health-check';
 import { CHANNEL_OPTIONS, packageDefinition } from './protos.js';
+import { serverCredentials } from './credentials.js';
 
 const MALFORMED = Symbol('malformed');
 
@@ -44,8 +45,8 @@ export interface RunningGrpcServer {
   server: grpc.Server;
   port: number;
   health: HealthImplementation;
-  /** Reports NOT_SERVING, stops accepting calls and lets open ones finish. */
-  shutdown(): Promise<void>;
+  /** Reports NOT_SERVING, stops accepting calls and lets open ones finish for up to `graceMs`, then cuts them. */
+  shutdown(graceMs?: number): Promise<void>;
 }
 
 export async function startGrpcServer(host: string, port: number, serviceName: string, addServices: (server: grpc.Server) => void): Promise<RunningGrpcServer> {
@@ -55,15 +56,23 @@ export async function startGrpcServer(host: string, port: number, serviceName: s
   health.addToServer(server);
   new ReflectionService(packageDefinition()).addToServer(server);
   const boundPort = await new Promise<number>((resolve, reject) =>
-    server.bindAsync(`${host}:${port}`, grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))));
+    server.bindAsync(`${host}:${port}`, serverCredentials(), (err, p) => (err ? reject(err) : resolve(p))));
   return {
     server,
     port: boundPort,
     health,
-    shutdown: () => new Promise<void>((resolve) => {
+    shutdown: (graceMs = 2_000) => new Promise<void>((resolve) => {
       health.setStatus('', 'NOT_SERVING');
       health.setStatus(serviceName, 'NOT_SERVING');
-      server.tryShutdown(() => resolve());
+      // Long-lived streams (Exchange, WatchPlacement) never end by themselves.
+      const force = setTimeout(() => {
+        server.forceShutdown();
+        resolve();
+      }, graceMs);
+      server.tryShutdown(() => {
+        clearTimeout(force);
+        resolve();
+      });
     }),
   };
 }

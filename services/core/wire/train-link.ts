@@ -7,6 +7,7 @@ import type { ReduceChunk__Output } from '../../generated/switchyard/v1/ReduceCh
 import type { TrainSyncRequest } from '../../generated/switchyard/v1/TrainSyncRequest.js';
 import type { TrainSyncReply__Output } from '../../generated/switchyard/v1/TrainSyncReply.js';
 import { CHANNEL_OPTIONS, loadProtos } from './protos.js';
+import { channelCredentials } from './credentials.js';
 import { fromWireTensor, toWireTensor } from './tensor.js';
 
 /** Default all-reduce chunk: 1 MiB of float32. */
@@ -42,7 +43,7 @@ export class TrainLink {
 
   constructor(readonly address: string, readonly memberId: string) {
     const protos = loadProtos();
-    this.client = new protos.switchyard.v1.Coordinator(address, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
+    this.client = new protos.switchyard.v1.Coordinator(address, channelCredentials(), CHANNEL_OPTIONS);
   }
 
   /**

@@ -1,0 +1,21 @@
+// Serving metrics shared by the router and the shards (DESIGN §11): base units, `_total` counters,
+// label sets bounded by routes, statuses, reasons, layers and experts.
+import { Counter, Gauge, Histogram } from 'prom-client';
+import { registry } from './registry.js';
+
+const LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
+
+export const servingMetrics = {
+  requests: new Counter({ name: 'switchyard_http_requests_total', help: 'HTTP requests answered, by route and status', labelNames: ['route', 'status'], registers: [registry] }),
+  latency: new Histogram({ name: 'switchyard_http_request_duration_seconds', help: 'HTTP request latency, by route', labelNames: ['route'], buckets: LATENCY_BUCKETS, registers: [registry] }),
+  inFlight: new Gauge({ name: 'switchyard_http_requests_in_flight', help: 'HTTP requests being answered', registers: [registry] }),
+  rejections: new Counter({ name: 'switchyard_router_rejections_total', help: 'Requests answered 503 (or 401/413/4xx refusals), by reason', labelNames: ['reason'], registers: [registry] }),
+  degraded: new Counter({ name: 'switchyard_router_degraded_responses_total', help: 'Responses flagged degraded (some rows could not reach their experts)', registers: [registry] }),
+  unservedRows: new Counter({
+    name: 'switchyard_router_unserved_rows_total', help: 'Rows that could not reach their expert as routed, by reason (then dropped, rerouted or rejected per the overflow policy)',
+    labelNames: ['layer', 'expert', 'reason'], registers: [registry],
+  }),
+  shardsDown: new Gauge({ name: 'switchyard_router_shards_down', help: 'Shards this router currently considers down', registers: [registry] }),
+  dispatchSeconds: new Histogram({ name: 'switchyard_dispatch_duration_seconds', help: 'Time from sending a shard its rows to its reply', labelNames: ['shard'], buckets: LATENCY_BUCKETS, registers: [registry] }),
+  dispatchBytes: new Counter({ name: 'switchyard_dispatch_bytes_total', help: 'Row bytes sent to each shard', labelNames: ['shard'], registers: [registry] }),
+};
