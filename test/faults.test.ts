@@ -1,0 +1,213 @@
+// Faults and overload with real processes on 127.0.0.1 (DESIGN §7): shards killed under load (with and
+// without replicas), the coordinator restarted under load, overload at twice the measured capacity,
+// SIGTERM under load, and the security options.
+import { test, after, before } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { initBackend } from '../services/core/backend.js';
+import { preset } from '../services/core/config.js';
+import { MixtralModel } from '../services/core/model/model.js';
+import { saveModel } from '../services/core/checkpoint/model.js';
+import { assignmentSpec, spreadExperts } from '../services/core/placement.js';
+import { complete, hammer, startCluster, type Outcome, type TestCluster } from './support/cluster.js';
+import { startService } from './support/services.js';
+
+await initBackend();
+const tiny = preset('tiny');
+let root: string;
+let checkpoint: string;
+const spread = spreadExperts(tiny.model.num_hidden_layers, tiny.model.num_local_experts, 2).map(assignmentSpec);
+const body = { prompt: 'Call me Ishmael.', max_tokens: 12, temperature: 0.8 };
+
+before(async () => {
+  root = await mkdtemp(join(tmpdir(), 'switchyard-faults-'));
+  checkpoint = join(root, 'tiny');
+  const model = MixtralModel.initialize(tiny.model, 5);
+  await saveModel(checkpoint, model);
+  model.dispose();
+});
+
+after(async () => {
+  await rm(root, { recursive: true, force: true });
+});
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const statuses = (o: Outcome[]) => [...new Set(o.map((x) => x.status))].sort();
+
+async function withCluster(shards: string[], routers: string[][], fn: (c: TestCluster) => Promise<void>, env: Record<string, string> = {}): Promise<void> {
+  const c = await startCluster(checkpoint, shards, routers, env);
+  try {
+    await fn(c);
+  } finally {
+    await c.stop();
+  }
+}
+
+test('kill -9 a shard holding replicated experts under load: zero failed requests, none degraded', async () => {
+  await withCluster(['all', 'all'], [[]], async (c) => {
+    const base = c.routers[0].base;
+    let stop = false;
+    const load = hammer(base, 8, () => stop, body);
+    await sleep(800);
+    c.shards[1].child.kill('SIGKILL');
+    await sleep(2_000);
+    stop = true;
+    const outcomes = await load;
+    assert.ok(outcomes.length > 20, `${outcomes.length} requests`);
+    assert.deepEqual(statuses(outcomes), [200], outcomes.find((o) => o.status !== 200)?.error);
+    assert.equal(outcomes.filter((o) => o.degraded).length, 0, 'the surviving replica served every row');
+  });
+});
+
+test('kill -9 a shard holding non-replicated experts: answers in time, degraded (drop) or 503 (reject); not degraded once it is back', async () => {
+  const deadline = { 'x-request-timeout-ms': '3000' };
+  await withCluster(spread, [['--overflow', 'drop'], ['--overflow', 'reject']], async (c) => {
+    const [drop, strict] = c.routers.map((r) => r.base);
+    let stop = false;
+    const loads = [hammer(drop, 4, () => stop, body, deadline), hammer(strict, 4, () => stop, body, deadline)];
+    await sleep(800);
+    c.shards[1].child.kill('SIGKILL');
+    await sleep(2_500);
+    stop = true;
+    const [dropped, rejected] = await Promise.all(loads);
+    for (const o of [...dropped, ...rejected]) assert.ok(o.ms <= 3_000 + 1_000, `answered after ${o.ms.toFixed(0)} ms`);
+    assert.deepEqual(statuses(dropped), [200], dropped.find((o) => o.status !== 200)?.error);
+    assert.ok(dropped.some((o) => o.degraded), 'drop policy: answers flagged degraded');
+    assert.ok(statuses(rejected).every((s) => s === 200 || s === 503), `statuses ${statuses(rejected)}`);
+    const refused = rejected.filter((o) => o.status === 503);
+    assert.ok(refused.length > 0, 'reject policy: 503 while experts are out of reach');
+    assert.ok(refused.every((o) => o.retryAfter !== null), '503 carries Retry-After');
+    assert.ok(rejected.every((o) => !o.degraded));
+    // The shard comes back (same id, its experts reloaded): answers are whole again.
+    await c.restartShard(1);
+    let healthy = 0;
+    for (let i = 0; i < 100 && healthy < 10; i++) {
+      const o = await complete(drop, body);
+      healthy = o.status === 200 && !o.degraded ? healthy + 1 : 0;
+      if (healthy === 0) await sleep(50);
+    }
+    assert.equal(healthy, 10, 'ten answers in a row without degradation after the restart');
+    assert.equal((await complete(strict, body)).status, 200);
+  });
+});
+
+test('restart the coordinator under load: zero failed requests', async () => {
+  await withCluster(spread, [[]], async (c) => {
+    let stop = false;
+    const load = hammer(c.routers[0].base, 6, () => stop, body);
+    await sleep(600);
+    c.coordinator.child.kill('SIGKILL');
+    await sleep(1_000);
+    await c.restartCoordinator();
+    await sleep(1_500);
+    stop = true;
+    const outcomes = await load;
+    assert.deepEqual(statuses(outcomes), [200], outcomes.find((o) => o.status !== 200)?.error);
+    assert.equal(outcomes.filter((o) => o.degraded).length, 0);
+  });
+});
+
+test('overload at twice the measured capacity for 20 s: only 200 or 503 + Retry-After, deadlines kept, memory bounded, latency recovers', async () => {
+  const timeoutMs = 2_000;
+  await withCluster(spread, [['--max-batch', '8', '--max-queue', '8']], async (c) => {
+    const base = c.routers[0].base;
+    const sequential = async (n: number) => {
+      const ms: number[] = [];
+      for (let i = 0; i < n; i++) ms.push((await complete(base, { ...body, seed: i })).ms);
+      return ms.sort((a, b) => a - b)[n >> 1];
+    };
+    const baseline = await sequential(7);
+    // Capacity: a closed loop at the batch size for 3 s.
+    let stop = false;
+    const started = performance.now();
+    setTimeout(() => { stop = true; }, 3_000);
+    const closed = await hammer(base, 8, () => stop, body);
+    const capacity = closed.filter((o) => o.status === 200).length / ((performance.now() - started) / 1000);
+    // Open loop at twice that rate for 20 s.
+    const rate = 2 * capacity;
+    const outcomes: Array<Promise<Outcome>> = [];
+    const rss: number[] = [];
+    const t0 = performance.now();
+    const sampler = setInterval(() => {
+      void fetch(`${base}/metrics`).then((r) => r.text()).then((text) => {
+        const m = text.match(/^process_resident_memory_bytes (\d+)/m);
+        if (m) rss.push(Number(m[1]));
+      }).catch(() => undefined);
+    }, 500);
+    for (let i = 0; performance.now() - t0 < 20_000; i++) {
+      outcomes.push(complete(base, { ...body, seed: i }, { 'x-request-timeout-ms': String(timeoutMs) }));
+      const due = t0 + ((i + 1) * 1000) / rate;
+      const wait = due - performance.now();
+      if (wait > 0) await sleep(wait);
+    }
+    clearInterval(sampler);
+    const results = await Promise.all(outcomes);
+    const ok = results.filter((o) => o.status === 200).length;
+    const refused = results.filter((o) => o.status === 503);
+    assert.deepEqual(statuses(results).filter((s) => s !== 200 && s !== 503), [], results.find((o) => o.status !== 200 && o.status !== 503)?.error);
+    assert.ok(refused.length > 0, `at twice capacity some requests are refused (${ok} ok of ${results.length})`);
+    assert.ok(refused.every((o) => o.retryAfter !== null), 'every 503 has Retry-After');
+    const late = results.filter((o) => o.ms > timeoutMs + 1_000);
+    assert.equal(late.length, 0, `answered past deadline + 1 s: ${late.map((o) => o.ms.toFixed(0)).join(', ')}`);
+    // Documented bound (README): the router stays under 1 GiB resident whatever the offered load.
+    assert.ok(rss.length > 10 && Math.max(...rss) < 2 ** 30, `router RSS peaked at ${(Math.max(...rss) / 2 ** 20).toFixed(0)} MiB`);
+    await sleep(1_000);
+    const recovered = await sequential(7);
+    assert.ok(recovered <= Math.max(2 * baseline, baseline + 100), `latency after the load ${recovered.toFixed(0)} ms vs baseline ${baseline.toFixed(0)} ms`);
+    process.stderr.write(`# overload: capacity ${capacity.toFixed(1)} req/s, offered ${rate.toFixed(1)} req/s, ${ok} ok, ${refused.length} refused, peak RSS ${(Math.max(...rss) / 2 ** 20).toFixed(0)} MiB, p50 latency ${baseline.toFixed(0)} → ${recovered.toFixed(0)} ms\n`);
+  });
+});
+
+test('SIGTERM under load: in-flight requests complete, then the router and a replicated shard exit 0', async () => {
+  await withCluster(['all', 'all'], [[]], async (c) => {
+    const base = c.routers[0].base;
+    const inflight = Array.from({ length: 6 }, (_, i) => complete(base, { ...body, max_tokens: 40, seed: i }));
+    await sleep(150);
+    const shardExit = new Promise<number | null>((resolve) => c.shards[1].child.once('exit', (code) => resolve(code)));
+    c.shards[1].child.kill('SIGTERM');
+    const results = await Promise.all(inflight);
+    assert.deepEqual(statuses(results), [200], results.find((o) => o.status !== 200)?.error);
+    assert.equal(await shardExit, 0);
+    const more = Array.from({ length: 6 }, (_, i) => complete(base, { ...body, max_tokens: 40, seed: 100 + i }));
+    await sleep(150);
+    const routerExit = new Promise<number | null>((resolve) => c.routers[0].service.child.once('exit', (code) => resolve(code)));
+    c.routers[0].service.child.kill('SIGTERM');
+    const finished = await Promise.all(more);
+    assert.deepEqual(statuses(finished), [200], finished.find((o) => o.status !== 200)?.error);
+    assert.ok(finished.every((o) => !o.degraded));
+    assert.equal(await routerExit, 0);
+  });
+});
+
+test('bearer token on the HTTP API; mTLS between services (plaintext peers are refused)', async () => {
+  // A CA and one certificate for every service (the local cluster's processes share it).
+  const pki = join(root, 'pki');
+  execFileSync('mkdir', ['-p', pki]);
+  const ssl = (...args: string[]) => execFileSync('openssl', args, { cwd: pki, stdio: 'pipe' });
+  ssl('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'ca.key', '-out', 'ca.pem', '-days', '2', '-subj', '/CN=switchyard-test-ca');
+  ssl('req', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'svc.key', '-out', 'svc.csr', '-subj', '/CN=localhost');
+  await writeFile(join(pki, 'ext.cnf'), 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n');
+  ssl('x509', '-req', '-in', 'svc.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial', '-out', 'svc.pem', '-days', '2', '-extfile', 'ext.cnf');
+  const tls = { SWITCHYARD_TLS_CERT: join(pki, 'svc.pem'), SWITCHYARD_TLS_KEY: join(pki, 'svc.key'), SWITCHYARD_TLS_CA: join(pki, 'ca.pem'), SWITCHYARD_API_TOKEN: 's3cret-token' };
+  await withCluster(spread, [[]], async (c) => {
+    const base = c.routers[0].base;
+    const denied = await complete(base, body);
+    assert.equal(denied.status, 401);
+    const wrong = await complete(base, body, { authorization: 'Bearer nope' });
+    assert.equal(wrong.status, 401);
+    const ok = await complete(base, body, { authorization: 'Bearer s3cret-token' });
+    assert.equal(ok.status, 200, ok.error);
+    assert.equal((await fetch(`${base}/v2/health/ready`)).status, 200, 'probes need no token');
+    // A router without certificates cannot reach the mTLS coordinator: it never becomes ready.
+    const plain = await startService(['serve', 'router', '--checkpoint', checkpoint, '--port', '0', '--coordinator', c.coordinatorAddress], /listening on (\S+)/);
+    try {
+      await sleep(1_500);
+      assert.equal((await fetch(`http://${plain.ready[1]}/v2/health/ready`)).status, 503);
+    } finally {
+      await plain.stop();
+    }
+  }, tls);
+});

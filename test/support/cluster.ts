@@ -1,0 +1,104 @@
+// A serving cluster of real processes on 127.0.0.1 for fault and load tests: a coordinator (optionally
+// on a fixed port, so it can be restarted where members look for it), shards with given expert
+// assignments and routers with given options. Everything is stopped by `stop()`.
+import { createServer } from 'node:net';
+import { startService, type RunningService } from './services.js';
+
+export interface TestCluster {
+  coordinator: RunningService;
+  coordinatorAddress: string;
+  shards: RunningService[];
+  routers: Array<{ service: RunningService; base: string }>;
+  /** Starts shard `i` again (same id and assignment), e.g. after killing it. */
+  restartShard(i: number): Promise<RunningService>;
+  restartCoordinator(): Promise<void>;
+  stop(): Promise<void>;
+}
+
+export async function freePort(): Promise<number> {
+  const server = createServer();
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', () => resolve()));
+  const port = (server.address() as { port: number }).port;
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
+
+export async function waitReady(base: string, timeoutMs = 30_000): Promise<void> {
+  const started = Date.now();
+  while (Date.now() - started < timeoutMs) {
+    if ((await fetch(`${base}/v2/health/ready`).catch(() => undefined))?.status === 200) return;
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  throw new Error(`router ${base} never became ready`);
+}
+
+export async function startCluster(checkpoint: string, shardSpecs: string[], routerArgs: string[][], env: Record<string, string> = {}, leaseTtlMs = 2_000): Promise<TestCluster> {
+  const all: RunningService[] = [];
+  const start = async (args: string[], ready: RegExp) => {
+    const s = await startService(args, ready, env);
+    all.push(s);
+    return s;
+  };
+  const port = await freePort();
+  const coordinatorArgs = ['serve', 'coordinator', '--port', String(port), '--lease-ttl-ms', String(leaseTtlMs)];
+  const coordinatorAddress = `127.0.0.1:${port}`;
+  const shardArgs = (i: number) => ['serve', 'expert', '--checkpoint', checkpoint, '--experts', shardSpecs[i], '--port', '0',
+    '--coordinator', coordinatorAddress, '--shard-id', `shard-${i}`, '--drain-ms', '300'];
+  const cluster: TestCluster = {
+    coordinator: await start(coordinatorArgs, /listening on/),
+    coordinatorAddress,
+    shards: [],
+    routers: [],
+    restartShard: async (i) => {
+      cluster.shards[i] = await start(shardArgs(i), /listening on/);
+      return cluster.shards[i];
+    },
+    restartCoordinator: async () => {
+      cluster.coordinator = await start(coordinatorArgs, /listening on/);
+    },
+    stop: async () => {
+      await Promise.all(all.map((s) => s.stop()));
+    },
+  };
+  try {
+    for (let i = 0; i < shardSpecs.length; i++) cluster.shards.push(await start(shardArgs(i), /listening on/));
+    for (const extra of routerArgs) {
+      const service = await start(['serve', 'router', '--checkpoint', checkpoint, '--port', '0', '--coordinator', coordinatorAddress, ...extra], /listening on (\S+)/);
+      cluster.routers.push({ service, base: `http://${service.ready[1]}` });
+    }
+    for (const r of cluster.routers) await waitReady(r.base);
+  } catch (err) {
+    await cluster.stop();
+    throw err;
+  }
+  return cluster;
+}
+
+export interface Outcome {
+  status: number;
+  ms: number;
+  retryAfter: string | null;
+  degraded: boolean;
+  error?: string;
+}
+
+/** One completion; network failures are status 0. */
+export async function complete(base: string, body: Record<string, unknown>, headers: Record<string, string> = {}): Promise<Outcome> {
+  const t0 = performance.now();
+  try {
+    const res = await fetch(`${base}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json', ...headers }, body: JSON.stringify(body) });
+    const json = (await res.json()) as { degraded?: unknown; error?: { message: string } };
+    return { status: res.status, ms: performance.now() - t0, retryAfter: res.headers.get('retry-after'), degraded: json.degraded !== undefined, error: json.error?.message };
+  } catch (err) {
+    return { status: 0, ms: performance.now() - t0, retryAfter: null, degraded: false, error: (err as Error).message };
+  }
+}
+
+/** `concurrency` clients sending completions back to back until `until()` says stop. */
+export async function hammer(base: string, concurrency: number, until: () => boolean, body: Record<string, unknown>, headers: Record<string, string> = {}): Promise<Outcome[]> {
+  const outcomes: Outcome[] = [];
+  await Promise.all(Array.from({ length: concurrency }, async (_, w) => {
+    for (let i = 0; !until(); i++) outcomes.push(await complete(base, { ...body, seed: w * 10_000 + i }, headers));
+  }));
+  return outcomes;
+}
