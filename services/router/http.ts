@@ -57,6 +57,8 @@ export function buildHttpApp(engine: RouterEngine, options: HttpOptions | string
     requestIdHeader: 'x-request-id',
     genReqId: () => randomUUID(),
     logger: logLevel ? { level: logLevel } : false,
+    // A number where a string belongs (or null for a number) is a client error, not something to guess at.
+    ajv: { customOptions: { coerceTypes: false } },
   });
   // A server that answers 413 while the client is still uploading and then closes makes the client's
   // write fail before it reads the answer; draining the (bounded) rest of the body avoids that.
