@@ -100,7 +100,7 @@ test('bench --quick runs every suite and reports each target as a ratio', async 
   await mkdir(dir);
   const r = await runCli(['bench', '--quick'], {}, dir);
   assert.equal(r.code, 0, r.stderr);
-  for (const suite of ['compute', 'wire', 'moe-layer', 'serving', 'allreduce', 'training']) assert.match(r.stdout, new RegExp(`== ${suite} ==`));
+  for (const suite of ['compute', 'wire', 'moe-layer', 'serving', 'allreduce', 'training', 'load']) assert.match(r.stdout, new RegExp(`== ${suite} ==`));
   type Summary = { rows: Array<{ name: string; value: number; unit: string; ratio?: number; target?: string }> };
   const read = async (suite: string) => JSON.parse(await readFile(join(dir, 'bench-results', `${suite}.json`), 'utf8')) as Summary;
   const compute = await read('compute');
@@ -118,6 +118,9 @@ test('bench --quick runs every suite and reports each target as a ratio', async 
   assert.ok(allreduce.length >= 1 && allreduce.every((row) => row.ratio! > 0), 'all-reduce bandwidth against the raw stream ceiling');
   const training = (await read('training')).rows.find((row) => row.name.startsWith('2 routers'));
   assert.ok(training && training.ratio! > 0, 'distributed training tokens/s against one process');
+  const load = (await read('load')).rows;
+  assert.ok(load.find((row) => row.name.startsWith('maximum sustainable'))!.value > 0);
+  assert.equal(load.filter((row) => row.name.endsWith('share answered 503')).length, 3, '503 share at 50%, 100% and 200% of the maximum');
   const unknown = await runCli(['bench', 'nosuch']);
   assert.equal(unknown.code, 2);
   assert.match(unknown.stderr, /unknown bench suite/);

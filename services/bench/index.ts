@@ -4,6 +4,7 @@ import { moeLayerSuite, wireSuite } from './moe.js';
 import { servingSuite } from './serving.js';
 import { allreduceSuite } from './allreduce.js';
 import { trainingSuite } from './training.js';
+import { loadSuite } from './load.js';
 
 const SUITES: Record<string, (quick: boolean) => Promise<void>> = {
   compute: computeSuite,
@@ -12,6 +13,7 @@ const SUITES: Record<string, (quick: boolean) => Promise<void>> = {
   serving: servingSuite,
   allreduce: allreduceSuite,
   training: trainingSuite,
+  load: loadSuite,
 };
 
 export async function runBench(names: string[], opts: { quick: boolean }): Promise<void> {
