@@ -184,3 +184,19 @@ test('train refuses replica placements it cannot make', async () => {
   assert.equal(bad.code, 2);
   assert.match(bad.stderr, /the model has 2 layers × 4 experts/);
 });
+
+test('credits: a share per key, one oversized batch alone, waiters served in turn or timed out', async () => {
+  const { Credits } = await import('../services/core/credits.js');
+  const credits = new Credits();
+  assert.equal(credits.tryTake('a', 10, 4), true, 'nothing in flight: an oversized batch may go alone');
+  assert.equal(credits.tryTake('a', 1, 4), false);
+  assert.equal(credits.tryTake('b', 1, 4), true, 'keys are independent');
+  const waiting = credits.take('a', 2, 4, Date.now() + 5_000);
+  const timedOut = credits.take('a', 3, 4, Date.now() + 20);
+  assert.equal(await timedOut, false);
+  credits.give('a', 10);
+  assert.equal(await waiting, true);
+  assert.equal(credits.snapshot().get('a'), 2);
+  assert.equal(credits.tryTake('a', 2, 4), true);
+  assert.equal(credits.tryTake('a', 1, undefined), true, 'no limit: always');
+});

@@ -211,3 +211,27 @@ test('bearer token on the HTTP API; mTLS between services (plaintext peers are r
     }
   }, tls);
 });
+
+test('credits: concurrent calls beyond a shard\'s budget wait (wait policy) or are refused (reject policy)', async () => {
+  // Budget 1 row per expert, two routers: each router may keep one row per expert in flight, plus one
+  // oversized batch when nothing else is in flight.
+  const c = await startCluster(checkpoint, spread, [['--overflow', 'wait', '--infer-concurrency', '8'], ['--overflow', 'reject', '--infer-concurrency', '8']], {}, 2_000, ['--token-budget', '1']);
+  try {
+    const infer = (base: string, i: number) => fetch(`${base}/v2/models/tiny/infer`, {
+      method: 'POST', headers: { 'content-type': 'application/json', 'x-request-timeout-ms': '20000' },
+      body: JSON.stringify({ inputs: [{ name: 'input_ids', datatype: 'INT64', shape: [4, 32], data: Array.from({ length: 128 }, (_, j) => (i * 31 + j * 7) % 256) }] }),
+    }).then(async (r) => ({ status: r.status, body: (await r.json()) as { error?: { message: string; reason?: string } } }));
+    const [wait, reject] = c.routers.map((r) => r.base);
+    const waited = await Promise.all(Array.from({ length: 8 }, (_, i) => infer(wait, i)));
+    assert.deepEqual([...new Set(waited.map((r) => r.status))], [200], JSON.stringify(waited.find((r) => r.status !== 200)?.body));
+    const refused = await Promise.all(Array.from({ length: 8 }, (_, i) => infer(reject, i)));
+    assert.ok(refused.every((r) => r.status === 200 || r.status === 503));
+    const capacity = refused.filter((r) => r.status === 503);
+    assert.ok(capacity.length > 0, 'some calls found no credits');
+    assert.ok(capacity.every((r) => /at capacity/.test(r.body.error!.message)), capacity.map((r) => r.body.error?.message).join('; '));
+    const metrics = await (await fetch(`${reject}/metrics`)).text();
+    assert.match(metrics, /switchyard_router_unserved_rows_total\{layer="\d",expert="\d",reason="at_capacity"\} [1-9]/);
+  } finally {
+    await c.stop();
+  }
+});

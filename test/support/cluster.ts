@@ -32,7 +32,9 @@ export async function waitReady(base: string, timeoutMs = 30_000): Promise<void>
   throw new Error(`router ${base} never became ready`);
 }
 
-export async function startCluster(checkpoint: string, shardSpecs: string[], routerArgs: string[][], env: Record<string, string> = {}, leaseTtlMs = 2_000): Promise<TestCluster> {
+export async function startCluster(
+  checkpoint: string, shardSpecs: string[], routerArgs: string[][], env: Record<string, string> = {}, leaseTtlMs = 2_000, shardExtraArgs: string[] = [],
+): Promise<TestCluster> {
   const all: RunningService[] = [];
   const start = async (args: string[], ready: RegExp) => {
     const s = await startService(args, ready, env);
@@ -43,7 +45,7 @@ export async function startCluster(checkpoint: string, shardSpecs: string[], rou
   const coordinatorArgs = ['serve', 'coordinator', '--port', String(port), '--lease-ttl-ms', String(leaseTtlMs)];
   const coordinatorAddress = `127.0.0.1:${port}`;
   const shardArgs = (i: number) => ['serve', 'expert', '--checkpoint', checkpoint, '--experts', shardSpecs[i], '--port', '0',
-    '--coordinator', coordinatorAddress, '--shard-id', `shard-${i}`, '--drain-ms', '300'];
+    '--coordinator', coordinatorAddress, '--shard-id', `shard-${i}`, '--drain-ms', '300', ...shardExtraArgs];
   const cluster: TestCluster = {
     coordinator: await start(coordinatorArgs, /listening on/),
     coordinatorAddress,
