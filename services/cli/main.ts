@@ -23,7 +23,7 @@ import { checkpointDirOf, train } from '../core/train/trainer.js';
 import { runBench } from '../bench/index.js';
 import { trainingProgress } from './progress.js';
 import { RUN_FILE, trainDistributed, type RunFile } from './train-cluster.js';
-import { startMetricsServer } from '../core/metrics/registry.js';
+import { setBuildInfo, startMetricsServer } from '../core/metrics/registry.js';
 import { registerCoordinatorTrainingMetrics } from '../core/metrics/training.js';
 import { TrainLink } from '../core/wire/train-link.js';
 import { runRouterTraining } from '../router/trainer.js';
@@ -68,8 +68,9 @@ async function loadPreset(spec: string): Promise<Preset> {
 
 let backendAnnounced = false;
 
-async function startBackend(): Promise<void> {
+async function startBackend(service = 'cli'): Promise<void> {
   const info = await initBackend();
+  setBuildInfo(packageVersion(), info.choice, service);
   if (!backendAnnounced) process.stderr.write(`switchyard: ${describeBackend(info)}\n`);
   backendAnnounced = true;
 }
@@ -195,7 +196,7 @@ function modelNameOf(dir: string, given?: string): string {
 async function serveRouter(flags: ServeFlags): Promise<void> {
   if (!flags.checkpoint) throw new ConfigError('serve router: --checkpoint DIR is required');
   if (!flags.coordinator) throw new ConfigError('serve router: --coordinator HOST:PORT is required');
-  await startBackend();
+  await startBackend('router');
   const dir = resolve(flags.checkpoint);
   const overflow = flags.overflow as OverflowPolicy;
   if (!OVERFLOW_POLICIES.includes(overflow)) throw new ConfigError(`--overflow ${flags.overflow}: expected one of ${OVERFLOW_POLICIES.join(', ')}`);
@@ -256,6 +257,7 @@ async function serveCoordinator(flags: ServeFlags): Promise<void> {
   const coordinator = await startCoordinator(flags.host, flags.port, flags.leaseTtlMs, flags.trainCheckpoint === undefined ? undefined : {
     routers: flags.trainRouters!, shards: flags.trainShards!, checkpointDir: resolve(flags.trainCheckpoint), log: jsonLog('coordinator'),
   });
+  setBuildInfo(packageVersion(), 'none', 'coordinator');
   registerCoordinatorTrainingMetrics({
     generation: () => coordinator.training?.generation ?? 0, committedStep: () => coordinator.training?.committedStep ?? 0,
     reduceBytesIn: () => coordinator.reduceHub.bytesIn, reduceBytesOut: () => coordinator.reduceHub.bytesOut, pendingChunks: () => coordinator.reduceHub.pendingChunks,
@@ -272,7 +274,7 @@ async function serveTrainer(flags: ServeFlags): Promise<void> {
   if (!flags.run || !flags.coordinator || flags.index === undefined || !flags.routers)
     throw new ConfigError('serve trainer: --run DIR, --coordinator HOST:PORT, --index I and --routers R are required');
   if (flags.index >= flags.routers) throw new ConfigError(`serve trainer: --index ${flags.index} must be below --routers ${flags.routers}`);
-  await startBackend();
+  await startBackend('trainer');
   const runDir = resolve(flags.run);
   const run = JSON.parse(await readFile(resolve(runDir, RUN_FILE), 'utf8')) as RunFile;
   const memberId = `router-${flags.index}`;
@@ -301,7 +303,7 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
   if (service === 'trainer') return serveTrainer(flags);
   if (service !== 'expert') throw new ConfigError(`'serve ${service}': the services are expert, router, coordinator and trainer`);
   if (!flags.checkpoint) throw new ConfigError('serve expert: --checkpoint DIR is required');
-  await startBackend();
+  await startBackend('expert');
   const dir = resolve(flags.checkpoint);
   const { config } = await loadCheckpoint(dir, { only: () => false });
   const keys = parseAssignment(flags.experts, config.num_hidden_layers, config.num_local_experts);
@@ -320,14 +322,14 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
       process.exit(1);
     });
   }
-  const metrics = flags.train ? await startMetricsServer(flags.host, flags.metricsPort) : undefined;
+  const metrics = await startMetricsServer(flags.host, flags.metricsPort);
   const link = flags.coordinator
     ? new CoordinatorLink(flags.coordinator, {
       memberId: flags.shardId ?? `shard-${address}`, role: 'ROLE_EXPERT_SHARD', address, experts: keys, tokenBudget: flags.tokenBudget,
     })
     : undefined;
   link?.start();
-  process.stdout.write(`switchyard expert shard listening on ${address} holding ${keys.length} experts${metrics ? ` (metrics http://${flags.host}:${metrics.port}/metrics)` : ''}\n`);
+  process.stdout.write(`switchyard expert shard listening on ${address} holding ${keys.length} experts (metrics http://${flags.host}:${metrics.port}/metrics)\n`);
   await untilStopped();
   // Graceful: leave the placement first so routers send elsewhere, serve what is already on its way,
   // then stop (open streams are cut after the drain; routers retry their rows on other replicas).
@@ -336,7 +338,7 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
   link?.close();
   await new Promise((r) => setTimeout(r, flags.drainMs));
   await server.close();
-  await metrics?.close();
+  await metrics.close();
   server.shard.experts.dispose();
 }
 
