@@ -1,5 +1,5 @@
 // The pieces of distributed training without a model: the coordinator's all-reduce over real gRPC
-// streams, the step protocol's barriers and aborts, the shard's step gate, replica placement, and the
+// streams, the step protocol's barriers and aborts, the shard's step gate, replica placement, credits, and the
 // command line's refusals.
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';

@@ -175,7 +175,7 @@ interface ServeFlags {
   train?: boolean; trainRouters?: number; trainShards?: number; trainCheckpoint?: string;
   run?: string; index?: number; routers?: number; metricsPort: number;
   overflow: string; maxQueue: number; maxBatch: number; inferConcurrency: number; requestTimeoutMs: number; apiTokenFile?: string;
-  maxRssMb: number; drainMs: number;
+  maxRssMb: number; drainMs: number; advertise?: string;
 }
 
 const WIRE_DTYPES: Record<string, FloatDtype> = { f32: 'F32', bf16: 'BF16', f16: 'F16' };
@@ -311,7 +311,8 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
   // A training shard loads its experts when the run (re)starts, from the checkpoint the coordinator names.
   const experts = flags.train ? new ExpertSet(config.hidden_size, config.intermediate_size) : await loadExpertSet(dir, keys);
   const server = await startExpertServer(experts, flags.host, flags.port);
-  const address = `${flags.host}:${server.port}`;
+  // Peers dial the registered address, so a shard bound to 0.0.0.0 (a container) names its reachable one.
+  const address = flags.advertise ?? `${flags.host}:${server.port}`;
   let training: Promise<void> | undefined;
   let trainLink: TrainLink | undefined;
   if (flags.train) {
@@ -329,7 +330,7 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
     })
     : undefined;
   link?.start();
-  process.stdout.write(`switchyard expert shard listening on ${address} holding ${keys.length} experts (metrics http://${flags.host}:${metrics.port}/metrics)\n`);
+  process.stdout.write(`switchyard expert shard listening on ${flags.host}:${server.port}${flags.advertise ? ` (registered as ${address})` : ''} holding ${keys.length} experts (metrics http://${flags.host}:${metrics.port}/metrics)\n`);
   await untilStopped();
   // Graceful: leave the placement first so routers send elsewhere, serve what is already on its way,
   // then stop (open streams are cut after the drain; routers retry their rows on other replicas).
@@ -388,6 +389,7 @@ export function buildProgram(): Command {
     .option('--host <host>', 'address to listen on', '127.0.0.1')
     .option('--port <n>', 'port (0 = any free port)', integer('--port'), 0)
     .option('--coordinator <host:port>', 'expert: register with this coordinator and keep the lease alive')
+    .option('--advertise <host:port>', 'expert: address registered with the coordinator (default: --host:port; needed when --host is 0.0.0.0)')
     .option('--shard-id <id>', 'expert: member id at the coordinator (default: shard-<address>)')
     .option('--token-budget <rows>', 'expert: rows per expert accepted in flight', integer('--token-budget', 1), 4096)
     .option('--model-name <name>', 'router: the served model name (default: from the checkpoint folder)')

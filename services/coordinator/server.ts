@@ -1,6 +1,8 @@
 // `switchyard serve coordinator`: membership with leases and the placement watch over gRPC, with
 // grpc.health.v1 and reflection. Soft state only: after a restart members simply register again.
 import * as grpc from '@grpc/grpc-js';
+import { Gauge } from 'prom-client';
+import { registry } from '../core/metrics/registry.js';
 import type { PlacementTable } from '../core/placement.js';
 import { loadProtos } from '../core/wire/protos.js';
 import { isMalformed, malformedStatus, startGrpcServer, tolerant, type MalformedMessage } from '../core/wire/server.js';
@@ -22,6 +24,15 @@ import { TrainingJob, TrainSyncError, type TrainingJobOptions } from './training
 
 export const COORDINATOR_SERVICE_NAME = 'switchyard.v1.Coordinator';
 
+/** Gauges of the newest coordinator of the process, read when Prometheus scrapes. */
+let currentMembership: Membership | undefined;
+new Gauge({ name: 'switchyard_coordinator_members', help: 'Members holding a lease, by role', labelNames: ['role'], registers: [registry], collect() {
+  for (const role of ['router', 'expert-shard'] as const) this.set({ role }, currentMembership?.list(role).length ?? 0);
+} });
+new Gauge({ name: 'switchyard_coordinator_placement_version', help: 'Version of the placement (grows with every change)', registers: [registry], collect() {
+  this.set(currentMembership?.placement().version ?? 0);
+} });
+
 const ROLES: Record<string, Role> = { ROLE_ROUTER: 'router', ROLE_EXPERT_SHARD: 'expert-shard' };
 
 export function toWirePlacement(t: PlacementTable): Placement {
@@ -38,6 +49,7 @@ export interface RunningCoordinator {
 
 export async function startCoordinator(host: string, port: number, leaseTtlMs: number, trainingOptions?: TrainingJobOptions): Promise<RunningCoordinator> {
   const membership = new Membership(leaseTtlMs);
+  currentMembership = membership;
   const reduceHub = new ReduceHub();
   const training = trainingOptions ? new TrainingJob(trainingOptions, membership) : undefined;
   if (training) training.onAbort = (generation, reason) => reduceHub.drop(`g${generation}/`, `training attempt ${generation} aborted: ${reason}`);

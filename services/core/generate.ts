@@ -85,6 +85,7 @@ interface Running {
   requestId?: string;
   deadline?: number;
   timer?: NodeJS.Timeout;
+  queuedAt: number;
   /** Settled already (finished, failed or past its deadline): drop it at the next step boundary. */
   done: boolean;
   degraded?: Set<string>;
@@ -97,6 +98,8 @@ export interface BatcherOptions {
   maxSequences?: number;
   /** Requests allowed to wait for a place; beyond it submit() refuses with OverloadError (503). */
   maxWaiting?: number;
+  /** Called with the seconds a request waited when it joins the running batch. */
+  onAdmit?: (seconds: number) => void;
 }
 
 export class ContinuousBatcher {
@@ -110,10 +113,12 @@ export class ContinuousBatcher {
   readonly stats = { steps: 0, maxSequencesPerStep: 0 };
   readonly maxSequences: number;
   readonly maxWaiting: number;
+  private readonly onAdmit?: (seconds: number) => void;
 
   constructor(private readonly model: MixtralModel, options: BatcherOptions = {}) {
     this.maxSequences = options.maxSequences ?? 64;
     this.maxWaiting = options.maxWaiting ?? Number.POSITIVE_INFINITY;
+    this.onAdmit = options.onAdmit;
   }
 
   /** Requests waiting for a place and running now (for metrics and admission). */
@@ -141,7 +146,7 @@ export class ContinuousBatcher {
     return new Promise<Generation>((resolve, reject) => {
       const s: Running = {
         sampling, rng: new Rng(sampling.seed), stop: new Set(sampling.stopIds ?? [EOS_ID]), out: [],
-        pending: prompt, past: 0, onToken, requestId, deadline, done: false, resolve, reject,
+        pending: prompt, past: 0, onToken, requestId, deadline, done: false, resolve, reject, queuedAt: performance.now(),
       };
       if (deadline !== undefined)
         s.timer = setTimeout(() => {
@@ -187,7 +192,11 @@ export class ContinuousBatcher {
     try {
       while (this.running.length || this.waiting.length) {
         this.running = this.running.filter((s) => !s.done);
-        while (this.waiting.length && this.running.length < this.maxSequences) this.running.push(this.waiting.shift()!);
+        while (this.waiting.length && this.running.length < this.maxSequences) {
+          const s = this.waiting.shift()!;
+          this.onAdmit?.((performance.now() - s.queuedAt) / 1000);
+          this.running.push(s);
+        }
         // Same stopping rule as generate(): room for the pending ids and tokens still wanted.
         this.running = this.running.filter((s) => {
           if (s.done) return false;

@@ -26,15 +26,11 @@ export async function startExpertServer(experts: ExpertSet, host: string, port: 
   const protos = loadProtos();
   const running = await startGrpcServer(host, port, EXPERT_SERVICE_NAME, (server) => server.addService(tolerant(protos.switchyard.v1.ExpertService.service), {
     Exchange(call: grpc.ServerDuplexStream<ExpertRequest__Output | MalformedMessage, ExpertReply>) {
-      // Compute is synchronous; grpc-js buffers replies while the client reads slowly.
+      // Requests queue at the shard (its queue depth is the autoscaling signal); grpc-js buffers replies while the client reads slowly.
       call.on('data', (request: ExpertRequest__Output | MalformedMessage) => {
         // Undecodable bytes leave no message id to answer: the stream ends with INVALID_ARGUMENT.
         if (isMalformed(request)) call.emit('error', malformedStatus(request));
-        else {
-          const reply = shard.submit(request);
-          if (reply instanceof Promise) void reply.then((r) => { if (!call.writableEnded && !call.destroyed) call.write(r); });
-          else call.write(reply);
-        }
+        else shard.enqueue(request, (reply) => { if (!call.writableEnded && !call.destroyed) call.write(reply); });
       });
       call.on('end', () => call.end());
       call.on('error', () => undefined);

@@ -6,6 +6,18 @@ import { fromWireTensor, toWireTensor, WireError } from '../core/wire/tensor.js'
 import type { FloatDtype } from '../core/dtypes.js';
 import type { ExpertReply } from '../generated/switchyard/v1/ExpertReply.js';
 import type { ExpertRequest__Output } from '../generated/switchyard/v1/ExpertRequest.js';
+import { Counter, Gauge, Histogram } from 'prom-client';
+import { registry } from '../core/metrics/registry.js';
+
+/** The shard gauges read the newest shard of the process when Prometheus scrapes. */
+let currentShard: ExpertShard | undefined;
+new Gauge({ name: 'switchyard_expert_queue_rows', help: 'Rows waiting at this shard to be computed (the autoscaling signal)', registers: [registry], collect() { this.set(currentShard?.queuedRows ?? 0); } });
+new Gauge({ name: 'switchyard_expert_queue_messages', help: 'Messages waiting at this shard', registers: [registry], collect() { this.set(currentShard?.queuedMessages ?? 0); } });
+const computeSeconds = new Histogram({
+  name: 'switchyard_expert_compute_seconds', help: 'Compute time of one message (all its row batches)', registers: [registry],
+  buckets: [0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
+});
+const rowsTotal = new Counter({ name: 'switchyard_expert_rows_total', help: 'Rows computed per (layer, expert) and kind (forward, forward_train, backward)', labelNames: ['layer', 'expert', 'kind'], registers: [registry] });
 
 class ShardError extends Error {
   constructor(readonly code: status, message: string) {
@@ -68,8 +80,42 @@ export class ExpertShard {
   /** Present while the shard trains: orders training rows after the optimizer steps they depend on. */
   gate?: StepGate;
 
+  /** Messages received and not yet computed: one is computed per event-loop turn, so health checks and scrapes stay responsive. */
+  private readonly queue: Array<{ request: ExpertRequest__Output; rows: number; reply: (r: ExpertReply) => void }> = [];
+  private scheduled = false;
+  queuedRows = 0;
+
   /** `log` receives one record per served message (pass, kind, rows, request ids). */
-  constructor(public experts: ExpertSet, private readonly log?: (record: Record<string, unknown>) => void) {}
+  constructor(public experts: ExpertSet, private readonly log?: (record: Record<string, unknown>) => void) {
+    currentShard = this;
+  }
+
+  get queuedMessages(): number {
+    return this.queue.length;
+  }
+
+  /** Queues a request; `reply` gets its answer (in arrival order, except training rows held for their weights). */
+  enqueue(request: ExpertRequest__Output, reply: (r: ExpertReply) => void): void {
+    const rows = request.batches.reduce((n, b) => n + (Number(b.rows?.shape?.[0]) || 0), 0);
+    this.queue.push({ request, rows, reply });
+    this.queuedRows += rows;
+    this.schedule();
+  }
+
+  private schedule(): void {
+    if (this.scheduled || this.queue.length === 0) return;
+    this.scheduled = true;
+    setImmediate(() => {
+      this.scheduled = false;
+      const job = this.queue.shift();
+      if (!job) return;
+      this.queuedRows -= job.rows;
+      const answer = this.submit(job.request);
+      if (answer instanceof Promise) void answer.then(job.reply);
+      else job.reply(answer);
+      this.schedule();
+    });
+  }
 
   /** Answers a request, after its weights step when it is a training request. */
   submit(request: ExpertRequest__Output): ExpertReply | Promise<ExpertReply> {
@@ -82,6 +128,7 @@ export class ExpertShard {
   }
 
   handle(request: ExpertRequest__Output): ExpertReply {
+    const started = performance.now();
     try {
       const { batches, dtype } = this.decode(request);
       let outputs: Float32Array[];
@@ -98,10 +145,13 @@ export class ExpertShard {
         msg: 'rows served', pass: request.passId, kind: request.kind, request_ids: request.requestIds,
         batches: batches.map((b) => `${b.layer}/${b.expert}:${b.rowCount}`).join(' '),
       });
+      const kind = request.kind.replace('ROW_KIND_', '').toLowerCase();
       for (const b of batches) {
         const key = `${b.layer}/${b.expert}`;
         this.rowsServed.set(key, (this.rowsServed.get(key) ?? 0) + b.rowCount);
+        rowsTotal.inc({ layer: String(b.layer), expert: String(b.expert), kind }, b.rowCount);
       }
+      computeSeconds.observe((performance.now() - started) / 1000);
       return {
         messageId: request.messageId,
         // Replies use the dtype the request came in.

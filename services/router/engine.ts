@@ -11,6 +11,34 @@ import { creditsPerExpert, unplaced } from '../core/placement.js';
 import type { OverflowPolicy } from '../core/overload.js';
 import { servingMetrics } from '../core/metrics/serving.js';
 import { Limiter } from './admission.js';
+import { RoutingStats } from './routing-stats.js';
+import { Gauge, Histogram } from 'prom-client';
+import { registry } from '../core/metrics/registry.js';
+
+/** Engine gauges read the newest engine of the process when Prometheus scrapes. */
+let currentEngine: RouterEngine | undefined;
+const queueSeconds = new Histogram({
+  name: 'switchyard_router_queue_seconds', help: 'Time a generation waited for a place in the batch', registers: [registry],
+  buckets: [0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
+});
+new Gauge({ name: 'switchyard_router_queue_depth', help: 'Requests waiting for a place (generations and infer calls)', registers: [registry], collect() {
+  this.set(currentEngine ? currentEngine.batcher.depth.waiting + currentEngine.inferLimiter.depth.waiting : 0);
+} });
+new Gauge({ name: 'switchyard_router_running_sequences', help: 'Generations in the running batch', registers: [registry], collect() {
+  this.set(currentEngine?.batcher.depth.running ?? 0);
+} });
+new Gauge({ name: 'switchyard_router_credits_in_flight', help: 'Rows this router has in flight per shard (credits taken)', labelNames: ['shard'], registers: [registry], collect() {
+  this.reset();
+  if (!currentEngine) return;
+  const byShard = new Map<string, number>();
+  for (const [key, rows] of currentEngine.transport.credits.snapshot()) {
+    const address = key.slice(0, key.indexOf('|'));
+    const shard = currentEngine.shardName(address);
+    byShard.set(shard, (byShard.get(shard) ?? 0) + rows);
+  }
+  for (const s of currentEngine.table?.shards ?? []) this.set({ shard: s.shardId }, 0);
+  for (const [shard, rows] of byShard) this.set({ shard }, rows);
+} });
 import { GrpcExpertTransport } from '../core/wire/grpc-transport.js';
 
 export interface EngineOptions {
@@ -25,7 +53,7 @@ export interface EngineOptions {
 }
 
 export class RouterEngine {
-  private table?: PlacementTable;
+  table?: PlacementTable;
   private owners = new Map<string, string[]>();
   /** Owners of experts that later placements no longer list (the coordinator restarted or a shard left): used only when no listed owner exists. */
   private staleOwners = new Map<string, string[]>();
@@ -34,10 +62,24 @@ export class RouterEngine {
 
   readonly batcher: ContinuousBatcher;
   readonly inferLimiter: Limiter;
+  readonly routing: RoutingStats;
 
   private constructor(readonly model: MixtralModel, readonly transport: GrpcExpertTransport, readonly modelName: string, options: EngineOptions) {
-    this.batcher = new ContinuousBatcher(model, { maxSequences: options.maxSequences ?? 64, maxWaiting: options.maxWaiting ?? 256 });
+    this.batcher = new ContinuousBatcher(model, {
+      maxSequences: options.maxSequences ?? 64, maxWaiting: options.maxWaiting ?? 256, onAdmit: (seconds) => queueSeconds.observe(seconds),
+    });
     this.inferLimiter = new Limiter(options.inferConcurrency ?? 4, options.inferQueue ?? 64);
+    this.routing = new RoutingStats(model.config.num_hidden_layers, model.config.num_local_experts);
+    for (let layer = 0; layer < model.config.num_hidden_layers; layer++)
+      for (let expert = 0; expert < model.config.num_local_experts; expert++)
+        for (const reason of ['shard_down', 'at_capacity']) servingMetrics.unservedRows.inc({ layer: String(layer), expert: String(expert), reason }, 0);
+    model.onRouting = (layer, stats) => this.routing.record(layer, stats);
+    currentEngine = this;
+  }
+
+  /** A shard's id for metrics labels (its address until the placement names it). */
+  shardName(address: string): string {
+    return this.shardIdOf.get(address) ?? address;
   }
 
   static async load(checkpointDir: string, modelName: string, options: EngineOptions = {}): Promise<RouterEngine> {
@@ -46,7 +88,10 @@ export class RouterEngine {
     const transport = new GrpcExpertTransport((layer, expert) => holder.engine!.shardsFor(layer, expert), config.hidden_size, {
       wireDtype: options.wireDtype, overflow: options.overflow,
       creditLimit: (address) => holder.engine!.creditsOf(address),
-      onUnserved: (layer, expert, rows, reason) => servingMetrics.unservedRows.inc({ layer: String(layer), expert: String(expert), reason }, rows),
+      onUnserved: (layer, expert, rows, reason) => {
+        servingMetrics.unservedRows.inc({ layer: String(layer), expert: String(expert), reason }, rows);
+        holder.engine!.routing.recordUnserved(layer, expert, rows);
+      },
       onDispatch: (address, bytes, seconds) => {
         const shard = holder.engine!.shardIdOf.get(address) ?? address;
         servingMetrics.dispatchSeconds.observe({ shard }, seconds);

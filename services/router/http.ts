@@ -10,6 +10,7 @@ import { HttpError } from './errors.js';
 import type { RouterEngine } from './engine.js';
 import { oipRoutes } from './oip.js';
 import { openaiRoutes } from './openai.js';
+import { dashboardRoutes } from './dashboard.js';
 
 export const BODY_LIMIT_BYTES = 8 * 1024 * 1024;
 /** Oversized bodies up to this size are read and discarded so the client gets its 413 (larger: connection closed). */
@@ -90,13 +91,16 @@ export function buildHttpApp(engine: RouterEngine, options: HttpOptions | string
       timeout = n;
     }
     req.deadline = Date.now() + timeout;
-    servingMetrics.inFlight.inc();
-  });
-  app.addHook('onResponse', async (req, reply) => {
+    // Counted when the response closes: that also covers streamed (hijacked) answers and aborted ones.
     const route = req.routeOptions.url ?? 'unmatched';
-    servingMetrics.inFlight.dec();
-    servingMetrics.requests.inc({ route, status: String(reply.statusCode) });
-    servingMetrics.latency.observe({ route }, reply.elapsedTime / 1000);
+    const live = route !== '/dashboard/events';
+    if (live) servingMetrics.inFlight.inc();
+    const started = performance.now();
+    reply.raw.once('close', () => {
+      if (live) servingMetrics.inFlight.dec();
+      servingMetrics.requests.inc({ route, status: String(reply.raw.statusCode) });
+      servingMetrics.latency.observe({ route }, (performance.now() - started) / 1000);
+    });
   });
   void app.register(underPressure, {
     maxEventLoopDelay: o.maxEventLoopDelayMs ?? 2_000,
@@ -131,5 +135,6 @@ export function buildHttpApp(engine: RouterEngine, options: HttpOptions | string
   app.setNotFoundHandler((req, reply) => reply.code(404).send({ error: { message: `no route ${req.method} ${req.url}`, type: 'not_found_error' } }));
   oipRoutes(app, engine);
   openaiRoutes(app, engine);
+  dashboardRoutes(app, engine);
   return app;
 }

@@ -19,3 +19,6 @@ export const servingMetrics = {
   dispatchSeconds: new Histogram({ name: 'switchyard_dispatch_duration_seconds', help: 'Time from sending a shard its rows to its reply', labelNames: ['shard'], buckets: LATENCY_BUCKETS, registers: [registry] }),
   dispatchBytes: new Counter({ name: 'switchyard_dispatch_bytes_total', help: 'Row bytes sent to each shard', labelNames: ['shard'], registers: [registry] }),
 };
+
+// Known label values start at zero, so dashboards and rules find the series before the first event.
+for (const reason of ['queue_full', 'deadline', 'unavailable', 'at_capacity', 'shutting_down', 'unauthorized']) servingMetrics.rejections.inc({ reason }, 0);

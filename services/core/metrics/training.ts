@@ -24,6 +24,12 @@ export const trainingMetrics = {
   checkpointSeconds: new Histogram({ name: 'switchyard_checkpoint_write_seconds', help: 'Time to write this process\'s part of a checkpoint', buckets: SECONDS_BUCKETS, registers: [registry] }),
 };
 
+// Known label values start at zero, so dashboards and rules find the series before the first event.
+for (const group of ['dense', 'experts']) {
+  trainingMetrics.allReduceSeconds.zero({ group });
+  trainingMetrics.allReduceBytes.inc({ group }, 0);
+}
+
 /** Per-(layer, expert) routing counts of one step (global batch). */
 export function recordExpertLoad(countsBeforeDrop: ArrayLike<number>[], countsAfterDrop: ArrayLike<number>[]): void {
   countsBeforeDrop.forEach((counts, layer) => {

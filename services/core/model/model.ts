@@ -54,6 +54,8 @@ export class MixtralModel {
   readonly balanceBias: Float32Array[] | undefined;
   private transposed = new Map<string, T2>();
   private transposedVersion = -1;
+  /** Sees every inference MoE block's routing (the router's metrics and dashboard). */
+  onRouting?: (layer: number, stats: MoeStats) => void;
   private embedRows?: Float32Array;
   private embedVersion = -1;
 
@@ -206,6 +208,7 @@ export class MixtralModel {
       moe.y.dispose();
       x1.dispose();
       stats.push(moe.stats);
+      if (!opt.train) this.onRouting?.(l, moe.stats);
       if (opt.train) caches.push({ n1: n1.cache, attn: attn.cache!, n2: n2.cache, moe: moe.cache! });
       else disposeAll([n1.cache, n2.cache]);
     }
@@ -264,6 +267,7 @@ export class MixtralModel {
         passId: `${passId}/L${l}`, train: false, groupTokens: 0, selectionBias: this.balanceBias?.[l], requestIds: opt.requestIds, deadline: opt.deadline,
       });
       disposeAll([n2.y, n2.cache]);
+      this.onRouting?.(l, moe.stats);
       const flagged = moe.stats.degradedTokens;
       if (flagged)
         items.forEach((it, i) => {

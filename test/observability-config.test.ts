@@ -1,0 +1,132 @@
+// The Prometheus rules, their unit tests, the scrape config and the Grafana dashboard under deploy/ are
+// only exercised when someone opens Grafana or gets paged; these checks catch a broken rule, a wrong
+// threshold or a misspelt metric at `npm test` instead. promtool must be on PATH.
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { metricNamesInConfig, metricNamesInExpr } from '../services/core/metrics/config-names.js';
+import { repoRoot } from './support/paths.js';
+
+const prometheusDir = join(repoRoot, 'deploy', 'prometheus');
+const dashboardPath = join(repoRoot, 'deploy', 'grafana', 'dashboards', 'switchyard.json');
+
+/** Runs promtool and returns its output; on failure the assertion message carries what promtool said. */
+function promtool(args: string[], cwd = repoRoot): string {
+  try {
+    return execFileSync('promtool', args, { cwd, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+  } catch (err) {
+    const e = err as { stdout?: string; stderr?: string; message: string };
+    assert.fail(`promtool ${args.join(' ')} failed:\n${e.stdout ?? ''}${e.stderr ?? e.message}`);
+  }
+}
+
+test('promtool check rules accepts both rule files', () => {
+  const out = promtool(['check', 'rules', 'deploy/prometheus/rules/recording.yml', 'deploy/prometheus/rules/alerts.yml']);
+  assert.match(out, /SUCCESS: 9 rules found/);
+  assert.match(out, /SUCCESS: 7 rules found/);
+});
+
+test('promtool unit tests of the recording rules and alerts pass', () => {
+  assert.match(promtool(['test', 'rules', 'deploy/prometheus/tests/alerts.test.yml']), /SUCCESS/);
+});
+
+test('promtool check config accepts prometheus.yml and finds its rule files', () => {
+  // rule_files is relative (rules/*.yml) so it works both in the source tree and mounted at /etc/prometheus.
+  const out = promtool(['check', 'config', 'prometheus.yml'], prometheusDir);
+  assert.match(out, /SUCCESS: 2 rule files found/);
+  assert.match(out, /is valid prometheus config file syntax/);
+});
+
+interface Target { refId?: string; expr?: string }
+interface Panel { type: string; title?: string; datasource?: { type?: string; uid?: string }; targets?: Target[]; panels?: Panel[]; gridPos?: unknown }
+interface Dashboard { uid: string; title: string; schemaVersion: number; panels: Panel[]; templating: { list: { name: string; type: string; query: unknown; multi?: boolean; includeAll?: boolean }[] } }
+
+test('the Grafana dashboard: datasource variable everywhere, the seven rows in order, a query in every target', () => {
+  const dashboard = JSON.parse(readFileSync(dashboardPath, 'utf8')) as Dashboard;
+  assert.equal(dashboard.uid, 'switchyard-moe');
+  assert.equal(dashboard.schemaVersion, 39);
+
+  const variables = new Map(dashboard.templating.list.map((v) => [v.name, v]));
+  assert.equal(variables.get('datasource')?.type, 'datasource');
+  assert.equal(variables.get('datasource')?.query, 'prometheus');
+  const layer = variables.get('layer');
+  assert.ok(layer?.multi && layer.includeAll, 'layer is a multi-value variable with All');
+  assert.match(JSON.stringify(layer.query), /label_values\(switchyard_expert_tokens_total, layer\)/);
+
+  // Expanded rows keep their panels after them at top level; collapsed rows nest them.
+  const rows: string[] = [];
+  const queryPanels: Panel[] = [];
+  for (const panel of dashboard.panels) {
+    if (panel.type === 'row') {
+      rows.push(panel.title ?? '');
+      queryPanels.push(...(panel.panels ?? []));
+    } else {
+      queryPanels.push(panel);
+    }
+  }
+  assert.deepEqual(rows, ['Overview', 'Per-expert load', 'Capacity and drops', 'Imbalance', 'Queue and scaling', 'Latency', 'Coordinator']);
+  assert.ok(queryPanels.length >= 25, `only ${queryPanels.length} panels`);
+
+  for (const panel of queryPanels) {
+    assert.ok(panel.gridPos, `${panel.title} has a gridPos`);
+    assert.deepEqual(panel.datasource, { type: 'prometheus', uid: '${datasource}' }, `${panel.title} uses the datasource variable`);
+    assert.ok(panel.targets && panel.targets.length > 0, `${panel.title} has targets`);
+    const refIds = new Set<string>();
+    for (const target of panel.targets) {
+      assert.ok(target.expr && target.expr.trim() !== '', `${panel.title}: target ${target.refId} has an expr`);
+      assert.ok(target.refId && !refIds.has(target.refId), `${panel.title}: refIds are present and distinct`);
+      refIds.add(target.refId);
+    }
+  }
+});
+
+test('metricNamesInExpr keeps metrics and recording rules, drops functions, keywords and labels', () => {
+  assert.deepEqual(
+    metricNamesInExpr('histogram_quantile(0.99, sum by (le, route) (rate(switchyard_http_request_duration_seconds_bucket{route="/v1/completions"}[5m])))'),
+    ['switchyard_http_request_duration_seconds_bucket'],
+  );
+  assert.deepEqual(
+    metricNamesInExpr('max by (layer) (switchyard:expert_tokens:rate1m) / avg by (layer) (switchyard:expert_tokens:rate1m)'),
+    ['switchyard:expert_tokens:rate1m'],
+  );
+  assert.deepEqual(
+    metricNamesInExpr('sum(rate(a_total[$__rate_interval] offset 5m)) / on (job) group_left (version) moe_build_info > bool 1e3 unless up'),
+    ['a_total', 'moe_build_info', 'up'],
+  );
+  assert.deepEqual(metricNamesInExpr('sum without (instance) (x{le="+Inf", a=~"b|c"}) # trailing comment mentioning y'), ['x']);
+});
+
+// The names the services export (DESIGN §11); histograms by their base name.
+const EXPORTED = new Set([
+  'switchyard_http_requests_total', 'switchyard_http_request_duration_seconds', 'switchyard_http_requests_in_flight',
+  'switchyard_router_rejections_total', 'switchyard_router_degraded_responses_total', 'switchyard_router_queue_seconds',
+  'switchyard_router_queue_depth', 'switchyard_router_running_sequences', 'switchyard_expert_tokens_total',
+  'switchyard_expert_dropped_tokens_total', 'switchyard_layer_capacity_utilization', 'switchyard_layer_imbalance_cv',
+  'switchyard_layer_imbalance_max_over_mean', 'switchyard_dispatch_duration_seconds', 'switchyard_dispatch_bytes_total',
+  'switchyard_router_credits_in_flight', 'switchyard_router_shards_down', 'switchyard_router_unserved_rows_total',
+  'switchyard_expert_queue_rows', 'switchyard_expert_queue_messages', 'switchyard_expert_compute_seconds',
+  'switchyard_expert_rows_total', 'switchyard_coordinator_members', 'switchyard_coordinator_placement_version',
+  'switchyard_train_generation', 'switchyard_train_committed_step', 'switchyard_train_step', 'switchyard_train_loss',
+  'switchyard_train_validation_loss', 'switchyard_train_tokens_per_second', 'switchyard_train_tokens_total',
+  'switchyard_train_step_seconds', 'switchyard_train_expert_tokens_total', 'switchyard_allreduce_seconds',
+  'switchyard_allreduce_bytes_total', 'switchyard_train_aborted_steps_total', 'switchyard_checkpoint_write_seconds',
+  'moe_build_info', 'up',
+]);
+
+test('metricNamesInConfig: every recording rule is found, and every used name is exported or recorded', () => {
+  const { recording, used } = metricNamesInConfig(repoRoot);
+  assert.deepEqual(recording, [
+    'switchyard:allreduce_seconds:p99', 'switchyard:capacity_utilization:max', 'switchyard:drop_ratio:rate1m',
+    'switchyard:expert_queue_rows:sum', 'switchyard:expert_tokens:rate1m', 'switchyard:http_request_duration_seconds:p99',
+    'switchyard:layer_imbalance:cv', 'switchyard:layer_imbalance:max_over_mean', 'switchyard:router_rejections:rate5m',
+  ]);
+  assert.ok(used.length >= 25, `only ${used.length} names used: ${used.join(', ')}`);
+  for (const name of ['switchyard_expert_tokens_total', 'switchyard:layer_imbalance:max_over_mean', 'switchyard_http_request_duration_seconds_bucket', 'up']) {
+    assert.ok(used.includes(name), `${name} is used`);
+  }
+  const recorded = new Set(recording);
+  const unknown = used.filter((n) => !recorded.has(n) && !EXPORTED.has(n.replace(/_(bucket|sum|count)$/, '')));
+  assert.deepEqual(unknown, [], 'names used by rules or dashboards that nothing exports');
+});
