@@ -26,6 +26,8 @@ export class Cluster {
   stopping = false;
   routerUrls: string[] = [];
   coordinatorAddress = '';
+  /** Prometheus endpoints of the coordinator and shards (routers serve /metrics on their HTTP port). */
+  metricsUrls: string[] = [];
 
   constructor(readonly options: ClusterOptions) {}
 
@@ -57,12 +59,13 @@ export class Cluster {
 
   async up(): Promise<void> {
     const o = this.options;
-    const [, coordinator] = await this.start('coordinator', ['serve', 'coordinator', '--host', o.host, '--port', '0'], /listening on (\S+)/);
+    const [, coordinator, coordinatorMetrics] = await this.start('coordinator', ['serve', 'coordinator', '--host', o.host, '--port', '0'], /listening on (\S+) \(metrics (\S+)\)/);
     this.coordinatorAddress = coordinator;
-    await Promise.all(Array.from({ length: o.shards }, (_, i) => this.start(`shard-${i}`, [
+    const shards = await Promise.all(Array.from({ length: o.shards }, (_, i) => this.start(`shard-${i}`, [
       'serve', 'expert', '--checkpoint', o.checkpoint, '--experts', `spread:${i}/${o.shards}`, '--host', o.host, '--port', '0',
       '--coordinator', coordinator, '--shard-id', `shard-${i}`,
-    ], /listening on/)));
+    ], /listening on .*\(metrics (\S+)\)/)));
+    this.metricsUrls = [coordinatorMetrics, ...shards.map((m) => m[1])];
     const routers = await Promise.all(Array.from({ length: o.routers }, (_, i) => this.start(`router-${i}`, [
       'serve', 'router', '--checkpoint', o.checkpoint, '--host', o.host, '--port', String(o.port === 0 ? 0 : o.port + i), '--coordinator', coordinator,
     ], /listening on (\S+)/)));

@@ -161,6 +161,8 @@ async function upCommand(flags: UpFlags): Promise<void> {
     `switchyard cluster ready at ${api}: coordinator ${cluster.coordinatorAddress}, ${flags.shards} expert shard(s), ${flags.routers} router(s)`,
     `  API (OpenAI):          ${api}/v1/completions   ${api}/v1/models`,
     `  API (Open Inference):  ${api}/v2/models/${name}/infer   ${api}/v2/health/ready`,
+    `  live expert load:      ${api}/dashboard`,
+    `  metrics (Prometheus):  ${api}/metrics   ${cluster.metricsUrls.join('   ')}`,
     `  processes:             ${Object.entries(cluster.pids()).map(([n, pid]) => `${n}=${pid}`).join(' ')}`,
     `  try: curl -s ${api}/v1/completions -H 'content-type: application/json' -d '{"prompt": "Call me Ishmael. ", "max_tokens": 80}'`,
     '  Ctrl-C stops the cluster.',
