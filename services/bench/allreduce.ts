@@ -2,16 +2,15 @@
 // all-reduce), against the ceiling of the same bytes echoed over a raw grpc-js bidirectional stream to
 // a process of the same kind, both with the same chunk size and both members at once. Target ≥ 0.5x.
 import * as grpc from '@grpc/grpc-js';
-import { fork, spawn, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 import { CHANNEL_OPTIONS } from '../core/wire/protos.js';
 import { TrainLink } from '../core/wire/train-link.js';
-import { RawEchoClient } from './echo-server.js';
+import { grpcEcho, RawEchoClient, startEchoProcess } from './echo-server.js';
 import { median, report, type BenchRow } from './report.js';
 
 const CLI = fileURLToPath(new URL('../cli/main.js', import.meta.url));
-const ECHO = fileURLToPath(new URL('./echo-server.js', import.meta.url));
 
 function listening(child: ChildProcess): Promise<string> {
   return new Promise((resolve, reject) => {
@@ -19,38 +18,19 @@ function listening(child: ChildProcess): Promise<string> {
       const m = line.match(/listening on (\S+)/);
       if (m) resolve(m[1]);
     });
-    child.once('exit', (code) => reject(new Error(`bench helper exited (code ${code})`)));
-  });
-}
-
-/** Echoes `bytes` in `chunkBytes` pieces (pipelined, honouring backpressure); resolves when all came back. */
-function echo(client: grpc.Client, bytes: number, chunkBytes: number): Promise<void> {
-  const call = (client as unknown as { Echo(): grpc.ClientDuplexStream<Buffer, Buffer> }).Echo();
-  const chunks = Math.ceil(bytes / chunkBytes);
-  const payload = Buffer.alloc(chunkBytes, 7);
-  return new Promise((resolve, reject) => {
-    let received = 0;
-    call.on('data', () => {
-      if (++received === chunks) {
-        call.end();
-        resolve();
-      }
-    });
-    call.on('error', reject);
-    void (async () => {
-      for (let c = 0; c < chunks; c++) if (!call.write(payload)) await new Promise<void>((r) => call.once('drain', () => r()));
-    })();
+    child.once('exit', (code) => reject(new Error(`coordinator exited (code ${code})`)));
   });
 }
 
 export async function allreduceSuite(quick: boolean): Promise<void> {
   const coordinator = spawn(process.execPath, [CLI, 'serve', 'coordinator', '--port', '0'], { stdio: ['ignore', 'pipe', 'inherit'] });
-  const echoServer = fork(ECHO, [], { stdio: ['ignore', 'pipe', 'inherit', 'ipc'] });
+  const echoServer = startEchoProcess();
   const rows: BenchRow[] = [];
   const links: TrainLink[] = [];
   const echoClients: grpc.Client[] = [];
   try {
-    const [coordinatorAddress, echoAddress] = await Promise.all([listening(coordinator), listening(echoServer)]);
+    const [coordinatorAddress, echo] = await Promise.all([listening(coordinator), echoServer]);
+    const echoAddress = echo.grpc;
     links.push(new TrainLink(coordinatorAddress, 'bench-a'), new TrainLink(coordinatorAddress, 'bench-b'));
     echoClients.push(new RawEchoClient(echoAddress, grpc.credentials.createInsecure(), CHANNEL_OPTIONS), new RawEchoClient(echoAddress, grpc.credentials.createInsecure(), CHANNEL_OPTIONS));
     const payloadFloats = (quick ? 2 : 8) * 1024 * 1024; // 8 or 32 MiB per member
@@ -69,7 +49,7 @@ export async function allreduceSuite(quick: boolean): Promise<void> {
         const reduce = (performance.now() - t0) / 1000;
         if (sums[0].sums[0][96] !== 96 + (96 % 89)) throw new Error('all-reduce returned a wrong sum');
         t0 = performance.now();
-        await Promise.all(echoClients.map((c) => echo(c, bytes, chunkKiB * 1024)));
+        await Promise.all(echoClients.map((c) => grpcEcho(c, bytes, chunkKiB * 1024)));
         const raw = (performance.now() - t0) / 1000;
         if (r > 0) { // the first round warms up both paths
           reduceSeconds.push(reduce);
@@ -90,6 +70,6 @@ export async function allreduceSuite(quick: boolean): Promise<void> {
     for (const l of links) l.close();
     for (const c of echoClients) c.close();
     coordinator.kill('SIGTERM');
-    echoServer.kill('SIGTERM');
+    void echoServer.then((e) => e.stop(), () => undefined);
   }
 }

@@ -14,9 +14,11 @@ import { MoeLayer } from '../core/model/moe.js';
 import { saveModel } from '../core/checkpoint/model.js';
 import { GrpcExpertTransport } from '../core/wire/grpc-transport.js';
 import { CoordinatorLink } from '../core/wire/coordinator-link.js';
-import { packageDefinition } from '../core/wire/protos.js';
 import { fromWireTensor, toWireTensor } from '../core/wire/tensor.js';
 import { Cluster } from '../cli/cluster.js';
+import * as grpc from '@grpc/grpc-js';
+import { CHANNEL_OPTIONS, packageDefinition } from '../core/wire/protos.js';
+import { grpcEcho, RawEchoClient, startEchoProcess, tcpEcho } from './echo-server.js';
 import { report, timeMedian, type BenchRow } from './report.js';
 import { denseNames } from '../core/model/hf.js';
 
@@ -109,5 +111,21 @@ export async function wireSuite(quick: boolean): Promise<void> {
   });
   rows.push({ name: 'encode 2048x512 fp32 message', value: big.byteLength / encodeSeconds / 1e6, unit: 'MB/s' });
   rows.push({ name: 'decode 2048x512 fp32 message', value: big.byteLength / decodeSeconds / 1e6, unit: 'MB/s' });
+  // A grpc-js bidirectional stream against plain TCP, both echoing the same bytes to another process.
+  const echo = await startEchoProcess();
+  const client = new RawEchoClient(echo.grpc, grpc.credentials.createInsecure(), CHANNEL_OPTIONS);
+  try {
+    const bytes = (quick ? 16 : 64) * 2 ** 20;
+    const chunk = 2 ** 20;
+    const grpcSeconds = await timeMedian(quick ? 3 : 5, () => grpcEcho(client, bytes, chunk));
+    const tcpSeconds = await timeMedian(quick ? 3 : 5, () => tcpEcho(echo.tcp, bytes, chunk));
+    const grpcRate = bytes / grpcSeconds / 1e6;
+    const tcpRate = bytes / tcpSeconds / 1e6;
+    rows.push({ name: 'raw TCP echo to a child process, 1 MiB writes', value: tcpRate, unit: 'MB/s' });
+    rows.push({ name: 'grpc-js bidi stream echo, 1 MiB messages', value: grpcRate, unit: 'MB/s', anchor: tcpRate, ratio: grpcRate / tcpRate });
+  } finally {
+    client.close();
+    echo.stop();
+  }
   await report('wire', rows, { hidden: HIDDEN, quick });
 }
