@@ -5,6 +5,7 @@ import { servingSuite } from './serving.js';
 import { allreduceSuite } from './allreduce.js';
 import { trainingSuite } from './training.js';
 import { loadSuite } from './load.js';
+import { peerSuite } from './peer.js';
 
 const SUITES: Record<string, (quick: boolean) => Promise<void>> = {
   compute: computeSuite,
@@ -14,6 +15,7 @@ const SUITES: Record<string, (quick: boolean) => Promise<void>> = {
   allreduce: allreduceSuite,
   training: trainingSuite,
   load: loadSuite,
+  peer: peerSuite,
 };
 
 export async function runBench(names: string[], opts: { quick: boolean }): Promise<void> {
