@@ -100,7 +100,8 @@ test('bench --quick runs every suite and reports each target as a ratio', async 
   await mkdir(dir);
   const r = await runCli(['bench', '--quick'], {}, dir);
   assert.equal(r.code, 0, r.stderr);
-  for (const suite of ['compute', 'wire', 'moe-layer', 'serving', 'allreduce', 'training', 'load']) assert.match(r.stdout, new RegExp(`== ${suite} ==`));
+  for (const suite of ['compute', 'wire', 'moe-layer', 'serving', 'allreduce', 'training', 'load', 'peer']) assert.match(r.stdout, new RegExp(`== ${suite} ==`));
+  const wireRows = (w: Summary) => w.rows;
   type Summary = { rows: Array<{ name: string; value: number; unit: string; ratio?: number; target?: string }> };
   const read = async (suite: string) => JSON.parse(await readFile(join(dir, 'bench-results', `${suite}.json`), 'utf8')) as Summary;
   const compute = await read('compute');
@@ -121,6 +122,9 @@ test('bench --quick runs every suite and reports each target as a ratio', async 
   const load = (await read('load')).rows;
   assert.ok(load.find((row) => row.name.startsWith('maximum sustainable'))!.value > 0);
   assert.equal(load.filter((row) => row.name.endsWith('share answered 503')).length, 3, '503 share at 50%, 100% and 200% of the maximum');
+  const peer = JSON.parse(await readFile(join(dir, 'bench-results', 'peer.json'), 'utf8')) as Summary & { context: { skipped?: string } };
+  assert.ok(peer.context.skipped ? /import torch/.test(peer.context.skipped) : peer.rows.some((row) => row.name === 'Switchyard / PyTorch' && row.ratio! > 0), 'peer suite ran or said why not');
+  assert.ok(wireRows(await read('wire')).some((row) => row.name.startsWith('grpc-js bidi stream') && row.ratio! > 0), 'grpc-js stream against raw TCP');
   const unknown = await runCli(['bench', 'nosuch']);
   assert.equal(unknown.code, 2);
   assert.match(unknown.stderr, /unknown bench suite/);
