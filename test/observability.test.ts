@@ -14,7 +14,9 @@ import { parseModelConfig, preset } from '../services/core/config.js';
 import { MixtralModel } from '../services/core/model/model.js';
 import { saveModel } from '../services/core/checkpoint/model.js';
 import { assignmentSpec, spreadExperts } from '../services/core/placement.js';
-import { metricNamesInConfig } from '../services/core/metrics/config-names.js';
+import { metricNamesInConfig, metricNamesInExpr } from '../services/core/metrics/config-names.js';
+import { execFileSync } from 'node:child_process';
+import { parseAllDocuments } from 'yaml';
 import { freePort, startCluster, type TestCluster } from './support/cluster.js';
 import { repoRoot } from './support/paths.js';
 
@@ -164,8 +166,24 @@ test('a real Prometheus with the project\'s rules: skewed traffic trips the imba
   }
 });
 
-test('every metric the dashboards and rules use is in the services\' /metrics output', async () => {
-  const { recording, used } = metricNamesInConfig(repoRoot);
+/** Metric names in the KEDA ScaledObjects' Prometheus queries of every rendered overlay (needs kubectl). */
+function scaledObjectMetricNames(): string[] {
+  const names = new Set<string>();
+  for (const overlay of ['cpu', 'gpu']) {
+    const rendered = execFileSync('kubectl', ['kustomize', join(repoRoot, 'k8s', 'overlays', overlay)], { encoding: 'utf8' });
+    for (const doc of parseAllDocuments(rendered).map((d) => d.toJS() as { kind?: string; spec?: { triggers?: Array<{ type: string; metadata: { query?: string } }> } }))
+      if (doc?.kind === 'ScaledObject')
+        for (const t of doc.spec?.triggers ?? []) if (t.type === 'prometheus' && t.metadata.query) for (const n of metricNamesInExpr(t.metadata.query)) names.add(n);
+  }
+  return [...names];
+}
+
+test('every metric the dashboards, rules and KEDA autoscalers use is in the services\' /metrics output', async () => {
+  const { recording, used: inConfig } = metricNamesInConfig(repoRoot);
+  const scaling = (() => { try { return scaledObjectMetricNames(); } catch { return undefined; } })();
+  if (scaling) assert.ok(scaling.includes('switchyard_expert_queue_rows'), `KEDA queries use ${scaling.join(', ')}`);
+  const used = [...inConfig, ...(scaling ?? [])];
+  await infer(Array.from({ length: 16 }, (_, i) => i), 1); // labelled series appear with their first sample
   const exported = new Set<string>(['up']);
   for (const url of metricUrls) {
     const text = await (await fetch(url)).text();
