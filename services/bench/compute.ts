@@ -54,12 +54,30 @@ async function expertRows(rng: Rng, reps: number, N: number, D: number, H: numbe
     sync(grads.dW2t);
     disposeAll(grads);
   }) / 1e9;
+  // Where the backward's time goes beyond its six matMuls: the elementwise SwiGLU derivative over
+  // [N, H] and the transpose of x (the profile behind the ratio, e.g. with more wasm threads).
+  const c = cache!;
+  const dg = tf.matMul(dy, wT.w2);
+  const elementwise = await timeMedian(reps, () => {
+    const out = tf.tidy(() => {
+      const db = tf.mul(dg, c.silu);
+      const dSilu = tf.add(c.sig, tf.mul(c.silu, tf.sub(1, c.sig)));
+      return [db, tf.mul(tf.mul(dg, c.b), dSilu)];
+    });
+    sync(out[1]);
+    disposeAll(out);
+  });
+  const transpose = await timeMedian(reps, () => { const t = tf.transpose(c.x); sync(t); t.dispose(); });
+  const backwardSeconds = backwardFlops / backward / 1e9;
+  dg.dispose();
   disposeAll([x, w, wT, dy, g, gT, xT, cache]);
   return [
     { name: `matMul, forward shapes (${tag})`, value: forwardCeiling, unit: 'GFLOP/s' },
     { name: `expert forward (${tag})`, value: forward, unit: 'GFLOP/s', anchor: forwardCeiling, ratio: forward / forwardCeiling, target: '>= 0.8', met: forward / forwardCeiling >= 0.8 },
     { name: `matMul, backward shapes (${tag})`, value: backwardCeiling, unit: 'GFLOP/s' },
     { name: `expert backward (${tag})`, value: backward, unit: 'GFLOP/s', anchor: backwardCeiling, ratio: backward / backwardCeiling, target: '>= 0.6', met: backward / backwardCeiling >= 0.6 },
+    { name: `  backward profile: SwiGLU derivative (elementwise, ${N}x${H})`, value: elementwise * 1000, unit: 'ms', anchor: backwardSeconds * 1000, ratio: elementwise / backwardSeconds },
+    { name: `  backward profile: transpose of x (${N}x${D})`, value: transpose * 1000, unit: 'ms', anchor: backwardSeconds * 1000, ratio: transpose / backwardSeconds },
   ];
 }
 
