@@ -7,7 +7,7 @@ import { readFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import {
   CheckpointError, CONFIG_FILE, INDEX_FILE, commitStaged, fsyncDir, readSafetensors, readSafetensorsHeader,
-  writeFileSynced, writeSafetensors, type Tensor,
+  readTensorsFrom, readWeightMap, writeFileSynced, writeSafetensors, type Tensor,
 } from './index.js';
 import { OPTIMIZER_FILE, TRAINER_STATE_FILE } from './model.js';
 import type { ModelConfig } from '../config.js';
@@ -88,24 +88,8 @@ export async function loadOptimizerMoments(dir: string, wanted: (name: string) =
     const { tensors } = await readSafetensors(join(dir, OPTIMIZER_FILE));
     return new Map([...tensors].filter(([name]) => wanted(name)));
   }
-  let index: WeightIndex;
-  try {
-    index = JSON.parse(await readFile(indexPath, 'utf8')) as WeightIndex;
-  } catch (err) {
-    throw new CheckpointError(`invalid ${indexPath}: ${(err as Error).message}`);
-  }
-  const byFile = new Map<string, string[]>();
-  for (const [name, file] of Object.entries(index.weight_map ?? {})) {
-    if (!wanted(name)) continue;
-    if (!byFile.has(file)) byFile.set(file, []);
-    byFile.get(file)!.push(name);
-  }
-  const out = new Map<string, Tensor>();
-  for (const [file, names] of byFile) {
-    const { tensors } = await readSafetensors(join(dir, file), { names });
-    for (const [n, t] of tensors) out.set(n, t);
-  }
-  return out;
+  const weightMap = await readWeightMap(indexPath);
+  return readTensorsFrom(dir, [...weightMap.keys()].filter(wanted), (name) => weightMap.get(name)!);
 }
 
 /** The step a committed checkpoint was written after (0 for a checkpoint without trainer state). */

@@ -273,6 +273,22 @@ export interface LoadedCheckpoint {
   dir: string;
 }
 
+/** Reads `names` from the folder's safetensors files, each file opened once for the tensors it holds. */
+export async function readTensorsFrom(folder: string, names: Iterable<string>, fileOf: (name: string) => string): Promise<Map<string, Tensor>> {
+  const perFile = new Map<string, string[]>();
+  for (const n of names) {
+    const f = fileOf(n);
+    if (!perFile.has(f)) perFile.set(f, []);
+    perFile.get(f)!.push(n);
+  }
+  const loaded = new Map<string, Tensor>();
+  for (const [file, fileNames] of perFile) {
+    const { tensors } = await readSafetensors(join(folder, file), { names: fileNames });
+    for (const [n, t] of tensors) loaded.set(n, t);
+  }
+  return loaded;
+}
+
 async function readJsonFile(path: string, kind: 'config' | 'checkpoint'): Promise<unknown> {
   let text: string;
   try {
@@ -295,7 +311,11 @@ function isPlainFileName(name: string): boolean {
 /** Which tensor lives in which file: from the index if there is one, else model.safetensors. */
 async function tensorFiles(dir: string, files: string[]): Promise<Map<string, string> | null> {
   if (!files.includes(INDEX_FILE)) return null;
-  const path = join(dir, INDEX_FILE);
+  return readWeightMap(join(dir, INDEX_FILE));
+}
+
+/** The `weight_map` (tensor name → file in the same folder) of a safetensors index file, checked. */
+export async function readWeightMap(path: string): Promise<Map<string, string>> {
   const raw = (await readJsonFile(path, 'checkpoint')) as { weight_map?: unknown } | null;
   const wm = raw?.weight_map;
   if (typeof wm !== 'object' || wm === null || Array.isArray(wm)) throw new CheckpointError(`invalid ${path}: no weight_map object`);
@@ -370,17 +390,7 @@ export async function loadCheckpoint(dir: string, opts: LoadOptions = {}): Promi
     if (problems.length) throw new CheckpointError(`checkpoint ${folder} does not match the expected tensors: ${problems.join(' | ')}`);
   }
 
-  const perFile = new Map<string, string[]>();
-  for (const n of selected) {
-    const f = location.get(n)!.file;
-    if (!perFile.has(f)) perFile.set(f, []);
-    perFile.get(f)!.push(n);
-  }
-  const loaded = new Map<string, Tensor>();
-  for (const [file, names] of perFile) {
-    const { tensors } = await readSafetensors(join(folder, file), { names });
-    for (const [n, t] of tensors) loaded.set(n, t);
-  }
+  const loaded = await readTensorsFrom(folder, selected, (n) => location.get(n)!.file);
   // Keep the file's / index's order, independent of the file grouping.
   const tensors = new Map<string, Tensor>(selected.map((n) => [n, loaded.get(n)!]));
   return { config, tensors, files, dir: folder };
