@@ -48,6 +48,27 @@ async function shard(experts: string): Promise<string> {
   return s.ready[1];
 }
 
+function assertLogitsClose(got: Float32Array, want: Float32Array): void {
+  let maxDiff = 0;
+  for (let i = 0; i < want.length; i++) maxDiff = Math.max(maxDiff, Math.abs(want[i] - got[i]));
+  assert.ok(maxDiff <= 1e-5, `max |Δlogit| = ${maxDiff}`);
+}
+
+/** The router's dense gradients equal the in-process reference's (relative to each tensor's scale). */
+function assertGradientsClose(distributed: MixtralModel): void {
+  for (const name of reference.dense.names()) {
+    const ga = reference.dense.gradOrZeros(name).dataSync();
+    const gb = distributed.dense.gradOrZeros(name).dataSync();
+    let diff = 0;
+    let scale = 0;
+    for (let i = 0; i < ga.length; i++) {
+      diff = Math.max(diff, Math.abs(ga[i] - gb[i]));
+      scale = Math.max(scale, Math.abs(ga[i]));
+    }
+    assert.ok(diff <= 1e-5 * Math.max(1, scale), `${name}: max |Δgrad| ${diff}`);
+  }
+}
+
 for (const [arrangement, specs] of [
   ['one layer per shard', ['0:0-3', '1:0-3']],
   ["a layer's experts split over shards, each shard holding several layers", ['0:0,1;1:2,3', '0:2,3;1:0,1']],
@@ -63,25 +84,13 @@ for (const [arrangement, specs] of [
     try {
       const want = await reference.logits(ids, B, T);
       const got = await distributed.logits(ids, B, T);
-      let maxDiff = 0;
-      for (let i = 0; i < want.length; i++) maxDiff = Math.max(maxDiff, Math.abs(want[i] - got[i]));
-      assert.ok(maxDiff <= 1e-5, `max |Δlogit| = ${maxDiff}`);
+      assertLogitsClose(got, want);
       assert.ok([...transport.messagesSent.values()].every((n) => n > 0), 'both shards were used');
       // Backward over the wire: the router's gradients match the in-process run.
       const a = await reference.lossAndGradients(ids, targets, B, T, { passId: 'p', train: true });
       const b = await distributed.lossAndGradients(ids, targets, B, T, { passId: 'p', train: true });
       assert.ok(Math.abs(a.loss - b.loss) <= 1e-6, `loss ${a.loss} vs ${b.loss}`);
-      for (const name of reference.dense.names()) {
-        const ga = reference.dense.gradOrZeros(name).dataSync();
-        const gb = distributed.dense.gradOrZeros(name).dataSync();
-        let diff = 0;
-        let scale = 0;
-        for (let i = 0; i < ga.length; i++) {
-          diff = Math.max(diff, Math.abs(ga[i] - gb[i]));
-          scale = Math.max(scale, Math.abs(ga[i]));
-        }
-        assert.ok(diff <= 1e-5 * Math.max(1, scale), `${name}: max |Δgrad| ${diff}`);
-      }
+      assertGradientsClose(distributed);
     } finally {
       reference.dense.clearGrads();
       reference.localExperts!.params.clearGrads();
@@ -98,18 +107,13 @@ test('every expert replicated on two shards: rows split over the replicas, logit
   try {
     const want = await reference.logits(ids, B, T);
     const got = await distributed.logits(ids, B, T);
-    let maxDiff = 0;
-    for (let i = 0; i < want.length; i++) maxDiff = Math.max(maxDiff, Math.abs(want[i] - got[i]));
-    assert.ok(maxDiff <= 1e-5, `max |Δlogit| = ${maxDiff}`);
+    assertLogitsClose(got, want);
     assert.deepEqual([...transport.messagesSent.keys()].sort(), [...addresses].sort(), 'both replicas served rows');
     // Each row's backward must reach the replica that ran its forward (else the shard has no activations).
     const a = await reference.lossAndGradients(ids, targets, B, T, { passId: 'r', train: true });
     const b = await distributed.lossAndGradients(ids, targets, B, T, { passId: 'r', train: true });
     assert.ok(Math.abs(a.loss - b.loss) <= 1e-6, `loss ${a.loss} vs ${b.loss}`);
-    const name = reference.dense.names()[0];
-    const ga = reference.dense.gradOrZeros(name).dataSync();
-    const gb = distributed.dense.gradOrZeros(name).dataSync();
-    for (let i = 0; i < ga.length; i += 97) assert.ok(Math.abs(ga[i] - gb[i]) <= 1e-5, `${name}[${i}]`);
+    assertGradientsClose(distributed);
   } finally {
     reference.dense.clearGrads();
     reference.localExperts!.params.clearGrads();
@@ -120,7 +124,7 @@ test('every expert replicated on two shards: rows split over the replicas, logit
 
 test('bf16 on the wire keeps logits within bf16 tolerance', async () => {
   const address = await shard('all');
-  const transport = new GrpcExpertTransport(() => [address], tiny.model.hidden_size, 30_000, 'BF16');
+  const transport = new GrpcExpertTransport(() => [address], tiny.model.hidden_size, { wireDtype: 'BF16' });
   const distributed = await loadDenseModel(checkpoint, transport);
   try {
     const want = await reference.logits(ids, B, T);

@@ -50,8 +50,7 @@ function bearerMatches(header: string | undefined, token: string): boolean {
   return given.length === want.length && timingSafeEqual(given, want);
 }
 
-export function buildHttpApp(engine: RouterEngine, options: HttpOptions | string = {}): FastifyInstance {
-  const o: HttpOptions = typeof options === 'string' ? { logLevel: options } : options;
+export function buildHttpApp(engine: RouterEngine, o: HttpOptions = {}): FastifyInstance {
   const logLevel = o.logLevel;
   const app = Fastify({
     bodyLimit: BODY_LIMIT_BYTES,

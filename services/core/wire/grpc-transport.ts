@@ -125,17 +125,12 @@ export class GrpcExpertTransport implements ExpertTransport {
   private readonly timeoutMs: number;
   readonly wireDtype: FloatDtype;
 
-  constructor(private readonly placement: PlacementLookup, readonly hidden: number, options: ServingOptions | number = {}, wireDtype?: FloatDtype) {
-    // (placement, hidden, timeoutMs, wireDtype) is the older positional form.
-    const o: ServingOptions = typeof options === 'number' ? { timeoutMs: options, wireDtype } : options;
-    this.timeoutMs = o.timeoutMs ?? 30_000;
-    this.wireDtype = o.wireDtype ?? wireDtype ?? 'F32';
-    this.overflow = o.overflow ?? 'drop';
-    this.options = o;
+  constructor(private readonly placement: PlacementLookup, readonly hidden: number, private readonly options: ServingOptions = {}) {
+    this.timeoutMs = options.timeoutMs ?? 30_000;
+    this.wireDtype = options.wireDtype ?? 'F32';
+    this.overflow = options.overflow ?? 'drop';
     this.health = new HealthProbe();
   }
-
-  private readonly options: ServingOptions;
 
   private shard(address: string): ShardStream {
     let s = this.shards.get(address);
