@@ -35,6 +35,12 @@ export function placementOf(holdings: ShardHoldings[], version: number, routers 
   return { version, routers, shards: shards.map(({ shardId, address, tokenBudget }) => ({ shardId, address, tokenBudget: tokenBudget ?? 0 })), entries };
 }
 
+/** The addresses holding each expert, keyed `layer/expert`: what a router dials. */
+export function ownerAddresses(table: PlacementTable): Map<string, string[]> {
+  const addresses = new Map(table.shards.map((s) => [s.shardId, s.address]));
+  return new Map(table.entries.map((e) => [`${e.layer}/${e.expert}`, e.shardIds.map((id) => addresses.get(id)!).filter(Boolean)]));
+}
+
 /** A router's credits on a shard: its share of the shard's per-expert budget (undefined = unlimited). */
 export function creditsPerExpert(table: PlacementTable, shardId: string): number | undefined {
   const budget = table.shards.find((s) => s.shardId === shardId)?.tokenBudget ?? 0;

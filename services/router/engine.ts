@@ -7,7 +7,7 @@ import { ContinuousBatcher } from '../core/generate.js';
 import type { FloatDtype } from '../core/dtypes.js';
 import type { MixtralModel } from '../core/model/model.js';
 import type { PlacementTable } from '../core/placement.js';
-import { creditsPerExpert, unplaced } from '../core/placement.js';
+import { creditsPerExpert, ownerAddresses, unplaced } from '../core/placement.js';
 import type { OverflowPolicy } from '../core/overload.js';
 import { servingMetrics } from '../core/metrics/serving.js';
 import { Limiter } from './admission.js';
@@ -106,8 +106,7 @@ export class RouterEngine {
 
   /** Adopts a new placement (from the coordinator's watch), remembering owners it no longer lists. */
   setPlacement(table: PlacementTable): void {
-    const addresses = new Map(table.shards.map((s) => [s.shardId, s.address]));
-    const owners = new Map(table.entries.map((e) => [`${e.layer}/${e.expert}`, e.shardIds.map((id) => addresses.get(id)!).filter(Boolean)]));
+    const owners = ownerAddresses(table);
     for (const [key, previous] of this.owners) if (!owners.get(key)?.length) this.staleOwners.set(key, previous);
     for (const key of owners.keys()) this.staleOwners.delete(key);
     this.owners = owners;

@@ -13,7 +13,7 @@ import type { MixtralModel } from '../core/model/model.js';
 import { AdamW, clipFactor, gradSquareSum } from '../core/optim/adamw.js';
 import { learningRate } from '../core/optim/schedule.js';
 import { recordAllReduce, recordExpertLoad, trainingMetrics } from '../core/metrics/training.js';
-import { unplaced, type PlacementTable } from '../core/placement.js';
+import { ownerAddresses, unplaced, type PlacementTable } from '../core/placement.js';
 import { GrpcExpertTransport } from '../core/wire/grpc-transport.js';
 import { StepAborted, type TrainLink } from '../core/wire/train-link.js';
 import {
@@ -80,12 +80,13 @@ export async function runRouterTraining(o: RouterTrainingOptions): Promise<Route
   const evalBatches = o.index === 0 ? validationBatches(validation, t) : [];
   const metricsPath = metricsFileOf(o.outDir);
   if (o.index === 0) await mkdir(o.outDir, { recursive: true });
+  // Owners are rebuilt only when the coordinator sends a new placement, not per dispatch.
+  let ownersFor: { table?: PlacementTable; owners: Map<string, string[]> } = { owners: new Map() };
   const transport = new GrpcExpertTransport((layer, expert) => {
     const table = o.placement();
-    const entry = table?.entries.find((e) => e.layer === layer && e.expert === expert);
-    const addresses = new Map(table?.shards.map((s) => [s.shardId, s.address]) ?? []);
-    return (entry?.shardIds ?? []).map((id) => addresses.get(id)!).filter(Boolean);
-  }, c.hidden_size, 120_000);
+    if (table && table !== ownersFor.table) ownersFor = { table, owners: ownerAddresses(table) };
+    return ownersFor.owners.get(`${layer}/${expert}`) ?? [];
+  }, c.hidden_size, { timeoutMs: 120_000 });
   const L = c.num_hidden_layers;
   const E = c.num_local_experts;
   const tokensPerStep = t.batch_sequences * t.seq_len;
