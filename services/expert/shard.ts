@@ -176,8 +176,10 @@ export class ExpertShard {
       seen.add(key);
       if (!this.experts.holds(b.layer, b.expert)) throw new ShardError(status.NOT_FOUND, `expert (layer ${b.layer}, expert ${b.expert}) is not held by this shard`);
       const decoded = fromWireTensor(b.rows, `batches[${i}].rows`, [null, this.experts.hidden]);
-      const bad = decoded.values.findIndex((v) => !Number.isFinite(v));
-      if (bad >= 0) throw new ShardError(status.INVALID_ARGUMENT, `batches[${i}].rows[${bad}] is ${decoded.values[bad]}: rows must be finite`);
+      const values = decoded.values;
+      // A plain loop: this runs over every row of every message.
+      for (let j = 0; j < values.length; j++)
+        if (values[j] - values[j] !== 0) throw new ShardError(status.INVALID_ARGUMENT, `batches[${i}].rows[${j}] is ${values[j]}: rows must be finite`);
       dtype = decoded.dtype;
       return { layer: b.layer, expert: b.expert, rowCount: decoded.shape[0], rows: decoded.values };
     });

@@ -53,6 +53,7 @@ class Decaying {
   }
   private decay(): void {
     const now = Date.now();
+    if (now === this.at) return;
     const f = Math.pow(0.5, (now - this.at) / 1000 / HALF_LIFE_S);
     for (let i = 0; i < this.values.length; i++) this.values[i] *= f;
     this.at = now;
