@@ -6,7 +6,7 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { metricNamesInConfig, metricNamesInExpr } from '../services/core/metrics/config-names.js';
+import { metricNamesInConfig, metricNamesInExpr } from './support/config-names.js';
 import { repoRoot } from './support/paths.js';
 
 const prometheusDir = join(repoRoot, 'deploy', 'prometheus');

@@ -14,7 +14,7 @@ import { parseModelConfig, preset } from '../services/core/config.js';
 import { MixtralModel } from '../services/core/model/model.js';
 import { saveModel } from '../services/core/checkpoint/model.js';
 import { assignmentSpec, spreadExperts } from '../services/core/placement.js';
-import { metricNamesInConfig, metricNamesInExpr } from '../services/core/metrics/config-names.js';
+import { metricNamesInConfig, metricNamesInExpr } from './support/config-names.js';
 import { execFileSync } from 'node:child_process';
 import { parseAllDocuments } from 'yaml';
 import { freePort, startCluster, type TestCluster } from './support/cluster.js';

@@ -92,7 +92,7 @@ export class Cluster {
   }
 }
 
-async function waitReady(url: string, timeoutMs = 120_000): Promise<void> {
+export async function waitReady(url: string, timeoutMs = 120_000): Promise<void> {
   const started = Date.now();
   while (Date.now() - started < timeoutMs) {
     try {

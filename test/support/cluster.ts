@@ -3,6 +3,9 @@
 // assignments and routers with given options. Everything is stopped by `stop()`.
 import { createServer } from 'node:net';
 import { startService, type RunningService } from './services.js';
+import { waitReady } from '../../services/cli/cluster.js';
+
+export { waitReady };
 
 export interface TestCluster {
   coordinator: RunningService;
@@ -23,14 +26,6 @@ export async function freePort(): Promise<number> {
   return port;
 }
 
-export async function waitReady(base: string, timeoutMs = 30_000): Promise<void> {
-  const started = Date.now();
-  while (Date.now() - started < timeoutMs) {
-    if ((await fetch(`${base}/v2/health/ready`).catch(() => undefined))?.status === 200) return;
-    await new Promise((r) => setTimeout(r, 50));
-  }
-  throw new Error(`router ${base} never became ready`);
-}
 
 export async function startCluster(
   checkpoint: string, shardSpecs: string[], routerArgs: string[][], env: Record<string, string> = {}, leaseTtlMs = 2_000, shardExtraArgs: string[] = [],
@@ -68,7 +63,7 @@ export async function startCluster(
       const service = await start(['serve', 'router', '--checkpoint', checkpoint, '--port', '0', '--coordinator', coordinatorAddress, ...extra], /listening on (\S+)/);
       cluster.routers.push({ service, base: `http://${service.ready[1]}` });
     }
-    for (const r of cluster.routers) await waitReady(r.base);
+    for (const r of cluster.routers) await waitReady(r.base, 30_000);
   } catch (err) {
     await cluster.stop();
     throw err;
