@@ -14,6 +14,7 @@ import { loadCheckpoint } from '../services/core/checkpoint/index.js';
 import { loadModel } from '../services/core/checkpoint/model.js';
 import { checkpointDirOf, metricsFileOf, train } from '../services/core/train/trainer.js';
 import { runCli } from './support/cli.js';
+import { startService, type RunningService } from './support/services.js';
 import { repoRoot } from './support/paths.js';
 
 await initBackend();
@@ -216,5 +217,38 @@ test('a crash while a checkpoint is written leaves the previous one loadable, an
   assertLossesEqual(await metrics(out), await metrics(ref), 5);
   assert.ok(!existsSync(join(out, staged[0])), 'stale staging folders are cleaned up');
   const { worst } = await weightsDifference(ckpt, checkpointDirOf(ref));
+  assert.ok(worst <= 1e-4, `final weights differ by ${worst} (relative)`);
+});
+
+test('a shard added at step 5 of 12 gets experts at the next step boundary (with their optimizer state): losses equal the run without it', async () => {
+  const changes = { steps: 12, checkpoint_interval: 100 };
+  const ref = await reference({ ...tiny.train, ...changes });
+  const out = join(root, 'scaled-up');
+  // Steps stretched so the new process starts while the run goes on.
+  const run = startTrain(['--config', await configFile('scale-up', changes), '--routers', '1', '--shards', '2', '--out', out], { SWITCHYARD_TEST_STEP_DELAY_MS: '700' });
+  let extra: RunningService | undefined;
+  try {
+    await until('step 5', async () => ((await metrics(out)).length >= 5 ? true : undefined));
+    const coordinator = run.output().match(/coordinator (127\.0\.0\.1:\d+)/)![1];
+    extra = await startService(['serve', 'expert', '--train', '--experts', 'none', '--checkpoint', checkpointDirOf(out), '--port', '0',
+      '--coordinator', coordinator, '--shard-id', 'shard-new'], /listening on/);
+    assert.equal(await run.exit, 0, run.output());
+  } finally {
+    killGroup(run.child);
+    await extra?.stop();
+  }
+  const extraOutput = extra?.stderr() ?? '';
+  const coordinator = await jsonLines(join(out, 'logs', 'coordinator.log'));
+  const change = coordinator.find((r) => r.msg === 'training attempt ended for a placement change');
+  assert.ok(change, `the placement changed during the run: ${JSON.stringify(coordinator.map((r) => r.msg))} ${extraOutput}`);
+  assert.equal(coordinator.filter((r) => r.msg === 'training attempt aborted').length, 0, 'no failure');
+  const attempts = coordinator.filter((r) => r.msg === 'training attempt started') as Array<{ members: string[]; resume_step: number }>;
+  const last = attempts.at(-1)!;
+  assert.ok(last.members.includes('shard-new'), `the new shard trains: ${last.members.join(', ')}`);
+  assert.ok(last.resume_step >= 5 && last.resume_step < 12, `resumed at the boundary after step ${last.resume_step}`);
+  const planned = coordinator.find((r) => r.msg === 'training placement planned') as { assignment: Record<string, number>; loads: number } | undefined;
+  assert.ok(planned && planned.assignment['shard-new'] > 0 && planned.loads > 0, `experts moved to the new shard: ${JSON.stringify(planned)}`);
+  assertLossesEqual(await metrics(out), await metrics(ref));
+  const { worst } = await weightsDifference(checkpointDirOf(out), checkpointDirOf(ref));
   assert.ok(worst <= 1e-4, `final weights differ by ${worst} (relative)`);
 });

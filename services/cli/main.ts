@@ -14,6 +14,10 @@ import { loadCheckpoint } from '../core/checkpoint/index.js';
 import { parseAssignment } from '../expert/assignment.js';
 import { startExpertServer } from '../expert/server.js';
 import { startCoordinator } from '../coordinator/server.js';
+import { buildAdminApp } from '../coordinator/admin.js';
+import { readToken } from '../core/auth.js';
+import { AssignmentFollower } from '../expert/follower.js';
+import { placementCommand } from './placement.js';
 import { CoordinatorLink } from '../core/wire/coordinator-link.js';
 import { RouterEngine } from '../router/engine.js';
 import { buildHttpApp } from '../router/http.js';
@@ -178,6 +182,7 @@ interface ServeFlags {
   run?: string; index?: number; routers?: number; metricsPort: number;
   overflow: string; maxQueue: number; maxBatch: number; inferConcurrency: number; requestTimeoutMs: number; apiTokenFile?: string;
   maxRssMb: number; drainMs: number; advertise?: string;
+  maxExperts: number; dropGraceMs: number; drainTimeoutMs: number; rebalanceIntervalMs: number; adminTokenFile?: string;
 }
 
 const WIRE_DTYPES: Record<string, FloatDtype> = { f32: 'F32', bf16: 'BF16', f16: 'F16' };
@@ -202,12 +207,13 @@ async function serveRouter(flags: ServeFlags): Promise<void> {
   const dir = resolve(flags.checkpoint);
   const overflow = flags.overflow as OverflowPolicy;
   if (!OVERFLOW_POLICIES.includes(overflow)) throw new ConfigError(`--overflow ${flags.overflow}: expected one of ${OVERFLOW_POLICIES.join(', ')}`);
-  const apiToken = await readApiToken(flags.apiTokenFile);
+  const apiToken = await readToken(flags.apiTokenFile, '--api-token-file', 'SWITCHYARD_API_TOKEN');
   const engine = await RouterEngine.load(dir, modelNameOf(dir, flags.modelName), {
     wireDtype: wireDtypeOf(flags.wireDtype), overflow, maxSequences: flags.maxBatch, maxWaiting: flags.maxQueue,
     inferConcurrency: flags.inferConcurrency, inferQueue: flags.maxQueue,
   });
   const link = new CoordinatorLink(flags.coordinator, { memberId: `router-${process.pid}`, role: 'ROLE_ROUTER' });
+  link.heartbeatLoad = () => ({ expertLoads: engine.routing.expertLoads() }); // the planner's demand signal
   link.start();
   link.watch((table) => engine.setPlacement(table));
   const app = buildHttpApp(engine, {
@@ -224,15 +230,6 @@ async function serveRouter(flags: ServeFlags): Promise<void> {
   engine.close();
 }
 
-/** The API token: --api-token-file, else SWITCHYARD_API_TOKEN (unset: no authentication). */
-async function readApiToken(file?: string): Promise<string | undefined> {
-  if (file) {
-    const token = (await readFile(file, 'utf8').catch((err: Error) => { throw new ConfigError(`--api-token-file ${file}: ${err.message}`); })).trim();
-    if (!token) throw new ConfigError(`--api-token-file ${file} is empty`);
-    return token;
-  }
-  return process.env.SWITCHYARD_API_TOKEN?.trim() || undefined;
-}
 
 /** Resolves when SIGTERM or SIGINT arrives. */
 /** Set by a parent (`up`, tests) so a service never outlives it, even when the parent is killed outright. */
@@ -256,19 +253,23 @@ async function serveCoordinator(flags: ServeFlags): Promise<void> {
   const training = [flags.trainRouters, flags.trainShards, flags.trainCheckpoint];
   if (training.some((x) => x !== undefined) && training.some((x) => x === undefined))
     throw new ConfigError('serve coordinator: a training job needs all of --train-routers, --train-shards and --train-checkpoint');
+  const adminToken = await readToken(flags.adminTokenFile, '--admin-token-file', 'SWITCHYARD_ADMIN_TOKEN');
   const coordinator = await startCoordinator(flags.host, flags.port, flags.leaseTtlMs, flags.trainCheckpoint === undefined ? undefined : {
     routers: flags.trainRouters!, shards: flags.trainShards!, checkpointDir: resolve(flags.trainCheckpoint), log: jsonLog('coordinator'),
-  });
+  }, { intervalMs: flags.rebalanceIntervalMs, log: jsonLog('coordinator') });
   setBuildInfo(packageVersion(), 'none', 'coordinator');
   registerCoordinatorTrainingMetrics({
     generation: () => coordinator.training?.generation ?? 0, committedStep: () => coordinator.training?.committedStep ?? 0,
     reduceBytesIn: () => coordinator.reduceHub.bytesIn, reduceBytesOut: () => coordinator.reduceHub.bytesOut, pendingChunks: () => coordinator.reduceHub.pendingChunks,
   });
-  const metrics = await startMetricsServer(flags.host, flags.metricsPort);
-  process.stdout.write(`switchyard coordinator listening on ${flags.host}:${coordinator.port} (metrics http://${flags.host}:${metrics.port}/metrics)\n`);
+  // One HTTP port: /metrics for scrapers, /admin/placement for operators (bearer token).
+  const admin = buildAdminApp(coordinator.membership, coordinator.rebalancer, { token: adminToken });
+  const adminAddress = await admin.listen({ host: flags.host, port: flags.metricsPort });
+  const metricsPort = new URL(adminAddress).port;
+  process.stdout.write(`switchyard coordinator listening on ${flags.host}:${coordinator.port} (metrics http://${flags.host}:${metricsPort}/metrics, admin http://${flags.host}:${metricsPort}/admin/placement${adminToken ? '' : ' disabled: no admin token'})\n`);
   await untilStopped();
   await coordinator.close();
-  await metrics.close();
+  await admin.close();
 }
 
 /** `serve trainer`: one training router replica of a distributed run (started by `train --routers R`). */
@@ -282,14 +283,13 @@ async function serveTrainer(flags: ServeFlags): Promise<void> {
   const memberId = `router-${flags.index}`;
   const link = new CoordinatorLink(flags.coordinator, { memberId, role: 'ROLE_ROUTER' });
   link.start();
-  link.watch(() => undefined);
   const trainLink = new TrainLink(flags.coordinator, memberId);
   const metrics = await startMetricsServer(flags.host, flags.metricsPort);
   process.stdout.write(`switchyard training router ${flags.index} of ${flags.routers} (metrics http://${flags.host}:${metrics.port}/metrics)\n`);
   try {
     const summary = await runRouterTraining({
       link: trainLink, index: flags.index, routers: flags.routers, model: parseModelConfig(run.model), train: parseTrainSettings(run.train),
-      dataPath: run.data, outDir: runDir, placement: () => link.placement, log: jsonLog(memberId),
+      dataPath: run.data, outDir: runDir, log: jsonLog(memberId),
     });
     jsonLog(memberId)({ msg: 'training finished', ...summary });
   } finally {
@@ -319,26 +319,47 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
   let trainLink: TrainLink | undefined;
   if (flags.train) {
     trainLink = new TrainLink(flags.coordinator!, flags.shardId!);
-    training = runShardTraining({ link: trainLink, memberId: flags.shardId!, shard: server.shard, keys, log: jsonLog(flags.shardId!) });
+    training = runShardTraining({
+      link: trainLink, memberId: flags.shardId!, shard: server.shard, keys, log: jsonLog(flags.shardId!),
+      onHoldings: (held) => void link?.reportHoldings(held),
+    });
     training.catch((err: Error) => {
       jsonLog(flags.shardId!)({ msg: 'training failed', error: err.stack ?? err.message });
       process.exit(1);
     });
   }
   const metrics = await startMetricsServer(flags.host, flags.metricsPort);
+  const memberId = flags.shardId ?? `shard-${address}`;
   const link = flags.coordinator
     ? new CoordinatorLink(flags.coordinator, {
-      memberId: flags.shardId ?? `shard-${address}`, role: 'ROLE_EXPERT_SHARD', address, experts: keys, tokenBudget: flags.tokenBudget,
+      memberId, role: 'ROLE_EXPERT_SHARD', address, experts: keys, tokenBudget: flags.tokenBudget, maxExperts: flags.maxExperts,
+      model: { layers: config.num_hidden_layers, experts: config.num_local_experts },
     })
     : undefined;
-  link?.start();
+  let follower: AssignmentFollower | undefined;
+  if (link) {
+    link.heartbeatLoad = () => ({ rowsPerSecond: server.shard.rowsPerSecond() });
+    server.shard.registeredAt = () => link.registeredAt;
+    link.start();
+    // Training shards take their experts from the run's JOIN; serving shards follow the coordinator's plan.
+    if (!flags.train) {
+      follower = new AssignmentFollower({ shard: server.shard, memberId, checkpointDir: dir, link, dropGraceMs: flags.dropGraceMs, log: jsonLog(memberId) });
+      link.watch((table) => follower!.follow(table));
+    }
+  }
   process.stdout.write(`switchyard expert shard listening on ${flags.host}:${server.port}${flags.advertise ? ` (registered as ${address})` : ''} holding ${keys.length} experts (metrics http://${flags.host}:${metrics.port}/metrics)\n`);
   await untilStopped();
-  // Graceful: leave the placement first so routers send elsewhere, serve what is already on its way,
-  // then stop (open streams are cut after the drain; routers retry their rows on other replicas).
+  // Graceful: have the coordinator move our experts elsewhere and publish a placement without us, leave,
+  // serve what is already on its way, then stop (open streams are cut after the drain; routers retry
+  // their rows on other replicas).
   trainLink?.close();
+  if (link && !flags.train) {
+    const drained = await link.drain(flags.drainTimeoutMs);
+    jsonLog(memberId)({ msg: drained.drained ? 'drained: experts are served elsewhere' : 'leaving without a drain', detail: drained.message });
+  }
   await link?.leave();
   link?.close();
+  follower?.close();
   await new Promise((r) => setTimeout(r, flags.drainMs));
   await server.close();
   await metrics.close();
@@ -377,6 +398,12 @@ export function buildProgram(): Command {
     .option('--host <host>', 'address every service listens on', '127.0.0.1')
     .option('--port <n>', 'HTTP port of the first router (0 = any free port)', integer('--port'), 8000)
     .action(upCommand);
+  program.command('placement').description('show, plan or apply the expert placement through the coordinator\'s admin endpoint')
+    .argument('<action>', 'show | plan | apply')
+    .requiredOption('--admin <url>', 'the coordinator\'s HTTP endpoint, e.g. http://127.0.0.1:9400')
+    .option('--token-file <file>', 'bearer token of the admin endpoint (also SWITCHYARD_ADMIN_TOKEN)')
+    .option('--json', 'print the endpoint\'s JSON answer')
+    .action(placementCommand);
   program.command('bench').description('benchmarks: prints tables, writes bench-results/*.json')
     .argument('[suites...]', 'suites to run (default: all)')
     .option('--quick', 'short runs (under 2 minutes)')
@@ -387,7 +414,7 @@ export function buildProgram(): Command {
   program.command('serve').description('run one service, as a container runs it')
     .argument('<service>', 'expert | router | coordinator | trainer')
     .option('--checkpoint <dir>', 'checkpoint folder to load from')
-    .option('--experts <spec>', "experts to hold: 'all' or LAYER:IDS groups, e.g. '0:0-3;1:0,2'", 'all')
+    .option('--experts <spec>', "experts to hold: 'all', 'none' (the coordinator assigns them), spread:I/N or LAYER:IDS groups, e.g. '0:0-3;1:0,2'", 'all')
     .option('--host <host>', 'address to listen on', '127.0.0.1')
     .option('--port <n>', 'port (0 = any free port)', integer('--port'), 0)
     .option('--coordinator <host:port>', 'expert: register with this coordinator and keep the lease alive')
@@ -412,6 +439,11 @@ export function buildProgram(): Command {
     .option('--api-token-file <file>', 'router: require Authorization: Bearer <token> (also SWITCHYARD_API_TOKEN)')
     .option('--max-rss-mb <mb>', 'router: answer 503 above this resident memory', integer('--max-rss-mb', 64), 3072)
     .option('--drain-ms <ms>', 'expert: after leaving the placement on SIGTERM, keep serving this long for rows already on their way', integer('--drain-ms'), 1_000)
+    .option('--max-experts <n>', 'expert: most experts this shard may hold (its memory budget; 0 = no limit)', integer('--max-experts', 0), 0)
+    .option('--drop-grace-ms <ms>', 'expert: keep an expert the placement moved away this long, for rows already on their way', integer('--drop-grace-ms', 0), 5_000)
+    .option('--drain-timeout-ms <ms>', 'expert: on SIGTERM, wait this long for the coordinator to move the experts elsewhere', integer('--drain-timeout-ms', 0), 120_000)
+    .option('--rebalance-interval-ms <ms>', 'coordinator: check the load balance this often and move experts when it pays (0 = only on join/drain/apply)', integer('--rebalance-interval-ms', 0), 30_000)
+    .option('--admin-token-file <file>', 'coordinator: bearer token of the /admin/placement endpoint (also SWITCHYARD_ADMIN_TOKEN; unset: admin disabled)')
     .option('--metrics-port <n>', 'training services: port of the Prometheus /metrics endpoint (0 = any free port)', integer('--metrics-port'), 0)
     .action(serveCommand);
   return program;

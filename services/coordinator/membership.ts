@@ -8,13 +8,30 @@ export interface Member {
   memberId: string;
   role: Role;
   address: string;
+  /** Experts the shard holds and serves (registered, then reported). */
   experts: ExpertKey[];
   tokenBudget: number;
+  /** Most experts the shard may hold; 0 = no limit. */
+  maxExperts: number;
   leaseId: string;
   expiresAt: number;
+  /** Set by the planner: what the shard should hold. Only held ∩ assigned is published. */
+  assigned?: ExpertKey[];
+  /** Leaving: the planner places nothing new on it. */
+  draining?: boolean;
+  /** Routers: routed rows per second per expert (index layer·E + expert), from heartbeats. */
+  expertLoads?: Map<string, number>;
+  /** Shards: rows computed per second, from heartbeats. */
+  rowsPerSecond?: number;
 }
 
+const keyOf = (k: ExpertKey) => `${k.layer}/${k.expert}`;
+
+export interface ModelShape { layers: number; experts: number }
+
 export class Membership {
+  /** MoE layers × experts of the served model, from shards' registrations. */
+  shape?: ModelShape;
   private readonly members = new Map<string, Member>();
   private nextLease = 1;
   private version = 0;
@@ -23,14 +40,22 @@ export class Membership {
 
   constructor(readonly leaseTtlMs: number, private readonly now: () => number = Date.now) {}
 
-  register(m: Omit<Member, 'leaseId' | 'expiresAt'>): Member {
+  register(m: Omit<Member, 'leaseId' | 'expiresAt' | 'maxExperts'> & { maxExperts?: number }): Member {
     if (!m.memberId) throw new RangeError('member_id is empty');
     if (m.role === 'expert-shard' && !m.address) throw new RangeError(`shard ${m.memberId} registered without an address`);
-    const member: Member = { ...m, leaseId: String(this.nextLease++), expiresAt: this.now() + this.leaseTtlMs };
+    const member: Member = { ...m, maxExperts: m.maxExperts ?? 0, leaseId: String(this.nextLease++), expiresAt: this.now() + this.leaseTtlMs };
     this.members.set(m.memberId, member);
     this.changed(); // shards change the placement; routers change how budgets divide into credits
     for (const l of this.memberListeners) l(m.memberId, 'registered');
     return member;
+  }
+
+  /** Learns the model's shape from a shard's registration; every shard must agree. */
+  noteShape(shape: ModelShape, memberId: string): void {
+    if (!(shape.layers > 0 && shape.experts > 0)) return;
+    if (this.shape && (this.shape.layers !== shape.layers || this.shape.experts !== shape.experts))
+      throw new RangeError(`shard ${memberId} serves a model with ${shape.layers} layers × ${shape.experts} experts, the cluster ${this.shape.layers} × ${this.shape.experts}`);
+    this.shape = shape;
   }
 
   /** Renews a lease; false when the lease is unknown (expired, replaced, or the coordinator restarted). */
@@ -40,6 +65,44 @@ export class Membership {
     if (!m || m.leaseId !== leaseId) return false;
     m.expiresAt = this.now() + this.leaseTtlMs;
     return true;
+  }
+
+  /** Heartbeat payloads: a router's measured demand, a shard's measured rows per second. */
+  recordLoad(memberId: string, loads: Map<string, number> | undefined, rowsPerSecond: number | undefined): void {
+    const m = this.members.get(memberId);
+    if (!m) return;
+    if (loads) m.expertLoads = loads;
+    if (rowsPerSecond !== undefined) m.rowsPerSecond = rowsPerSecond;
+  }
+
+  /** A shard's report of what it holds now; false for an unknown lease. */
+  reportHoldings(memberId: string, leaseId: string, experts: ExpertKey[]): boolean {
+    const m = this.members.get(memberId);
+    if (!m || m.leaseId !== leaseId) return false;
+    m.experts = experts;
+    this.changed();
+    return true;
+  }
+
+  /** The planner's wish for each shard (absent shards keep theirs); published at once. */
+  assign(assignment: Map<string, ExpertKey[]>): void {
+    for (const [id, keys] of assignment) {
+      const m = this.members.get(id);
+      if (m) m.assigned = keys;
+    }
+    this.changed();
+  }
+
+  setDraining(memberId: string): void {
+    const m = this.members.get(memberId);
+    if (m) m.draining = true;
+  }
+
+  /** The experts a shard serves: what it holds, limited to its assignment once it has one. */
+  serving(m: Member): ExpertKey[] {
+    if (!m.assigned) return m.experts;
+    const wanted = new Set(m.assigned.map(keyOf));
+    return m.experts.filter((k) => wanted.has(keyOf(k)));
   }
 
   /** Removes members whose lease ran out; returns their ids. */
@@ -77,7 +140,11 @@ export class Membership {
   }
 
   placement(): PlacementTable {
-    return placementOf(this.list('expert-shard').map((m) => ({ shardId: m.memberId, address: m.address, experts: m.experts, tokenBudget: m.tokenBudget })), this.version, this.list('router').length);
+    const shards = this.list('expert-shard');
+    const table = placementOf(shards.map((m) => ({ shardId: m.memberId, address: m.address, experts: this.serving(m), tokenBudget: m.tokenBudget })), this.version, this.list('router').length);
+    const assigned = new Map(shards.map((m) => [m.memberId, m.assigned]));
+    table.shards = table.shards.map((s) => ({ ...s, assigned: assigned.get(s.shardId) }));
+    return table;
   }
 
   /** Calls `listener` with every new placement; returns the unsubscribe function. */

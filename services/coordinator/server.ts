@@ -3,10 +3,13 @@
 import * as grpc from '@grpc/grpc-js';
 import { Gauge } from 'prom-client';
 import { registry } from '../core/metrics/registry.js';
-import type { PlacementTable } from '../core/placement.js';
 import { loadProtos } from '../core/wire/protos.js';
 import { isMalformed, malformedStatus, startGrpcServer, tolerant, type MalformedMessage } from '../core/wire/server.js';
 import type { DeregisterReply } from '../generated/switchyard/v1/DeregisterReply.js';
+import type { DrainReply } from '../generated/switchyard/v1/DrainReply.js';
+import type { ReportHoldingsRequest__Output } from '../generated/switchyard/v1/ReportHoldingsRequest.js';
+import { toWirePlacement } from '../core/wire/coordinator-link.js';
+import { DEFAULT_REBALANCE, Rebalancer, type RebalancerOptions } from './rebalancer.js';
 import type { DeregisterRequest__Output } from '../generated/switchyard/v1/DeregisterRequest.js';
 import type { HeartbeatReply } from '../generated/switchyard/v1/HeartbeatReply.js';
 import type { HeartbeatRequest__Output } from '../generated/switchyard/v1/HeartbeatRequest.js';
@@ -35,21 +38,23 @@ new Gauge({ name: 'switchyard_coordinator_placement_version', help: 'Version of 
 
 const ROLES: Record<string, Role> = { ROLE_ROUTER: 'router', ROLE_EXPERT_SHARD: 'expert-shard' };
 
-export function toWirePlacement(t: PlacementTable): Placement {
-  return { version: String(t.version), shards: t.shards, entries: t.entries, routers: t.routers ?? 0 };
-}
 
 export interface RunningCoordinator {
   port: number;
   membership: Membership;
   reduceHub: ReduceHub;
   training?: TrainingJob;
+  /** Moves experts live (serving clusters; a training run changes placement at step boundaries instead). */
+  rebalancer?: Rebalancer;
   close(): Promise<void>;
 }
 
-export async function startCoordinator(host: string, port: number, leaseTtlMs: number, trainingOptions?: TrainingJobOptions): Promise<RunningCoordinator> {
+export async function startCoordinator(
+  host: string, port: number, leaseTtlMs: number, trainingOptions?: TrainingJobOptions, rebalance: Partial<RebalancerOptions> = {},
+): Promise<RunningCoordinator> {
   const membership = new Membership(leaseTtlMs);
   currentMembership = membership;
+  const rebalancer = trainingOptions ? undefined : new Rebalancer(membership, { ...DEFAULT_REBALANCE, ...rebalance });
   const reduceHub = new ReduceHub();
   const training = trainingOptions ? new TrainingJob(trainingOptions, membership) : undefined;
   if (training) training.onAbort = (generation, reason) => reduceHub.drop(`g${generation}/`, `training attempt ${generation} aborted: ${reason}`);
@@ -62,7 +67,8 @@ export async function startCoordinator(host: string, port: number, leaseTtlMs: n
       const role = ROLES[r.role];
       if (!role) return callback({ code: grpc.status.INVALID_ARGUMENT, message: `unknown role ${r.role}` });
       try {
-        const m = membership.register({ memberId: r.memberId, role, address: r.address, experts: r.experts, tokenBudget: r.tokenBudget });
+        membership.noteShape({ layers: r.modelLayers, experts: r.modelExperts }, r.memberId);
+        const m = membership.register({ memberId: r.memberId, role, address: r.address, experts: r.experts, tokenBudget: r.tokenBudget, maxExperts: r.maxExperts });
         callback(null, { leaseId: m.leaseId, leaseTtlMs: leaseTtlMs });
       } catch (err) {
         callback({ code: grpc.status.INVALID_ARGUMENT, message: (err as Error).message });
@@ -70,7 +76,25 @@ export async function startCoordinator(host: string, port: number, leaseTtlMs: n
     },
     Heartbeat(call: grpc.ServerUnaryCall<HeartbeatRequest__Output | MalformedMessage, HeartbeatReply>, callback: grpc.sendUnaryData<HeartbeatReply>) {
       if (isMalformed(call.request)) return callback(malformedStatus(call.request));
-      callback(null, { known: membership.heartbeat(call.request.memberId, call.request.leaseId), leaseTtlMs: leaseTtlMs });
+      const r = call.request;
+      const known = membership.heartbeat(r.memberId, r.leaseId);
+      if (known) membership.recordLoad(r.memberId, r.expertLoads.length ? new Map(r.expertLoads.map((l) => [`${l.layer}/${l.expert}`, l.rowsPerSecond])) : undefined, r.rowsPerSecond);
+      callback(null, { known, leaseTtlMs: leaseTtlMs });
+    },
+    ReportHoldings(call: grpc.ServerUnaryCall<ReportHoldingsRequest__Output | MalformedMessage, HeartbeatReply>, callback: grpc.sendUnaryData<HeartbeatReply>) {
+      if (isMalformed(call.request)) return callback(malformedStatus(call.request));
+      const r = call.request;
+      const shape = membership.shape;
+      const outside = shape ? r.experts.find((k) => k.layer >= shape.layers || k.expert >= shape.experts) : undefined;
+      if (outside) return callback({ code: grpc.status.INVALID_ARGUMENT, message: `expert (layer ${outside.layer}, expert ${outside.expert}) is outside the model` });
+      callback(null, { known: membership.reportHoldings(r.memberId, r.leaseId, r.experts.map((k) => ({ layer: k.layer, expert: k.expert }))), leaseTtlMs });
+    },
+    Drain(call: grpc.ServerUnaryCall<DeregisterRequest__Output | MalformedMessage, DrainReply>, callback: grpc.sendUnaryData<DrainReply>) {
+      if (isMalformed(call.request)) return callback(malformedStatus(call.request));
+      const m = membership.get(call.request.memberId);
+      if (!m || m.leaseId !== call.request.leaseId) return callback(null, { drained: false, message: 'unknown lease' });
+      if (!rebalancer) return callback(null, { drained: false, message: 'this coordinator does not move experts (training run)' });
+      void rebalancer.drain(m.memberId).then((result) => callback(null, result));
     },
     Deregister(call: grpc.ServerUnaryCall<DeregisterRequest__Output | MalformedMessage, DeregisterReply>, callback: grpc.sendUnaryData<DeregisterReply>) {
       if (isMalformed(call.request)) return callback(malformedStatus(call.request));
@@ -122,8 +146,10 @@ export async function startCoordinator(host: string, port: number, leaseTtlMs: n
     membership,
     reduceHub,
     training,
+    rebalancer,
     close: async () => {
       clearInterval(sweeper);
+      rebalancer?.close();
       for (const w of watchers) w.end();
       await running.shutdown();
     },

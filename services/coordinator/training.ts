@@ -6,7 +6,9 @@ import { mkdir } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { checkpointStep, commitClusterCheckpoint, type CheckpointPartFiles } from '../core/checkpoint/cluster.js';
 import { removeStaleStaging, stagingDirOf } from '../core/checkpoint/index.js';
-import { placementOf } from '../core/placement.js';
+import { placementOf, type ExpertKey } from '../core/placement.js';
+import { toWirePlacement } from '../core/wire/coordinator-link.js';
+import { planPlacement } from './planner.js';
 import type { TrainSyncReply } from '../generated/switchyard/v1/TrainSyncReply.js';
 import type { TrainSyncRequest__Output } from '../generated/switchyard/v1/TrainSyncRequest.js';
 import type { Member, Membership } from './membership.js';
@@ -55,11 +57,21 @@ export class TrainingJob {
   private settingsJson = '';
   private lastAbort = '';
   committedStep = 0;
+  /** Where each shard's experts are in the running attempt (from registrations until a replan). */
+  private assignment?: Map<string, ExpertKey[]>;
+  /** Shards that asked to join a running attempt: placed at the next step boundary. */
+  private readonly pending = new Map<string, Arrival>();
+  /** Members every new attempt waits for: the previous roster (while registered) and pending shards. */
+  private expected = new Set<string>();
   /** Called on every abort with the generation that ended (the all-reduce hub drops its reductions). */
   onAbort?: (generation: number, reason: string) => void;
 
   constructor(readonly options: TrainingJobOptions, private readonly membership: Membership) {
     membership.onMemberChange((memberId, event) => {
+      if (event === 'expired') {
+        this.expected.delete(memberId);
+        this.pending.delete(memberId);
+      }
       if (this.state === 'joining') {
         if (event === 'expired') this.joins.delete(memberId);
         return;
@@ -117,6 +129,13 @@ export class TrainingJob {
       const known = this.roster.get(request.memberId);
       // The same process asking again (its long poll timed out): same answer.
       if (known && known.leaseId === member.leaseId && this.joinReply) return reply(this.joinReply);
+      if (!known && member.role === 'expert-shard') {
+        // Scale-up during training: the placement changes at the next step boundary, after a checkpoint
+        // that carries every expert's weights and optimizer state to wherever the new plan puts it.
+        if (!this.pending.has(request.memberId)) this.log({ msg: 'shard waits for the next step boundary to join', shard: request.memberId });
+        this.pending.set(request.memberId, { request, reply });
+        return;
+      }
       this.abort(`${request.memberId} rejoined`);
     }
     this.joins.set(request.memberId, { request, reply });
@@ -139,6 +158,7 @@ export class TrainingJob {
     const routers = joined.filter((m) => m.role === 'router');
     const shards = joined.filter((m) => m.role === 'expert-shard');
     if (routers.length < this.options.routers || shards.length < this.options.shards || !this.settingsJson) return;
+    if ([...this.expected].some((id) => !this.joins.has(id))) return;
     this.starting = true;
     try {
       const dir = resolve(this.options.checkpointDir);
@@ -147,12 +167,14 @@ export class TrainingJob {
       if (this.state !== 'joining') return;
       const members = [...routers, ...shards];
       this.roster = new Map(members.map((m) => [m.memberId, { role: m.role, leaseId: m.leaseId }]));
-      const placement = placementOf(shards.map((m) => ({ shardId: m.memberId, address: m.address, experts: m.experts })), 0);
+      this.assignment = this.placeExperts(shards);
+      const placement = placementOf(shards.map((m) => ({ shardId: m.memberId, address: m.address, experts: this.assignment!.get(m.memberId) ?? [] })), 0, routers.length);
       const replicas = placement.entries.filter((e) => e.shardIds.length > 1).map((e) => ({ layer: e.layer, expert: e.expert, shardIds: e.shardIds }));
       this.joinReply = {
         generation: String(this.generation), resumeStep: String(this.committedStep), checkpointDir: dir,
-        trainSettingsJson: this.settingsJson, replicas, routers: routers.length,
+        trainSettingsJson: this.settingsJson, replicas, routers: routers.length, placement: toWirePlacement(placement),
       };
+      this.expected = new Set(this.roster.keys());
       this.state = 'running';
       this.barriers.clear();
       this.resolved.clear();
@@ -163,6 +185,24 @@ export class TrainingJob {
     } finally {
       this.starting = false;
     }
+  }
+
+  /**
+   * The attempt's placement: the previous attempt's (or, at first, what shards registered with); shards
+   * without experts (new ones) get some from the planner, which keeps what it can where it is. Demand is
+   * taken as uniform: every expert steps every iteration.
+   */
+  private placeExperts(shards: Member[]): Map<string, ExpertKey[]> {
+    const previous = this.assignment ?? new Map(shards.map((m) => [m.memberId, m.experts]));
+    const current = new Map(shards.map((m) => [m.memberId, previous.get(m.memberId) ?? []]));
+    const shape = this.membership.shape;
+    if (!shape || [...current.values()].every((keys) => keys.length > 0)) return current;
+    const plan = planPlacement({
+      layers: shape.layers, experts: shape.experts, load: new Float64Array(shape.layers * shape.experts).fill(1),
+      shards: shards.map((m) => ({ shardId: m.memberId, maxExperts: m.maxExperts, holds: current.get(m.memberId)! })),
+    });
+    this.log({ msg: 'training placement planned', loads: plan.loads, assignment: Object.fromEntries([...plan.assignment].map(([id, keys]) => [id, keys.length])) });
+    return plan.assignment;
   }
 
   private settings(): TrainSettingsView {
@@ -186,6 +226,18 @@ export class TrainingJob {
       // The run is complete: members leaving now is no failure.
       this.state = 'finished';
       this.log({ msg: 'training finished', step });
+    } else if (phase === 'TRAIN_PHASE_CHECKPOINT' && this.pending.size > 0) {
+      // Step boundary with the step committed: end the attempt; everyone rejoins with the new shards.
+      const joining = [...this.pending.keys()];
+      this.endAttempt(`placement change after step ${step}: ${joining.join(', ')} join${joining.length === 1 ? 's' : ''}`, false);
+      for (const [id, arrival] of this.pending) {
+        this.joins.set(id, arrival);
+        this.expected.add(id);
+      }
+      this.pending.clear();
+      const rejoin: TrainSyncReply = { aborted: true, abortReason: this.lastAbort, generation: String(this.generation) };
+      for (const a of barrier.arrivals.values()) a.reply(rejoin);
+      return;
     }
     for (const a of barrier.arrivals.values()) a.reply(reply);
   }
@@ -202,7 +254,8 @@ export class TrainingJob {
       const shardSum = requests.filter((r) => this.roster.get(r.memberId)?.role === 'expert-shard').reduce((s, r) => s + r.gradSquareSum, 0);
       const gradNorm = Math.sqrt((routerSums[0] ?? 0) + shardSum);
       const t = this.settings();
-      const checkpoint = step % t.checkpoint_interval === 0 || step === t.steps;
+      // A shard waiting to join: checkpoint this step, so the new placement starts from it.
+      const checkpoint = step % t.checkpoint_interval === 0 || step === t.steps || this.pending.size > 0;
       const stagingDir = stagingDirOf(this.options.checkpointDir, this.generation, step);
       if (checkpoint) await mkdir(stagingDir, { recursive: true });
       return { gradNorm, checkpoint, stagingDir: checkpoint ? stagingDir : '' };
@@ -234,13 +287,17 @@ export class TrainingJob {
 
   /** Ends the running attempt: every waiting member is told, and all rejoin from the last checkpoint. */
   abort(reason: string): void {
+    this.endAttempt(reason, true);
+  }
+
+  private endAttempt(reason: string, failure: boolean): void {
     if (this.state !== 'running') return;
     const ended = this.generation;
     this.lastAbort = reason;
     this.generation++;
     this.state = 'joining';
     this.joinReply = undefined;
-    this.log({ msg: 'training attempt aborted', ended_generation: ended, reason });
+    this.log({ msg: failure ? 'training attempt aborted' : 'training attempt ended for a placement change', ended_generation: ended, reason });
     const reply: TrainSyncReply = { aborted: true, abortReason: reason, generation: String(this.generation) };
     for (const b of this.barriers.values()) for (const a of b.arrivals.values()) a.reply(reply);
     this.barriers.clear();

@@ -13,7 +13,7 @@ export interface ShardHoldings {
 
 export interface PlacementTable {
   version: number;
-  shards: Array<{ shardId: string; address: string; tokenBudget?: number }>;
+  shards: Array<{ shardId: string; address: string; tokenBudget?: number; assigned?: ExpertKey[] }>;
   /** Routers registered; each may keep tokenBudget / routers rows per expert in flight on a shard. */
   routers?: number;
   /** Every placed (layer, expert) with the shards holding it, sorted by layer then expert. */

@@ -1,4 +1,5 @@
-// Which experts a shard serves, as given on its command line: `all`; `spread:I/N`, shard I's part of the
+// Which experts a shard serves, as given on its command line: `all`; `none` (elastic: the coordinator
+// assigns experts); `spread:I/N`, shard I's part of the
 // default placement over N shards (a StatefulSet pod passes its ordinal); or `LAYER:EXPERTS` groups
 // separated by `;`, where EXPERTS is a comma list of ids and ranges, e.g. `0:0-3;1:0,2`.
 import { spreadExperts, type ExpertKey } from '../core/placement.js';
@@ -20,6 +21,8 @@ export function parseAssignment(spec: string, layers: number, experts: number): 
     seen.add(key);
     keys.push({ layer, expert });
   };
+  // An elastic shard: it starts empty and the coordinator's planner gives it experts.
+  if (spec.trim() === 'none') return keys;
   if (spec.trim() === 'all') {
     for (let l = 0; l < layers; l++) for (let e = 0; e < experts; e++) add(l, e);
     return keys;

@@ -8,10 +8,16 @@ import type { ExpertReply } from '../generated/switchyard/v1/ExpertReply.js';
 import type { ExpertRequest__Output } from '../generated/switchyard/v1/ExpertRequest.js';
 import { Counter, Gauge, Histogram } from 'prom-client';
 import { registry } from '../core/metrics/registry.js';
+import { DecayingRates } from '../core/metrics/decaying.js';
 
 /** The shard gauges read the newest shard of the process when Prometheus scrapes. */
 let currentShard: ExpertShard | undefined;
 new Gauge({ name: 'switchyard_expert_queue_rows', help: 'Rows waiting at this shard to be computed (the autoscaling signal)', registers: [registry], collect() { this.set(currentShard?.queuedRows ?? 0); } });
+new Gauge({ name: 'switchyard_expert_first_row_seconds', help: 'Time from this shard\'s registration with the coordinator to the first row it served (0 until then)', registers: [registry], collect() {
+  const registered = currentShard?.registeredAt?.();
+  const first = currentShard?.firstRowAt;
+  this.set(registered !== undefined && first !== undefined ? Math.max(0, first - registered) / 1000 : 0);
+} });
 new Gauge({ name: 'switchyard_expert_queue_messages', help: 'Messages waiting at this shard', registers: [registry], collect() { this.set(currentShard?.queuedMessages ?? 0); } });
 const computeSeconds = new Histogram({
   name: 'switchyard_expert_compute_seconds', help: 'Compute time of one message (all its row batches)', registers: [registry],
@@ -77,6 +83,10 @@ export class ExpertShard {
   /** Rows computed per (layer/expert) since start, for metrics and tests. */
   readonly rowsServed = new Map<string, number>();
   messagesServed = 0;
+  /** Epoch ms of the first served row, and of the registration (set by the serving process). */
+  firstRowAt?: number;
+  registeredAt?: () => number | undefined;
+  private readonly recentRows = new DecayingRates(1, 5);
   /** Present while the shard trains: orders training rows after the optimizer steps they depend on. */
   gate?: StepGate;
 
@@ -88,6 +98,11 @@ export class ExpertShard {
   /** `log` receives one record per served message (pass, kind, rows, request ids). */
   constructor(public experts: ExpertSet, private readonly log?: (record: Record<string, unknown>) => void) {
     currentShard = this;
+  }
+
+  /** Rows computed per second recently (the measured load the coordinator compares across shards). */
+  rowsPerSecond(): number {
+    return this.recentRows.rates()[0];
   }
 
   get queuedMessages(): number {
@@ -141,6 +156,8 @@ export class ExpertShard {
         throw new ShardError(status.INVALID_ARGUMENT, `unsupported row kind ${request.kind}`);
       }
       this.messagesServed++;
+      this.firstRowAt ??= Date.now();
+      this.recentRows.add(0, batches.reduce((n, b) => n + b.rowCount, 0));
       this.log?.({
         msg: 'rows served', pass: request.passId, kind: request.kind, request_ids: request.requestIds,
         batches: batches.map((b) => `${b.layer}/${b.expert}:${b.rowCount}`).join(' '),

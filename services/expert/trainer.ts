@@ -11,6 +11,7 @@ import { learningRate } from '../core/optim/schedule.js';
 import { recordAllReduce, trainingMetrics } from '../core/metrics/training.js';
 import type { ExpertKey } from '../core/placement.js';
 import { StepAborted, type TrainLink } from '../core/wire/train-link.js';
+import { fromWirePlacement } from '../core/wire/coordinator-link.js';
 import type { ExpertShard } from './shard.js';
 import { StepGate } from './shard.js';
 
@@ -18,8 +19,10 @@ export interface ShardTrainingOptions {
   link: TrainLink;
   memberId: string;
   shard: ExpertShard;
-  /** The experts this shard holds (its assignment). */
+  /** The experts this shard registered with; each attempt's JOIN may place others here. */
   keys: ExpertKey[];
+  /** Told what the shard holds after every (re)load, e.g. to report it to the coordinator. */
+  onHoldings?: (keys: ExpertKey[]) => void;
   log: (record: Record<string, unknown>) => void;
   chunkFloats?: number;
 }
@@ -50,7 +53,11 @@ export async function runShardTraining(o: ShardTrainingOptions): Promise<void> {
     // Reload from the committed checkpoint: a restarted shard and a surviving one continue alike.
     const state = await readTrainerState(dir);
     if (state.step !== resumeStep) throw new ConfigError(`checkpoint ${dir} is at step ${state.step}, the coordinator resumes at ${resumeStep}`);
-    const experts = await loadExpertSet(dir, o.keys);
+    // The coordinator's placement for this attempt (it changes only between attempts, at step boundaries).
+    const keys = join.placement
+      ? fromWirePlacement(join.placement).entries.filter((e) => e.shardIds.includes(o.memberId)).map((e) => ({ layer: e.layer, expert: e.expert }))
+      : o.keys;
+    const experts = await loadExpertSet(dir, keys);
     optimizer?.dispose();
     const previous = o.shard.experts;
     o.shard.experts = experts;
@@ -59,15 +66,16 @@ export async function runShardTraining(o: ShardTrainingOptions): Promise<void> {
     const own = new Set(experts.params.names().flatMap((n) => [`experts.${n}.exp_avg`, `experts.${n}.exp_avg_sq`]));
     const moments = await loadOptimizerMoments(dir, (name) => own.has(name));
     optimizer.importState(state.optimizer_steps.experts ?? 0, new Map([...moments].map(([n, v]) => [n.slice('experts.'.length), v])));
-    const held = new Set(o.keys.map(keyText));
+    o.onHoldings?.(keys);
+    const held = new Set(keys.map(keyText));
     const replicas: ReplicaInfo[] = join.replicas
       .filter((r) => held.has(`${r.layer}/${r.expert}`))
       .map((r) => ({ key: { layer: r.layer, expert: r.expert }, holders: [...r.shardIds] }));
     const replicaOf = new Map(replicas.map((r) => [keyText(r.key), r]));
     // The first holder of a replicated expert accounts for it in the norm and writes it to checkpoints.
-    const primary = o.keys.filter((k) => (replicaOf.get(keyText(k))?.holders[0] ?? o.memberId) === o.memberId);
+    const primary = keys.filter((k) => (replicaOf.get(keyText(k))?.holders[0] ?? o.memberId) === o.memberId);
     gate.ready(resumeStep);
-    o.log({ msg: 'training attempt', generation, resume_step: resumeStep, experts: o.keys.length, replicated: replicas.map((r) => keyText(r.key)) });
+    o.log({ msg: 'training attempt', generation, resume_step: resumeStep, experts: keys.length, replicated: replicas.map((r) => keyText(r.key)) });
     try {
       await runSteps(o, t, generation, resumeStep, optimizer, replicas, primary);
       o.log({ msg: 'training finished', step: t.steps });

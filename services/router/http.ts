@@ -2,7 +2,8 @@
 // errors, request ids from x-request-id, and explicit body limits.
 import Fastify, { type FastifyInstance, type FastifyRequest } from 'fastify';
 import underPressure from '@fastify/under-pressure';
-import { randomUUID, timingSafeEqual } from 'node:crypto';
+import { randomUUID } from 'node:crypto';
+import { bearerMatches } from '../core/auth.js';
 import { OverloadError } from '../core/overload.js';
 import { metricsText } from '../core/metrics/registry.js';
 import { servingMetrics } from '../core/metrics/serving.js';
@@ -43,12 +44,6 @@ declare module 'fastify' {
 }
 
 const OPEN_PATHS = /^\/(v2\/health\/|metrics$)/;
-
-function bearerMatches(header: string | undefined, token: string): boolean {
-  const given = Buffer.from(header?.startsWith('Bearer ') ? header.slice(7) : '');
-  const want = Buffer.from(token);
-  return given.length === want.length && timingSafeEqual(given, want);
-}
 
 export function buildHttpApp(engine: RouterEngine, o: HttpOptions = {}): FastifyInstance {
   const logLevel = o.logLevel;

@@ -4,6 +4,7 @@
 import { Counter, Gauge } from 'prom-client';
 import { registry } from '../core/metrics/registry.js';
 import type { MoeStats } from '../core/model/moe.js';
+import { DecayingRates } from '../core/metrics/decaying.js';
 
 /** Recent load halves every this many seconds (the dashboard's and gauges' memory). */
 const HALF_LIFE_S = 20;
@@ -45,42 +46,17 @@ export interface LayerView {
   utilization: number;
 }
 
-class Decaying {
-  values: Float64Array;
-  private at = Date.now();
-  constructor(size: number) {
-    this.values = new Float64Array(size);
-  }
-  private decay(): void {
-    const now = Date.now();
-    if (now === this.at) return;
-    const f = Math.pow(0.5, (now - this.at) / 1000 / HALF_LIFE_S);
-    for (let i = 0; i < this.values.length; i++) this.values[i] *= f;
-    this.at = now;
-  }
-  add(i: number, amount: number): void {
-    this.decay();
-    this.values[i] += amount;
-  }
-  /** Per-second rates: a decaying sum divided by the window's effective length. */
-  rates(): number[] {
-    this.decay();
-    const seconds = HALF_LIFE_S / Math.LN2;
-    return Array.from(this.values, (v) => v / seconds);
-  }
-}
-
 export class RoutingStats {
-  private readonly routed: Decaying[];
-  private readonly drops: Decaying[];
-  private readonly kept: Decaying;
-  private readonly slots: Decaying;
+  private readonly routed: DecayingRates[];
+  private readonly drops: DecayingRates[];
+  private readonly kept: DecayingRates;
+  private readonly slots: DecayingRates;
 
   constructor(readonly layers: number, readonly experts: number) {
-    this.routed = Array.from({ length: layers }, () => new Decaying(experts));
-    this.drops = Array.from({ length: layers }, () => new Decaying(experts));
-    this.kept = new Decaying(layers);
-    this.slots = new Decaying(layers);
+    this.routed = Array.from({ length: layers }, () => new DecayingRates(experts, HALF_LIFE_S));
+    this.drops = Array.from({ length: layers }, () => new DecayingRates(experts, HALF_LIFE_S));
+    this.kept = new DecayingRates(layers, HALF_LIFE_S);
+    this.slots = new DecayingRates(layers, HALF_LIFE_S);
     current = this;
   }
 
@@ -110,6 +86,11 @@ export class RoutingStats {
   recordUnserved(layer: number, expert: number, rows: number): void {
     dropped.inc({ layer: String(layer), expert: String(expert), reason: 'unserved' }, rows);
     this.drops[layer].add(expert, rows);
+  }
+
+  /** Recent routed rows per second of every expert with any: the coordinator's planner input. */
+  expertLoads(): Array<{ layer: number; expert: number; rowsPerSecond: number }> {
+    return this.routed.flatMap((window, layer) => window.rates().map((rowsPerSecond, expert) => ({ layer, expert, rowsPerSecond })).filter((l) => l.rowsPerSecond > 1e-6));
   }
 
   view(): LayerView[] {

@@ -13,7 +13,8 @@ import type { MixtralModel } from '../core/model/model.js';
 import { AdamW, clipFactor, gradSquareSum } from '../core/optim/adamw.js';
 import { learningRate } from '../core/optim/schedule.js';
 import { recordAllReduce, recordExpertLoad, trainingMetrics } from '../core/metrics/training.js';
-import { ownerAddresses, unplaced, type PlacementTable } from '../core/placement.js';
+import { ownerAddresses, unplaced } from '../core/placement.js';
+import { fromWirePlacement } from '../core/wire/coordinator-link.js';
 import { GrpcExpertTransport } from '../core/wire/grpc-transport.js';
 import { StepAborted, type TrainLink } from '../core/wire/train-link.js';
 import {
@@ -29,8 +30,6 @@ export interface RouterTrainingOptions {
   train: TrainSettings;
   dataPath?: string;
   outDir: string;
-  /** The latest placement from the coordinator's watch. */
-  placement: () => PlacementTable | undefined;
   log: (record: Record<string, unknown>) => void;
   /** Floats per all-reduce chunk. */
   chunkFloats?: number;
@@ -80,13 +79,9 @@ export async function runRouterTraining(o: RouterTrainingOptions): Promise<Route
   const evalBatches = o.index === 0 ? validationBatches(validation, t) : [];
   const metricsPath = metricsFileOf(o.outDir);
   if (o.index === 0) await mkdir(o.outDir, { recursive: true });
-  // Owners are rebuilt only when the coordinator sends a new placement, not per dispatch.
-  let ownersFor: { table?: PlacementTable; owners: Map<string, string[]> } = { owners: new Map() };
-  const transport = new GrpcExpertTransport((layer, expert) => {
-    const table = o.placement();
-    if (table && table !== ownersFor.table) ownersFor = { table, owners: ownerAddresses(table) };
-    return ownersFor.owners.get(`${layer}/${expert}`) ?? [];
-  }, c.hidden_size, { timeoutMs: 120_000 });
+  // Each attempt's placement comes with its JOIN answer (it changes only at step boundaries).
+  let owners = new Map<string, string[]>();
+  const transport = new GrpcExpertTransport((layer, expert) => owners.get(`${layer}/${expert}`) ?? [], c.hidden_size, { timeoutMs: 120_000 });
   const L = c.num_hidden_layers;
   const E = c.num_local_experts;
   const tokensPerStep = t.batch_sequences * t.seq_len;
@@ -132,8 +127,11 @@ export async function runRouterTraining(o: RouterTrainingOptions): Promise<Route
         if (resumeStep === 0) await writeFile(metricsPath, '');
         else await truncateMetrics(metricsPath, resumeStep);
       }
-      // The coordinator's placement reaches us through the watch; wait until it covers the model.
-      while (!o.placement() || unplaced(o.placement()!, L, E).length > 0) await new Promise((r) => setTimeout(r, 20));
+      if (!join.placement) throw new Error('the coordinator sent no placement with the JOIN answer');
+      const table = fromWirePlacement(join.placement);
+      const missing = unplaced(table, L, E);
+      if (missing.length) throw new Error(`the coordinator's placement leaves ${missing.length} expert(s) without a shard, e.g. (layer ${missing[0].layer}, expert ${missing[0].expert})`);
+      owners = ownerAddresses(table);
       o.log({ msg: 'training attempt', generation, resume_step: resumeStep });
       let step = resumeStep;
       try {
@@ -196,6 +194,7 @@ export async function runRouterTraining(o: RouterTrainingOptions): Promise<Route
             trainingMetrics.stepSeconds.observe(stepSeconds);
             recordExpertLoad(countsBefore, countsAfter);
           }
+          await slowStepForTests();
           if (commit.checkpoint) {
             const parts = [];
             let trainerStateJson = '';
@@ -228,3 +227,8 @@ export async function runRouterTraining(o: RouterTrainingOptions): Promise<Route
   }
 }
 
+/** SWITCHYARD_TEST_STEP_DELAY_MS stretches every step, so a test can act on a run in progress (add a shard). */
+async function slowStepForTests(): Promise<void> {
+  const ms = Number(process.env.SWITCHYARD_TEST_STEP_DELAY_MS ?? 0);
+  if (ms > 0) await new Promise((r) => setTimeout(r, ms));
+}

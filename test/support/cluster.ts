@@ -14,6 +14,8 @@ export interface TestCluster {
   routers: Array<{ service: RunningService; base: string }>;
   /** Starts shard `i` again (same id and assignment), e.g. after killing it. */
   restartShard(i: number): Promise<RunningService>;
+  /** Starts one more shard (index shards.length) holding `spec`, e.g. 'none' for an elastic one. */
+  addShard(spec: string, extraArgs?: string[]): Promise<RunningService>;
   restartCoordinator(): Promise<void>;
   stop(): Promise<void>;
 }
@@ -29,6 +31,7 @@ export async function freePort(): Promise<number> {
 
 export async function startCluster(
   checkpoint: string, shardSpecs: string[], routerArgs: string[][], env: Record<string, string> = {}, leaseTtlMs = 2_000, shardExtraArgs: string[] = [],
+  coordinatorExtraArgs: string[] = [],
 ): Promise<TestCluster> {
   const all: RunningService[] = [];
   const start = async (args: string[], ready: RegExp) => {
@@ -37,9 +40,11 @@ export async function startCluster(
     return s;
   };
   const port = await freePort();
-  const coordinatorArgs = ['serve', 'coordinator', '--port', String(port), '--lease-ttl-ms', String(leaseTtlMs)];
+  // No periodic rebalancing unless a test asks for it: tests expect the placement they started.
+  const coordinatorArgs = ['serve', 'coordinator', '--port', String(port), '--lease-ttl-ms', String(leaseTtlMs), '--rebalance-interval-ms', '0', ...coordinatorExtraArgs];
   const coordinatorAddress = `127.0.0.1:${port}`;
-  const shardArgs = (i: number) => ['serve', 'expert', '--checkpoint', checkpoint, '--experts', shardSpecs[i], '--port', '0',
+  const specs = [...shardSpecs];
+  const shardArgs = (i: number) => ['serve', 'expert', '--checkpoint', checkpoint, '--experts', specs[i], '--port', '0',
     '--coordinator', coordinatorAddress, '--shard-id', `shard-${i}`, '--drain-ms', '300', ...shardExtraArgs];
   const cluster: TestCluster = {
     coordinator: await start(coordinatorArgs, /listening on/),
@@ -50,6 +55,12 @@ export async function startCluster(
       cluster.shards[i] = await start(shardArgs(i), /listening on/);
       return cluster.shards[i];
     },
+    addShard: async (spec, extraArgs = []) => {
+      specs.push(spec);
+      const shard = await start([...shardArgs(specs.length - 1), ...extraArgs], /listening on/);
+      cluster.shards.push(shard);
+      return shard;
+    },
     restartCoordinator: async () => {
       cluster.coordinator = await start(coordinatorArgs, /listening on/);
     },
@@ -58,7 +69,7 @@ export async function startCluster(
     },
   };
   try {
-    for (let i = 0; i < shardSpecs.length; i++) cluster.shards.push(await start(shardArgs(i), /listening on/));
+    for (let i = 0; i < specs.length; i++) cluster.shards.push(await start(shardArgs(i), /listening on/));
     for (const extra of routerArgs) {
       const service = await start(['serve', 'router', '--checkpoint', checkpoint, '--port', '0', '--coordinator', coordinatorAddress, ...extra], /listening on (\S+)/);
       cluster.routers.push({ service, base: `http://${service.ready[1]}` });

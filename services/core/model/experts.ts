@@ -70,6 +70,22 @@ export class ExpertSet {
     this.add(layer, expert, { w1t: matrix(w.w1t), w3t: matrix(w.w3t), w2t: matrix(w.w2t) });
   }
 
+  /** Moves every expert of `other` into this set (a shard taking on experts it just loaded). */
+  adopt(other: ExpertSet): void {
+    for (const { layer, expert } of other.keys()) {
+      const [w1t, w3t, w2t] = other.paramNames(layer, expert).map((n) => other.params.take(n));
+      other.held.delete(keyOf(layer, expert));
+      this.add(layer, expert, { w1t, w3t, w2t } as ExpertWeights);
+    }
+  }
+
+  /** Forgets an expert and frees its weights (activations of passes in flight stay until dropPass). */
+  remove(layer: number, expert: number): void {
+    if (!this.holds(layer, expert)) return;
+    for (const n of this.paramNames(layer, expert)) this.params.take(n).dispose();
+    this.held.delete(keyOf(layer, expert));
+  }
+
   holds(layer: number, expert: number): boolean {
     return this.held.has(keyOf(layer, expert));
   }

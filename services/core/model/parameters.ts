@@ -29,6 +29,16 @@ export class ParameterTable {
     return [...this.values.keys()];
   }
 
+  /** Removes a parameter and its gradient; returns the value undisposed (the caller owns it). */
+  take(name: string): tf.Tensor {
+    const v = this.get(name);
+    this.values.delete(name);
+    this.grads.get(name)?.dispose();
+    this.grads.delete(name);
+    this.version++;
+    return v;
+  }
+
   /** Replaces a value (the old tensor is disposed). */
   set(name: string, value: tf.Tensor): void {
     const old = this.values.get(name);

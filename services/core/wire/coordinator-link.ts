@@ -4,7 +4,7 @@
 import * as grpc from '@grpc/grpc-js';
 import type { ExpertKey, PlacementTable } from '../placement.js';
 import type { CoordinatorClient } from '../../generated/switchyard/v1/Coordinator.js';
-import type { Placement__Output } from '../../generated/switchyard/v1/Placement.js';
+import type { Placement, Placement__Output } from '../../generated/switchyard/v1/Placement.js';
 import type { Role } from '../../generated/switchyard/v1/Role.js';
 import { CHANNEL_OPTIONS, loadProtos } from './protos.js';
 import { channelCredentials } from './credentials.js';
@@ -15,16 +15,33 @@ export interface MemberInfo {
   address?: string;
   experts?: ExpertKey[];
   tokenBudget?: number;
+  maxExperts?: number;
+  /** Shards: MoE layers × experts per layer of the model they serve. */
+  model?: { layers: number; experts: number };
+}
+
+/** What a member adds to each heartbeat: a router's demand per expert, a shard's rows per second. */
+export interface HeartbeatLoad {
+  expertLoads?: Array<{ layer: number; expert: number; rowsPerSecond: number }>;
+  rowsPerSecond?: number;
 }
 
 const CALL_DEADLINE_MS = 2_000;
 const RETRY_MS = 250;
 
+export function toWirePlacement(t: PlacementTable): Placement {
+  const shards = t.shards.map(({ assigned, ...s }) => ({ ...s, assigned: assigned ?? [], assignmentSet: assigned !== undefined }));
+  return { version: String(t.version), shards, entries: t.entries, routers: t.routers ?? 0 };
+}
+
 export function fromWirePlacement(p: Placement__Output): PlacementTable {
   return {
     version: Number(p.version),
     routers: p.routers,
-    shards: p.shards.map((s) => ({ shardId: s.shardId, address: s.address, tokenBudget: s.tokenBudget })),
+    shards: p.shards.map((s) => ({
+      shardId: s.shardId, address: s.address, tokenBudget: s.tokenBudget,
+      ...(s.assignmentSet ? { assigned: s.assigned.map((k) => ({ layer: k.layer, expert: k.expert })) } : {}),
+    })),
     entries: p.entries.map((e) => ({ layer: e.layer, expert: e.expert, shardIds: [...e.shardIds] })),
   };
 }
@@ -39,6 +56,10 @@ export class CoordinatorLink {
   /** The last placement seen (kept while the coordinator is unreachable). */
   placement?: PlacementTable;
   registrations = 0;
+  /** Read at every heartbeat. */
+  heartbeatLoad?: () => HeartbeatLoad;
+  /** Epoch ms of the first successful registration. */
+  registeredAt?: number;
 
   constructor(readonly address: string, readonly member: MemberInfo) {
     const protos = loadProtos();
@@ -57,16 +78,18 @@ export class CoordinatorLink {
       if (this.leaseId === undefined) {
         this.client.Register({
           memberId: this.member.memberId, role: this.member.role, address: this.member.address ?? '',
-          experts: this.member.experts ?? [], tokenBudget: this.member.tokenBudget ?? 0,
+          experts: this.member.experts ?? [], tokenBudget: this.member.tokenBudget ?? 0, maxExperts: this.member.maxExperts ?? 0,
+          modelLayers: this.member.model?.layers ?? 0, modelExperts: this.member.model?.experts ?? 0,
         }, { deadline: this.deadline() }, (err, reply) => {
           if (err || !reply) return next(RETRY_MS);
           this.leaseId = reply.leaseId;
+          this.registeredAt ??= Date.now();
           this.ttlMs = reply.leaseTtlMs;
           this.registrations++;
           next(this.ttlMs / 3);
         });
       } else {
-        this.client.Heartbeat({ memberId: this.member.memberId, leaseId: this.leaseId }, { deadline: this.deadline() }, (err, reply) => {
+        this.client.Heartbeat({ memberId: this.member.memberId, leaseId: this.leaseId, ...this.heartbeatLoad?.() }, { deadline: this.deadline() }, (err, reply) => {
           if (!err && reply && !reply.known) this.leaseId = undefined; // forgotten: register again now
           next(err ? RETRY_MS : this.leaseId === undefined ? 0 : this.ttlMs / 3);
         });
@@ -89,6 +112,29 @@ export class CoordinatorLink {
       call.on('close', () => { if (!this.closed) setTimeout(open, RETRY_MS); });
     };
     open();
+  }
+
+  /**
+   * Reports the experts this shard holds now; also what it registers with if the coordinator restarts.
+   * Resolves false when the report did not reach a coordinator that knows this member.
+   */
+  async reportHoldings(experts: ExpertKey[]): Promise<boolean> {
+    this.member.experts = experts;
+    const leaseId = this.leaseId;
+    if (leaseId === undefined) return false; // the next registration carries them
+    return new Promise((resolve) => this.client.ReportHoldings({ memberId: this.member.memberId, leaseId, experts }, { deadline: this.deadline() },
+      (err, reply) => resolve(!err && Boolean(reply?.known))));
+  }
+
+  /**
+   * Asks the coordinator to move this shard's experts elsewhere and publish a placement without it;
+   * the lease stays alive meanwhile. Resolves with the coordinator's answer (never throws).
+   */
+  async drain(timeoutMs: number): Promise<{ drained: boolean; message: string }> {
+    const leaseId = this.leaseId;
+    if (leaseId === undefined) return { drained: false, message: 'not registered' };
+    return new Promise((resolve) => this.client.Drain({ memberId: this.member.memberId, leaseId }, { deadline: new Date(Date.now() + timeoutMs) },
+      (err, reply) => resolve(err || !reply ? { drained: false, message: err?.message ?? 'no reply' } : { drained: reply.drained, message: reply.message })));
   }
 
   /** Leaves the coordinator now (graceful shutdown), so routers stop sending before this member stops. */

@@ -1,0 +1,152 @@
+// Load-aware placement (replicate, then pack): from the demand of every (layer, expert) it decides how
+// many replicas each expert gets and which shard holds each replica, minimising the most loaded shard
+// within every shard's memory budget (most experts it may hold). Routers split an expert's rows evenly
+// over its replicas, so a replica carries load / replicas.
+import type { ExpertKey } from '../core/placement.js';
+
+export interface PlannerShard {
+  shardId: string;
+  /** Most experts the shard may hold; 0 = no limit. */
+  maxExperts: number;
+  /** What it holds now: kept where that costs little, so a plan moves few weights. */
+  holds: ExpertKey[];
+}
+
+export interface PlanInput {
+  layers: number;
+  experts: number;
+  shards: PlannerShard[];
+  /** Demand per expert, index layer·experts + expert (rows per second, or any consistent unit). */
+  load: ArrayLike<number>;
+}
+
+export interface Plan {
+  /** Experts per shard id. */
+  assignment: Map<string, ExpertKey[]>;
+  /** Replicas per expert, index layer·experts + expert. */
+  replicas: Int32Array;
+  /** Predicted load per shard id. */
+  shardLoad: Map<string, number>;
+  predictedMax: number;
+  mean: number;
+  /** No placement within the budgets can have a smaller maximum. */
+  lowerBound: number;
+  /** Expert copies a shard must load that it does not hold now. */
+  loads: number;
+}
+
+export class PlacementInfeasible extends Error {
+  override name = 'PlacementInfeasible';
+}
+
+// A shard that already holds an expert keeps it unless another shard ends up this much (in units of
+// the replica's load) less loaded: moving weights costs loading time for a small gain.
+const STICKINESS = 0.25;
+// A replica is added only when it lowers the predicted maximum by at least this fraction.
+const MIN_GAIN = 0.01;
+// Greedy replication may need a few replicas before the maximum falls (two hot experts on one shard).
+const PATIENCE = 3;
+
+export function planPlacement(input: PlanInput): Plan {
+  const { layers, experts, shards } = input;
+  const n = layers * experts;
+  if (shards.length === 0) throw new PlacementInfeasible('no shard to place experts on');
+  if (input.load.length !== n) throw new RangeError(`load has ${input.load.length} entries, the model has ${n} experts`);
+  const capacity = shards.map((s) => (s.maxExperts > 0 ? Math.min(s.maxExperts, n) : n));
+  const slots = capacity.reduce((a, b) => a + b, 0);
+  if (slots < n) throw new PlacementInfeasible(`${shards.length} shard(s) hold at most ${slots} experts together, the model has ${n}`);
+  const total = Array.from(input.load).reduce((a, b) => a + Math.max(0, b), 0);
+  // Unmeasured experts still cost memory and some work: give every expert a small floor so they spread.
+  const floor = total > 0 ? (total / n) * 1e-3 : 1;
+  const demand = Float64Array.from(input.load, (x) => Math.max(0, x) + floor);
+  const held = shards.map((s) => new Set(s.holds.map((k) => k.layer * experts + k.expert)));
+
+  const replicas = new Int32Array(n).fill(1);
+  let best = pack(demand, replicas, capacity, held);
+  let current = replicas.slice();
+  let misses = 0;
+  for (let used = n; used < slots && misses < PATIENCE; used++) {
+    let hot = -1;
+    for (let e = 0; e < n; e++)
+      if (current[e] < shards.length && (hot < 0 || demand[e] / current[e] > demand[hot] / current[hot])) hot = e;
+    if (hot < 0) break;
+    current[hot]++;
+    const trial = pack(demand, current, capacity, held);
+    if (trial && (!best || trial.max < best.max * (1 - MIN_GAIN))) {
+      best = trial;
+      replicas.set(current);
+      misses = 0;
+    } else {
+      misses++;
+    }
+  }
+  if (!best) throw new PlacementInfeasible('the experts do not fit the shards\' budgets');
+  const mean = demand.reduce((a, b) => a + b, 0) / shards.length;
+  // A single expert can be split over at most min(shards, 1 + spare slots) replicas.
+  const maxCopies = Math.min(shards.length, 1 + slots - n);
+  const lowerBound = Math.max(mean, ...Array.from(demand, (d) => d / maxCopies));
+  const assignment = new Map<string, ExpertKey[]>();
+  const shardLoad = new Map<string, number>();
+  let loads = 0;
+  shards.forEach((s, i) => {
+    const keys = [...best!.members[i]].sort((a, b) => a - b);
+    loads += keys.filter((k) => !held[i].has(k)).length;
+    assignment.set(s.shardId, keys.map((k) => ({ layer: Math.floor(k / experts), expert: k % experts })));
+    shardLoad.set(s.shardId, best!.load[i]);
+  });
+  return { assignment, replicas, shardLoad, predictedMax: best.max, mean, lowerBound, loads };
+}
+
+interface Packing { members: Array<Set<number>>; load: Float64Array; max: number }
+
+/**
+ * Longest-processing-time packing of every replica (load demand / replicas) onto the least loaded
+ * shard with room that does not hold the expert yet; null when the budgets leave no legal packing.
+ */
+function pack(demand: Float64Array, replicas: Int32Array, capacity: number[], held: Array<Set<number>>): Packing | null {
+  const S = capacity.length;
+  const items: Array<{ expert: number; size: number; first: boolean }> = [];
+  for (let e = 0; e < demand.length; e++)
+    for (let r = 0; r < replicas[e]; r++) items.push({ expert: e, size: demand[e] / replicas[e], first: r === 0 });
+  items.sort((a, b) => b.size - a.size || a.expert - b.expert);
+  const members = Array.from({ length: S }, () => new Set<number>());
+  const load = new Float64Array(S);
+  const free = capacity.slice();
+  let freeSlots = free.reduce((a, b) => a + b, 0);
+  let primariesLeft = demand.length;
+  for (const item of items) {
+    // A replica may not take the last slots that experts without any copy still need.
+    if (!item.first && freeSlots - 1 < primariesLeft) return null;
+    let chosen = -1;
+    let chosenScore = Infinity;
+    for (let s = 0; s < S; s++) {
+      if (free[s] === 0 || members[s].has(item.expert)) continue;
+      const score = load[s] + item.size - (held[s].has(item.expert) ? STICKINESS * item.size : 0);
+      if (score < chosenScore) {
+        chosen = s;
+        chosenScore = score;
+      }
+    }
+    if (chosen < 0) return null;
+    members[chosen].add(item.expert);
+    load[chosen] += item.size;
+    free[chosen]--;
+    freeSlots--;
+    if (item.first) primariesLeft--;
+  }
+  return { members, load, max: Math.max(...load) };
+}
+
+/** Predicted load per shard of an existing placement (replicas share an expert's demand evenly). */
+export function placementLoad(assignment: Map<string, ExpertKey[]>, experts: number, load: ArrayLike<number>): Map<string, number> {
+  const holders = new Map<number, number>();
+  for (const keys of assignment.values()) for (const k of keys) holders.set(k.layer * experts + k.expert, (holders.get(k.layer * experts + k.expert) ?? 0) + 1);
+  return new Map([...assignment].map(([id, keys]) => [id, keys.reduce((s, k) => s + (load[k.layer * experts + k.expert] ?? 0) / holders.get(k.layer * experts + k.expert)!, 0)]));
+}
+
+/** max / mean of a set of shard loads (1 = balanced; 0 when nothing is loaded). */
+export function maxOverMean(loads: Iterable<number>): number {
+  const values = [...loads];
+  const mean = values.reduce((a, b) => a + b, 0) / Math.max(1, values.length);
+  return mean > 0 ? Math.max(...values) / mean : 0;
+}

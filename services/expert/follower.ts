@@ -1,0 +1,96 @@
+// An expert shard following the coordinator's assignment: it loads the experts it gains from the
+// checkpoint store (only their byte ranges), reports them (the coordinator lists them for routers only
+// then), and drops the experts it lost after a grace period, so rows already on their way still land.
+import { Gauge } from 'prom-client';
+import { loadExpertSet } from '../core/checkpoint/model.js';
+import { registry } from '../core/metrics/registry.js';
+import type { ExpertKey, PlacementTable } from '../core/placement.js';
+import type { CoordinatorLink } from '../core/wire/coordinator-link.js';
+import type { ExpertShard } from './shard.js';
+
+export interface FollowerOptions {
+  shard: ExpertShard;
+  memberId: string;
+  checkpointDir: string;
+  link: CoordinatorLink;
+  dropGraceMs: number;
+  log: (record: Record<string, unknown>) => void;
+}
+
+const keyText = (k: ExpertKey) => `${k.layer}/${k.expert}`;
+
+let current: AssignmentFollower | undefined;
+new Gauge({ name: 'switchyard_expert_held', help: 'Experts this shard holds', registers: [registry], collect() { this.set(current?.o.shard.experts.keys().length ?? 0); } });
+new Gauge({ name: 'switchyard_expert_load_seconds', help: 'Time the last set of gained experts took to load from the checkpoint store', registers: [registry], collect() { this.set(current?.lastLoadSeconds ?? 0); } });
+
+export class AssignmentFollower {
+  private wanted?: ExpertKey[];
+  private running = false;
+  private readonly drops = new Map<string, NodeJS.Timeout>();
+  lastLoadSeconds = 0;
+
+  constructor(readonly o: FollowerOptions) {
+    current = this;
+  }
+
+  /** Called with every placement: acts when the entry of this shard carries an assignment. */
+  follow(table: PlacementTable): void {
+    const me = table.shards.find((s) => s.shardId === this.o.memberId);
+    if (!me?.assigned) return;
+    this.wanted = me.assigned;
+    if (!this.running) void this.converge();
+  }
+
+  private async converge(): Promise<void> {
+    this.running = true;
+    try {
+      // Placements may arrive while weights load: converge to the newest.
+      while (this.wanted) {
+        const target = this.wanted;
+        this.wanted = undefined;
+        await this.apply(target);
+      }
+    } catch (err) {
+      this.o.log({ msg: 'cannot follow the assignment', error: (err as Error).message });
+    } finally {
+      this.running = false;
+    }
+  }
+
+  private async apply(target: ExpertKey[]): Promise<void> {
+    const experts = this.o.shard.experts;
+    const wanted = new Set(target.map(keyText));
+    for (const k of wanted) {
+      clearTimeout(this.drops.get(k));
+      this.drops.delete(k);
+    }
+    const missing = target.filter((k) => !experts.holds(k.layer, k.expert));
+    if (missing.length) {
+      const started = performance.now();
+      experts.adopt(await loadExpertSet(this.o.checkpointDir, missing));
+      this.lastLoadSeconds = (performance.now() - started) / 1000;
+      this.o.log({ msg: 'experts loaded', experts: missing.map(keyText).join(' '), seconds: this.lastLoadSeconds });
+    }
+    for (const k of experts.keys()) {
+      const key = keyText(k);
+      if (wanted.has(key) || this.drops.has(key)) continue;
+      this.drops.set(key, setTimeout(() => {
+        this.drops.delete(key);
+        experts.remove(k.layer, k.expert);
+        this.o.log({ msg: 'expert dropped', expert: key });
+        void this.report();
+      }, this.o.dropGraceMs));
+    }
+    await this.report();
+  }
+
+  private async report(): Promise<void> {
+    await this.o.link.reportHoldings(this.o.shard.experts.keys());
+  }
+
+  close(): void {
+    for (const t of this.drops.values()) clearTimeout(t);
+    this.drops.clear();
+    if (current === this) current = undefined;
+  }
+}
