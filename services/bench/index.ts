@@ -6,6 +6,7 @@ import { allreduceSuite } from './allreduce.js';
 import { trainingSuite } from './training.js';
 import { loadSuite } from './load.js';
 import { peerSuite } from './peer.js';
+import { elasticSuite } from './elastic.js';
 
 const SUITES: Record<string, (quick: boolean) => Promise<void>> = {
   compute: computeSuite,
@@ -16,6 +17,7 @@ const SUITES: Record<string, (quick: boolean) => Promise<void>> = {
   training: trainingSuite,
   load: loadSuite,
   peer: peerSuite,
+  elastic: elasticSuite,
 };
 
 export async function runBench(names: string[], opts: { quick: boolean }): Promise<void> {

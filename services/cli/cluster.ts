@@ -61,16 +61,23 @@ export class Cluster {
     const o = this.options;
     const [, coordinator, coordinatorMetrics] = await this.start('coordinator', ['serve', 'coordinator', '--host', o.host, '--port', '0'], /listening on (\S+) \(metrics (\S+)\)/);
     this.coordinatorAddress = coordinator;
-    const shards = await Promise.all(Array.from({ length: o.shards }, (_, i) => this.start(`shard-${i}`, [
-      'serve', 'expert', '--checkpoint', o.checkpoint, '--experts', `spread:${i}/${o.shards}`, '--host', o.host, '--port', '0',
-      '--coordinator', coordinator, '--shard-id', `shard-${i}`,
-    ], /listening on .*\(metrics (\S+)\)/)));
-    this.metricsUrls = [coordinatorMetrics, ...shards.map((m) => m[1])];
+    const shards = await Promise.all(Array.from({ length: o.shards }, (_, i) => this.startShard(`shard-${i}`, `spread:${i}/${o.shards}`)));
+    this.metricsUrls = [coordinatorMetrics, ...shards];
     const routers = await Promise.all(Array.from({ length: o.routers }, (_, i) => this.start(`router-${i}`, [
       'serve', 'router', '--checkpoint', o.checkpoint, '--host', o.host, '--port', String(o.port === 0 ? 0 : o.port + i), '--coordinator', coordinator,
     ], /listening on (\S+)/)));
     this.routerUrls = routers.map((m) => `http://${m[1]}`);
     await Promise.all(this.routerUrls.map((url) => waitReady(url)));
+  }
+
+  /** Starts a shard holding `experts` (e.g. 'none': the coordinator's planner gives it experts); resolves with its /metrics URL. */
+  async startShard(name: string, experts: string): Promise<string> {
+    const o = this.options;
+    const [, metrics] = await this.start(name, [
+      'serve', 'expert', '--checkpoint', o.checkpoint, '--experts', experts, '--host', o.host, '--port', '0',
+      '--coordinator', this.coordinatorAddress, '--shard-id', name,
+    ], /listening on .*\(metrics (\S+)\)/);
+    return metrics;
   }
 
   pids(): Record<string, number> {

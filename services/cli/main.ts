@@ -266,7 +266,7 @@ async function serveCoordinator(flags: ServeFlags): Promise<void> {
   const admin = buildAdminApp(coordinator.membership, coordinator.rebalancer, { token: adminToken });
   const adminAddress = await admin.listen({ host: flags.host, port: flags.metricsPort });
   const metricsPort = new URL(adminAddress).port;
-  process.stdout.write(`switchyard coordinator listening on ${flags.host}:${coordinator.port} (metrics http://${flags.host}:${metricsPort}/metrics, admin http://${flags.host}:${metricsPort}/admin/placement${adminToken ? '' : ' disabled: no admin token'})\n`);
+  process.stdout.write(`switchyard coordinator listening on ${flags.host}:${coordinator.port} (metrics http://${flags.host}:${metricsPort}/metrics) placement admin http://${flags.host}:${metricsPort}/admin/placement${adminToken ? '' : ' (disabled: no admin token)'}\n`);
   await untilStopped();
   await coordinator.close();
   await admin.close();

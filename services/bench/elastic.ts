@@ -1,0 +1,132 @@
+// elastic suite: (1) the planner on recorded routing traces — the demand of every (layer, expert) while
+// the `small` model reads held-out text; plans made from the first half of the trace are scored on the
+// second half, against the default spread and the lower bound; (2) seconds from an empty shard's
+// registration to the first row it serves, in a live cluster under load (target < 10 s).
+import { existsSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { preset } from '../core/config.js';
+import { loadModel, saveModel } from '../core/checkpoint/model.js';
+import { BatchSampler, loadCorpus, splitCorpus } from '../core/data/corpus.js';
+import { MixtralModel } from '../core/model/model.js';
+import { spreadExperts, type ExpertKey } from '../core/placement.js';
+import { checkpointDirOf } from '../core/train/trainer.js';
+import { maxOverMean, placementLoad, planPlacement } from '../coordinator/planner.js';
+import { Cluster } from '../cli/cluster.js';
+import { median, report, type BenchRow } from './report.js';
+
+/** The model `npm start` trains, when it exists: its routing is what real traffic looks like. */
+const TRAINED = checkpointDirOf('checkpoints/default');
+
+async function recordTrace(quick: boolean): Promise<{ halves: [Float64Array, Float64Array]; layers: number; experts: number; source: string }> {
+  const small = preset('small');
+  const trained = existsSync(join(TRAINED, 'config.json'));
+  const model = trained ? await loadModel(TRAINED) : MixtralModel.initialize(small.model, 4);
+  const { num_hidden_layers: L, num_local_experts: E } = model.config;
+  const t = small.train;
+  const { validation } = splitCorpus((await loadCorpus()).bytes, t.validation_fraction);
+  const sampler = new BatchSampler(validation, t.seq_len, 8, 77);
+  const batches = quick ? 8 : 32;
+  const halves: [Float64Array, Float64Array] = [new Float64Array(L * E), new Float64Array(L * E)];
+  let half = 0;
+  model.onRouting = (layer, stats) => {
+    for (let e = 0; e < E; e++) halves[half][layer * E + e] += stats.countsBeforeDrop[e];
+  };
+  try {
+    for (let b = 0; b < batches; b++) {
+      half = b < batches / 2 ? 0 : 1;
+      const batch = sampler.next();
+      await model.evalLoss(batch.inputs, batch.targets, 8, t.seq_len);
+    }
+  } finally {
+    model.dispose();
+  }
+  return { halves, layers: L, experts: E, source: trained ? `trained ${TRAINED}` : 'small, random weights (run `npm start` first for a trained model)' };
+}
+
+function plannerRows(trace: Awaited<ReturnType<typeof recordTrace>>): BenchRow[] {
+  const { layers, experts, halves: [fit, held] } = trace;
+  const n = layers * experts;
+  const rows: BenchRow[] = [];
+  for (const shards of [2, 4, 8]) {
+    for (const budget of [0, Math.ceil(n / shards) + 1]) {
+      const empty = Array.from({ length: shards }, (_, i) => ({ shardId: `s${i}`, maxExperts: budget, holds: [] as ExpertKey[] }));
+      const plan = planPlacement({ layers, experts, shards: empty, load: fit });
+      const planned = maxOverMean(placementLoad(plan.assignment, experts, held).values());
+      const spread = maxOverMean(placementLoad(new Map(spreadExperts(layers, experts, shards).map((keys, i) => [`s${i}`, keys])), experts, held).values());
+      // Lower bound on the held-out half: no shard below the mean, no expert split over more copies than slots allow.
+      const onHeld = planPlacement({ layers, experts, shards: empty, load: held });
+      const bound = onHeld.lowerBound / onHeld.mean;
+      const label = `${shards} shards, ${budget ? `≤ ${budget} experts each` : 'no memory limit'}`;
+      rows.push({ name: `${label}: default spread max/mean (held-out half)`, value: spread, unit: 'ratio', anchor: bound, ratio: spread / bound });
+      rows.push({ name: `${label}: planner max/mean (held-out half)`, value: planned, unit: 'ratio', anchor: bound, ratio: planned / bound, target: '≤ spread' , met: planned <= spread + 1e-9 });
+      rows.push({ name: `${label}: planner max/mean (same half it planned on)`, value: onHeld.predictedMax / onHeld.mean, unit: 'ratio', anchor: bound, ratio: onHeld.predictedMax / onHeld.lowerBound });
+    }
+  }
+  return rows;
+}
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+async function gauge(url: string, name: string): Promise<number> {
+  const text = await (await fetch(url)).text();
+  const m = text.match(new RegExp(`^${name} (\\S+)$`, 'm'));
+  return m ? Number(m[1]) : 0;
+}
+
+/** Registration → first served row of shards added one after another to a cluster under load. */
+async function scaleUpSeconds(quick: boolean): Promise<{ firstRow: number[]; ready: number[] }> {
+  const dir = await mkdtemp(join(tmpdir(), 'switchyard-bench-elastic-'));
+  const { model: config } = preset('small');
+  const model = MixtralModel.initialize(config, 4);
+  await saveModel(join(dir, 'small'), model);
+  model.dispose();
+  const cluster = new Cluster({ checkpoint: join(dir, 'small'), shards: 2, routers: 1, host: '127.0.0.1', port: 0, log: () => undefined });
+  const firstRow: number[] = [];
+  const ready: number[] = [];
+  let stop = false;
+  try {
+    await cluster.up();
+    const url = `${cluster.routerUrls[0]}/v1/completions`;
+    const client = async (w: number) => {
+      for (let i = 0; !stop; i++) {
+        await fetch(url, {
+          method: 'POST', headers: { 'content-type': 'application/json' },
+          body: JSON.stringify({ prompt: `Client ${w}: Call me Ishmael.`, max_tokens: 16, temperature: 0.8, seed: w * 1000 + i }),
+        }).then((r) => r.arrayBuffer(), () => undefined);
+      }
+    };
+    const load = Promise.all(Array.from({ length: 4 }, (_, w) => client(w)));
+    await sleep(2_000);
+    const coordinatorMetrics = cluster.metricsUrls[0];
+    for (let i = 0; i < (quick ? 1 : 3); i++) {
+      const metrics = await cluster.startShard(`added-${i}`, 'none');
+      const started = Date.now();
+      let seconds = 0;
+      while (!(seconds > 0) && Date.now() - started < 60_000) {
+        await sleep(200);
+        seconds = await gauge(metrics, 'switchyard_expert_first_row_seconds');
+      }
+      firstRow.push(seconds > 0 ? seconds : NaN);
+      const sum = await gauge(coordinatorMetrics, 'switchyard_shard_ready_seconds_sum');
+      ready.push(sum - ready.reduce((a, b) => a + b, 0));
+    }
+    stop = true;
+    await load;
+  } finally {
+    stop = true;
+    await cluster.stop();
+    await rm(dir, { recursive: true, force: true });
+  }
+  return { firstRow, ready };
+}
+
+export async function elasticSuite(quick: boolean): Promise<void> {
+  const trace = await recordTrace(quick);
+  const rows = plannerRows(trace);
+  const { firstRow, ready } = await scaleUpSeconds(quick);
+  rows.push({ name: 'empty shard: registration → in the placement (median)', value: median(ready), unit: 's' });
+  rows.push({ name: 'empty shard: registration → first served row (median)', value: median(firstRow), unit: 's', target: '< 10 s', met: median(firstRow) < 10 });
+  await report('elastic', rows, { traces: trace.source, layers: trace.layers, experts: trace.experts, addedShards: firstRow.length, firstRowSeconds: firstRow, readySeconds: ready, quick });
+}
