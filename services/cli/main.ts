@@ -7,7 +7,7 @@ import { readFile } from 'node:fs/promises';
 import { basename, dirname, resolve } from 'node:path';
 import { describeBackend, initBackend } from '../core/backend.js';
 import { ConfigError, PRESET_NAMES, parseModelConfig, parseTrainSettings, preset, resolvePreset, type Preset } from '../core/config.js';
-import { decodeIds, encodeText } from '../core/data/bytes.js';
+import { CompletionText, loadTokenizer } from '../core/tokenizer/index.js';
 import { generate } from '../core/generate.js';
 import { loadExpertSet, loadModel } from '../core/checkpoint/model.js';
 import { loadCheckpoint } from '../core/checkpoint/index.js';
@@ -123,11 +123,16 @@ interface GenerateFlags { model: string; prompt: string; maxTokens: number; temp
 
 async function generateCommand(flags: GenerateFlags): Promise<void> {
   await startBackend();
-  const model = await loadModel(resolve(flags.model));
+  const dir = resolve(flags.model);
+  const model = await loadModel(dir);
   try {
-    const prompt = encodeText(flags.prompt);
-    const out = await generate(model, prompt, { maxTokens: flags.maxTokens, temperature: flags.temperature, topP: flags.topP, seed: flags.seed });
-    process.stdout.write(flags.prompt + decodeIds(out.ids) + '\n');
+    const tokenizer = await loadTokenizer(dir, model.config);
+    const prompt = tokenizer.encode(flags.prompt);
+    if (prompt.length === 0) throw new ConfigError('--prompt encodes to no tokens');
+    const out = await generate(model, prompt, {
+      maxTokens: flags.maxTokens, temperature: flags.temperature, topP: flags.topP, seed: flags.seed, stopIds: [...tokenizer.stopIds],
+    });
+    process.stdout.write(flags.prompt + new CompletionText(tokenizer, prompt).text(out.ids) + '\n');
   } finally {
     model.dispose();
   }
@@ -146,7 +151,9 @@ async function upCommand(flags: UpFlags): Promise<void> {
     process.stderr.write(`switchyard: no default model yet; training the 'small' config for ${UP_TRAIN_STEPS} steps into ${runDir} (one-time, a few minutes)\n`);
     await trainCommand({ config: 'small', steps: UP_TRAIN_STEPS, out: runDir, shards: 1, routers: 1, singleProcess: true });
   }
-  await loadCheckpoint(modelDir, { only: () => false }); // a broken checkpoint is reported here, before any process starts
+  // A broken checkpoint or tokenizer is reported here, before any process starts.
+  const { config } = await loadCheckpoint(modelDir, { only: () => false });
+  await loadTokenizer(modelDir, config);
   const cluster = new Cluster({
     checkpoint: modelDir, shards: flags.shards, routers: flags.routers, host: flags.host, port: flags.port,
     log: (line) => process.stderr.write(line + '\n'),
@@ -451,7 +458,7 @@ export function buildProgram(): Command {
 
 buildProgram().parseAsync(process.argv).catch((err: unknown) => {
   const e = err as Error;
-  const known = ['ConfigError', 'CheckpointError', 'CorpusError', 'SamplingError', 'RangeError', 'AssignmentError'].includes(e?.name);
+  const known = ['ConfigError', 'CheckpointError', 'TokenizerError', 'CorpusError', 'SamplingError', 'RangeError', 'AssignmentError'].includes(e?.name);
   process.stderr.write(`switchyard: ${known ? e.message : e?.stack ?? String(err)}\n`);
   process.exitCode = known ? 2 : 1;
 }).finally(() => {

@@ -2,6 +2,7 @@
 // placement. Inference calls share the shards' streams; a batch for a replicated expert is split over its replicas.
 import { loadCheckpoint } from '../core/checkpoint/index.js';
 import { loadDenseModel } from '../core/checkpoint/model.js';
+import { loadTokenizer, type TextTokenizer } from '../core/tokenizer/index.js';
 import type { Generation, SamplingOptions } from '../core/generate.js';
 import { ContinuousBatcher } from '../core/generate.js';
 import type { FloatDtype } from '../core/dtypes.js';
@@ -64,7 +65,9 @@ export class RouterEngine {
   readonly inferLimiter: Limiter;
   readonly routing: RoutingStats;
 
-  private constructor(readonly model: MixtralModel, readonly transport: GrpcExpertTransport, readonly modelName: string, options: EngineOptions) {
+  private constructor(
+    readonly model: MixtralModel, readonly tokenizer: TextTokenizer, readonly transport: GrpcExpertTransport, readonly modelName: string, options: EngineOptions,
+  ) {
     this.batcher = new ContinuousBatcher(model, {
       maxSequences: options.maxSequences ?? 64, maxWaiting: options.maxWaiting ?? 256, onAdmit: (seconds) => queueSeconds.observe(seconds),
     });
@@ -84,6 +87,8 @@ export class RouterEngine {
 
   static async load(checkpointDir: string, modelName: string, options: EngineOptions = {}): Promise<RouterEngine> {
     const { config } = await loadCheckpoint(checkpointDir, { only: () => false });
+    // Before any connection is opened: a checkpoint without a usable tokenizer is refused at start.
+    const tokenizer = await loadTokenizer(checkpointDir, config);
     const holder: { engine?: RouterEngine } = {};
     const transport = new GrpcExpertTransport((layer, expert) => holder.engine!.shardsFor(layer, expert), config.hidden_size, {
       wireDtype: options.wireDtype, overflow: options.overflow,
@@ -100,7 +105,7 @@ export class RouterEngine {
     });
     transport.health.onChange = () => servingMetrics.shardsDown.set(transport.health.downAddresses().length);
     const model = await loadDenseModel(checkpointDir, transport);
-    holder.engine = new RouterEngine(model, transport, modelName, options);
+    holder.engine = new RouterEngine(model, tokenizer, transport, modelName, options);
     return holder.engine;
   }
 

@@ -1,7 +1,7 @@
 // OpenAI-compatible completions and models (DESIGN §9); `stream: true` answers with server-sent events.
 import type { FastifyInstance } from 'fastify';
 import { randomUUID } from 'node:crypto';
-import { decodeIds, encodeText } from '../core/data/bytes.js';
+import { CompletionStream } from './completion-stream.js';
 import { HttpError } from './errors.js';
 import { OverloadError } from '../core/overload.js';
 import { servingMetrics } from '../core/metrics/serving.js';
@@ -48,24 +48,15 @@ export function openaiRoutes(app: FastifyInstance, engine: RouterEngine): void {
     if (body.model !== undefined && body.model !== engine.modelName)
       throw new HttpError(404, `model '${body.model}' is not served here (serving '${engine.modelName}')`, 'not_found_error');
     if (!engine.ready()) throw new HttpError(503, 'not every expert has a shard yet', 'unavailable');
-    const prompt = encodeText(body.prompt);
+    const tokenizer = engine.tokenizer;
+    const prompt = tokenizer.encode(body.prompt);
+    if (prompt.length === 0) throw new HttpError(400, 'the prompt encodes to no tokens');
     const context = engine.model.config.max_position_embeddings;
     if (prompt.length > context) throw new HttpError(400, `prompt of ${prompt.length} tokens exceeds the model's context of ${context}`);
     const stops = (body.stop === undefined ? [] : Array.isArray(body.stop) ? body.stop : [body.stop]).filter((x) => x.length > 0);
-    const holdBack = Math.max(0, ...stops.map((x) => x.length - 1));
     const id = `cmpl-${randomUUID()}`;
     const created = Math.floor(Date.now() / 1000);
-    const ids: number[] = [];
-    let emitted = '';
-    // Text so far, cut at the first stop sequence; true once a stop sequence appeared.
-    const textUpTo = (): { text: string; stopped: boolean } => {
-      const text = decodeIds(ids);
-      for (const s of stops) {
-        const at = text.indexOf(s);
-        if (at >= 0) return { text: text.slice(0, at), stopped: true };
-      }
-      return { text, stopped: false };
-    };
+    const completion = new CompletionStream(tokenizer, prompt, stops);
     const chunk = (text: string, finish: string | null) =>
       `data: ${JSON.stringify({ id, object: 'text_completion', created, model: engine.modelName, choices: [{ index: 0, text, finish_reason: finish, logprobs: null }] })}\n\n`;
     if (body.stream) {
@@ -75,20 +66,13 @@ export function openaiRoutes(app: FastifyInstance, engine: RouterEngine): void {
     let closed = false;
     // The response closing before we end it means the client went away: stop generating.
     reply.raw.on('close', () => { closed = true; });
-    const sampling = { maxTokens: body.max_tokens, temperature: body.temperature, topP: body.top_p, seed: body.seed };
+    const sampling = { maxTokens: body.max_tokens, temperature: body.temperature, topP: body.top_p, seed: body.seed, stopIds: [...tokenizer.stopIds] };
     let result: Awaited<ReturnType<RouterEngine['complete']>>;
     try {
       result = await engine.complete(prompt, sampling, (next) => {
-        ids.push(next);
-        const { text, stopped } = textUpTo();
-        // Emit settled text only: nothing that ends inside a multi-byte character, and never the last
-        // characters that could still turn out to begin a stop sequence.
-        const settled = stopped ? text : text.slice(0, Math.max(0, text.length - holdBack));
-        if (body.stream && !closed && settled.length > emitted.length && !settled.endsWith('\uFFFD')) {
-          reply.raw.write(chunk(settled.slice(emitted.length), null));
-          emitted = settled;
-        }
-        return stopped || closed;
+        const piece = completion.push(next);
+        if (body.stream && !closed && piece) reply.raw.write(chunk(piece, null));
+        return completion.stopped || closed;
       }, String(req.id), req.deadline);
     } catch (err) {
       if (!body.stream) throw err;
@@ -101,11 +85,12 @@ export function openaiRoutes(app: FastifyInstance, engine: RouterEngine): void {
     // Some rows could not reach their experts (drop or reroute policy): say so.
     const degraded = result.degraded ? { degraded: { reasons: result.degraded } } : {};
     if (result.degraded) servingMetrics.degraded.inc();
-    const { text, stopped } = textUpTo();
+    const { text, stopped } = completion;
     const finish = stopped ? 'stop' : result.finishReason;
     if (body.stream) {
       if (!closed) {
-        if (text.length > emitted.length) reply.raw.write(chunk(text.slice(emitted.length), null));
+        const rest = completion.rest();
+        if (rest) reply.raw.write(chunk(rest, null));
         if (result.degraded) reply.raw.write(`data: ${JSON.stringify({ id, object: 'text_completion', created, model: engine.modelName, choices: [], ...degraded })}\n\n`);
         reply.raw.write(chunk('', finish));
         reply.raw.end('data: [DONE]\n\n');

@@ -1,0 +1,18 @@
+// The byte vocabulary of models trained here (data/bytes.ts) behind the tokenizer interface.
+import { BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, type ModelConfig } from '../config.js';
+import { decodeIds, encodeText } from '../data/bytes.js';
+import type { TextTokenizer } from './types.js';
+
+export function byteTokenizer(config?: Pick<ModelConfig, 'eos_token_id'>): TextTokenizer {
+  const eosId = config?.eos_token_id ?? EOS_ID;
+  return {
+    source: 'byte vocabulary',
+    vocabSize: BYTE_VOCAB_SIZE,
+    bosId: BOS_ID,
+    eosId,
+    stopIds: [eosId],
+    // No BOS: the models trained here learn from raw byte windows that never contain it.
+    encode: encodeText,
+    decode: decodeIds,
+  };
+}
