@@ -12,6 +12,7 @@ import { initBackend } from '../services/core/backend.js';
 import { parseModelConfig, preset } from '../services/core/config.js';
 import { MixtralModel } from '../services/core/model/model.js';
 import { saveModel } from '../services/core/checkpoint/model.js';
+import { expertKeys } from '../services/core/placement.js';
 import { maxOverMean, planPlacement, PlacementInfeasible, placementLoad } from '../services/coordinator/planner.js';
 import { hammer, startCluster, type Outcome, type TestCluster } from './support/cluster.js';
 import type { RunningService } from './support/services.js';
@@ -173,23 +174,23 @@ test('scale-down under load: the leaving shard\'s experts move first, zero faile
 test('planner: replicate then pack — hot experts get replicas, budgets hold, the result meets the lower bound on easy cases', () => {
   const shards = (n: number, max = 0) => Array.from({ length: n }, (_, i) => ({ shardId: `s${i}`, maxExperts: max, holds: [] }));
   // One layer, 4 experts, expert 0 half the load, 3 shards: 3 replicas of expert 0 balance exactly.
-  const skewed = planPlacement({ layers: 1, experts: 4, shards: shards(3), load: [3, 1, 1, 1] });
+  const skewed = planPlacement({ experts: expertKeys(1, 4), shards: shards(3), load: [3, 1, 1, 1] });
   assert.equal(skewed.replicas[0], 3);
   assert.ok(skewed.predictedMax / skewed.mean < 1.01, `max/mean ${skewed.predictedMax / skewed.mean}`);
   // Uniform load: no replicas, experts spread evenly.
-  const uniform = planPlacement({ layers: 2, experts: 8, shards: shards(4), load: new Array(16).fill(5) });
+  const uniform = planPlacement({ experts: expertKeys(2, 8), shards: shards(4), load: new Array(16).fill(5) });
   assert.deepEqual([...uniform.replicas], new Array(16).fill(1));
   assert.deepEqual([...uniform.assignment.values()].map((k) => k.length), [4, 4, 4, 4]);
   // Memory budgets: 2 shards × 3 experts for 4 experts leave 2 spare slots, both go to the hot one... at most.
-  const tight = planPlacement({ layers: 1, experts: 4, shards: shards(2, 3), load: [10, 1, 1, 1] });
+  const tight = planPlacement({ experts: expertKeys(1, 4), shards: shards(2, 3), load: [10, 1, 1, 1] });
   for (const keys of tight.assignment.values()) assert.ok(keys.length <= 3);
   assert.equal(tight.replicas[0], 2);
   assert.ok(tight.predictedMax >= tight.lowerBound - 1e-9);
-  assert.throws(() => planPlacement({ layers: 1, experts: 4, shards: shards(1, 3), load: [1, 1, 1, 1] }), PlacementInfeasible);
+  assert.throws(() => planPlacement({ experts: expertKeys(1, 4), shards: shards(1, 3), load: [1, 1, 1, 1] }), PlacementInfeasible);
   // Stickiness: a plan from a balanced placement moves nothing.
   const holds = [...uniform.assignment.values()].map((keys, i) => ({ shardId: `s${i}`, maxExperts: 0, holds: keys }));
-  assert.equal(planPlacement({ layers: 2, experts: 8, shards: holds, load: new Array(16).fill(5) }).loads, 0);
+  assert.equal(planPlacement({ experts: expertKeys(2, 8), shards: holds, load: new Array(16).fill(5) }).loads, 0);
   // placementLoad splits a replicated expert's demand evenly.
-  const loads = placementLoad(new Map([['a', [{ layer: 0, expert: 0 }]], ['b', [{ layer: 0, expert: 0 }, { layer: 0, expert: 1 }]]]), 2, [4, 2]);
+  const loads = placementLoad(new Map([['a', [{ layer: 0, expert: 0 }]], ['b', [{ layer: 0, expert: 0 }, { layer: 0, expert: 1 }]]]), expertKeys(1, 2), [4, 2]);
   assert.deepEqual([...loads.values()], [2, 4]);
 });

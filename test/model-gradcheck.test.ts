@@ -6,7 +6,7 @@ import { before, describe, test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as tf from '@tensorflow/tfjs-core';
 import { initBackend } from '../services/core/backend.js';
-import { parseModelConfig, preset, type ModelConfig } from '../services/core/config.js';
+import { parseModelConfig, preset, type MixtralConfig as ModelConfig } from '../services/core/config.js';
 import { Rng } from '../services/core/data/random.js';
 import type { MoeStats } from '../services/core/model/moe.js';
 import { MixtralModel } from '../services/core/model/model.js';

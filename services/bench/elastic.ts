@@ -10,7 +10,8 @@ import { preset } from '../core/config.js';
 import { loadModel, saveModel } from '../core/checkpoint/model.js';
 import { BatchSampler, loadCorpus, splitCorpus } from '../core/data/corpus.js';
 import { MixtralModel } from '../core/model/model.js';
-import { spreadExperts, type ExpertKey } from '../core/placement.js';
+import { expertKeys, spreadExperts, type ExpertKey } from '../core/placement.js';
+import { familyOf } from '../core/model/family.js';
 import { checkpointDirOf } from '../core/train/trainer.js';
 import { maxOverMean, placementLoad, planPlacement } from '../coordinator/planner.js';
 import { Cluster } from '../cli/cluster.js';
@@ -19,19 +20,23 @@ import { median, report, type BenchRow } from './report.js';
 /** The model `npm start` trains, when it exists: its routing is what real traffic looks like. */
 const TRAINED = checkpointDirOf('checkpoints/default');
 
-async function recordTrace(quick: boolean): Promise<{ halves: [Float64Array, Float64Array]; layers: number; experts: number; source: string }> {
+interface Trace { halves: [Float64Array, Float64Array]; keys: ExpertKey[]; moeLayers: readonly number[]; experts: number; source: string }
+
+async function recordTrace(quick: boolean): Promise<Trace> {
   const small = preset('small');
   const trained = existsSync(join(TRAINED, 'config.json'));
   const model = trained ? await loadModel(TRAINED) : MixtralModel.initialize(small.model, 4);
-  const { num_hidden_layers: L, num_local_experts: E } = model.config;
+  const keys = expertKeys(familyOf(model.config).moeLayers, familyOf(model.config).experts);
+  const index = new Map(keys.map((k, i) => [`${k.layer}/${k.expert}`, i]));
+  const E = familyOf(model.config).experts;
   const t = small.train;
   const { validation } = splitCorpus((await loadCorpus()).bytes, t.validation_fraction);
   const sampler = new BatchSampler(validation, t.seq_len, 8, 77);
   const batches = quick ? 8 : 32;
-  const halves: [Float64Array, Float64Array] = [new Float64Array(L * E), new Float64Array(L * E)];
+  const halves: [Float64Array, Float64Array] = [new Float64Array(keys.length), new Float64Array(keys.length)];
   let half = 0;
   model.onRouting = (layer, stats) => {
-    for (let e = 0; e < E; e++) halves[half][layer * E + e] += stats.countsBeforeDrop[e];
+    for (let e = 0; e < E; e++) halves[half][index.get(`${layer}/${e}`)!] += stats.countsBeforeDrop[e];
   };
   try {
     for (let b = 0; b < batches; b++) {
@@ -42,21 +47,21 @@ async function recordTrace(quick: boolean): Promise<{ halves: [Float64Array, Flo
   } finally {
     model.dispose();
   }
-  return { halves, layers: L, experts: E, source: trained ? `trained ${TRAINED}` : 'small, random weights (run `npm start` first for a trained model)' };
+  return { halves, keys, moeLayers: familyOf(model.config).moeLayers, experts: E, source: trained ? `trained ${TRAINED}` : 'small, random weights (run `npm start` first for a trained model)' };
 }
 
-function plannerRows(trace: Awaited<ReturnType<typeof recordTrace>>): BenchRow[] {
-  const { layers, experts, halves: [fit, held] } = trace;
-  const n = layers * experts;
+function plannerRows(trace: Trace): BenchRow[] {
+  const { keys, moeLayers, experts, halves: [fit, held] } = trace;
+  const n = keys.length;
   const rows: BenchRow[] = [];
   for (const shards of [2, 4, 8]) {
     for (const budget of [0, Math.ceil(n / shards) + 1]) {
       const empty = Array.from({ length: shards }, (_, i) => ({ shardId: `s${i}`, maxExperts: budget, holds: [] as ExpertKey[] }));
-      const plan = planPlacement({ layers, experts, shards: empty, load: fit });
-      const planned = maxOverMean(placementLoad(plan.assignment, experts, held).values());
-      const spread = maxOverMean(placementLoad(new Map(spreadExperts(layers, experts, shards).map((keys, i) => [`s${i}`, keys])), experts, held).values());
+      const plan = planPlacement({ experts: keys, shards: empty, load: fit });
+      const planned = maxOverMean(placementLoad(plan.assignment, keys, held).values());
+      const spread = maxOverMean(placementLoad(new Map(spreadExperts(moeLayers, experts, shards).map((held, i) => [`s${i}`, held])), keys, held).values());
       // Lower bound on the held-out half: no shard below the mean, no expert split over more copies than slots allow.
-      const onHeld = planPlacement({ layers, experts, shards: empty, load: held });
+      const onHeld = planPlacement({ experts: keys, shards: empty, load: held });
       const bound = onHeld.lowerBound / onHeld.mean;
       const label = `${shards} shards, ${budget ? `≤ ${budget} experts each` : 'no memory limit'}`;
       rows.push({ name: `${label}: default spread max/mean (held-out half)`, value: spread, unit: 'ratio', anchor: bound, ratio: spread / bound });
@@ -128,5 +133,5 @@ export async function elasticSuite(quick: boolean): Promise<void> {
   const { firstRow, ready } = await scaleUpSeconds(quick);
   rows.push({ name: 'empty shard: registration → in the placement (median)', value: median(ready), unit: 's' });
   rows.push({ name: 'empty shard: registration → first served row (median)', value: median(firstRow), unit: 's', target: '< 10 s', met: median(firstRow) < 10 });
-  await report('elastic', rows, { traces: trace.source, layers: trace.layers, experts: trace.experts, addedShards: firstRow.length, firstRowSeconds: firstRow, readySeconds: ready, quick });
+  await report('elastic', rows, { traces: trace.source, moeLayers: trace.moeLayers, experts: trace.experts, addedShards: firstRow.length, firstRowSeconds: firstRow, readySeconds: ready, quick });
 }

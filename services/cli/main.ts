@@ -10,6 +10,7 @@ import { ConfigError, PRESET_NAMES, parseModelConfig, parseTrainSettings, preset
 import { CompletionText, loadTokenizer } from '../core/tokenizer/index.js';
 import { generate } from '../core/generate.js';
 import { loadExpertSet, loadModel } from '../core/checkpoint/model.js';
+import { assertTrainable, familyOf } from '../core/model/family.js';
 import { loadCheckpoint } from '../core/checkpoint/index.js';
 import { parseAssignment } from '../expert/assignment.js';
 import { startExpertServer } from '../expert/server.js';
@@ -98,6 +99,8 @@ function parseReplicate(spec: string | undefined, layers: number, experts: numbe
 
 async function trainCommand(flags: TrainFlags): Promise<void> {
   const p = await loadPreset(flags.config);
+  assertTrainable(p.model);
+  const family = familyOf(p.model);
   const t = { ...p.train, ...(flags.steps !== undefined ? { steps: flags.steps } : {}), ...(flags.seed !== undefined ? { seed: flags.seed } : {}) };
   const distributed = !flags.singleProcess && (flags.shards > 1 || flags.routers > 1);
   if (flags.singleProcess && flags.replicate) throw new ConfigError('--replicate places experts on shards; it needs a distributed run (--shards ≥ 2)');
@@ -107,7 +110,7 @@ async function trainCommand(flags: TrainFlags): Promise<void> {
   const summary = await (distributed
     ? trainDistributed({
       model: p.model, train: t, dataPath: flags.data, outDir, resume: flags.resume, routers: flags.routers, shards: flags.shards,
-      replicate: parseReplicate(flags.replicate, p.model.num_hidden_layers, p.model.num_local_experts), host: flags.host ?? '127.0.0.1',
+      replicate: parseReplicate(flags.replicate, family.layers, family.experts), host: flags.host ?? '127.0.0.1',
       onStep: progress.onStep, log: (line) => process.stderr.write(line + '\n'),
     })
     : train({ model: p.model, train: t, dataPath: flags.data, outDir, resume: flags.resume, onStep: progress.onStep }))
@@ -315,10 +318,11 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
   await startBackend('expert');
   const dir = resolve(flags.checkpoint);
   const { config } = await loadCheckpoint(dir, { only: () => false });
-  const keys = parseAssignment(flags.experts, config.num_hidden_layers, config.num_local_experts);
+  const family = familyOf(config);
+  const keys = parseAssignment(flags.experts, family.moeLayers, family.experts);
   if (flags.train && (!flags.coordinator || !flags.shardId)) throw new ConfigError('serve expert --train: --coordinator and --shard-id are required');
   // A training shard loads its experts when the run (re)starts, from the checkpoint the coordinator names.
-  const experts = flags.train ? new ExpertSet(config.hidden_size, config.intermediate_size) : await loadExpertSet(dir, keys);
+  const experts = flags.train ? new ExpertSet(config.hidden_size, family.expertIntermediate) : await loadExpertSet(dir, keys);
   const server = await startExpertServer(experts, flags.host, flags.port);
   // Peers dial the registered address, so a shard bound to 0.0.0.0 (a container) names its reachable one.
   const address = flags.advertise ?? `${flags.host}:${server.port}`;
@@ -340,7 +344,7 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
   const link = flags.coordinator
     ? new CoordinatorLink(flags.coordinator, {
       memberId, role: 'ROLE_EXPERT_SHARD', address, experts: keys, tokenBudget: flags.tokenBudget, maxExperts: flags.maxExperts,
-      model: { layers: config.num_hidden_layers, experts: config.num_local_experts },
+      model: { moeLayers: familyOf(config).moeLayers, experts: familyOf(config).experts },
     })
     : undefined;
   let follower: AssignmentFollower | undefined;

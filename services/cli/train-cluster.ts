@@ -10,6 +10,7 @@ import { saveModel } from '../core/checkpoint/model.js';
 import { BatchSampler, loadCorpus, splitCorpus } from '../core/data/corpus.js';
 import { Rng } from '../core/data/random.js';
 import { MixtralModel } from '../core/model/model.js';
+import { assertTrainable, familyOf } from '../core/model/family.js';
 import { AdamW } from '../core/optim/adamw.js';
 import { assignmentSpec, spreadExperts, withReplicas, type ExpertKey } from '../core/placement.js';
 import { checkpointDirOf, metricsFileOf, type MetricsRecord, type StepReport, type TrainSummary, type TrainerState } from '../core/train/trainer.js';
@@ -59,8 +60,9 @@ async function writeInitialCheckpoint(dir: string, o: DistributedTrainOptions): 
 
 export async function trainDistributed(o: DistributedTrainOptions): Promise<TrainSummary> {
   const t = o.train;
+  assertTrainable(o.model);
   const L = o.model.num_hidden_layers;
-  const E = o.model.num_local_experts;
+  const E = familyOf(o.model).experts;
   checkDataParallel(t, o.routers);
   if (o.shards > L * E) throw new ConfigError(`--shards ${o.shards}: the model has only ${L * E} experts to place`);
   const ckpt = checkpointDirOf(o.outDir);

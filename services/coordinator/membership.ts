@@ -27,7 +27,8 @@ export interface Member {
 
 const keyOf = (k: ExpertKey) => `${k.layer}/${k.expert}`;
 
-export interface ModelShape { layers: number; experts: number }
+/** The served model's routed experts: its MoE layers and the experts of each. */
+export interface ModelShape { moeLayers: number[]; experts: number }
 
 export class Membership {
   /** MoE layers × experts of the served model, from shards' registrations. */
@@ -52,9 +53,10 @@ export class Membership {
 
   /** Learns the model's shape from a shard's registration; every shard must agree. */
   noteShape(shape: ModelShape, memberId: string): void {
-    if (!(shape.layers > 0 && shape.experts > 0)) return;
-    if (this.shape && (this.shape.layers !== shape.layers || this.shape.experts !== shape.experts))
-      throw new RangeError(`shard ${memberId} serves a model with ${shape.layers} layers × ${shape.experts} experts, the cluster ${this.shape.layers} × ${this.shape.experts}`);
+    if (!(shape.moeLayers.length > 0 && shape.experts > 0)) return;
+    const text = (s: ModelShape) => `MoE layers [${s.moeLayers.join(', ')}] × ${s.experts} experts`;
+    if (this.shape && text(this.shape) !== text(shape))
+      throw new RangeError(`shard ${memberId} serves a model with ${text(shape)}, the cluster ${text(this.shape)}`);
     this.shape = shape;
   }
 

@@ -13,17 +13,17 @@ export interface PlannerShard {
 }
 
 export interface PlanInput {
-  layers: number;
-  experts: number;
+  /** Every expert of the model (the routed experts of its MoE layers). */
+  experts: readonly ExpertKey[];
   shards: PlannerShard[];
-  /** Demand per expert, index layer·experts + expert (rows per second, or any consistent unit). */
+  /** Demand per expert, in the order of `experts` (rows per second, or any consistent unit). */
   load: ArrayLike<number>;
 }
 
 export interface Plan {
   /** Experts per shard id. */
   assignment: Map<string, ExpertKey[]>;
-  /** Replicas per expert, index layer·experts + expert. */
+  /** Replicas per expert, in the order of the input's experts. */
   replicas: Int32Array;
   /** Predicted load per shard id. */
   shardLoad: Map<string, number>;
@@ -47,9 +47,12 @@ const MIN_GAIN = 0.01;
 // Greedy replication may need a few replicas before the maximum falls (two hot experts on one shard).
 const PATIENCE = 3;
 
+const keyText = (k: ExpertKey) => `${k.layer}/${k.expert}`;
+
 export function planPlacement(input: PlanInput): Plan {
-  const { layers, experts, shards } = input;
-  const n = layers * experts;
+  const { experts, shards } = input;
+  const n = experts.length;
+  const indexOf = new Map(experts.map((k, i) => [keyText(k), i]));
   if (shards.length === 0) throw new PlacementInfeasible('no shard to place experts on');
   if (input.load.length !== n) throw new RangeError(`load has ${input.load.length} entries, the model has ${n} experts`);
   const capacity = shards.map((s) => (s.maxExperts > 0 ? Math.min(s.maxExperts, n) : n));
@@ -59,7 +62,7 @@ export function planPlacement(input: PlanInput): Plan {
   // Unmeasured experts still cost memory and some work: give every expert a small floor so they spread.
   const floor = total > 0 ? (total / n) * 1e-3 : 1;
   const demand = Float64Array.from(input.load, (x) => Math.max(0, x) + floor);
-  const held = shards.map((s) => new Set(s.holds.map((k) => k.layer * experts + k.expert)));
+  const held = shards.map((s) => new Set(s.holds.map((k) => indexOf.get(keyText(k))).filter((i): i is number => i !== undefined)));
 
   const replicas = new Int32Array(n).fill(1);
   let best = pack(demand, replicas, capacity, held);
@@ -91,7 +94,7 @@ export function planPlacement(input: PlanInput): Plan {
   shards.forEach((s, i) => {
     const keys = [...best!.members[i]].sort((a, b) => a - b);
     loads += keys.filter((k) => !held[i].has(k)).length;
-    assignment.set(s.shardId, keys.map((k) => ({ layer: Math.floor(k / experts), expert: k % experts })));
+    assignment.set(s.shardId, keys.map((k) => experts[k]));
     shardLoad.set(s.shardId, best!.load[i]);
   });
   return { assignment, replicas, shardLoad, predictedMax: best.max, mean, lowerBound, loads };
@@ -138,10 +141,11 @@ function pack(demand: Float64Array, replicas: Int32Array, capacity: number[], he
 }
 
 /** Predicted load per shard of an existing placement (replicas share an expert's demand evenly). */
-export function placementLoad(assignment: Map<string, ExpertKey[]>, experts: number, load: ArrayLike<number>): Map<string, number> {
-  const holders = new Map<number, number>();
-  for (const keys of assignment.values()) for (const k of keys) holders.set(k.layer * experts + k.expert, (holders.get(k.layer * experts + k.expert) ?? 0) + 1);
-  return new Map([...assignment].map(([id, keys]) => [id, keys.reduce((s, k) => s + (load[k.layer * experts + k.expert] ?? 0) / holders.get(k.layer * experts + k.expert)!, 0)]));
+export function placementLoad(assignment: Map<string, ExpertKey[]>, experts: readonly ExpertKey[], load: ArrayLike<number>): Map<string, number> {
+  const demand = new Map(experts.map((k, i) => [keyText(k), load[i] ?? 0]));
+  const holders = new Map<string, number>();
+  for (const keys of assignment.values()) for (const k of keys) holders.set(keyText(k), (holders.get(keyText(k)) ?? 0) + 1);
+  return new Map([...assignment].map(([id, keys]) => [id, keys.reduce((s, k) => s + (demand.get(keyText(k)) ?? 0) / holders.get(keyText(k))!, 0)]));
 }
 
 /** max / mean of a set of shard loads (1 = balanced; 0 when nothing is loaded). */

@@ -5,7 +5,7 @@
 // to drain (scale-down), the interval (with hysteresis) and operators (`switchyard placement apply`).
 import { Gauge, Histogram } from 'prom-client';
 import { registry } from '../core/metrics/registry.js';
-import type { ExpertKey } from '../core/placement.js';
+import { expertKeys, type ExpertKey } from '../core/placement.js';
 import type { Member, Membership, ModelShape } from './membership.js';
 import { maxOverMean, PlacementInfeasible, placementLoad, planPlacement, type Plan } from './planner.js';
 
@@ -103,21 +103,28 @@ export class Rebalancer {
     if (current === this) current = undefined;
   }
 
-  /** Routers' measured demand, summed (rows per second per expert, index layer·E + expert). */
+  /** Every routed expert of the served model. */
+  experts(): ExpertKey[] {
+    const { moeLayers, experts } = this.requireShape();
+    return expertKeys(moeLayers, experts);
+  }
+
+  /** Routers' measured demand, summed (rows per second), in the order of experts(). */
   demand(): Float64Array {
-    const { layers, experts } = this.requireShape();
-    const out = new Float64Array(layers * experts);
+    const keys = this.experts();
+    const index = new Map(keys.map((k, i) => [keyText(k), i]));
+    const out = new Float64Array(keys.length);
     for (const r of this.membership.list('router'))
       for (const [key, rate] of r.expertLoads ?? []) {
-        const [layer, expert] = key.split('/').map(Number);
-        if (layer < layers && expert < experts) out[layer * experts + expert] += rate;
+        const i = index.get(key);
+        if (i !== undefined) out[i] += rate;
       }
     return out;
   }
 
   predictedImbalance(): number {
     if (!this.shape) return 0;
-    return maxOverMean(placementLoad(this.servingAssignment(), this.shape.experts, this.demand()).values());
+    return maxOverMean(placementLoad(this.servingAssignment(), this.experts(), this.demand()).values());
   }
 
   measuredImbalance(): number {
@@ -136,17 +143,17 @@ export class Rebalancer {
 
   /** A plan over the shards that stay (draining ones get nothing). */
   plan(): { plan: Plan; summary: PlanSummary } {
-    const { layers, experts } = this.requireShape();
+    const experts = this.experts();
     const members = this.membership.list('expert-shard');
     const staying = members.filter((m) => !m.draining);
     const demand = this.demand();
     const plan = planPlacement({
-      layers, experts, load: demand,
+      experts, load: demand,
       shards: staying.map((m) => ({ shardId: m.memberId, maxExperts: m.maxExperts, holds: this.membership.serving(m) })),
     });
     for (const m of members) if (m.draining) plan.assignment.set(m.memberId, []);
     const replicas: PlanSummary['replicas'] = [];
-    plan.replicas.forEach((n, i) => { if (n > 1) replicas.push({ layer: Math.floor(i / experts), expert: i % experts, shards: n }); });
+    plan.replicas.forEach((n, i) => { if (n > 1) replicas.push({ ...experts[i], shards: n }); });
     return {
       plan,
       summary: {
@@ -189,7 +196,7 @@ export class Rebalancer {
     if (!(demand.reduce((a, b) => a + b, 0) > 0)) return;
     try {
       const { plan, summary } = this.plan();
-      const currentMax = Math.max(...placementLoad(this.servingAssignment(), this.shape.experts, demand).values());
+      const currentMax = Math.max(...placementLoad(this.servingAssignment(), this.experts(), demand).values());
       if (summary.currentMaxOverMean < this.options.minImbalance) return;
       if (!(plan.predictedMax < currentMax * (1 - this.options.minGain))) return;
       await this.rebalance(`imbalance ${summary.currentMaxOverMean.toFixed(2)} → ${summary.predictedMaxOverMean.toFixed(2)}`);

@@ -67,7 +67,7 @@ export async function startCoordinator(
       const role = ROLES[r.role];
       if (!role) return callback({ code: grpc.status.INVALID_ARGUMENT, message: `unknown role ${r.role}` });
       try {
-        membership.noteShape({ layers: r.modelLayers, experts: r.modelExperts }, r.memberId);
+        membership.noteShape({ moeLayers: [...r.modelMoeLayers], experts: r.modelExperts }, r.memberId);
         const m = membership.register({ memberId: r.memberId, role, address: r.address, experts: r.experts, tokenBudget: r.tokenBudget, maxExperts: r.maxExperts });
         callback(null, { leaseId: m.leaseId, leaseTtlMs: leaseTtlMs });
       } catch (err) {
@@ -85,7 +85,7 @@ export async function startCoordinator(
       if (isMalformed(call.request)) return callback(malformedStatus(call.request));
       const r = call.request;
       const shape = membership.shape;
-      const outside = shape ? r.experts.find((k) => k.layer >= shape.layers || k.expert >= shape.experts) : undefined;
+      const outside = shape ? r.experts.find((k) => !shape.moeLayers.includes(k.layer) || k.expert >= shape.experts) : undefined;
       if (outside) return callback({ code: grpc.status.INVALID_ARGUMENT, message: `expert (layer ${outside.layer}, expert ${outside.expert}) is outside the model` });
       callback(null, { known: membership.reportHoldings(r.memberId, r.leaseId, r.experts.map((k) => ({ layer: k.layer, expert: k.expert }))), leaseTtlMs });
     },

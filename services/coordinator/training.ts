@@ -6,7 +6,7 @@ import { mkdir } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { checkpointStep, commitClusterCheckpoint, type CheckpointPartFiles } from '../core/checkpoint/cluster.js';
 import { removeStaleStaging, stagingDirOf } from '../core/checkpoint/index.js';
-import { placementOf, type ExpertKey } from '../core/placement.js';
+import { expertKeys, placementOf, type ExpertKey } from '../core/placement.js';
 import { toWirePlacement } from '../core/wire/coordinator-link.js';
 import { planPlacement } from './planner.js';
 import type { TrainSyncReply } from '../generated/switchyard/v1/TrainSyncReply.js';
@@ -197,8 +197,9 @@ export class TrainingJob {
     const current = new Map(shards.map((m) => [m.memberId, previous.get(m.memberId) ?? []]));
     const shape = this.membership.shape;
     if (!shape || [...current.values()].every((keys) => keys.length > 0)) return current;
+    const experts = expertKeys(shape.moeLayers, shape.experts);
     const plan = planPlacement({
-      layers: shape.layers, experts: shape.experts, load: new Float64Array(shape.layers * shape.experts).fill(1),
+      experts, load: new Float64Array(experts.length).fill(1),
       shards: shards.map((m) => ({ shardId: m.memberId, maxExperts: m.maxExperts, holds: current.get(m.memberId)! })),
     });
     this.log({ msg: 'training placement planned', loads: plan.loads, assignment: Object.fromEntries([...plan.assignment].map(([id, keys]) => [id, keys.length])) });

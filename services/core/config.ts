@@ -74,7 +74,62 @@ export const modelConfigSchema = z
       issue('switchyard_gate', 'second_expert_sampling and balance_bias_rate cannot be combined (both choose the experts)');
   });
 
-export type ModelConfig = z.infer<typeof modelConfigSchema>;
+export type MixtralConfig = z.infer<typeof modelConfigSchema>;
+
+// DeepSeek-MoE (deepseek-ai/deepseek-moe-16b-base) with its own published keys; what Switchyard cannot
+// compute yet is refused by name rather than silently approximated.
+export const deepseekConfigSchema = z
+  .object({
+    architectures: z.array(z.string()).default(['DeepseekForCausalLM']),
+    model_type: z.literal('deepseek'),
+    hidden_size: positiveInt,
+    intermediate_size: positiveInt,
+    moe_intermediate_size: positiveInt,
+    num_hidden_layers: positiveInt,
+    num_attention_heads: positiveInt,
+    num_key_value_heads: positiveInt,
+    head_dim: positiveInt.optional(),
+    n_routed_experts: positiveInt,
+    n_shared_experts: z.number().int().nonnegative().nullable().default(null),
+    num_experts_per_tok: positiveInt,
+    first_k_dense_replace: z.number().int().nonnegative().default(0),
+    moe_layer_freq: positiveInt.default(1),
+    norm_topk_prob: z.boolean().default(false),
+    scoring_func: z.literal('softmax', { error: "scoring_func must be 'softmax' (the only DeepSeek-MoE gate supported)" }).default('softmax'),
+    aux_loss_alpha: z.number().nonnegative().default(0.001),
+    seq_aux: z.boolean().default(true),
+    rms_norm_eps: z.number().positive().default(1e-6),
+    rope_theta: z.number().positive().default(10000),
+    rope_scaling: z.null({ error: 'rope_scaling must be null (scaled rotary embeddings are not supported)' }).default(null),
+    attention_bias: z.literal(false, { error: 'attention_bias must be false (biased attention projections are not supported)' }).default(false),
+    vocab_size: positiveInt,
+    max_position_embeddings: positiveInt,
+    tie_word_embeddings: z.literal(false).default(false),
+    hidden_act: z.literal('silu').default('silu'),
+    initializer_range: z.number().positive().default(0.02),
+    bos_token_id: z.number().int().nonnegative().optional(),
+    eos_token_id: z.number().int().nonnegative().optional(),
+    torch_dtype: z.string().default('float32'),
+    // DeepSeek's gate is the softmax top-k without dropping: Switchyard's 'mixtral' policy (renormalised or not per norm_topk_prob).
+    switchyard_gate: gateSettingsSchema.default(gateSettingsSchema.parse({}))
+      .refine((g) => g.policy === 'mixtral', { message: "policy must be 'mixtral' (DeepSeek-MoE routes by the softmax top-k, dropless)" }),
+  })
+  .passthrough()
+  .superRefine((c, ctx) => {
+    const issue = (path: string, message: string) => ctx.addIssue({ code: 'custom', path: [path], message });
+    if (c.head_dim === undefined && c.hidden_size % c.num_attention_heads !== 0)
+      issue('hidden_size', `hidden_size ${c.hidden_size} is not divisible by num_attention_heads ${c.num_attention_heads}`);
+    if (c.num_attention_heads % c.num_key_value_heads !== 0)
+      issue('num_key_value_heads', `num_attention_heads ${c.num_attention_heads} is not a multiple of num_key_value_heads ${c.num_key_value_heads}`);
+    if (c.num_experts_per_tok > c.n_routed_experts)
+      issue('num_experts_per_tok', `num_experts_per_tok (k=${c.num_experts_per_tok}) exceeds n_routed_experts (${c.n_routed_experts})`);
+    const hd = c.head_dim ?? c.hidden_size / c.num_attention_heads;
+    if (Number.isInteger(hd) && hd % 2 !== 0) issue('head_dim', `head_dim ${hd} must be even for rotary embedding`);
+  });
+export type DeepseekConfig = z.infer<typeof deepseekConfigSchema>;
+
+/** Any supported model family's configuration, told apart by `model_type`. */
+export type ModelConfig = MixtralConfig | DeepseekConfig;
 
 export class ConfigError extends Error {
   override name = 'ConfigError';
@@ -84,9 +139,13 @@ function describeIssues(error: z.ZodError): string {
   return error.issues.map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`).join('; ');
 }
 
-/** Validates an object with Hugging Face Mixtral keys; throws ConfigError listing every problem. */
+/** Validates an object with Hugging Face Mixtral (or, for model_type deepseek, DeepSeek-MoE) keys; throws ConfigError listing every problem. */
+export function parseModelConfig(raw: { model_type: 'deepseek'; [key: string]: unknown }, source?: string): DeepseekConfig;
+export function parseModelConfig(raw: { model_type?: 'mixtral'; [key: string]: unknown }, source?: string): MixtralConfig;
+export function parseModelConfig(raw: unknown, source?: string): ModelConfig;
 export function parseModelConfig(raw: unknown, source = 'model config'): ModelConfig {
-  const result = modelConfigSchema.safeParse(raw);
+  const isDeepseek = typeof raw === 'object' && raw !== null && (raw as { model_type?: unknown }).model_type === 'deepseek';
+  const result = isDeepseek ? deepseekConfigSchema.safeParse(raw) : modelConfigSchema.safeParse(raw);
   if (!result.success) throw new ConfigError(`invalid ${source}: ${describeIssues(result.error)}`);
   return result.data;
 }
@@ -125,8 +184,8 @@ export const trainSettingsSchema = z
   .strict();
 export type TrainSettings = z.infer<typeof trainSettingsSchema>;
 
-export interface Preset {
-  model: ModelConfig;
+export interface Preset<M extends ModelConfig = ModelConfig> {
+  model: M;
   train: TrainSettings;
 }
 
@@ -162,10 +221,10 @@ const PRESETS: Record<string, { model: Record<string, unknown>; train: Record<st
 
 export const PRESET_NAMES = Object.keys(PRESETS);
 
-export function preset(name: string): Preset {
+export function preset(name: string): Preset<MixtralConfig> {
   const p = PRESETS[name];
   if (!p) throw new ConfigError(`unknown config preset '${name}' (known: ${PRESET_NAMES.join(', ')})`);
-  return { model: parseModelConfig(p.model, `preset '${name}'`), train: parseTrainSettings(p.train, `preset '${name}'`) };
+  return { model: parseModelConfig(p.model, `preset '${name}'`) as MixtralConfig, train: parseTrainSettings(p.train, `preset '${name}'`) };
 }
 
 /** A config file is `{ "model": {...HF keys...}, "train": {...} }`, or a preset name plus overrides. */

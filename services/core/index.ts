@@ -1,6 +1,6 @@
 // The package's main entry point (`import ... from 'switchyard'`): the core that every service shares.
 export { initBackend, describeBackend, backendInfo, BACKEND_CHOICES, type BackendInfo, type BackendChoice } from './backend.js';
-export { parseModelConfig, preset, resolvePreset, ConfigError, type ModelConfig, type TrainSettings, type GateSettings } from './config.js';
+export { parseModelConfig, preset, resolvePreset, ConfigError, type ModelConfig, type MixtralConfig, type DeepseekConfig, type TrainSettings, type GateSettings } from './config.js';
 export * as gating from './gating/index.js';
 export { MixtralModel, crossEntropy, type LossResult, type PassOptions } from './model/model.js';
 export { ExpertSet, InProcessTransport, type ExpertTransport, type RowBatch } from './model/experts.js';
@@ -8,7 +8,8 @@ export { expertForward, expertBackward, transposeExpert, type ExpertWeights } fr
 export { AdamW, clipFactor, gradSquareSum } from './optim/adamw.js';
 export { learningRate } from './optim/schedule.js';
 export { loadCheckpoint, saveCheckpoint, CheckpointError } from './checkpoint/index.js';
-export { mixtralTensorShapes } from './model/hf.js';
+export { mixtralTensorShapes, modelTensorShapes } from './model/hf.js';
+export { familyOf, type ModelFamily } from './model/family.js';
 export { loadModel, saveModel } from './checkpoint/model.js';
 export { train, type TrainRunOptions, type TrainSummary } from './train/trainer.js';
 export { generate, sampleNext, type SamplingOptions } from './generate.js';

@@ -3,6 +3,16 @@
 
 export interface ExpertKey { layer: number; expert: number }
 
+/**
+ * The layers that hold experts: a count means layers 0..n−1 (every Mixtral layer); a list names them
+ * (DeepSeek-MoE keeps its first layers dense, family.moeLayers).
+ */
+export type ExpertLayers = number | readonly number[];
+
+export function expertLayerList(layers: ExpertLayers): readonly number[] {
+  return typeof layers === 'number' ? Array.from({ length: layers }, (_, l) => l) : layers;
+}
+
 export interface ShardHoldings {
   shardId: string;
   address: string;
@@ -48,16 +58,22 @@ export function creditsPerExpert(table: PlacementTable, shardId: string): number
   return Math.max(1, Math.floor(budget / Math.max(1, table.routers ?? 1)));
 }
 
+/** Every routed expert of a model: each MoE layer's experts, in layer order. */
+export function expertKeys(layers: ExpertLayers, experts: number): ExpertKey[] {
+  return expertLayerList(layers).flatMap((layer) => Array.from({ length: experts }, (_, expert) => ({ layer, expert })));
+}
+
 /**
  * The default placement of `layers × experts` over `shards`: consecutive experts of a layer go to
  * different shards and each shard gets the same number of experts (±1), so a batch's rows spread over
  * every shard at every layer.
  */
-export function spreadExperts(layers: number, experts: number, shards: number): ExpertKey[][] {
+export function spreadExperts(layers: ExpertLayers, experts: number, shards: number): ExpertKey[][] {
   if (!(Number.isInteger(shards) && shards >= 1)) throw new RangeError(`shards must be a positive integer, got ${shards}`);
   const out: ExpertKey[][] = Array.from({ length: shards }, () => []);
-  for (let layer = 0; layer < layers; layer++)
-    for (let expert = 0; expert < experts; expert++) out[(layer * experts + expert) % shards].push({ layer, expert });
+  expertLayerList(layers).forEach((layer, i) => {
+    for (let expert = 0; expert < experts; expert++) out[(i * experts + expert) % shards].push({ layer, expert });
+  });
   return out;
 }
 
@@ -69,10 +85,10 @@ export function assignmentSpec(keys: ExpertKey[]): string {
 }
 
 /** The (layer, expert) pairs of a model that no shard in the table holds. */
-export function unplaced(table: PlacementTable, layers: number, experts: number): ExpertKey[] {
+export function unplaced(table: PlacementTable, layers: ExpertLayers, experts: number): ExpertKey[] {
   const placed = new Set(table.entries.filter((e) => e.shardIds.length > 0).map((e) => `${e.layer}/${e.expert}`));
   const missing: ExpertKey[] = [];
-  for (let layer = 0; layer < layers; layer++)
+  for (const layer of expertLayerList(layers))
     for (let expert = 0; expert < experts; expert++) if (!placed.has(`${layer}/${expert}`)) missing.push({ layer, expert });
   return missing;
 }

@@ -2,7 +2,7 @@
 // assigns experts); `spread:I/N`, shard I's part of the
 // default placement over N shards (a StatefulSet pod passes its ordinal); or `LAYER:EXPERTS` groups
 // separated by `;`, where EXPERTS is a comma list of ids and ranges, e.g. `0:0-3;1:0,2`.
-import { spreadExperts, type ExpertKey } from '../core/placement.js';
+import { expertLayerList, spreadExperts, type ExpertKey, type ExpertLayers } from '../core/placement.js';
 
 export type { ExpertKey };
 
@@ -10,11 +10,13 @@ export class AssignmentError extends RangeError {
   override name = 'AssignmentError';
 }
 
-export function parseAssignment(spec: string, layers: number, experts: number): ExpertKey[] {
+export function parseAssignment(spec: string, layers: ExpertLayers, experts: number): ExpertKey[] {
   const keys: ExpertKey[] = [];
   const seen = new Set<string>();
+  const layerList = expertLayerList(layers);
   const add = (layer: number, expert: number) => {
-    if (!(layer >= 0 && layer < layers)) throw new AssignmentError(`--experts '${spec}': layer ${layer} is outside 0..${layers - 1}`);
+    if (typeof layers === 'number' && !(layer >= 0 && layer < layers)) throw new AssignmentError(`--experts '${spec}': layer ${layer} is outside 0..${layers - 1}`);
+    if (!layerList.includes(layer)) throw new AssignmentError(`--experts '${spec}': layer ${layer} has no experts (layers with experts: ${layerList.join(', ')})`);
     if (!(expert >= 0 && expert < experts)) throw new AssignmentError(`--experts '${spec}': expert ${expert} is outside 0..${experts - 1}`);
     const key = `${layer}/${expert}`;
     if (seen.has(key)) return;
@@ -24,7 +26,7 @@ export function parseAssignment(spec: string, layers: number, experts: number): 
   // An elastic shard: it starts empty and the coordinator's planner gives it experts.
   if (spec.trim() === 'none') return keys;
   if (spec.trim() === 'all') {
-    for (let l = 0; l < layers; l++) for (let e = 0; e < experts; e++) add(l, e);
+    for (const l of layerList) for (let e = 0; e < experts; e++) add(l, e);
     return keys;
   }
   const spread = spec.trim().match(/^spread:(\d+)\/(\d+)$/);

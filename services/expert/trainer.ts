@@ -6,6 +6,8 @@ import { ConfigError, parseTrainSettings, type TrainSettings } from '../core/con
 import { loadOptimizerMoments, writeCheckpointPart } from '../core/checkpoint/cluster.js';
 import { loadExpertSet, readTrainerState } from '../core/checkpoint/model.js';
 import { expertToHf, type HostTensor } from '../core/model/hf.js';
+import { loadCheckpoint } from '../core/checkpoint/index.js';
+import { assertTrainable, familyOf, type FamilyNames } from '../core/model/family.js';
 import { AdamW, clipFactor, gradSquareSum } from '../core/optim/adamw.js';
 import { learningRate } from '../core/optim/schedule.js';
 import { recordAllReduce, trainingMetrics } from '../core/metrics/training.js';
@@ -53,6 +55,8 @@ export async function runShardTraining(o: ShardTrainingOptions): Promise<void> {
     // Reload from the committed checkpoint: a restarted shard and a surviving one continue alike.
     const state = await readTrainerState(dir);
     if (state.step !== resumeStep) throw new ConfigError(`checkpoint ${dir} is at step ${state.step}, the coordinator resumes at ${resumeStep}`);
+    const { config } = await loadCheckpoint(dir, { only: () => false });
+    assertTrainable(config);
     // The coordinator's placement for this attempt (it changes only between attempts, at step boundaries).
     const keys = join.placement
       ? fromWirePlacement(join.placement).entries.filter((e) => e.shardIds.includes(o.memberId)).map((e) => ({ layer: e.layer, expert: e.expert }))
@@ -77,7 +81,7 @@ export async function runShardTraining(o: ShardTrainingOptions): Promise<void> {
     gate.ready(resumeStep);
     o.log({ msg: 'training attempt', generation, resume_step: resumeStep, experts: keys.length, replicated: replicas.map((r) => keyText(r.key)) });
     try {
-      await runSteps(o, t, generation, resumeStep, optimizer, replicas, primary);
+      await runSteps(o, t, generation, resumeStep, optimizer, replicas, primary, familyOf(config).names);
       o.log({ msg: 'training finished', step: t.steps });
       return;
     } catch (err) {
@@ -90,6 +94,7 @@ export async function runShardTraining(o: ShardTrainingOptions): Promise<void> {
 
 async function runSteps(
   o: ShardTrainingOptions, t: TrainSettings, generation: number, resumeStep: number, optimizer: AdamW, replicas: ReplicaInfo[], primary: ExpertKey[],
+  familyNames: FamilyNames,
 ): Promise<void> {
   const experts = o.shard.experts;
   const gate = o.shard.gate!;
@@ -126,7 +131,7 @@ async function runSteps(
       for (const k of primary) {
         const w = experts.weights(k.layer, k.expert);
         const host = (x: typeof w.w1t): HostTensor => ({ shape: [...x.shape], values: x.dataSync() as Float32Array });
-        expertToHf(tensors, k.layer, k.expert, { w1t: host(w.w1t), w3t: host(w.w3t), w2t: host(w.w2t) });
+        expertToHf(familyNames, tensors, k.layer, k.expert, { w1t: host(w.w1t), w3t: host(w.w3t), w2t: host(w.w2t) });
         for (const n of experts.paramNames(k.layer, k.expert)) names.add(n);
       }
       const moments = new Map([...optimizer.exportState()].filter(([n]) => names.has(n.replace(/\.exp_avg(_sq)?$/, ''))).map(([n, v]) => [`experts.${n}`, v]));

@@ -72,9 +72,9 @@ export class RouterEngine {
       maxSequences: options.maxSequences ?? 64, maxWaiting: options.maxWaiting ?? 256, onAdmit: (seconds) => queueSeconds.observe(seconds),
     });
     this.inferLimiter = new Limiter(options.inferConcurrency ?? 4, options.inferQueue ?? 64);
-    this.routing = new RoutingStats(model.config.num_hidden_layers, model.config.num_local_experts);
-    for (let layer = 0; layer < model.config.num_hidden_layers; layer++)
-      for (let expert = 0; expert < model.config.num_local_experts; expert++)
+    this.routing = new RoutingStats(model.config.num_hidden_layers, model.family.experts);
+    for (const layer of model.family.moeLayers)
+      for (let expert = 0; expert < model.family.experts; expert++)
         for (const reason of ['shard_down', 'at_capacity']) servingMetrics.unservedRows.inc({ layer: String(layer), expert: String(expert), reason }, 0);
     model.onRouting = (layer, stats) => this.routing.record(layer, stats);
     currentEngine = this;
@@ -127,10 +127,9 @@ export class RouterEngine {
 
   /** Ready when every expert of the model has a shard. */
   ready(): boolean {
-    const c = this.model.config;
     if (this.table === undefined) return false;
     // Experts remembered from an earlier placement count: routers keep serving while the coordinator is away.
-    return unplaced(this.table, c.num_hidden_layers, c.num_local_experts).every((k) => this.staleOwners.has(`${k.layer}/${k.expert}`));
+    return unplaced(this.table, this.model.family.moeLayers, this.model.family.experts).every((k) => this.staleOwners.has(`${k.layer}/${k.expert}`));
   }
 
   private shardsFor(layer: number, expert: number): string[] {

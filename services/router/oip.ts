@@ -125,7 +125,8 @@ export function oipRoutes(app: FastifyInstance, engine: RouterEngine): void {
     const reasons = [...new Set(routing.flatMap((l) => l.degradedReasons ?? []))];
     const requested = req.body.outputs ?? [{ name: 'logits' as const }];
     const k = config.num_experts_per_tok;
-    const layers = config.num_hidden_layers;
+    // Routing outputs cover the MoE layers in order (DeepSeek-MoE's dense layers route nothing).
+    const layers = engine.model.family.moeLayers.length;
     const routingOf = (field: 'expert' | 'weight'): Float32Array | Int32Array => {
       const out = field === 'expert' ? new Int32Array(layers * batch * tokens * k) : new Float32Array(layers * batch * tokens * k);
       routing.forEach((layer, l) => {

@@ -10,6 +10,7 @@ import { loadDenseModel, readTrainerState } from '../core/checkpoint/model.js';
 import { BatchSampler, loadCorpus, splitCorpus, type Batch } from '../core/data/corpus.js';
 import { Rng } from '../core/data/random.js';
 import type { MixtralModel } from '../core/model/model.js';
+import { assertTrainable, familyOf } from '../core/model/family.js';
 import { AdamW, clipFactor, gradSquareSum } from '../core/optim/adamw.js';
 import { learningRate } from '../core/optim/schedule.js';
 import { recordAllReduce, recordExpertLoad, trainingMetrics } from '../core/metrics/training.js';
@@ -57,7 +58,7 @@ export function checkDataParallel(t: TrainSettings, routers: number): void {
 /** Per-step numbers every replica contributes to, summed by the all-reduce with the dense gradients. */
 function statsVector(c: ModelConfig, r: { crossEntropy: number; auxLoss: number; zLoss: number; layerStats: Array<{ droppedChoices: number; countsBeforeDrop: Int32Array; countsAfterDrop: Int32Array }> }): Float32Array {
   const L = c.num_hidden_layers;
-  const E = c.num_local_experts;
+  const E = familyOf(c).experts;
   const v = new Float32Array(4 + 2 * L * E);
   v[0] = r.crossEntropy;
   v[1] = r.auxLoss;
@@ -82,8 +83,9 @@ export async function runRouterTraining(o: RouterTrainingOptions): Promise<Route
   // Each attempt's placement comes with its JOIN answer (it changes only at step boundaries).
   let owners = new Map<string, string[]>();
   const transport = new GrpcExpertTransport((layer, expert) => owners.get(`${layer}/${expert}`) ?? [], c.hidden_size, { timeoutMs: 120_000 });
+  assertTrainable(c);
   const L = c.num_hidden_layers;
-  const E = c.num_local_experts;
+  const E = familyOf(c).experts;
   const tokensPerStep = t.batch_sequences * t.seq_len;
   let generation = 0;
   let aborts = 0;

@@ -6,7 +6,7 @@
 // directly: `embed` [V, D], `layers.{l}.wqkv` [D, (H + 2·KV)·hd] with q | k | v columns side by side,
 // `layers.{l}.wo` [H·hd, D], `layers.{l}.gate` [D, E], `lm_head` [D, V], experts `w1t`, `w3t` [D, I] and
 // `w2t` [I, D].
-import type { ModelConfig } from '../../services/core/config.js';
+import type { MixtralConfig as ModelConfig } from '../../services/core/config.js';
 
 export type Params64 = Map<string, Float64Array>;
 

@@ -258,7 +258,7 @@ export async function listCheckpoints(parent: string): Promise<string[]> {
 // ---------------------------------------------------------------- loading
 
 export interface LoadOptions {
-  /** Expected names and shapes (e.g. mixtralTensorShapes from model/hf.ts), or a function of the loaded config giving them; every mismatch is reported at once. */
+  /** Expected names and shapes (e.g. modelTensorShapes from model/hf.ts), or a function of the loaded config giving them; every mismatch is reported at once. */
   expectedTensors?: Map<string, number[]> | ((config: ModelConfig) => Map<string, number[]>);
   /** Read only these tensors (only their byte ranges are read). Also restricts expectedTensors. */
   only?: (name: string) => boolean;

@@ -2,7 +2,8 @@
 // state in the same atomically written folder, so a resumed run continues bit for bit.
 import { loadCheckpoint, saveCheckpoint, serializeSafetensors } from './index.js';
 import { loadOptimizerMoments } from './cluster.js';
-import { isExpertTensor, mixtralTensorShapes } from '../model/hf.js';
+import { modelTensorShapes } from '../model/hf.js';
+import { familyOf } from '../model/family.js';
 import { MixtralModel } from '../model/model.js';
 import { ExpertSet, type ExpertTransport } from '../model/experts.js';
 import { join } from 'node:path';
@@ -34,7 +35,7 @@ export async function saveModel(dir: string, model: MixtralModel, training?: Tra
 
 /** Loads a checkpoint into an in-process model; tensors are checked against the config first. */
 export async function loadModel(dir: string): Promise<MixtralModel> {
-  const { config, tensors } = await loadCheckpoint(dir, { expectedTensors: mixtralTensorShapes });
+  const { config, tensors } = await loadCheckpoint(dir, { expectedTensors: modelTensorShapes });
   return MixtralModel.fromHf(config, tensors);
 }
 
@@ -43,21 +44,26 @@ export async function loadModel(dir: string): Promise<MixtralModel> {
  * its experts). Missing or misshaped expert tensors are listed all at once.
  */
 export async function loadExpertSet(dir: string, keys: Array<{ layer: number; expert: number }>): Promise<ExpertSet> {
-  const wanted = new Set(keys.map((k) => `model.layers.${k.layer}.block_sparse_moe.experts.${k.expert}.`));
-  const only = (name: string) => isExpertTensor(name) && [...wanted].some((prefix) => name.startsWith(prefix));
-  const { config, tensors } = await loadCheckpoint(dir, { expectedTensors: mixtralTensorShapes, only });
-  const experts = new ExpertSet(config.hidden_size, config.intermediate_size);
+  // The names depend on the family, so the config comes first (a header read only).
+  const { config: header } = await loadCheckpoint(dir, { only: () => false });
+  const family = familyOf(header);
+  const wanted = new Set(keys.map((k) => family.names.expertPrefix(k.layer, k.expert)));
+  const only = (name: string) => family.names.isExpertTensor(name) && [...wanted].some((prefix) => name.startsWith(prefix));
+  const { config, tensors } = await loadCheckpoint(dir, { expectedTensors: modelTensorShapes, only });
+  const experts = new ExpertSet(config.hidden_size, family.expertIntermediate);
   for (const { layer, expert } of keys) {
-    if (layer >= config.num_hidden_layers || expert >= config.num_local_experts)
-      throw new RangeError(`expert (layer ${layer}, expert ${expert}) does not exist in ${dir} (${config.num_hidden_layers} layers × ${config.num_local_experts} experts)`);
-    experts.addFromHf(tensors, layer, expert);
+    if (!family.isMoe(layer) || expert >= family.experts)
+      throw new RangeError(`expert (layer ${layer}, expert ${expert}) does not exist in ${dir} (MoE layers ${family.moeLayers.join(', ')} × ${family.experts} experts)`);
+    experts.addFromHf(tensors, layer, expert, family.names);
   }
   return experts;
 }
 
 /** The router's part of a checkpoint (everything but the experts), reaching experts through `transport`. */
 export async function loadDenseModel(dir: string, transport: ExpertTransport): Promise<MixtralModel> {
-  const { config, tensors } = await loadCheckpoint(dir, { expectedTensors: mixtralTensorShapes, only: (name) => !isExpertTensor(name) });
+  const { config: header } = await loadCheckpoint(dir, { only: () => false });
+  const { isExpertTensor } = familyOf(header).names;
+  const { config, tensors } = await loadCheckpoint(dir, { expectedTensors: modelTensorShapes, only: (name) => !isExpertTensor(name) });
   const model = new MixtralModel(config, transport);
   model.loadDense(tensors);
   return model;

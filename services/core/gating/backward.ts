@@ -20,7 +20,7 @@ export function zLoss(logits: Float32Array, tokens: number, experts: number): nu
  * Gradient w.r.t. the logits [S·E] of
  *     L = Σ_i dWeight[i]·weight[i] + auxCoef·auxLoss + zCoef·zLoss(logits)
  * for the plan that routeTokens made from these logits. Per token s, with p = softmax(x_s) in float64:
- * - weights, switch: w = p[e] for a kept choice, so ∂L/∂p[e] += dW.
+ * - weights, switch or not renormalised: w = p[e] for a kept choice, so ∂L/∂p[e] += dW.
  * - weights, gshard/topk/mixtral: over the kept set K with D = Σ_{j∈K} p[e_j], w_i = p[e_i]/max(D, eps).
  *   Unclamped (float32 D ≥ eps, as in the forward): ∂L/∂p[e_j] += (dW_j − Σ_{i∈K} dW_i·w_i)/D.
  *   Clamped (D < eps): ∂L/∂p[e_j] += dW_j/eps. Dropped choices contribute nothing.
@@ -36,7 +36,7 @@ export function gateBackward(
   auxCoef: number,
   zCoef: number,
 ): Float32Array {
-  const { tokens: S, experts: E, k, expert, slot, probs, kind } = plan;
+  const { tokens: S, experts: E, k, expert, slot, probs, kind, renormalized } = plan;
   checkShape(logits, S, E);
   if (!(dWeight instanceof Float32Array) || dWeight.length !== S * k) {
     throw new RangeError(`dWeight must be a Float32Array of length tokens·k = ${S * k}`);
@@ -77,8 +77,8 @@ export function gateBackward(
 
     g.set(auxGrad);
     const base = s * k;
-    if (kind === 'switch') {
-      if (slot[base] >= 0) g[expert[base]] += dWeight[base];
+    if (!renormalized) {
+      for (let c = 0; c < k; c++) if (slot[base + c] >= 0) g[expert[base + c]] += dWeight[base + c];
     } else {
       const sum32 = keptProbSum(probs, expert, slot, s, E, k);
       if (sum32 >= RENORM_EPS) {

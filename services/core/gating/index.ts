@@ -15,9 +15,10 @@ export { gumbelNoise, multiplicativeJitter, updateBalanceBias } from './noise.js
 
 /**
  * The policy for one phase from the model configuration's gate settings: training uses
- * capacity_factor, evaluation and serving eval_capacity_factor.
+ * capacity_factor, evaluation and serving eval_capacity_factor. `renormalize` false is the model
+ * family's choice (DeepSeek-MoE's norm_topk_prob), not a gate setting.
  */
-export function policyFromSettings(settings: GateSettings, k: number, phase: 'train' | 'eval', selectionBias?: Float32Array): GatePolicy {
+export function policyFromSettings(settings: GateSettings, k: number, phase: 'train' | 'eval', selectionBias?: Float32Array, renormalize = true): GatePolicy {
   return {
     kind: settings.policy,
     k,
@@ -25,5 +26,6 @@ export function policyFromSettings(settings: GateSettings, k: number, phase: 'tr
     minCapacity: settings.min_capacity,
     dropTokens: settings.drop_tokens,
     ...(selectionBias ? { selectionBias } : {}),
+    ...(renormalize ? {} : { renormalize: false }),
   };
 }

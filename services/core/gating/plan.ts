@@ -42,6 +42,11 @@ export interface GatePolicy {
    * Cannot be combined with selectionBias.
    */
   secondChoiceNoise?: Float32Array;
+  /**
+   * Default true. false keeps the kept choices' softmax probabilities as combine weights (DeepSeek-MoE with
+   * norm_topk_prob = false); switch never renormalises.
+   */
+  renormalize?: boolean;
 }
 
 export interface RoutingPlan {
@@ -64,6 +69,8 @@ export interface RoutingPlan {
   auxLoss: number;
   /** softmax(logits) [tokens·experts] float32, kept for backward */
   probs: Float32Array;
+  /** whether the weights are the kept probabilities divided by their sum (false: the probabilities) */
+  renormalized: boolean;
 }
 
 /** float32 machine epsilon, torch.finfo(torch.float32).eps: the clamp of the renormalisation denominator */
@@ -108,6 +115,7 @@ interface ResolvedPolicy {
   dropTokens: boolean;
   bias: Float32Array | undefined;
   noise: Float32Array | undefined;
+  renormalize: boolean;
 }
 
 export function routeTokens(
@@ -252,10 +260,11 @@ export function routeTokens(
 
   // ---- weights ---------------------------------------------------------------------------------
   const weight = new Float32Array(S * k);
-  if (kind === 'switch') {
-    // top1gating: the softmax probability of the chosen expert, not renormalised
-    for (let s = 0; s < S; s++) {
-      if (slot[s] >= 0) weight[s] = probs[s * E + expert[s]];
+  const renormalized = kind !== 'switch' && p.renormalize;
+  if (!renormalized) {
+    // top1gating, and DeepSeek-MoE without norm_topk_prob: the softmax probability of each kept choice
+    for (let i = 0; i < S * k; i++) {
+      if (slot[i] >= 0) weight[i] = probs[((i / k) | 0) * E + expert[i]];
     }
   } else {
     // gshard/topk: renormalise the kept choices, denominator max(Σ kept, eps) summed in float32 in choice
@@ -287,6 +296,7 @@ export function routeTokens(
     countsAfterDrop,
     auxLoss,
     probs,
+    renormalized,
   };
 }
 
@@ -401,6 +411,8 @@ function resolvePolicy(policy: GatePolicy, tokens: number, experts: number): Res
   checkCount('minCapacity', minCapacity, 0);
   const dropTokens = policy.dropTokens ?? true;
   if (typeof dropTokens !== 'boolean') throw new RangeError('dropTokens must be a boolean');
+  const renormalize = policy.renormalize ?? true;
+  if (typeof renormalize !== 'boolean') throw new RangeError('renormalize must be a boolean');
 
   const bias = policy.selectionBias;
   if (bias !== undefined) {
@@ -429,7 +441,7 @@ function resolvePolicy(policy: GatePolicy, tokens: number, experts: number): Res
       if (!Number.isFinite(noise[i])) throw new RangeError(`secondChoiceNoise[${i}] is ${noise[i]}: must be finite`);
     }
   }
-  return { kind, k, capacityFactor, minCapacity, dropTokens, bias, noise };
+  return { kind, k, capacityFactor, minCapacity, dropTokens, bias, noise, renormalize };
 }
 
 function checkCount(name: string, value: number, min: number): void {

@@ -4,6 +4,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { ParameterTable } from './parameters.js';
 import { expertFromHf, type HostTensor } from './hf.js';
+import type { FamilyNames } from './family.js';
 import { expertBackward, expertForward, transposeExpert, type ExpertCache, type ExpertWeights, type ExpertWeightsT } from './expert.js';
 import { disposeAll } from './tensors.js';
 import type { OverflowPolicy, Unserved } from '../overload.js';
@@ -63,9 +64,9 @@ export class ExpertSet {
     this.held.add(keyOf(layer, expert));
   }
 
-  /** Adds an expert from Hugging Face tensors ([out, in] w1/w2/w3 of that layer and expert). */
-  addFromHf(tensors: Map<string, HostTensor>, layer: number, expert: number): void {
-    const w = expertFromHf(tensors, layer, expert);
+  /** Adds an expert from Hugging Face tensors ([out, in] w1/w2/w3 of that layer and expert, in the family's names). */
+  addFromHf(tensors: Map<string, HostTensor>, layer: number, expert: number, names: FamilyNames): void {
+    const w = expertFromHf(names, tensors, layer, expert);
     const matrix = (t: HostTensor) => tf.tensor2d(t.values, t.shape as [number, number]);
     this.add(layer, expert, { w1t: matrix(w.w1t), w3t: matrix(w.w3t), w2t: matrix(w.w2t) });
   }

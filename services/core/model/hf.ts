@@ -1,7 +1,9 @@
-// Conversion between Hugging Face Mixtral tensors ([out, in] linear weights, separate q/k/v and w1/w3)
-// and Switchyard's compute layout ([in, out], q|k|v side by side). Checkpoints are always HF layout.
+// Conversion between Hugging Face tensors ([out, in] linear weights, separate q/k/v and w1/w3) of any
+// supported family and Switchyard's compute layout ([in, out], q|k|v side by side). Checkpoints are
+// always HF layout; the family-specific names come from family.ts.
 import type { Tensor as HostTensor } from '../checkpoint/safetensors.js';
 import { headDim, type ModelConfig } from '../config.js';
+import { familyOf, type FamilyNames, type SwigluPart } from './family.js';
 import { transposeRows } from './tensors.js';
 
 /** A tensor in host memory (the safetensors codec's type). */
@@ -16,8 +18,13 @@ export const denseNames = {
   wo: (l: number) => `layers.${l}.wo`,
   moeNorm: (l: number) => `layers.${l}.moe_norm`,
   gate: (l: number) => `layers.${l}.gate`,
+  /** The router-side SwiGLU MLP of a layer (DeepSeek: dense MLP or shared experts), compute layout. */
+  mlp: (l: number, part: 'w1t' | 'w3t' | 'w2t') => `layers.${l}.mlp.${part}`,
 };
 
+const MLP_PARTS = [['w1t', 'w1'], ['w3t', 'w3'], ['w2t', 'w2']] as const;
+
+/** HF names every family shares (Llama-style attention and norms); MoE and MLP names are in family.ts. */
 export const hfNames = {
   embed: 'model.embed_tokens.weight',
   norm: 'model.norm.weight',
@@ -28,12 +35,7 @@ export const hfNames = {
   o: (l: number) => `model.layers.${l}.self_attn.o_proj.weight`,
   attnNorm: (l: number) => `model.layers.${l}.input_layernorm.weight`,
   moeNorm: (l: number) => `model.layers.${l}.post_attention_layernorm.weight`,
-  gate: (l: number) => `model.layers.${l}.block_sparse_moe.gate.weight`,
-  expert: (l: number, e: number, w: 'w1' | 'w2' | 'w3') => `model.layers.${l}.block_sparse_moe.experts.${e}.${w}.weight`,
-  balanceBias: (l: number) => `model.layers.${l}.block_sparse_moe.gate.e_score_correction_bias`,
 };
-
-export const isExpertTensor = (name: string): boolean => name.includes('.block_sparse_moe.experts.');
 
 /** [out, in] HF weight → [in, out] compute layout, and back. */
 const flip = (t: HostTensor): HostTensor => ({ shape: [t.shape[1], t.shape[0]], values: transposeRows(t.values, t.shape[0], t.shape[1]) });
@@ -48,6 +50,7 @@ function need(tensors: Map<string, HostTensor>, name: string): HostTensor {
 export function denseFromHf(config: ModelConfig, tensors: Map<string, HostTensor>): Map<string, HostTensor> {
   const out = new Map<string, HostTensor>();
   const D = config.hidden_size;
+  const family = familyOf(config);
   out.set(denseNames.embed, need(tensors, hfNames.embed));
   out.set(denseNames.norm, need(tensors, hfNames.norm));
   out.set(denseNames.lmHead, flip(need(tensors, hfNames.lmHead)));
@@ -64,7 +67,9 @@ export function denseFromHf(config: ModelConfig, tensors: Map<string, HostTensor
     out.set(denseNames.wo(l), flip(need(tensors, hfNames.o(l))));
     out.set(denseNames.attnNorm(l), need(tensors, hfNames.attnNorm(l)));
     out.set(denseNames.moeNorm(l), need(tensors, hfNames.moeNorm(l)));
-    out.set(denseNames.gate(l), flip(need(tensors, hfNames.gate(l))));
+    if (family.isMoe(l)) out.set(denseNames.gate(l), flip(need(tensors, family.names.gate(l))));
+    if (family.routerMlpWidth(l) > 0)
+      for (const [part, hf] of MLP_PARTS) out.set(denseNames.mlp(l, part), flip(need(tensors, family.names.routerMlp(l, hf))));
   }
   return out;
 }
@@ -73,6 +78,7 @@ export function denseToHf(config: ModelConfig, dense: Map<string, HostTensor>): 
   const out = new Map<string, HostTensor>();
   const D = config.hidden_size;
   const hd = headDim(config);
+  const family = familyOf(config);
   const get = (n: string) => need(dense, n);
   out.set(hfNames.embed, get(denseNames.embed));
   for (let l = 0; l < config.num_hidden_layers; l++) {
@@ -87,7 +93,9 @@ export function denseToHf(config: ModelConfig, dense: Map<string, HostTensor>): 
       col += w;
     });
     out.set(hfNames.o(l), flip(get(denseNames.wo(l))));
-    out.set(hfNames.gate(l), flip(get(denseNames.gate(l))));
+    if (family.isMoe(l)) out.set(family.names.gate(l), flip(get(denseNames.gate(l))));
+    if (family.routerMlpWidth(l) > 0)
+      for (const [part, hf] of MLP_PARTS) out.set(family.names.routerMlp(l, hf), flip(get(denseNames.mlp(l, part))));
     out.set(hfNames.attnNorm(l), get(denseNames.attnNorm(l)));
     out.set(hfNames.moeNorm(l), get(denseNames.moeNorm(l)));
   }
@@ -98,30 +106,38 @@ export function denseToHf(config: ModelConfig, dense: Map<string, HostTensor>): 
 
 export interface HostExpert { w1t: HostTensor; w3t: HostTensor; w2t: HostTensor }
 
-export function expertFromHf(tensors: Map<string, HostTensor>, layer: number, expert: number): HostExpert {
+export function expertFromHf(names: FamilyNames, tensors: Map<string, HostTensor>, layer: number, expert: number): HostExpert {
   return {
-    w1t: flip(need(tensors, hfNames.expert(layer, expert, 'w1'))),
-    w3t: flip(need(tensors, hfNames.expert(layer, expert, 'w3'))),
-    w2t: flip(need(tensors, hfNames.expert(layer, expert, 'w2'))),
+    w1t: flip(need(tensors, names.expert(layer, expert, 'w1'))),
+    w3t: flip(need(tensors, names.expert(layer, expert, 'w3'))),
+    w2t: flip(need(tensors, names.expert(layer, expert, 'w2'))),
   };
 }
 
-export function expertToHf(out: Map<string, HostTensor>, layer: number, expert: number, w: HostExpert): void {
-  out.set(hfNames.expert(layer, expert, 'w1'), flip(w.w1t));
-  out.set(hfNames.expert(layer, expert, 'w3'), flip(w.w3t));
-  out.set(hfNames.expert(layer, expert, 'w2'), flip(w.w2t));
+export function expertToHf(names: FamilyNames, out: Map<string, HostTensor>, layer: number, expert: number, w: HostExpert): void {
+  out.set(names.expert(layer, expert, 'w1'), flip(w.w1t));
+  out.set(names.expert(layer, expert, 'w3'), flip(w.w3t));
+  out.set(names.expert(layer, expert, 'w2'), flip(w.w2t));
+}
+
+/** [out, in] shapes of a SwiGLU block's three matrices (PyTorch layout). */
+function swigluShapes(m: Map<string, number[]>, name: (part: SwigluPart) => string, hidden: number, width: number): void {
+  m.set(name('w1'), [width, hidden]);
+  m.set(name('w2'), [hidden, width]);
+  m.set(name('w3'), [width, hidden]);
 }
 
 /**
- * Every tensor of a Hugging Face Mixtral checkpoint with its shape ([out, in] for linear weights, as in
- * PyTorch), plus the balancing bias when the config enables it.
+ * Every tensor of a Hugging Face checkpoint of the config's family with its shape ([out, in] for linear
+ * weights, as in PyTorch), plus the balancing bias when the config enables it.
  */
-export function mixtralTensorShapes(config: ModelConfig): Map<string, number[]> {
+export function modelTensorShapes(config: ModelConfig): Map<string, number[]> {
   const h = config.hidden_size;
   const hd = headDim(config);
   const q = config.num_attention_heads * hd;
   const kv = config.num_key_value_heads * hd;
-  const ff = config.intermediate_size;
+  const family = familyOf(config);
+  const names = family.names;
   const m = new Map<string, number[]>();
   m.set(hfNames.embed, [config.vocab_size, h]);
   for (let l = 0; l < config.num_hidden_layers; l++) {
@@ -131,15 +147,18 @@ export function mixtralTensorShapes(config: ModelConfig): Map<string, number[]> 
     m.set(hfNames.v(l), [kv, h]);
     m.set(hfNames.o(l), [h, q]);
     m.set(hfNames.moeNorm(l), [h]);
-    m.set(hfNames.gate(l), [config.num_local_experts, h]);
-    for (let e = 0; e < config.num_local_experts; e++) {
-      m.set(hfNames.expert(l, e, 'w1'), [ff, h]);
-      m.set(hfNames.expert(l, e, 'w2'), [h, ff]);
-      m.set(hfNames.expert(l, e, 'w3'), [ff, h]);
+    if (family.isMoe(l)) {
+      m.set(names.gate(l), [family.experts, h]);
+      for (let e = 0; e < family.experts; e++) swigluShapes(m, (part) => names.expert(l, e, part), h, family.expertIntermediate);
+      if (config.switchyard_gate.balance_bias_rate > 0) m.set(names.balanceBias(l), [family.experts]);
     }
-    if (config.switchyard_gate.balance_bias_rate > 0) m.set(hfNames.balanceBias(l), [config.num_local_experts]);
+    const mlpWidth = family.routerMlpWidth(l);
+    if (mlpWidth > 0) swigluShapes(m, (part) => names.routerMlp(l, part), h, mlpWidth);
   }
   m.set(hfNames.norm, [h]);
   m.set(hfNames.lmHead, [config.vocab_size, h]);
   return m;
 }
+
+/** The Mixtral-era name of modelTensorShapes (it covers every family). */
+export const mixtralTensorShapes = modelTensorShapes;

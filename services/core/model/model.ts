@@ -1,14 +1,19 @@
-// The Mixtral-family decoder: embedding → per layer (RMSNorm → attention → residual → RMSNorm → sparse MoE
-// → residual) → RMSNorm → LM head, with forward and hand-written backward. Experts are reached through an
-// ExpertTransport, so the same code trains in one process or against expert shards.
+// The decoder of every supported family: embedding → per layer (RMSNorm → attention → residual → RMSNorm →
+// feed-forward → residual) → RMSNorm → LM head, with forward and hand-written backward (Mixtral). The
+// feed-forward is the sparse MoE block, plus for DeepSeek-MoE the shared experts, or a dense MLP in the
+// layers its config keeps dense (family.ts says which). Routed experts are reached through an
+// ExpertTransport, so the same code runs in one process or against expert shards; shared experts and
+// dense MLPs are router-side weights (docs/families.md).
 import * as tf from '@tensorflow/tfjs-core';
 import { headDim, type ModelConfig } from '../config.js';
 import { Rng } from '../data/random.js';
 import { updateBalanceBias } from '../gating/index.js';
 import { attentionBackward, attentionForward, type AttentionCache, type KvCache } from './attention.js';
+import { expertForward, type ExpertWeights } from './expert.js';
 import { ExpertSet, InProcessTransport, type ExpertTransport } from './experts.js';
-import { denseFromHf, denseNames, denseToHf, expertToHf, hfNames, type HostTensor } from './hf.js';
-import { MoeLayer, type MoeCache, type MoeStats } from './moe.js';
+import { assertTrainable, familyOf, type ModelFamily } from './family.js';
+import { denseFromHf, denseNames, denseToHf, expertToHf, type HostTensor } from './hf.js';
+import { MoeLayer, type MoeCache, type MoeCallOptions, type MoeStats } from './moe.js';
 import { ParameterTable } from './parameters.js';
 import { rmsNormBackward, rmsNormForward, type RmsNormCache } from './rmsnorm.js';
 import { Rope } from './rope.js';
@@ -48,7 +53,9 @@ function normalInit(rng: Rng, count: number, std: number): Float32Array {
 export class MixtralModel {
   readonly dense = new ParameterTable();
   readonly rope: Rope;
-  readonly moe: MoeLayer[];
+  readonly family: ModelFamily;
+  /** The sparse MoE block per layer; undefined for layers the family keeps dense. */
+  readonly moe: Array<MoeLayer | undefined>;
   readonly headDim: number;
   /** Aux-loss-free balancing bias per layer, when enabled. */
   readonly balanceBias: Float32Array[] | undefined;
@@ -62,18 +69,22 @@ export class MixtralModel {
   constructor(readonly config: ModelConfig, readonly transport: ExpertTransport, readonly localExperts?: ExpertSet) {
     this.headDim = headDim(config);
     this.rope = new Rope(this.headDim, config.rope_theta);
-    this.moe = Array.from({ length: config.num_hidden_layers }, (_, l) =>
-      new MoeLayer(l, config.hidden_size, config.num_local_experts, config.num_experts_per_tok, config.switchyard_gate, transport));
+    const f = (this.family = familyOf(config));
+    this.moe = Array.from({ length: config.num_hidden_layers }, (_, l) => f.isMoe(l)
+      ? new MoeLayer(l, config.hidden_size, f.experts, f.k, config.switchyard_gate, transport, f.renormalize)
+      : undefined);
+    // Indexed by layer; entries of dense layers stay unused.
     this.balanceBias = config.switchyard_gate.balance_bias_rate > 0
-      ? Array.from({ length: config.num_hidden_layers }, () => new Float32Array(config.num_local_experts))
+      ? Array.from({ length: config.num_hidden_layers }, () => new Float32Array(f.experts))
       : undefined;
   }
 
-  /** A freshly initialised model with all experts in-process (seeded, deterministic). */
+  /** A freshly initialised model of the config's family with all experts in-process (seeded, deterministic). */
   static initialize(config: ModelConfig, seed: number): MixtralModel {
     const rng = new Rng(seed);
+    const family = familyOf(config);
     const D = config.hidden_size;
-    const H = config.intermediate_size;
+    const H = family.expertIntermediate;
     const V = config.vocab_size;
     const hd = headDim(config);
     const std = config.initializer_range;
@@ -90,13 +101,17 @@ export class MixtralModel {
       d.define(denseNames.wqkv(l), tf.tensor2d(normalInit(rng, D * qkvWidth, std), [D, qkvWidth]));
       d.define(denseNames.wo(l), tf.tensor2d(normalInit(rng, config.num_attention_heads * hd * D, outStd), [config.num_attention_heads * hd, D]));
       d.define(denseNames.moeNorm(l), ones());
-      d.define(denseNames.gate(l), tf.tensor2d(normalInit(rng, D * config.num_local_experts, std), [D, config.num_local_experts]));
-      for (let e = 0; e < config.num_local_experts; e++)
-        experts.add(l, e, {
-          w1t: tf.tensor2d(normalInit(rng, D * H, std), [D, H]),
-          w3t: tf.tensor2d(normalInit(rng, D * H, std), [D, H]),
-          w2t: tf.tensor2d(normalInit(rng, H * D, outStd), [H, D]),
-        });
+      const swiglu = (width: number): ExpertWeights => ({
+        w1t: tf.tensor2d(normalInit(rng, D * width, std), [D, width]),
+        w3t: tf.tensor2d(normalInit(rng, D * width, std), [D, width]),
+        w2t: tf.tensor2d(normalInit(rng, width * D, outStd), [width, D]),
+      });
+      if (family.isMoe(l)) {
+        d.define(denseNames.gate(l), tf.tensor2d(normalInit(rng, D * family.experts, std), [D, family.experts]));
+        for (let e = 0; e < family.experts; e++) experts.add(l, e, swiglu(H));
+      }
+      const mlpWidth = family.routerMlpWidth(l);
+      if (mlpWidth > 0) for (const [part, w] of Object.entries(swiglu(mlpWidth))) d.define(denseNames.mlp(l, part as keyof ExpertWeights), w);
     }
     d.define(denseNames.norm, ones());
     d.define(denseNames.lmHead, tf.tensor2d(normalInit(rng, D * V, std), [D, V]));
@@ -105,11 +120,12 @@ export class MixtralModel {
 
   /** A model from Hugging Face tensors with every expert in-process. */
   static fromHf(config: ModelConfig, tensors: Map<string, HostTensor>): MixtralModel {
-    const experts = new ExpertSet(config.hidden_size, config.intermediate_size);
+    const family = familyOf(config);
+    const experts = new ExpertSet(config.hidden_size, family.expertIntermediate);
     const model = new MixtralModel(config, new InProcessTransport(experts), experts);
     model.loadDense(tensors);
-    for (let l = 0; l < config.num_hidden_layers; l++)
-      for (let e = 0; e < config.num_local_experts; e++) experts.addFromHf(tensors, l, e);
+    for (const l of family.moeLayers)
+      for (let e = 0; e < family.experts; e++) experts.addFromHf(tensors, l, e, family.names);
     return model;
   }
 
@@ -117,10 +133,10 @@ export class MixtralModel {
   loadDense(tensors: Map<string, HostTensor>): void {
     for (const [name, t] of denseFromHf(this.config, tensors)) this.dense.define(name, tf.tensor(t.values, t.shape));
     if (this.balanceBias)
-      this.balanceBias.forEach((bias, l) => {
-        const saved = tensors.get(hfNames.balanceBias(l));
-        if (saved) bias.set(saved.values);
-      });
+      for (const l of this.family.moeLayers) {
+        const saved = tensors.get(this.family.names.balanceBias(l));
+        if (saved) this.balanceBias[l].set(saved.values);
+      }
   }
 
   /** Every tensor in Hugging Face names and layout (dense + in-process experts). */
@@ -132,10 +148,31 @@ export class MixtralModel {
     if (this.localExperts)
       for (const { layer, expert } of this.localExperts.keys()) {
         const w = this.localExperts.weights(layer, expert);
-        expertToHf(out, layer, expert, { w1t: host(w.w1t), w3t: host(w.w3t), w2t: host(w.w2t) });
+        expertToHf(this.family.names, out, layer, expert, { w1t: host(w.w1t), w3t: host(w.w3t), w2t: host(w.w2t) });
       }
-    this.balanceBias?.forEach((bias, l) => out.set(hfNames.balanceBias(l), { shape: [bias.length], values: bias.slice() }));
+    if (this.balanceBias)
+      for (const l of this.family.moeLayers) {
+        const bias = this.balanceBias[l];
+        out.set(this.family.names.balanceBias(l), { shape: [bias.length], values: bias.slice() });
+      }
     return out;
+  }
+
+  /**
+   * Layer l's feed-forward block: the routed experts (MoE layers) plus the router-side MLP (DeepSeek's
+   * shared experts, or the dense MLP of a dense layer), summed.
+   */
+  async feedForward(l: number, h: T2, call: MoeCallOptions): Promise<{ y: T2; stats?: MoeStats; cache?: MoeCache }> {
+    const moe = this.moe[l];
+    const routed = moe ? await moe.forward(h, this.dense.get(denseNames.gate(l)), call) : undefined;
+    if (this.family.routerMlpWidth(l) === 0) return routed!;
+    const weight = (part: keyof ExpertWeights) => this.dense.get<tf.Rank.R2>(denseNames.mlp(l, part));
+    // The same SwiGLU as a routed expert, with router-held weights.
+    const mlp = expertForward(h, { w1t: weight('w1t'), w3t: weight('w3t'), w2t: weight('w2t') }, false).y;
+    if (!routed) return { y: mlp };
+    const y = tf.add(routed.y, mlp) as T2;
+    disposeAll([routed.y, mlp]);
+    return { ...routed, y };
   }
 
   private weightT(name: string): T2 {
@@ -199,17 +236,18 @@ export class MixtralModel {
       x.dispose();
       if (!opt.train) newKv.push(attn.kv);
       const n2 = rmsNormForward(x1, this.dense.get(denseNames.moeNorm(l)), eps);
-      const moe = await this.moe[l].forward(n2.y, this.dense.get(denseNames.gate(l)), {
+      const ffn = await this.feedForward(l, n2.y, {
         passId: `${opt.passId}/L${l}`, train: opt.train, groupTokens: opt.groupTokens ?? 0, random: opt.random,
         selectionBias: this.balanceBias?.[l], requestIds: opt.requestIds, deadline: opt.deadline,
       });
       n2.y.dispose();
-      x = tf.add(x1, moe.y) as T2;
-      moe.y.dispose();
+      x = tf.add(x1, ffn.y) as T2;
+      ffn.y.dispose();
       x1.dispose();
-      stats.push(moe.stats);
-      if (!opt.train) this.onRouting?.(l, moe.stats);
-      if (opt.train) caches.push({ n1: n1.cache, attn: attn.cache!, n2: n2.cache, moe: moe.cache! });
+      // One entry per MoE layer (family.moeLayers order); dense layers route nothing.
+      if (ffn.stats) stats.push(ffn.stats);
+      if (!opt.train && ffn.stats) this.onRouting?.(l, ffn.stats);
+      if (opt.train) caches.push({ n1: n1.cache, attn: attn.cache!, n2: n2.cache, moe: ffn.cache! });
       else disposeAll([n1.cache, n2.cache]);
     }
     const nf = rmsNormForward(x, this.dense.get(denseNames.norm), eps);
@@ -263,20 +301,21 @@ export class MixtralModel {
       const x1 = tf.add(x, attn) as T2;
       disposeAll([x, attn]);
       const n2 = rmsNormForward(x1, this.dense.get(denseNames.moeNorm(l)), eps);
-      const moe = await this.moe[l].forward(n2.y, this.dense.get(denseNames.gate(l)), {
+      const ffn = await this.feedForward(l, n2.y, {
         passId: `${passId}/L${l}`, train: false, groupTokens: 0, selectionBias: this.balanceBias?.[l], requestIds: opt.requestIds, deadline: opt.deadline,
       });
       disposeAll([n2.y, n2.cache]);
-      this.onRouting?.(l, moe.stats);
-      const flagged = moe.stats.degradedTokens;
+      const moeStats = ffn.stats;
+      if (moeStats) this.onRouting?.(l, moeStats);
+      const flagged = moeStats?.degradedTokens;
       if (flagged)
         items.forEach((it, i) => {
           if (!flagged.subarray(offsets[i], offsets[i] + it.ids.length).some((f) => f === 1)) return;
           degraded[i] ??= new Set();
-          for (const r of moe.stats.degradedReasons ?? []) degraded[i]!.add(r);
+          for (const r of moeStats!.degradedReasons ?? []) degraded[i]!.add(r);
         });
-      x = tf.add(x1, moe.y) as T2;
-      disposeAll([x1, moe.y]);
+      x = tf.add(x1, ffn.y) as T2;
+      disposeAll([x1, ffn.y]);
     }
     const lastRows = items.map((it, i) => offsets[i] + it.ids.length - 1);
     const logits = tf.tidy(() => {
@@ -319,6 +358,7 @@ export class MixtralModel {
   async lossAndGradients(ids: Int32Array, targets: Int32Array, batch: number, tokens: number, opt: PassOptions, gradScale = 1): Promise<LossResult> {
     const c = this.config;
     const gate = c.switchyard_gate;
+    assertTrainable(c);
     const out = await this.forward(ids, batch, tokens, { ...opt, train: true });
     const caches = out.caches!;
     const { loss: ceT, dLogits } = crossEntropy(out.logits, targets, gradScale);
@@ -337,7 +377,7 @@ export class MixtralModel {
     let dx = nf.dx;
     for (let l = c.num_hidden_layers - 1; l >= 0; l--) {
       const lc = caches[l];
-      const moe = await this.moe[l].backward(dx, lc.moe, this.weightT(denseNames.gate(l)), gate.aux_loss_coef * gradScale, gate.z_loss_coef * gradScale);
+      const moe = await this.moe[l]!.backward(dx, lc.moe, this.weightT(denseNames.gate(l)), gate.aux_loss_coef * gradScale, gate.z_loss_coef * gradScale);
       this.dense.accumulate(denseNames.gate(l), moe.dGate);
       const n2 = rmsNormBackward(moe.dh, lc.n2, this.dense.get(denseNames.moeNorm(l)));
       moe.dh.dispose();
@@ -382,11 +422,11 @@ export class MixtralModel {
     this.dense.accumulate(denseNames.embed, tf.tensor2d(grad, [this.config.vocab_size, D]));
   }
 
-  /** After an optimizer step: move the aux-loss-free balancing bias by this step's loads (per layer, before dropping). */
+  /** After an optimizer step: move the aux-loss-free balancing bias by this step's loads (per MoE layer, before dropping). */
   updateBalance(countsBeforeDrop: Int32Array[]): void {
     if (!this.balanceBias) return;
     const rate = this.config.switchyard_gate.balance_bias_rate;
-    countsBeforeDrop.forEach((counts, l) => updateBalanceBias(this.balanceBias![l], counts, rate));
+    countsBeforeDrop.forEach((counts, i) => updateBalanceBias(this.balanceBias![this.family.moeLayers[i]], counts, rate));
   }
 
   dispose(): void {

@@ -98,12 +98,14 @@ export class MoeLayer {
     readonly k: number,
     readonly gate: GateSettings,
     readonly transport: ExpertTransport,
+    /** false: combine with the chosen softmax weights as they are (DeepSeek-MoE norm_topk_prob = false). */
+    readonly renormalize = true,
   ) {}
 
   private route(logits: Float32Array, tokens: number, opt: MoeCallOptions, noisy: boolean): { plans: RoutingPlan[]; groupStarts: number[]; zLoss: number } {
     const E = this.experts;
     const groupSize = opt.groupTokens > 0 ? opt.groupTokens : Math.max(tokens, 1);
-    const policy = policyFromSettings(this.gate, this.k, opt.train ? 'train' : 'eval', opt.selectionBias);
+    const policy = policyFromSettings(this.gate, this.k, opt.train ? 'train' : 'eval', opt.selectionBias, this.renormalize);
     const plans: RoutingPlan[] = [];
     const groupStarts: number[] = [];
     let zSum = 0;

@@ -8,6 +8,7 @@ import { ConfigError, type ModelConfig, type TrainSettings } from '../config.js'
 import { BatchSampler, loadCorpus, splitCorpus, type Batch, type BatchSamplerState } from '../data/corpus.js';
 import { Rng } from '../data/random.js';
 import { MixtralModel } from '../model/model.js';
+import { assertTrainable } from '../model/family.js';
 import { AdamW, clipFactor, gradSquareSum } from '../optim/adamw.js';
 import { learningRate } from '../optim/schedule.js';
 import { loadModel, loadTrainingSnapshot, saveModel } from '../checkpoint/model.js';
@@ -113,6 +114,7 @@ export async function truncateMetrics(path: string, step: number): Promise<Metri
 }
 
 export async function train(opts: TrainRunOptions): Promise<TrainSummary> {
+  assertTrainable(opts.model);
   const t = opts.train;
   if (t.seq_len > opts.model.max_position_embeddings)
     throw new ConfigError(`train.seq_len ${t.seq_len} exceeds the model's max_position_embeddings ${opts.model.max_position_embeddings}`);

@@ -16,8 +16,8 @@ export interface MemberInfo {
   experts?: ExpertKey[];
   tokenBudget?: number;
   maxExperts?: number;
-  /** Shards: MoE layers × experts per layer of the model they serve. */
-  model?: { layers: number; experts: number };
+  /** Shards: the MoE layers and routed experts per layer of the model they serve. */
+  model?: { moeLayers: readonly number[]; experts: number };
 }
 
 /** What a member adds to each heartbeat: a router's demand per expert, a shard's rows per second. */
@@ -79,7 +79,7 @@ export class CoordinatorLink {
         this.client.Register({
           memberId: this.member.memberId, role: this.member.role, address: this.member.address ?? '',
           experts: this.member.experts ?? [], tokenBudget: this.member.tokenBudget ?? 0, maxExperts: this.member.maxExperts ?? 0,
-          modelLayers: this.member.model?.layers ?? 0, modelExperts: this.member.model?.experts ?? 0,
+          modelMoeLayers: [...(this.member.model?.moeLayers ?? [])], modelExperts: this.member.model?.experts ?? 0,
         }, { deadline: this.deadline() }, (err, reply) => {
           if (err || !reply) return next(RETRY_MS);
           this.leaseId = reply.leaseId;

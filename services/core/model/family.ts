@@ -1,0 +1,102 @@
+// The one description of a model family that model, checkpoint, router and expert code ask instead of
+// reading family-specific config keys or tensor names: which layers route to experts, how wide each MLP
+// is, whether the chosen weights are renormalised, and the published Hugging Face names of the tensors
+// that differ between families (attention and norms are Llama-style in every family, see hf.ts).
+import { ConfigError, type DeepseekConfig, type MixtralConfig, type ModelConfig } from '../config.js';
+
+/** A SwiGLU matrix in Mixtral terms: w1 = gate_proj, w3 = up_proj, w2 = down_proj. */
+export type SwigluPart = 'w1' | 'w2' | 'w3';
+
+export interface FamilyNames {
+  /** Router weight [experts, hidden] of MoE layer l. */
+  gate(l: number): string;
+  /** Aux-loss-free balancing bias [experts] of MoE layer l (Switchyard's own, when enabled). */
+  balanceBias(l: number): string;
+  /** One matrix of routed expert e of MoE layer l. */
+  expert(l: number, e: number, part: SwigluPart): string;
+  /** The prefix every tensor of routed expert e of layer l starts with (a shard reads only these). */
+  expertPrefix(l: number, e: number): string;
+  isExpertTensor(name: string): boolean;
+  /** The always-on SwiGLU MLP of layer l that the router computes: a dense layer's MLP or an MoE layer's shared experts. */
+  routerMlp(l: number, part: SwigluPart): string;
+}
+
+export interface ModelFamily {
+  kind: ModelConfig['model_type'];
+  layers: number;
+  /** Model layer indices that have routed experts, ascending (the other layers have a dense MLP). */
+  moeLayers: readonly number[];
+  isMoe(l: number): boolean;
+  /** Routed experts per MoE layer, and experts chosen per token. */
+  experts: number;
+  k: number;
+  /** Intermediate width of one routed expert. */
+  expertIntermediate: number;
+  /** Intermediate width of layer l's router-side MLP (dense MLP or all shared experts together); 0 = none. */
+  routerMlpWidth(l: number): number;
+  /** Whether the k chosen softmax weights are renormalised to sum to 1 (Mixtral; DeepSeek's norm_topk_prob). */
+  renormalize: boolean;
+  /** Whether the hand-written backward covers the family (training refuses it otherwise). */
+  trainable: boolean;
+  names: FamilyNames;
+}
+
+const HF_PROJ: Record<SwigluPart, string> = { w1: 'gate_proj', w3: 'up_proj', w2: 'down_proj' };
+
+function mixtralFamily(c: MixtralConfig): ModelFamily {
+  const layers = Array.from({ length: c.num_hidden_layers }, (_, l) => l);
+  const moe = (l: number) => `model.layers.${l}.block_sparse_moe`;
+  return {
+    kind: 'mixtral', layers: c.num_hidden_layers, moeLayers: layers, isMoe: (l) => l >= 0 && l < c.num_hidden_layers,
+    experts: c.num_local_experts, k: c.num_experts_per_tok, expertIntermediate: c.intermediate_size,
+    routerMlpWidth: () => 0, renormalize: true, trainable: true,
+    names: {
+      gate: (l) => `${moe(l)}.gate.weight`,
+      balanceBias: (l) => `${moe(l)}.gate.e_score_correction_bias`,
+      expert: (l, e, part) => `${moe(l)}.experts.${e}.${part}.weight`,
+      expertPrefix: (l, e) => `${moe(l)}.experts.${e}.`,
+      isExpertTensor: (name) => name.includes('.block_sparse_moe.experts.'),
+      routerMlp: (l) => { throw new Error(`Mixtral layer ${l} has no router-side MLP`); },
+    },
+  };
+}
+
+function deepseekFamily(c: DeepseekConfig): ModelFamily {
+  // HF DeepseekDecoderLayer: routed experts where layer ≥ first_k_dense_replace and layer % moe_layer_freq == 0.
+  const isMoe = (l: number) => l >= c.first_k_dense_replace && l < c.num_hidden_layers && l % c.moe_layer_freq === 0;
+  const shared = c.moe_intermediate_size * (c.n_shared_experts ?? 0);
+  const mlp = (l: number) => `model.layers.${l}.mlp`;
+  return {
+    kind: 'deepseek', layers: c.num_hidden_layers,
+    moeLayers: Array.from({ length: c.num_hidden_layers }, (_, l) => l).filter(isMoe), isMoe,
+    experts: c.n_routed_experts, k: c.num_experts_per_tok, expertIntermediate: c.moe_intermediate_size,
+    routerMlpWidth: (l) => (isMoe(l) ? shared : c.intermediate_size),
+    renormalize: c.norm_topk_prob, trainable: false,
+    names: {
+      gate: (l) => `${mlp(l)}.gate.weight`,
+      balanceBias: (l) => `${mlp(l)}.gate.e_score_correction_bias`,
+      expert: (l, e, part) => `${mlp(l)}.experts.${e}.${HF_PROJ[part]}.weight`,
+      expertPrefix: (l, e) => `${mlp(l)}.experts.${e}.`,
+      isExpertTensor: (name) => name.includes('.mlp.experts.'),
+      routerMlp: (l, part) => (isMoe(l) ? `${mlp(l)}.shared_experts.${HF_PROJ[part]}.weight` : `${mlp(l)}.${HF_PROJ[part]}.weight`),
+    },
+  };
+}
+
+/** Training entry points call this first: a family the backward does not cover is refused by name. */
+export function assertTrainable(config: ModelConfig): void {
+  if (!familyOf(config).trainable)
+    throw new ConfigError(`model_type '${config.model_type}' cannot be trained yet (the hand-written backward covers Mixtral only); it can be served and generated from`);
+}
+
+const cache = new WeakMap<ModelConfig, ModelFamily>();
+
+/** The family description of a validated config (cached per config object). */
+export function familyOf(config: ModelConfig): ModelFamily {
+  let family = cache.get(config);
+  if (!family) {
+    family = config.model_type === 'deepseek' ? deepseekFamily(config) : mixtralFamily(config);
+    cache.set(config, family);
+  }
+  return family;
+}
