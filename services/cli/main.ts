@@ -9,8 +9,7 @@ import { describeBackend, initBackend } from '../core/backend.js';
 import { ConfigError, PRESET_NAMES, parseModelConfig, parseTrainSettings, preset, resolvePreset, type Preset } from '../core/config.js';
 import { decodeIds, encodeText } from '../core/data/bytes.js';
 import { generate } from '../core/generate.js';
-import { loadExpertSet, loadModel } from '../core/checkpoint/model.js';
-import { loadCheckpoint } from '../core/checkpoint/index.js';
+import { inspectModel, loadExpertSet, loadModel } from '../core/checkpoint/model.js';
 import { parseAssignment } from '../expert/assignment.js';
 import { startExpertServer } from '../expert/server.js';
 import { startCoordinator } from '../coordinator/server.js';
@@ -18,6 +17,7 @@ import { CoordinatorLink } from '../core/wire/coordinator-link.js';
 import { RouterEngine } from '../router/engine.js';
 import { buildHttpApp } from '../router/http.js';
 import { Cluster } from './cluster.js';
+import { importCommand, type ImportFlags } from './import.js';
 import type { FloatDtype } from '../core/dtypes.js';
 import { checkpointDirOf, train } from '../core/train/trainer.js';
 import { runBench } from '../bench/index.js';
@@ -142,7 +142,7 @@ async function upCommand(flags: UpFlags): Promise<void> {
     process.stderr.write(`switchyard: no default model yet; training the 'small' config for ${UP_TRAIN_STEPS} steps into ${runDir} (one-time, a few minutes)\n`);
     await trainCommand({ config: 'small', steps: UP_TRAIN_STEPS, out: runDir, shards: 1, routers: 1, singleProcess: true });
   }
-  await loadCheckpoint(modelDir, { only: () => false }); // a broken checkpoint is reported here, before any process starts
+  await inspectModel(modelDir); // a broken checkpoint is reported here, before any process starts
   const cluster = new Cluster({
     checkpoint: modelDir, shards: flags.shards, routers: flags.routers, host: flags.host, port: flags.port,
     log: (line) => process.stderr.write(line + '\n'),
@@ -307,7 +307,7 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
   if (!flags.checkpoint) throw new ConfigError('serve expert: --checkpoint DIR is required');
   await startBackend('expert');
   const dir = resolve(flags.checkpoint);
-  const { config } = await loadCheckpoint(dir, { only: () => false });
+  const { config } = await inspectModel(dir);
   const keys = parseAssignment(flags.experts, config.num_hidden_layers, config.num_local_experts);
   if (flags.train && (!flags.coordinator || !flags.shardId)) throw new ConfigError('serve expert --train: --coordinator and --shard-id are required');
   // A training shard loads its experts when the run (re)starts, from the checkpoint the coordinator names.
@@ -377,6 +377,13 @@ export function buildProgram(): Command {
     .option('--host <host>', 'address every service listens on', '127.0.0.1')
     .option('--port <n>', 'HTTP port of the first router (0 = any free port)', integer('--port'), 8000)
     .action(upCommand);
+  program.command('import').description('check a Hugging Face model folder from its config and headers (no tensor data) and print what serving it takes')
+    .argument('<dir>', 'model folder: config.json + model.safetensors or model-*-of-*.safetensors with model.safetensors.index.json')
+    .option('--shards <n>', 'expert shards to size (experts spread as spread:i/N)', integer('--shards', 1), 2)
+    .option('--json', 'print the summary (or the problems) as JSON')
+    .action(async (dir: string, flags: ImportFlags) => {
+      process.exitCode = await importCommand(dir, flags);
+    });
   program.command('bench').description('benchmarks: prints tables, writes bench-results/*.json')
     .argument('[suites...]', 'suites to run (default: all)')
     .option('--quick', 'short runs (under 2 minutes)')

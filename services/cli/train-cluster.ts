@@ -5,7 +5,7 @@
 import { existsSync } from 'node:fs';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { ConfigError, type ModelConfig, type TrainSettings } from '../core/config.js';
+import { ConfigError, checkTrainable, type ModelConfig, type TrainSettings } from '../core/config.js';
 import { saveModel } from '../core/checkpoint/model.js';
 import { BatchSampler, loadCorpus, splitCorpus } from '../core/data/corpus.js';
 import { Rng } from '../core/data/random.js';
@@ -61,6 +61,7 @@ export async function trainDistributed(o: DistributedTrainOptions): Promise<Trai
   const t = o.train;
   const L = o.model.num_hidden_layers;
   const E = o.model.num_local_experts;
+  checkTrainable(o.model);
   checkDataParallel(t, o.routers);
   if (o.shards > L * E) throw new ConfigError(`--shards ${o.shards}: the model has only ${L * E} experts to place`);
   const ckpt = checkpointDirOf(o.outDir);

@@ -25,10 +25,20 @@ export const gateSettingsSchema = z
   .strict();
 export type GateSettings = z.infer<typeof gateSettingsSchema>;
 
+/** Hugging Face `model_type` values this code implements. */
+export const SUPPORTED_MODEL_TYPES = ['mixtral'] as const;
+
+/** Checkpoint dtypes (`torch_dtype`); every one is converted to float32 for compute. */
+export const TORCH_DTYPES = ['float32', 'bfloat16', 'float16'] as const;
+
 export const modelConfigSchema = z
   .object({
     architectures: z.array(z.string()).default(['MixtralForCausalLM']),
-    model_type: z.literal('mixtral').default('mixtral'),
+    // A field-level check, so an unknown type is named (with the supported list) even beside other errors.
+    model_type: z.string().default('mixtral').superRefine((type, ctx) => {
+      if (!(SUPPORTED_MODEL_TYPES as readonly string[]).includes(type))
+        ctx.addIssue({ code: 'custom', message: `model_type '${type}' is not supported (supported: ${SUPPORTED_MODEL_TYPES.join(', ')})` });
+    }),
     hidden_size: positiveInt,
     intermediate_size: positiveInt,
     num_hidden_layers: positiveInt,
@@ -41,14 +51,21 @@ export const modelConfigSchema = z
     rope_theta: z.number().positive().default(10000),
     vocab_size: positiveInt,
     max_position_embeddings: positiveInt,
-    tie_word_embeddings: z.literal(false).default(false),
+    // Tied: no lm_head.weight; the LM head is the embedding matrix (inference only, see checkTrainable).
+    tie_word_embeddings: z.boolean().default(false),
     hidden_act: z.literal('silu').default('silu'),
     initializer_range: z.number().positive().default(0.02),
     router_aux_loss_coef: z.number().nonnegative().optional(),
-    sliding_window: z.null().optional(),
+    // Keys attend within this many positions (Mistral's window); null or ≥ max_position_embeddings = full causal.
+    sliding_window: positiveInt.nullable().optional(),
+    // Only null is accepted: scaled rotary embeddings are not implemented.
+    rope_scaling: z.unknown().optional().superRefine((scaling, ctx) => {
+      if (scaling !== undefined && scaling !== null)
+        ctx.addIssue({ code: 'custom', message: `rope_scaling ${JSON.stringify(scaling)} is not supported: scaled rotary embeddings are not implemented (only rope_scaling: null)` });
+    }),
     bos_token_id: z.number().int().nonnegative().optional(),
     eos_token_id: z.number().int().nonnegative().optional(),
-    torch_dtype: z.string().default('float32'),
+    torch_dtype: z.enum(TORCH_DTYPES).default('float32'),
     switchyard_gate: gateSettingsSchema.default(gateSettingsSchema.parse({})),
   })
   .passthrough()
@@ -93,6 +110,18 @@ export function parseModelConfig(raw: unknown, source = 'model config'): ModelCo
 
 export function headDim(c: ModelConfig): number {
   return c.head_dim ?? c.hidden_size / c.num_attention_heads;
+}
+
+/** The attention window in positions, or undefined when it cannot cut anything (null or ≥ max positions). */
+export function attentionWindow(c: ModelConfig): number | undefined {
+  const w = c.sliding_window;
+  return w != null && w < c.max_position_embeddings ? w : undefined;
+}
+
+/** Throws when a config can be served but not trained here (both trainers call this before starting). */
+export function checkTrainable(c: ModelConfig): void {
+  if (c.tie_word_embeddings)
+    throw new ConfigError('tie_word_embeddings: true is supported for inference only; training with tied embeddings is not implemented');
 }
 
 // Byte-level vocabulary: ids 0..255 are bytes, then specials.

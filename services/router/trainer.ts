@@ -4,7 +4,7 @@
 // the whole run; the replica then rejoins and continues from the last committed checkpoint.
 import { appendFile, mkdir, writeFile } from 'node:fs/promises';
 import type { ModelConfig, TrainSettings } from '../core/config.js';
-import { ConfigError } from '../core/config.js';
+import { ConfigError, checkTrainable } from '../core/config.js';
 import { loadOptimizerMoments, writeCheckpointPart } from '../core/checkpoint/cluster.js';
 import { loadDenseModel, readTrainerState } from '../core/checkpoint/model.js';
 import { BatchSampler, loadCorpus, splitCorpus, type Batch } from '../core/data/corpus.js';
@@ -74,6 +74,7 @@ function statsVector(c: ModelConfig, r: { crossEntropy: number; auxLoss: number;
 export async function runRouterTraining(o: RouterTrainingOptions): Promise<RouterTrainingSummary> {
   const t = o.train;
   const c = o.model;
+  checkTrainable(c);
   checkDataParallel(t, o.routers);
   const corpus = await loadCorpus(o.dataPath);
   const { train: trainBytes, validation } = splitCorpus(corpus.bytes, t.validation_fraction);

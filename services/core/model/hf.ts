@@ -50,7 +50,8 @@ export function denseFromHf(config: ModelConfig, tensors: Map<string, HostTensor
   const D = config.hidden_size;
   out.set(denseNames.embed, need(tensors, hfNames.embed));
   out.set(denseNames.norm, need(tensors, hfNames.norm));
-  out.set(denseNames.lmHead, flip(need(tensors, hfNames.lmHead)));
+  // Tied models have no LM head of their own: the model reads the embedding instead.
+  if (!config.tie_word_embeddings) out.set(denseNames.lmHead, flip(need(tensors, hfNames.lmHead)));
   for (let l = 0; l < config.num_hidden_layers; l++) {
     const parts = [hfNames.q(l), hfNames.k(l), hfNames.v(l)].map((n) => flip(need(tensors, n)));
     const width = parts.reduce((s, p) => s + p.shape[1], 0);
@@ -92,7 +93,7 @@ export function denseToHf(config: ModelConfig, dense: Map<string, HostTensor>): 
     out.set(hfNames.moeNorm(l), get(denseNames.moeNorm(l)));
   }
   out.set(hfNames.norm, get(denseNames.norm));
-  out.set(hfNames.lmHead, flip(get(denseNames.lmHead)));
+  if (!config.tie_word_embeddings) out.set(hfNames.lmHead, flip(get(denseNames.lmHead)));
   return out;
 }
 
@@ -114,7 +115,8 @@ export function expertToHf(out: Map<string, HostTensor>, layer: number, expert: 
 
 /**
  * Every tensor of a Hugging Face Mixtral checkpoint with its shape ([out, in] for linear weights, as in
- * PyTorch), plus the balancing bias when the config enables it.
+ * PyTorch), plus the balancing bias when the config enables it; no lm_head.weight when the embeddings
+ * are tied (Hugging Face stores the shared matrix once).
  */
 export function mixtralTensorShapes(config: ModelConfig): Map<string, number[]> {
   const h = config.hidden_size;
@@ -140,6 +142,6 @@ export function mixtralTensorShapes(config: ModelConfig): Map<string, number[]> 
     if (config.switchyard_gate.balance_bias_rate > 0) m.set(hfNames.balanceBias(l), [config.num_local_experts]);
   }
   m.set(hfNames.norm, [h]);
-  m.set(hfNames.lmHead, [config.vocab_size, h]);
+  if (!config.tie_word_embeddings) m.set(hfNames.lmHead, [config.vocab_size, h]);
   return m;
 }

@@ -2,7 +2,7 @@
 // → residual) → RMSNorm → LM head, with forward and hand-written backward. Experts are reached through an
 // ExpertTransport, so the same code trains in one process or against expert shards.
 import * as tf from '@tensorflow/tfjs-core';
-import { headDim, type ModelConfig } from '../config.js';
+import { attentionWindow, checkTrainable, headDim, type ModelConfig } from '../config.js';
 import { Rng } from '../data/random.js';
 import { updateBalanceBias } from '../gating/index.js';
 import { attentionBackward, attentionForward, type AttentionCache, type KvCache } from './attention.js';
@@ -99,7 +99,7 @@ export class MixtralModel {
         });
     }
     d.define(denseNames.norm, ones());
-    d.define(denseNames.lmHead, tf.tensor2d(normalInit(rng, D * V, std), [D, V]));
+    if (!config.tie_word_embeddings) d.define(denseNames.lmHead, tf.tensor2d(normalInit(rng, D * V, std), [D, V]));
     return model;
   }
 
@@ -170,7 +170,15 @@ export class MixtralModel {
 
   private attentionShape(batch: number, tokens: number, past: number) {
     const c = this.config;
-    return { batch, tokens, past, heads: c.num_attention_heads, kvHeads: c.num_key_value_heads, headDim: this.headDim };
+    return { batch, tokens, past, heads: c.num_attention_heads, kvHeads: c.num_key_value_heads, headDim: this.headDim, window: attentionWindow(c) };
+  }
+
+  /**
+   * The LM head in compute layout [hidden, vocab]. Tied embeddings use the embedding's transpose, kept
+   * (one extra copy of the embedding) because a plain matMul is the fast path on wasm.
+   */
+  private lmHead(): T2 {
+    return this.config.tie_word_embeddings ? this.weightT(denseNames.embed) : this.dense.get(denseNames.lmHead);
   }
 
   /**
@@ -214,7 +222,7 @@ export class MixtralModel {
     }
     const nf = rmsNormForward(x, this.dense.get(denseNames.norm), eps);
     x.dispose();
-    const logits = mm(nf.y, this.dense.get(denseNames.lmHead));
+    const logits = mm(nf.y, this.lmHead());
     if (!opt.train) {
       disposeAll(nf.cache);
       return { logits, hidden: nf.y, stats, kv: newKv };
@@ -282,7 +290,7 @@ export class MixtralModel {
     const logits = tf.tidy(() => {
       const last = tf.gather(x, tf.tensor1d(lastRows, 'int32')) as T2;
       const nf = rmsNormForward(last, this.dense.get(denseNames.norm), eps);
-      return mm(nf.y, this.dense.get(denseNames.lmHead));
+      return mm(nf.y, this.lmHead());
     });
     x.dispose();
     const values = logits.dataSync() as Float32Array;
@@ -318,6 +326,7 @@ export class MixtralModel {
    */
   async lossAndGradients(ids: Int32Array, targets: Int32Array, batch: number, tokens: number, opt: PassOptions, gradScale = 1): Promise<LossResult> {
     const c = this.config;
+    checkTrainable(c);
     const gate = c.switchyard_gate;
     const out = await this.forward(ids, batch, tokens, { ...opt, train: true });
     const caches = out.caches!;

@@ -4,7 +4,7 @@
 import { appendFile, mkdir, readFile, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
-import { ConfigError, type ModelConfig, type TrainSettings } from '../config.js';
+import { ConfigError, checkTrainable, type ModelConfig, type TrainSettings } from '../config.js';
 import { BatchSampler, loadCorpus, splitCorpus, type Batch, type BatchSamplerState } from '../data/corpus.js';
 import { Rng } from '../data/random.js';
 import { MixtralModel } from '../model/model.js';
@@ -114,6 +114,7 @@ export async function truncateMetrics(path: string, step: number): Promise<Metri
 
 export async function train(opts: TrainRunOptions): Promise<TrainSummary> {
   const t = opts.train;
+  checkTrainable(opts.model);
   if (t.seq_len > opts.model.max_position_embeddings)
     throw new ConfigError(`train.seq_len ${t.seq_len} exceeds the model's max_position_embeddings ${opts.model.max_position_embeddings}`);
   const corpus = await loadCorpus(opts.dataPath);
