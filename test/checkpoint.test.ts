@@ -12,7 +12,7 @@ import {
 import {
   atomicWriteFile, listCheckpoints, loadCheckpoint, saveCheckpoint,
 } from '../services/core/checkpoint/index.js';
-import { mixtralTensorShapes } from '../services/core/model/hf.js';
+import { modelTensorShapes } from '../services/core/model/hf.js';
 
 let root: string;
 before(() => {
@@ -215,7 +215,7 @@ describe('safetensors', () => {
 
 describe('checkpoint folders', () => {
   const config: ModelConfig = preset('tiny').model;
-  const shapes = mixtralTensorShapes(config);
+  const shapes = modelTensorShapes(config);
 
   function weights(offset = 0): Map<string, Tensor> {
     const m = new Map<string, Tensor>();
@@ -232,12 +232,12 @@ describe('checkpoint folders', () => {
     }
   }
 
-  test('mixtralTensorShapes follows the Hugging Face names and [out, in] shapes', () => {
+  test('modelTensorShapes follows the Hugging Face names and [out, in] shapes', () => {
     const c = parseModelConfig({
       hidden_size: 64, intermediate_size: 96, num_hidden_layers: 3, num_attention_heads: 8, num_key_value_heads: 2,
       num_local_experts: 5, num_experts_per_tok: 2, vocab_size: 100, max_position_embeddings: 32,
     });
-    const s = mixtralTensorShapes(c);
+    const s = modelTensorShapes(c);
     assert.equal(s.size, 2 + 3 * (7 + 5 * 3) + 1);
     assert.deepEqual(s.get('model.embed_tokens.weight'), [100, 64]);
     assert.deepEqual(s.get('model.layers.2.self_attn.q_proj.weight'), [64, 64]);
@@ -253,7 +253,7 @@ describe('checkpoint folders', () => {
     assert.deepEqual(s.get('model.norm.weight'), [64]);
     assert.deepEqual(s.get('lm_head.weight'), [100, 64]);
     // Explicit head_dim wins over hidden/heads.
-    const d = mixtralTensorShapes({ ...c, head_dim: 4 });
+    const d = modelTensorShapes({ ...c, head_dim: 4 });
     assert.deepEqual(d.get('model.layers.0.self_attn.q_proj.weight'), [32, 64]);
     assert.deepEqual(d.get('model.layers.0.self_attn.o_proj.weight'), [64, 32]);
     assert.deepEqual(d.get('model.layers.0.self_attn.k_proj.weight'), [8, 64]);

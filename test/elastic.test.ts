@@ -93,8 +93,8 @@ function assertAllServed(outcomes: Outcome[]): void {
 
 test('a third shard joins a skewed cluster: the hot expert gets replicas, measured max/mean shard load falls, no request fails', async (t) => {
   const c = await startCluster(checkpoint, ['spread:0/2', 'spread:1/2'], [[]], { SWITCHYARD_ADMIN_TOKEN: TOKEN });
+  let stop = false;
   try {
-    let stop = false;
     const load = hammer(c.routers[0].base, 4, () => stop, body);
     await sleep(1_500);
     const before = await measuredImbalance(c.shards, 3_000);
@@ -145,14 +145,15 @@ test('a third shard joins a skewed cluster: the hot expert gets replicas, measur
     assert.equal(denied.code, 2);
     assert.match(denied.stderr, /401/);
   } finally {
+    stop = true; // clients stop even when an assertion failed
     await c.stop();
   }
 });
 
 test('scale-down under load: the leaving shard\'s experts move first, zero failed requests, it exits 0', async () => {
   const c = await startCluster(checkpoint, ['spread:0/3', 'spread:1/3', 'spread:2/3'], [[]], { SWITCHYARD_ADMIN_TOKEN: TOKEN });
+  let stop = false;
   try {
-    let stop = false;
     const load = hammer(c.routers[0].base, 4, () => stop, body);
     await sleep(1_500);
     const leaving = c.shards[1];
@@ -167,6 +168,7 @@ test('scale-down under load: the leaving shard\'s experts move first, zero faile
     const served = new Set(p.shards.flatMap((s) => s.serving.split(' ')));
     assert.deepEqual([...served].sort(), ['0/0', '0/1', '0/2', '0/3'], 'every expert still served');
   } finally {
+    stop = true; // clients stop even when an assertion failed
     await c.stop();
   }
 });

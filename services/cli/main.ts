@@ -9,9 +9,8 @@ import { describeBackend, initBackend } from '../core/backend.js';
 import { ConfigError, PRESET_NAMES, parseModelConfig, parseTrainSettings, preset, resolvePreset, type Preset } from '../core/config.js';
 import { CompletionText, loadTokenizer } from '../core/tokenizer/index.js';
 import { generate } from '../core/generate.js';
-import { loadExpertSet, loadModel } from '../core/checkpoint/model.js';
+import { inspectModel, loadExpertSet, loadModel } from '../core/checkpoint/model.js';
 import { assertTrainable, familyOf } from '../core/model/family.js';
-import { loadCheckpoint } from '../core/checkpoint/index.js';
 import { parseAssignment } from '../expert/assignment.js';
 import { startExpertServer } from '../expert/server.js';
 import { startCoordinator } from '../coordinator/server.js';
@@ -23,6 +22,7 @@ import { CoordinatorLink } from '../core/wire/coordinator-link.js';
 import { RouterEngine } from '../router/engine.js';
 import { buildHttpApp } from '../router/http.js';
 import { Cluster } from './cluster.js';
+import { importCommand, type ImportFlags } from './import.js';
 import type { FloatDtype } from '../core/dtypes.js';
 import { checkpointDirOf, train } from '../core/train/trainer.js';
 import { runBench } from '../bench/index.js';
@@ -155,7 +155,7 @@ async function upCommand(flags: UpFlags): Promise<void> {
     await trainCommand({ config: 'small', steps: UP_TRAIN_STEPS, out: runDir, shards: 1, routers: 1, singleProcess: true });
   }
   // A broken checkpoint or tokenizer is reported here, before any process starts.
-  const { config } = await loadCheckpoint(modelDir, { only: () => false });
+  const { config } = await inspectModel(modelDir);
   await loadTokenizer(modelDir, config);
   const cluster = new Cluster({
     checkpoint: modelDir, shards: flags.shards, routers: flags.routers, host: flags.host, port: flags.port,
@@ -317,7 +317,7 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
   if (!flags.checkpoint) throw new ConfigError('serve expert: --checkpoint DIR is required');
   await startBackend('expert');
   const dir = resolve(flags.checkpoint);
-  const { config } = await loadCheckpoint(dir, { only: () => false });
+  const { config } = await inspectModel(dir);
   const family = familyOf(config);
   const keys = parseAssignment(flags.experts, family.moeLayers, family.experts);
   if (flags.train && (!flags.coordinator || !flags.shardId)) throw new ConfigError('serve expert --train: --coordinator and --shard-id are required');
@@ -415,6 +415,13 @@ export function buildProgram(): Command {
     .option('--token-file <file>', 'bearer token of the admin endpoint (also SWITCHYARD_ADMIN_TOKEN)')
     .option('--json', 'print the endpoint\'s JSON answer')
     .action(placementCommand);
+  program.command('import').description('check a Hugging Face model folder from its config and headers (no tensor data) and print what serving it takes')
+    .argument('<dir>', 'model folder: config.json + model.safetensors or model-*-of-*.safetensors with model.safetensors.index.json')
+    .option('--shards <n>', 'expert shards to size (experts spread as spread:i/N)', integer('--shards', 1), 2)
+    .option('--json', 'print the summary (or the problems) as JSON')
+    .action(async (dir: string, flags: ImportFlags) => {
+      process.exitCode = await importCommand(dir, flags);
+    });
   program.command('bench').description('benchmarks: prints tables, writes bench-results/*.json')
     .argument('[suites...]', 'suites to run (default: all)')
     .option('--quick', 'short runs (under 2 minutes)')
@@ -452,7 +459,7 @@ export function buildProgram(): Command {
     .option('--drain-ms <ms>', 'expert: after leaving the placement on SIGTERM, keep serving this long for rows already on their way', integer('--drain-ms'), 1_000)
     .option('--max-experts <n>', 'expert: most experts this shard may hold (its memory budget; 0 = no limit)', integer('--max-experts', 0), 0)
     .option('--drop-grace-ms <ms>', 'expert: keep an expert the placement moved away this long, for rows already on their way', integer('--drop-grace-ms', 0), 5_000)
-    .option('--drain-timeout-ms <ms>', 'expert: on SIGTERM, wait this long for the coordinator to move the experts elsewhere', integer('--drain-timeout-ms', 0), 120_000)
+    .option('--drain-timeout-ms <ms>', 'expert: on SIGTERM, wait this long for the coordinator to move the experts elsewhere', integer('--drain-timeout-ms', 0), 30_000)
     .option('--rebalance-interval-ms <ms>', 'coordinator: check the load balance this often and move experts when it pays (0 = only on join/drain/apply)', integer('--rebalance-interval-ms', 0), 30_000)
     .option('--admin-token-file <file>', 'coordinator: bearer token of the /admin/placement endpoint (also SWITCHYARD_ADMIN_TOKEN; unset: admin disabled)')
     .option('--metrics-port <n>', 'training services: port of the Prometheus /metrics endpoint (0 = any free port)', integer('--metrics-port'), 0)

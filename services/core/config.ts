@@ -25,10 +25,34 @@ export const gateSettingsSchema = z
   .strict();
 export type GateSettings = z.infer<typeof gateSettingsSchema>;
 
+/** Hugging Face `model_type` values this code implements. */
+export const SUPPORTED_MODEL_TYPES = ['mixtral', 'deepseek'] as const;
+
+/** Checkpoint dtypes (`torch_dtype`); every one is converted to float32 for compute. */
+export const TORCH_DTYPES = ['float32', 'bfloat16', 'float16'] as const;
+
+/** Checks every family shares: attention shapes and the experts chosen per token. */
+function checkShapes(c: { head_dim?: number; hidden_size: number; num_attention_heads: number; num_key_value_heads: number; num_experts_per_tok: number }, experts: { key: string; count: number }, ctx: z.RefinementCtx): void {
+  const issue = (path: string, message: string) => ctx.addIssue({ code: 'custom', path: [path], message });
+  if (c.head_dim === undefined && c.hidden_size % c.num_attention_heads !== 0)
+    issue('hidden_size', `hidden_size ${c.hidden_size} is not divisible by num_attention_heads ${c.num_attention_heads}`);
+  if (c.num_attention_heads % c.num_key_value_heads !== 0)
+    issue('num_key_value_heads', `num_attention_heads ${c.num_attention_heads} is not a multiple of num_key_value_heads ${c.num_key_value_heads}`);
+  if (c.num_experts_per_tok > experts.count)
+    issue('num_experts_per_tok', `num_experts_per_tok (k=${c.num_experts_per_tok}) exceeds ${experts.key} (${experts.count})`);
+  const hd = c.head_dim ?? c.hidden_size / c.num_attention_heads;
+  if (Number.isInteger(hd) && hd % 2 !== 0) issue('head_dim', `head_dim ${hd} must be even for rotary embedding`);
+}
+
 export const modelConfigSchema = z
   .object({
     architectures: z.array(z.string()).default(['MixtralForCausalLM']),
-    model_type: z.literal('mixtral').default('mixtral'),
+    // A field-level check, so an unknown type is named (with the supported list) even beside other errors.
+    // (model_type 'deepseek' is parsed by deepseekConfigSchema; every other type but mixtral is unknown.)
+    model_type: z.string().default('mixtral').superRefine((type, ctx) => {
+      if (type !== 'mixtral')
+        ctx.addIssue({ code: 'custom', message: `model_type '${type}' is not supported (supported: ${SUPPORTED_MODEL_TYPES.join(', ')})` });
+    }).transform(() => 'mixtral' as const),
     hidden_size: positiveInt,
     intermediate_size: positiveInt,
     num_hidden_layers: positiveInt,
@@ -41,27 +65,27 @@ export const modelConfigSchema = z
     rope_theta: z.number().positive().default(10000),
     vocab_size: positiveInt,
     max_position_embeddings: positiveInt,
-    tie_word_embeddings: z.literal(false).default(false),
+    // Tied: no lm_head.weight; the LM head is the embedding matrix (inference only, see assertTrainable in model/family.ts).
+    tie_word_embeddings: z.boolean().default(false),
     hidden_act: z.literal('silu').default('silu'),
     initializer_range: z.number().positive().default(0.02),
     router_aux_loss_coef: z.number().nonnegative().optional(),
-    sliding_window: z.null().optional(),
+    // Keys attend within this many positions (Mistral's window); null or ≥ max_position_embeddings = full causal.
+    sliding_window: positiveInt.nullable().optional(),
+    // Only null is accepted: scaled rotary embeddings are not implemented.
+    rope_scaling: z.unknown().optional().superRefine((scaling, ctx) => {
+      if (scaling !== undefined && scaling !== null)
+        ctx.addIssue({ code: 'custom', message: `rope_scaling ${JSON.stringify(scaling)} is not supported: scaled rotary embeddings are not implemented (only rope_scaling: null)` });
+    }),
     bos_token_id: z.number().int().nonnegative().optional(),
     eos_token_id: z.number().int().nonnegative().optional(),
-    torch_dtype: z.string().default('float32'),
+    torch_dtype: z.enum(TORCH_DTYPES).default('float32'),
     switchyard_gate: gateSettingsSchema.default(gateSettingsSchema.parse({})),
   })
   .passthrough()
   .superRefine((c, ctx) => {
     const issue = (path: string, message: string) => ctx.addIssue({ code: 'custom', path: [path], message });
-    if (c.head_dim === undefined && c.hidden_size % c.num_attention_heads !== 0)
-      issue('hidden_size', `hidden_size ${c.hidden_size} is not divisible by num_attention_heads ${c.num_attention_heads}`);
-    if (c.num_attention_heads % c.num_key_value_heads !== 0)
-      issue('num_key_value_heads', `num_attention_heads ${c.num_attention_heads} is not a multiple of num_key_value_heads ${c.num_key_value_heads}`);
-    if (c.num_experts_per_tok > c.num_local_experts)
-      issue('num_experts_per_tok', `num_experts_per_tok (k=${c.num_experts_per_tok}) exceeds num_local_experts (${c.num_local_experts})`);
-    const hd = c.head_dim ?? c.hidden_size / c.num_attention_heads;
-    if (Number.isInteger(hd) && hd % 2 !== 0) issue('head_dim', `head_dim ${hd} must be even for rotary embedding`);
+    checkShapes(c, { key: 'num_local_experts', count: c.num_local_experts }, ctx);
     const policy = c.switchyard_gate.policy;
     if (policy === 'switch' && c.num_experts_per_tok !== 1)
       issue('switchyard_gate', `policy 'switch' is top-1 but num_experts_per_tok is ${c.num_experts_per_tok}`);
@@ -105,27 +129,19 @@ export const deepseekConfigSchema = z
     vocab_size: positiveInt,
     max_position_embeddings: positiveInt,
     tie_word_embeddings: z.literal(false).default(false),
+    // DeepSeek-MoE attends over the whole context.
+    sliding_window: z.null().optional(),
     hidden_act: z.literal('silu').default('silu'),
     initializer_range: z.number().positive().default(0.02),
     bos_token_id: z.number().int().nonnegative().optional(),
     eos_token_id: z.number().int().nonnegative().optional(),
-    torch_dtype: z.string().default('float32'),
+    torch_dtype: z.enum(TORCH_DTYPES).default('float32'),
     // DeepSeek's gate is the softmax top-k without dropping: Switchyard's 'mixtral' policy (renormalised or not per norm_topk_prob).
     switchyard_gate: gateSettingsSchema.default(gateSettingsSchema.parse({}))
       .refine((g) => g.policy === 'mixtral', { message: "policy must be 'mixtral' (DeepSeek-MoE routes by the softmax top-k, dropless)" }),
   })
   .passthrough()
-  .superRefine((c, ctx) => {
-    const issue = (path: string, message: string) => ctx.addIssue({ code: 'custom', path: [path], message });
-    if (c.head_dim === undefined && c.hidden_size % c.num_attention_heads !== 0)
-      issue('hidden_size', `hidden_size ${c.hidden_size} is not divisible by num_attention_heads ${c.num_attention_heads}`);
-    if (c.num_attention_heads % c.num_key_value_heads !== 0)
-      issue('num_key_value_heads', `num_attention_heads ${c.num_attention_heads} is not a multiple of num_key_value_heads ${c.num_key_value_heads}`);
-    if (c.num_experts_per_tok > c.n_routed_experts)
-      issue('num_experts_per_tok', `num_experts_per_tok (k=${c.num_experts_per_tok}) exceeds n_routed_experts (${c.n_routed_experts})`);
-    const hd = c.head_dim ?? c.hidden_size / c.num_attention_heads;
-    if (Number.isInteger(hd) && hd % 2 !== 0) issue('head_dim', `head_dim ${hd} must be even for rotary embedding`);
-  });
+  .superRefine((c, ctx) => checkShapes(c, { key: 'n_routed_experts', count: c.n_routed_experts }, ctx));
 export type DeepseekConfig = z.infer<typeof deepseekConfigSchema>;
 
 /** Any supported model family's configuration, told apart by `model_type`. */
@@ -153,6 +169,13 @@ export function parseModelConfig(raw: unknown, source = 'model config'): ModelCo
 export function headDim(c: ModelConfig): number {
   return c.head_dim ?? c.hidden_size / c.num_attention_heads;
 }
+
+/** The attention window in positions, or undefined when it cannot cut anything (null or ≥ max positions). */
+export function attentionWindow(c: ModelConfig): number | undefined {
+  const w = c.sliding_window;
+  return w != null && w < c.max_position_embeddings ? w : undefined;
+}
+
 
 // Byte-level vocabulary: ids 0..255 are bytes, then specials.
 export const BOS_ID = 256;

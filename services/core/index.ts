@@ -8,7 +8,7 @@ export { expertForward, expertBackward, transposeExpert, type ExpertWeights } fr
 export { AdamW, clipFactor, gradSquareSum } from './optim/adamw.js';
 export { learningRate } from './optim/schedule.js';
 export { loadCheckpoint, saveCheckpoint, CheckpointError } from './checkpoint/index.js';
-export { mixtralTensorShapes, modelTensorShapes } from './model/hf.js';
+export { modelTensorShapes } from './model/hf.js';
 export { familyOf, type ModelFamily } from './model/family.js';
 export { loadModel, saveModel } from './checkpoint/model.js';
 export { train, type TrainRunOptions, type TrainSummary } from './train/trainer.js';

@@ -26,6 +26,7 @@ new Gauge({ name: 'switchyard_expert_load_seconds', help: 'Time the last set of 
 export class AssignmentFollower {
   private wanted?: ExpertKey[];
   private running = false;
+  private closed = false;
   private readonly drops = new Map<string, NodeJS.Timeout>();
   lastLoadSeconds = 0;
 
@@ -36,7 +37,7 @@ export class AssignmentFollower {
   /** Called with every placement: acts when the entry of this shard carries an assignment. */
   follow(table: PlacementTable): void {
     const me = table.shards.find((s) => s.shardId === this.o.memberId);
-    if (!me?.assigned) return;
+    if (!me?.assigned || this.closed) return;
     this.wanted = me.assigned;
     if (!this.running) void this.converge();
   }
@@ -45,7 +46,7 @@ export class AssignmentFollower {
     this.running = true;
     try {
       // Placements may arrive while weights load: converge to the newest.
-      while (this.wanted) {
+      while (this.wanted && !this.closed) {
         const target = this.wanted;
         this.wanted = undefined;
         await this.apply(target);
@@ -71,6 +72,7 @@ export class AssignmentFollower {
       this.lastLoadSeconds = (performance.now() - started) / 1000;
       this.o.log({ msg: 'experts loaded', experts: missing.map(keyText).join(' '), seconds: this.lastLoadSeconds });
     }
+    if (this.closed) return; // stopping: the shard's experts are freed with it
     for (const k of experts.keys()) {
       const key = keyText(k);
       if (wanted.has(key) || this.drops.has(key)) continue;
@@ -89,6 +91,7 @@ export class AssignmentFollower {
   }
 
   close(): void {
+    this.closed = true;
     for (const t of this.drops.values()) clearTimeout(t);
     this.drops.clear();
     if (current === this) current = undefined;

@@ -1,7 +1,6 @@
 // The router's model: dense weights in this process, experts on shards found through the coordinator's
 // placement. Inference calls share the shards' streams; a batch for a replicated expert is split over its replicas.
-import { loadCheckpoint } from '../core/checkpoint/index.js';
-import { loadDenseModel } from '../core/checkpoint/model.js';
+import { inspectModel, loadDenseModel } from '../core/checkpoint/model.js';
 import { loadTokenizer, type TextTokenizer } from '../core/tokenizer/index.js';
 import type { Generation, SamplingOptions } from '../core/generate.js';
 import { ContinuousBatcher } from '../core/generate.js';
@@ -86,7 +85,7 @@ export class RouterEngine {
   }
 
   static async load(checkpointDir: string, modelName: string, options: EngineOptions = {}): Promise<RouterEngine> {
-    const { config } = await loadCheckpoint(checkpointDir, { only: () => false });
+    const { config } = await inspectModel(checkpointDir);
     // Before any connection is opened: a checkpoint without a usable tokenizer is refused at start.
     const tokenizer = await loadTokenizer(checkpointDir, config);
     const holder: { engine?: RouterEngine } = {};

@@ -5,10 +5,10 @@ import { repoRoot } from './paths.js';
 
 export interface CliResult { code: number; stdout: string; stderr: string }
 
-export function runCli(args: string[], env: Record<string, string> = {}, cwd = repoRoot): Promise<CliResult> {
+export function runCli(args: string[], env: Record<string, string> = {}, cwd = repoRoot, timeoutMs = 300_000): Promise<CliResult> {
   const bin = join(repoRoot, 'dist', 'services', 'cli', 'main.js');
   return new Promise((resolve) => {
-    execFile(process.execPath, [bin, ...args], { cwd, env: { ...process.env, ...env }, timeout: 300_000, maxBuffer: 16 << 20 }, (err, stdout, stderr) => {
+    execFile(process.execPath, [bin, ...args], { cwd, env: { ...process.env, ...env }, timeout: timeoutMs, maxBuffer: 16 << 20 }, (err, stdout, stderr) => {
       const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? (err as { code: number }).code : 1) : 0;
       resolve({ code, stdout, stderr });
     });

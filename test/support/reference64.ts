@@ -87,6 +87,8 @@ export interface AttnShape64 {
   theta: number;
   /** position of the first token of every sequence (default 0) */
   positionOffset?: number;
+  /** sliding window: query t attends keys j with t − window < j ≤ t (default: all j ≤ t) */
+  window?: number;
 }
 
 /**
@@ -135,7 +137,8 @@ export function attention64(h: Float64Array, wqkv: Float64Array, wo: Float64Arra
       for (let t = 0; t < T; t++) {
         const qo = (b * T + t) * qW + head * hd;
         let max = -Infinity;
-        for (let j = 0; j <= t; j++) {
+        const first = s.window === undefined ? 0 : Math.max(0, t - s.window + 1);
+        for (let j = first; j <= t; j++) {
           const ko = (b * T + j) * qW + head * hd;
           let dot = 0;
           for (let d = 0; d < hd; d++) dot += qr[qo + d] * kRep[ko + d];
@@ -143,11 +146,11 @@ export function attention64(h: Float64Array, wqkv: Float64Array, wo: Float64Arra
           if (scores[j] > max) max = scores[j];
         }
         let sum = 0;
-        for (let j = 0; j <= t; j++) {
+        for (let j = first; j <= t; j++) {
           scores[j] = Math.exp(scores[j] - max);
           sum += scores[j];
         }
-        for (let j = 0; j <= t; j++) {
+        for (let j = first; j <= t; j++) {
           const p = scores[j] / sum;
           const vo = (b * T + j) * qW + head * hd;
           for (let d = 0; d < hd; d++) context[qo + d] += p * vRep[vo + d];
@@ -382,6 +385,7 @@ export function referenceForward(
     const n1 = rmsNorm64(x, rows, D, need(params, `layers.${l}.attn_norm`), eps);
     const a = attention64(n1, need(params, `layers.${l}.wqkv`), need(params, `layers.${l}.wo`), {
       batch, tokens, heads: H, kvHeads: KV, headDim: hd, hidden: D, theta: config.rope_theta,
+      window: config.sliding_window != null && config.sliding_window < config.max_position_embeddings ? config.sliding_window : undefined,
     });
     const x1 = new Float64Array(rows * D);
     for (let i = 0; i < x1.length; i++) x1[i] = x[i] + a[i];

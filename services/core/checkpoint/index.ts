@@ -8,7 +8,7 @@ import { basename, dirname, join, resolve } from 'node:path';
 import { ConfigError, parseModelConfig, type ModelConfig } from '../config.js';
 import {
   CheckpointError, readSafetensors, readSafetensorsHeader, writeSafetensors,
-  type Tensor, type TensorInfo,
+  type Tensor, type TensorInfo, type WriteDtype,
 } from './safetensors.js';
 
 export {
@@ -96,7 +96,13 @@ export interface SaveOptions {
   extraFiles?: Record<string, string | Uint8Array>;
   /** Above this many tensor bytes the weights are sharded (default 5 GB, like Hugging Face). */
   maxShardBytes?: number;
+  /** Stored dtype of the weights (default F32); when given, config.json's torch_dtype is set to match. */
+  dtype?: WriteDtype;
 }
+
+/** Hugging Face's torch_dtype for each dtype the writer stores. */
+export const TORCH_DTYPE_OF: Record<WriteDtype, ModelConfig['torch_dtype']> = { F32: 'float32', BF16: 'bfloat16', F16: 'float16' };
+const BYTES_OF: Record<WriteDtype, number> = { F32: 4, BF16: 2, F16: 2 };
 
 export interface SaveResult {
   dir: string;
@@ -109,12 +115,12 @@ function shardName(i: number, n: number): string {
 }
 
 /** Hugging Face's greedy split: in order; a tensor bigger than the limit gets a shard of its own. */
-function planShards(tensors: Map<string, Tensor>, maxBytes: number): string[][] {
+function planShards(tensors: Map<string, Tensor>, maxBytes: number, width: number): string[][] {
   const shards: string[][] = [];
   let current: string[] = [];
   let size = 0;
   for (const [name, t] of tensors) {
-    const bytes = t.values.length * 4;
+    const bytes = t.values.length * width;
     if (bytes > maxBytes) {
       shards.push([name]);
     } else if (size + bytes > maxBytes) {
@@ -138,13 +144,18 @@ function checkExtraName(name: string): void {
 
 async function writeFolderContents(tmp: string, opts: SaveOptions): Promise<string[]> {
   const files: string[] = [];
-  await writeFileSynced(join(tmp, CONFIG_FILE), JSON.stringify(opts.config, null, 2) + '\n');
+  const dtype = opts.dtype ?? 'F32';
+  const width = BYTES_OF[dtype];
+  // An explicit dtype restates torch_dtype; without one the config is written as given (training
+  // resumes compare configs, and the loader goes by each tensor's header dtype anyway).
+  const config = opts.dtype ? { ...opts.config, torch_dtype: TORCH_DTYPE_OF[opts.dtype] } : opts.config;
+  await writeFileSynced(join(tmp, CONFIG_FILE), JSON.stringify(config, null, 2) + '\n');
   files.push(CONFIG_FILE);
   const maxBytes = opts.maxShardBytes ?? DEFAULT_MAX_SHARD_BYTES;
   if (!(maxBytes > 0)) throw new CheckpointError(`maxShardBytes must be > 0, got ${maxBytes}`);
-  const shards = planShards(opts.tensors, maxBytes);
+  const shards = planShards(opts.tensors, maxBytes, width);
   if (shards.length <= 1) {
-    await writeSafetensors(join(tmp, SINGLE_FILE), opts.tensors, MODEL_FILE_METADATA);
+    await writeSafetensors(join(tmp, SINGLE_FILE), opts.tensors, MODEL_FILE_METADATA, dtype);
     files.push(SINGLE_FILE);
   } else {
     const weightMap: Record<string, string> = {};
@@ -152,10 +163,11 @@ async function writeFolderContents(tmp: string, opts: SaveOptions): Promise<stri
     for (let i = 0; i < shards.length; i++) {
       const file = shardName(i, shards.length);
       const entries = shards[i]!.map((name) => [name, opts.tensors.get(name)!] as [string, Tensor]);
-      await writeSafetensors(join(tmp, file), entries, MODEL_FILE_METADATA);
+      await writeSafetensors(join(tmp, file), entries, MODEL_FILE_METADATA, dtype);
+      // total_size counts the stored bytes (2 per value in bf16), as Hugging Face's index does.
       for (const [name, t] of entries) {
         weightMap[name] = file;
-        total += t.values.length * 4;
+        total += t.values.length * width;
       }
       files.push(file);
     }
@@ -260,7 +272,7 @@ export async function listCheckpoints(parent: string): Promise<string[]> {
 export interface LoadOptions {
   /** Expected names and shapes (e.g. modelTensorShapes from model/hf.ts), or a function of the loaded config giving them; every mismatch is reported at once. */
   expectedTensors?: Map<string, number[]> | ((config: ModelConfig) => Map<string, number[]>);
-  /** Read only these tensors (only their byte ranges are read). Also restricts expectedTensors. */
+  /** Read only these tensors (only their byte ranges are read); expectedTensors are still checked in full. */
   only?: (name: string) => boolean;
 }
 
@@ -308,12 +320,6 @@ function isPlainFileName(name: string): boolean {
   return name !== '' && name !== '.' && name !== '..' && name === basename(name) && !name.includes('\\');
 }
 
-/** Which tensor lives in which file: from the index if there is one, else model.safetensors. */
-async function tensorFiles(dir: string, files: string[]): Promise<Map<string, string> | null> {
-  if (!files.includes(INDEX_FILE)) return null;
-  return readWeightMap(join(dir, INDEX_FILE));
-}
-
 /** The `weight_map` (tensor name → file in the same folder) of a safetensors index file, checked. */
 export async function readWeightMap(path: string): Promise<Map<string, string>> {
   const raw = (await readJsonFile(path, 'checkpoint')) as { weight_map?: unknown } | null;
@@ -343,55 +349,152 @@ async function resolveCheckpointDir(target: string): Promise<string> {
   throw new CheckpointError(`checkpoint folder ${target} does not exist`);
 }
 
-export async function loadCheckpoint(dir: string, opts: LoadOptions = {}): Promise<LoadedCheckpoint> {
-  const folder = await resolveCheckpointDir(resolve(dir));
-  const files = (await readdir(folder, { withFileTypes: true })).filter((e) => e.isFile()).map((e) => e.name).sort();
-  if (!files.includes(CONFIG_FILE)) throw new CheckpointError(`${folder} is not a checkpoint: ${CONFIG_FILE} is missing`);
-  const cfgPath = join(folder, CONFIG_FILE);
-  const config = parseModelConfig(await readJsonFile(cfgPath, 'config'), cfgPath);
+export interface TensorLocation {
+  /** The safetensors file in the folder holding the tensor. */
+  file: string;
+  info: TensorInfo;
+}
 
-  // Headers first (cheap), so shape problems are reported before any tensor data is read.
-  const location = new Map<string, { file: string; info: TensorInfo }>();
-  const indexMap = await tensorFiles(folder, files);
-  if (indexMap) {
+/** What the config and the safetensors headers of a folder say, without any tensor data. */
+export interface CheckpointLayout {
+  config: ModelConfig;
+  /** Names of all regular files in the checkpoint folder, sorted. */
+  files: string[];
+  /** The folder actually read (differs from the argument only when recovering a `dir.old-*` copy). */
+  dir: string;
+  /** Every tensor in the folder's weight files, in index (or file) order. */
+  tensors: Map<string, TensorLocation>;
+}
+
+/** The outcome of examining a folder: everything found wrong, not just the first problem. */
+export interface CheckpointExamination {
+  dir: string;
+  files: string[];
+  /** Undefined when config.json is missing or invalid. */
+  config?: ModelConfig;
+  tensors: Map<string, TensorLocation>;
+  /** One sentence per problem; empty when the folder is loadable. */
+  problems: string[];
+  /** The config's own error, kept so a folder whose only problem is its config throws it unchanged. */
+  configError?: Error;
+}
+
+/** safetensors dtypes decoded to float32 for compute (weights in other dtypes are refused). */
+const FLOAT_DTYPES = new Set(['F32', 'BF16', 'F16', 'F64']);
+
+/**
+ * Checks a checkpoint folder from its config and safetensors headers only (no tensor data is read):
+ * config.json valid, every file the index names present and holding what the index says, and, with
+ * `expectedTensors`, every expected tensor present with its shape and a float dtype, none unexpected.
+ * Collects every problem instead of stopping at the first (`switchyard import` lists them all).
+ */
+export async function examineCheckpoint(dir: string, opts: Pick<LoadOptions, 'expectedTensors'> = {}): Promise<CheckpointExamination> {
+  const folder = await resolveCheckpointDir(resolve(dir));
+  const entries = await readdir(folder, { withFileTypes: true }).catch((err: Error) => {
+    throw new CheckpointError(`cannot read checkpoint folder ${folder}: ${err.message}`);
+  });
+  const files = entries.filter((e) => e.isFile()).map((e) => e.name).sort();
+  const problems: string[] = [];
+  let config: ModelConfig | undefined;
+  let configError: Error | undefined;
+  if (!files.includes(CONFIG_FILE)) problems.push(`${folder} is not a checkpoint: ${CONFIG_FILE} is missing`);
+  else {
+    const cfgPath = join(folder, CONFIG_FILE);
+    try {
+      config = parseModelConfig(await readJsonFile(cfgPath, 'config'), cfgPath);
+    } catch (err) {
+      if (!(err instanceof ConfigError || err instanceof CheckpointError)) throw err;
+      configError = err;
+      problems.push(err.message);
+    }
+  }
+
+  const tensors = new Map<string, TensorLocation>();
+  // Tensors the index places in a file that is missing or unreadable: reported with the file, not one by one.
+  const unreadable = new Set<string>();
+  const readHeader = async (file: string) => {
+    try {
+      return await readSafetensorsHeader(join(folder, file));
+    } catch (err) {
+      if (!(err instanceof CheckpointError)) throw err;
+      problems.push(err.message);
+      return undefined;
+    }
+  };
+  if (files.includes(INDEX_FILE)) {
+    let indexMap: Map<string, string> | undefined;
+    try {
+      indexMap = await readWeightMap(join(folder, INDEX_FILE));
+    } catch (err) {
+      if (!(err instanceof CheckpointError)) throw err;
+      problems.push(err.message);
+    }
     const byFile = new Map<string, string[]>();
-    for (const [name, file] of indexMap) {
+    for (const [name, file] of indexMap ?? []) {
       if (!byFile.has(file)) byFile.set(file, []);
       byFile.get(file)!.push(name);
     }
-    for (const [file, names] of byFile) {
-      if (!files.includes(file)) throw new CheckpointError(`${join(folder, INDEX_FILE)} names ${file}, which is not in ${folder}`);
-      const header = await readSafetensorsHeader(join(folder, file));
-      const absent = names.filter((n) => !header.tensors.has(n));
-      if (absent.length)
-        throw new CheckpointError(`${join(folder, INDEX_FILE)} maps tensors to ${file} that it does not contain: ${absent.join(', ')}`);
-      for (const n of names) location.set(n, { file, info: header.tensors.get(n)! });
+    const absentFiles = [...byFile.keys()].filter((f) => !files.includes(f));
+    if (absentFiles.length)
+      problems.push(`${join(folder, INDEX_FILE)} names ${absentFiles.join(', ')}, which ${absentFiles.length === 1 ? 'is' : 'are'} not in ${folder}`);
+    const headers = new Map<string, Awaited<ReturnType<typeof readHeader>>>();
+    for (const file of byFile.keys()) if (files.includes(file)) headers.set(file, await readHeader(file));
+    // Index order, whatever the file grouping.
+    for (const [name, file] of indexMap ?? []) {
+      const info = headers.get(file)?.tensors.get(name);
+      if (info) tensors.set(name, { file, info });
+      else unreadable.add(name);
     }
+    for (const [file, header] of headers) {
+      const absent = header ? byFile.get(file)!.filter((n) => !header.tensors.has(n)) : [];
+      if (absent.length) problems.push(`${join(folder, INDEX_FILE)} maps tensors to ${file} that it does not contain: ${absent.join(', ')}`);
+    }
+  } else if (files.includes(SINGLE_FILE)) {
+    const header = await readHeader(SINGLE_FILE);
+    for (const [n, info] of header?.tensors ?? []) tensors.set(n, { file: SINGLE_FILE, info });
   } else {
-    if (!files.includes(SINGLE_FILE)) throw new CheckpointError(`${folder} is not a checkpoint: neither ${SINGLE_FILE} nor ${INDEX_FILE} is present`);
-    const header = await readSafetensorsHeader(join(folder, SINGLE_FILE));
-    for (const [n, info] of header.tensors) location.set(n, { file: SINGLE_FILE, info });
+    problems.push(`${folder} is not a checkpoint: neither ${SINGLE_FILE} nor ${INDEX_FILE} is present`);
   }
 
-  const only = opts.only ?? (() => true);
-  const selected = [...location.keys()].filter(only);
-  const expectedTensors = typeof opts.expectedTensors === 'function' ? opts.expectedTensors(config) : opts.expectedTensors;
+  const expectedTensors = typeof opts.expectedTensors === 'function' ? (config ? opts.expectedTensors(config) : undefined) : opts.expectedTensors;
   if (expectedTensors) {
-    const problems: string[] = [];
-    const expected = [...expectedTensors].filter(([n]) => only(n));
-    const missing = expected.filter(([n]) => !location.has(n)).map(([n, s]) => `${n} ${shapeText(s)}`);
+    // One problem per kind, each naming the tensors (and both shapes), so a listing reads one per line.
+    const found: string[] = [];
+    const expected = [...expectedTensors].filter(([n]) => !unreadable.has(n));
+    const missing = expected.filter(([n]) => !tensors.has(n)).map(([n, s]) => `${n} ${shapeText(s)}`);
     const misshaped = expected
-      .filter(([n, s]) => location.has(n) && !sameShape(location.get(n)!.info.shape, s))
-      .map(([n, s]) => `${n}: expected ${shapeText(s)}, found ${shapeText(location.get(n)!.info.shape)}`);
-    const unexpected = selected.filter((n) => !expectedTensors.has(n)).map((n) => `${n} ${shapeText(location.get(n)!.info.shape)}`);
-    if (missing.length) problems.push(`${missing.length} missing tensor(s): ${missing.join('; ')}`);
-    if (misshaped.length) problems.push(`${misshaped.length} tensor(s) with the wrong shape: ${misshaped.join('; ')}`);
-    if (unexpected.length) problems.push(`${unexpected.length} unexpected tensor(s): ${unexpected.join('; ')}`);
-    if (problems.length) throw new CheckpointError(`checkpoint ${folder} does not match the expected tensors: ${problems.join(' | ')}`);
+      .filter(([n, s]) => tensors.has(n) && !sameShape(tensors.get(n)!.info.shape, s))
+      .map(([n, s]) => `${n}: expected ${shapeText(s)}, found ${shapeText(tensors.get(n)!.info.shape)}`);
+    const unexpected = [...tensors.keys()].filter((n) => !expectedTensors.has(n)).map((n) => `${n} ${shapeText(tensors.get(n)!.info.shape)}`);
+    const badDtype = [...tensors].filter(([n, t]) => expectedTensors.has(n) && !FLOAT_DTYPES.has(t.info.dtype)).map(([n, t]) => `${n}: ${t.info.dtype}`);
+    if (missing.length) found.push(`${missing.length} missing tensor(s): ${missing.join('; ')}`);
+    if (misshaped.length) found.push(`${misshaped.length} tensor(s) with the wrong shape: ${misshaped.join('; ')}`);
+    if (unexpected.length) found.push(`${unexpected.length} unexpected tensor(s): ${unexpected.join('; ')}`);
+    if (badDtype.length) found.push(`${badDtype.length} tensor(s) in an unsupported dtype (supported: ${[...FLOAT_DTYPES].join(', ')}): ${badDtype.join('; ')}`);
+    for (const f of found) problems.push(`checkpoint ${folder} does not match the expected tensors: ${f}`);
   }
+  return { dir: folder, files, config, tensors, problems, configError };
+}
 
-  const loaded = await readTensorsFrom(folder, selected, (n) => location.get(n)!.file);
+/** examineCheckpoint that throws when anything is wrong (a ConfigError when the config is the only problem). */
+export async function inspectCheckpoint(dir: string, opts: Pick<LoadOptions, 'expectedTensors'> = {}): Promise<CheckpointLayout> {
+  const found = await examineCheckpoint(dir, opts);
+  if (found.problems.length === 1 && found.configError) throw found.configError;
+  if (found.problems.length === 1) throw new CheckpointError(found.problems[0]!);
+  if (found.problems.length > 1) throw new CheckpointError(`${found.problems.length} problems with checkpoint ${found.dir}: ${found.problems.join(' | ')}`);
+  return { config: found.config!, files: found.files, dir: found.dir, tensors: found.tensors };
+}
+
+/**
+ * Loads a checkpoint folder. With `expectedTensors`, the whole folder is checked from its headers
+ * (even when `only` selects a part), so no service starts on a partly broken checkpoint.
+ */
+export async function loadCheckpoint(dir: string, opts: LoadOptions = {}): Promise<LoadedCheckpoint> {
+  const layout = await inspectCheckpoint(dir, opts);
+  const only = opts.only ?? (() => true);
+  const selected = [...layout.tensors.keys()].filter(only);
+  const loaded = await readTensorsFrom(layout.dir, selected, (n) => layout.tensors.get(n)!.file);
   // Keep the file's / index's order, independent of the file grouping.
   const tensors = new Map<string, Tensor>(selected.map((n) => [n, loaded.get(n)!]));
-  return { config, tensors, files, dir: folder };
+  return { config: layout.config, tensors, files: layout.files, dir: layout.dir };
 }

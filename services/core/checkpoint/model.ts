@@ -1,6 +1,6 @@
 // A model checkpoint in Hugging Face layout, plus (for training) the optimizer moments and the trainer's
 // state in the same atomically written folder, so a resumed run continues bit for bit.
-import { loadCheckpoint, saveCheckpoint, serializeSafetensors } from './index.js';
+import { inspectCheckpoint, loadCheckpoint, saveCheckpoint, serializeSafetensors, type CheckpointLayout, type WriteDtype } from './index.js';
 import { loadOptimizerMoments } from './cluster.js';
 import { modelTensorShapes } from '../model/hf.js';
 import { familyOf } from '../model/family.js';
@@ -18,7 +18,10 @@ export interface TrainingSnapshot {
   optimizers: Record<string, AdamW>;
 }
 
-export async function saveModel(dir: string, model: MixtralModel, training?: TrainingSnapshot): Promise<void> {
+/** How the weights are stored: training checkpoints keep the F32 default so a resume is bit for bit. */
+export interface ModelSaveOptions { dtype?: WriteDtype; maxShardBytes?: number }
+
+export async function saveModel(dir: string, model: MixtralModel, training?: TrainingSnapshot, options: ModelSaveOptions = {}): Promise<void> {
   const extraFiles: Record<string, string | Uint8Array> = {};
   if (training) {
     const moments = new Map();
@@ -30,7 +33,15 @@ export async function saveModel(dir: string, model: MixtralModel, training?: Tra
     extraFiles[OPTIMIZER_FILE] = serializeSafetensors(moments);
     extraFiles[TRAINER_STATE_FILE] = JSON.stringify({ ...training.state, optimizer_steps: steps }, null, 2);
   }
-  await saveCheckpoint(dir, { config: model.config, tensors: model.toHf(), extraFiles });
+  await saveCheckpoint(dir, { config: model.config, tensors: model.toHf(), extraFiles, ...options });
+}
+
+/**
+ * Checks a model folder from config.json and the safetensors headers (no tensor data): every service
+ * calls this before it serves or registers, so none runs on a partly broken checkpoint.
+ */
+export async function inspectModel(dir: string): Promise<CheckpointLayout> {
+  return inspectCheckpoint(dir, { expectedTensors: modelTensorShapes });
 }
 
 /** Loads a checkpoint into an in-process model; tensors are checked against the config first. */

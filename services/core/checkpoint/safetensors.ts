@@ -41,7 +41,7 @@ const DTYPE_BYTES: Record<string, number> = {
 };
 /** Dtypes this reader converts to Float32Array. */
 export const READABLE_DTYPES = ['F32', 'F16', 'BF16', 'F64', 'I32', 'I64'] as const;
-export type WriteDtype = 'F32' | 'BF16';
+export type WriteDtype = 'F32' | 'BF16' | 'F16';
 
 const MAX_HEADER_BYTES = 100_000_000; // same guard as the reference implementation
 

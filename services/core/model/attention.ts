@@ -1,4 +1,5 @@
-// Causal self-attention with grouped KV heads and rotary embedding, forward and hand-written backward.
+// Causal self-attention (optionally within a sliding window) with grouped KV heads and rotary embedding,
+// forward and hand-written backward.
 // Query heads that share a KV head are stacked along the row axis ([B·kvHeads, group·T, headDim]), so one
 // batched matMul serves the whole group without repeating K and V.
 import * as tf from '@tensorflow/tfjs-core';
@@ -14,6 +15,8 @@ export interface AttentionShape {
   heads: number;
   kvHeads: number;
   headDim: number;
+  /** Sliding window: the query at position i sees keys j with i − window < j ≤ i (undefined = all j ≤ i). */
+  window?: number;
 }
 
 export interface AttentionWeights {
@@ -41,13 +44,15 @@ export interface AttentionCache {
   sin: tf.Tensor3D;
 }
 
-function causalMask(groupRows: number, tokens: number, past: number): T2 {
+function causalMask(groupRows: number, tokens: number, past: number, window?: number): T2 {
   const keys = past + tokens;
   const m = new Float32Array(groupRows * tokens * keys);
   for (let g = 0; g < groupRows; g++)
     for (let t = 0; t < tokens; t++) {
       const row = (g * tokens + t) * keys;
-      for (let j = past + t + 1; j < keys; j++) m[row + j] = -1e30;
+      const position = past + t;
+      for (let j = position + 1; j < keys; j++) m[row + j] = -1e30;
+      if (window !== undefined) for (let j = 0; j <= position - window; j++) m[row + j] = -1e30;
     }
   return tf.tensor2d(m, [groupRows * tokens, keys]);
 }
@@ -80,9 +85,10 @@ const maskCache = new Map<string, tf.Tensor3D>();
 const MASK_CACHE_ENTRIES = 4;
 
 function maskFor(s: AttentionShape, group: number): tf.Tensor | undefined {
-  if (s.tokens === 1) return undefined; // one new query sees every cached key
-  if (s.past > 0) return causalMask(group, s.tokens, s.past);
-  const key = `${s.batch * s.kvHeads}x${group}x${s.tokens}`;
+  const windowCuts = s.window !== undefined && s.past + s.tokens > s.window;
+  if (s.tokens === 1 && !windowCuts) return undefined; // one new query sees every cached key
+  if (s.past > 0) return causalMask(group, s.tokens, s.past, windowCuts ? s.window : undefined);
+  const key = `${s.batch * s.kvHeads}x${group}x${s.tokens}x${windowCuts ? s.window : 'all'}`;
   let mask = maskCache.get(key);
   if (!mask) {
     if (maskCache.size >= MASK_CACHE_ENTRIES) {
@@ -90,7 +96,7 @@ function maskFor(s: AttentionShape, group: number): tf.Tensor | undefined {
       maskCache.delete(oldest);
       t.dispose();
     }
-    mask = tf.tidy(() => tf.keep(tf.tile(tf.expandDims(causalMask(group, s.tokens, 0), 0), [s.batch * s.kvHeads, 1, 1]) as tf.Tensor3D));
+    mask = tf.tidy(() => tf.keep(tf.tile(tf.expandDims(causalMask(group, s.tokens, 0, windowCuts ? s.window : undefined), 0), [s.batch * s.kvHeads, 1, 1]) as tf.Tensor3D));
     maskCache.set(key, mask);
   }
   return mask;

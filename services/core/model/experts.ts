@@ -186,6 +186,7 @@ export class ExpertSet {
     this.caches.clear();
     disposeAll(this.transposed);
     this.params.dispose();
+    this.held.clear();
   }
 }
 

@@ -84,9 +84,12 @@ function deepseekFamily(c: DeepseekConfig): ModelFamily {
 }
 
 /** Training entry points call this first: a family the backward does not cover is refused by name. */
+/** Throws when a config can be served but not trained here (every trainer calls this before starting). */
 export function assertTrainable(config: ModelConfig): void {
   if (!familyOf(config).trainable)
     throw new ConfigError(`model_type '${config.model_type}' cannot be trained yet (the hand-written backward covers Mixtral only); it can be served and generated from`);
+  if (config.tie_word_embeddings)
+    throw new ConfigError('tie_word_embeddings: true is supported for inference only; training with tied embeddings is not implemented');
 }
 
 const cache = new WeakMap<ModelConfig, ModelFamily>();

@@ -53,7 +53,8 @@ export function denseFromHf(config: ModelConfig, tensors: Map<string, HostTensor
   const family = familyOf(config);
   out.set(denseNames.embed, need(tensors, hfNames.embed));
   out.set(denseNames.norm, need(tensors, hfNames.norm));
-  out.set(denseNames.lmHead, flip(need(tensors, hfNames.lmHead)));
+  // Tied models have no LM head of their own: the model reads the embedding instead.
+  if (!config.tie_word_embeddings) out.set(denseNames.lmHead, flip(need(tensors, hfNames.lmHead)));
   for (let l = 0; l < config.num_hidden_layers; l++) {
     const parts = [hfNames.q(l), hfNames.k(l), hfNames.v(l)].map((n) => flip(need(tensors, n)));
     const width = parts.reduce((s, p) => s + p.shape[1], 0);
@@ -100,7 +101,7 @@ export function denseToHf(config: ModelConfig, dense: Map<string, HostTensor>): 
     out.set(hfNames.moeNorm(l), get(denseNames.moeNorm(l)));
   }
   out.set(hfNames.norm, get(denseNames.norm));
-  out.set(hfNames.lmHead, flip(get(denseNames.lmHead)));
+  if (!config.tie_word_embeddings) out.set(hfNames.lmHead, flip(get(denseNames.lmHead)));
   return out;
 }
 
@@ -129,7 +130,8 @@ function swigluShapes(m: Map<string, number[]>, name: (part: SwigluPart) => stri
 
 /**
  * Every tensor of a Hugging Face checkpoint of the config's family with its shape ([out, in] for linear
- * weights, as in PyTorch), plus the balancing bias when the config enables it.
+ * weights, as in PyTorch), plus the balancing bias when the config enables it; no lm_head.weight when the
+ * embeddings are tied (Hugging Face stores the shared matrix once).
  */
 export function modelTensorShapes(config: ModelConfig): Map<string, number[]> {
   const h = config.hidden_size;
@@ -156,9 +158,6 @@ export function modelTensorShapes(config: ModelConfig): Map<string, number[]> {
     if (mlpWidth > 0) swigluShapes(m, (part) => names.routerMlp(l, part), h, mlpWidth);
   }
   m.set(hfNames.norm, [h]);
-  m.set(hfNames.lmHead, [config.vocab_size, h]);
+  if (!config.tie_word_embeddings) m.set(hfNames.lmHead, [config.vocab_size, h]);
   return m;
 }
-
-/** The Mixtral-era name of modelTensorShapes (it covers every family). */
-export const mixtralTensorShapes = modelTensorShapes;

@@ -5,7 +5,7 @@
 // ExpertTransport, so the same code runs in one process or against expert shards; shared experts and
 // dense MLPs are router-side weights (docs/families.md).
 import * as tf from '@tensorflow/tfjs-core';
-import { headDim, type ModelConfig } from '../config.js';
+import { attentionWindow, headDim, type ModelConfig } from '../config.js';
 import { Rng } from '../data/random.js';
 import { updateBalanceBias } from '../gating/index.js';
 import { attentionBackward, attentionForward, type AttentionCache, type KvCache } from './attention.js';
@@ -114,7 +114,7 @@ export class MixtralModel {
       if (mlpWidth > 0) for (const [part, w] of Object.entries(swiglu(mlpWidth))) d.define(denseNames.mlp(l, part as keyof ExpertWeights), w);
     }
     d.define(denseNames.norm, ones());
-    d.define(denseNames.lmHead, tf.tensor2d(normalInit(rng, D * V, std), [D, V]));
+    if (!config.tie_word_embeddings) d.define(denseNames.lmHead, tf.tensor2d(normalInit(rng, D * V, std), [D, V]));
     return model;
   }
 
@@ -207,7 +207,15 @@ export class MixtralModel {
 
   private attentionShape(batch: number, tokens: number, past: number) {
     const c = this.config;
-    return { batch, tokens, past, heads: c.num_attention_heads, kvHeads: c.num_key_value_heads, headDim: this.headDim };
+    return { batch, tokens, past, heads: c.num_attention_heads, kvHeads: c.num_key_value_heads, headDim: this.headDim, window: attentionWindow(c) };
+  }
+
+  /**
+   * The LM head in compute layout [hidden, vocab]. Tied embeddings use the embedding's transpose, kept
+   * (one extra copy of the embedding) because a plain matMul is the fast path on wasm.
+   */
+  private lmHead(): T2 {
+    return this.config.tie_word_embeddings ? this.weightT(denseNames.embed) : this.dense.get(denseNames.lmHead);
   }
 
   /**
@@ -252,7 +260,7 @@ export class MixtralModel {
     }
     const nf = rmsNormForward(x, this.dense.get(denseNames.norm), eps);
     x.dispose();
-    const logits = mm(nf.y, this.dense.get(denseNames.lmHead));
+    const logits = mm(nf.y, this.lmHead());
     if (!opt.train) {
       disposeAll(nf.cache);
       return { logits, hidden: nf.y, stats, kv: newKv };
@@ -321,7 +329,7 @@ export class MixtralModel {
     const logits = tf.tidy(() => {
       const last = tf.gather(x, tf.tensor1d(lastRows, 'int32')) as T2;
       const nf = rmsNormForward(last, this.dense.get(denseNames.norm), eps);
-      return mm(nf.y, this.dense.get(denseNames.lmHead));
+      return mm(nf.y, this.lmHead());
     });
     x.dispose();
     const values = logits.dataSync() as Float32Array;

@@ -1,0 +1,77 @@
+// `switchyard import DIR`: checks a model folder (e.g. downloaded from the Hugging Face hub) from its
+// config and safetensors headers, with the same checks every service runs before it serves, and prints
+// what serving it takes; or lists everything missing or unsupported and exits 1.
+import { resolve } from 'node:path';
+import { examineCheckpoint, CheckpointError } from '../core/checkpoint/index.js';
+import { summarizeModel, type ByteSize, type ModelSummary } from '../core/checkpoint/summary.js';
+import { modelTensorShapes } from '../core/model/hf.js';
+
+export interface ImportFlags { shards: number; json?: boolean }
+
+/** Decimal units, as Hugging Face and GPU memory sizes are quoted. */
+export function formatBytes(bytes: number): string {
+  const units = ['B', 'kB', 'MB', 'GB', 'TB'];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1000 && unit < units.length - 1) {
+    value /= 1000;
+    unit++;
+  }
+  return unit === 0 ? `${bytes} B` : `${value.toFixed(value >= 100 ? 0 : value >= 10 ? 1 : 2)} ${units[unit]}`;
+}
+
+function formatCount(n: number): string {
+  if (n >= 1e9) return `${(n / 1e9).toFixed(2)} B`;
+  if (n >= 1e6) return `${(n / 1e6).toFixed(2)} M`;
+  if (n >= 1e3) return `${(n / 1e3).toFixed(1)} k`;
+  return String(n);
+}
+
+const both = (b: ByteSize) => `${formatBytes(b.stored)} stored, ${formatBytes(b.float32)} as float32`;
+
+export function formatSummary(s: ModelSummary): string {
+  const p = s.parameters;
+  const lines = [
+    `${s.dir}: ready to serve`,
+    `  model type        ${s.modelType}`,
+    `  layers            ${s.layers}`,
+    `  experts           ${s.experts} per layer, k = ${s.expertsPerToken} per token`,
+    `  hidden size       ${s.hiddenSize} (head_dim ${s.headDim})`,
+    `  intermediate size ${s.intermediateSize}`,
+    `  vocabulary        ${s.vocabSize}${s.tiedEmbeddings ? ' (tied embeddings)' : ''}`,
+    `  attention         ${s.slidingWindow === undefined ? 'full causal' : `sliding window ${s.slidingWindow}`}`,
+    `  parameters        ${formatCount(p.total)} total (${p.total}): ${formatCount(p.perExpert)} per expert (${p.perExpert}), ` +
+      `${formatCount(p.allExperts)} in experts, ${formatCount(p.dense)} dense (${p.dense})`,
+    `  dtype             torch_dtype ${s.torchDtype}; tensors ${s.dtypes.join(', ')} (converted to float32 for compute)`,
+    `  files             ${s.files.length} weight file(s), ${formatBytes(s.files.reduce((a, f) => a + f.bytes, 0))}: ${s.files.map((f) => f.name).join(', ')}`,
+    `  dense part        ${both(s.dense)} (each router)`,
+    `  expert shards     ${s.shards.length} (spread:i/${s.shards.length}):`,
+    ...s.shards.map((sh) => `    spread:${sh.shard}/${s.shards.length}  ${sh.experts} experts, ${both(sh.bytes)}`),
+    // The OpenAI text API encodes prompts as bytes; a tokenizer model is served by token ids (Open Inference).
+    `  tokenizer.json    ${s.tokenizer ? 'found' : 'not found'} (not used: send token ids to /v2/models/{name}/infer)`,
+  ];
+  return lines.join('\n') + '\n';
+}
+
+/** Runs the command; returns the exit code (0 ready, 1 not servable). */
+export async function importCommand(dir: string, flags: ImportFlags): Promise<number> {
+  const target = resolve(dir);
+  let problems: string[];
+  let summary: ModelSummary | undefined;
+  try {
+    const found = await examineCheckpoint(target, { expectedTensors: modelTensorShapes });
+    problems = found.problems;
+    if (!problems.length) summary = await summarizeModel({ config: found.config!, files: found.files, dir: found.dir, tensors: found.tensors }, flags.shards);
+  } catch (err) {
+    if (!(err instanceof CheckpointError)) throw err;
+    problems = [err.message];
+  }
+  if (flags.json) {
+    process.stdout.write(JSON.stringify(summary ? { ok: true, ...summary } : { ok: false, dir: target, problems }, null, 2) + '\n');
+  } else if (summary) {
+    process.stdout.write(formatSummary(summary));
+  } else {
+    process.stderr.write(`switchyard import: ${target} cannot be served (${problems.length} problem${problems.length === 1 ? '' : 's'}):\n${problems.map((p) => `  - ${p}`).join('\n')}\n`);
+  }
+  return summary ? 0 : 1;
+}

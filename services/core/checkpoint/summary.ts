@@ -1,0 +1,110 @@
+// What a model folder holds and what serving it costs, computed from config.json and the safetensors
+// headers only (no tensor data): `switchyard import` prints it before anything is started.
+import { stat } from 'node:fs/promises';
+import { join } from 'node:path';
+import { attentionWindow, headDim } from '../config.js';
+import { familyOf } from '../model/family.js';
+import { spreadExperts } from '../placement.js';
+import type { CheckpointLayout } from './index.js';
+import { numElements } from './safetensors.js';
+import { TOKENIZER_FILE } from '../tokenizer/hf.js';
+
+
+/** Stored bytes and the float32 bytes they become in memory (every dtype is converted for compute). */
+export interface ByteSize { stored: number; float32: number }
+
+export interface ShardFootprint {
+  /** Shard index i of `spread:i/N`. */
+  shard: number;
+  experts: number;
+  bytes: ByteSize;
+}
+
+export interface ModelSummary {
+  dir: string;
+  modelType: string;
+  layers: number;
+  experts: number;
+  expertsPerToken: number;
+  hiddenSize: number;
+  intermediateSize: number;
+  headDim: number;
+  vocabSize: number;
+  tiedEmbeddings: boolean;
+  /** Undefined: full causal attention. */
+  slidingWindow?: number;
+  torchDtype: string;
+  /** Dtypes found in the safetensors headers. */
+  dtypes: string[];
+  parameters: { total: number; perExpert: number; allExperts: number; dense: number };
+  files: Array<{ name: string; bytes: number }>;
+  /** Everything but the experts: what each router holds. */
+  dense: ByteSize;
+  /** Expert bytes per shard when the experts are spread over `shards.length` shards as `spread:i/N`. */
+  shards: ShardFootprint[];
+  tokenizer: boolean;
+}
+
+const size = (elements: number, bytes: number): ByteSize => ({ stored: bytes, float32: elements * 4 });
+
+/** Summarises a checked layout (inspectModel); `shardCount` shards as `spread:i/N` places experts. */
+export async function summarizeModel(layout: CheckpointLayout, shardCount: number): Promise<ModelSummary> {
+  const c = layout.config;
+  const family = familyOf(c);
+  const expertPrefix = family.names.expertPrefix;
+  const perExpert = new Map<string, { elements: number; bytes: number }>();
+  let denseElements = 0;
+  let denseBytes = 0;
+  let total = 0;
+  const dtypes = new Set<string>();
+  for (const [name, { info }] of layout.tensors) {
+    const elements = numElements(info.shape);
+    const bytes = info.end - info.begin;
+    total += elements;
+    dtypes.add(info.dtype);
+    if (!family.names.isExpertTensor(name)) {
+      denseElements += elements;
+      denseBytes += bytes;
+      continue;
+    }
+    // `<prefix>.<matrix>.weight`: the expert's prefix is the name without its last two parts.
+    const key = name.split('.').slice(0, -2).join('.') + '.';
+    const sum = perExpert.get(key) ?? { elements: 0, bytes: 0 };
+    sum.elements += elements;
+    sum.bytes += bytes;
+    perExpert.set(key, sum);
+  }
+  const shards = spreadExperts(family.moeLayers, family.experts, shardCount).map((keys, shard) => {
+    let elements = 0;
+    let bytes = 0;
+    for (const { layer, expert } of keys) {
+      const e = perExpert.get(expertPrefix(layer, expert));
+      elements += e?.elements ?? 0;
+      bytes += e?.bytes ?? 0;
+    }
+    return { shard, experts: keys.length, bytes: size(elements, bytes) };
+  });
+  const weightFiles = [...new Set([...layout.tensors.values()].map((t) => t.file))].sort();
+  const files = await Promise.all([...weightFiles].map(async (name) => ({ name, bytes: (await stat(join(layout.dir, name))).size })));
+  const expertElements = [...perExpert.values()].reduce((s, e) => s + e.elements, 0);
+  return {
+    dir: layout.dir,
+    modelType: c.model_type,
+    layers: c.num_hidden_layers,
+    experts: family.experts,
+    expertsPerToken: c.num_experts_per_tok,
+    hiddenSize: c.hidden_size,
+    intermediateSize: family.expertIntermediate,
+    headDim: headDim(c),
+    vocabSize: c.vocab_size,
+    tiedEmbeddings: c.tie_word_embeddings,
+    slidingWindow: attentionWindow(c),
+    torchDtype: c.torch_dtype,
+    dtypes: [...dtypes].sort(),
+    parameters: { total, perExpert: 3 * c.hidden_size * family.expertIntermediate, allExperts: expertElements, dense: denseElements },
+    files,
+    dense: size(denseElements, denseBytes),
+    shards,
+    tokenizer: layout.files.includes(TOKENIZER_FILE),
+  };
+}
