@@ -338,7 +338,7 @@ test('docker-compose.yml validates against the Compose specification', () => {
 test('compose services run real switchyard commands, on the ports their health checks use', () => {
   const { services, volumes } = compose();
   const switchyard = Object.entries(services).filter(([, s]) => s.build?.dockerfile?.startsWith('deploy/docker/'));
-  assert.deepEqual(switchyard.map(([n]) => n).sort(), ['coordinator', 'expert-a', 'expert-b', 'expert-gpu', 'model-init', 'router']);
+  assert.deepEqual(switchyard.map(([n]) => n).sort(), ['coordinator', 'expert-a', 'expert-b', 'expert-elastic', 'expert-gpu', 'model-init', 'router']);
   const experts: Array<[string, ReturnType<typeof checkInvocation>]> = [];
   for (const [name, s] of switchyard) {
     const where = `compose service ${name}`;

@@ -43,7 +43,7 @@ interface Target { refId?: string; expr?: string }
 interface Panel { type: string; title?: string; datasource?: { type?: string; uid?: string }; targets?: Target[]; panels?: Panel[]; gridPos?: unknown }
 interface Dashboard { uid: string; title: string; schemaVersion: number; panels: Panel[]; templating: { list: { name: string; type: string; query: unknown; multi?: boolean; includeAll?: boolean }[] } }
 
-test('the Grafana dashboard: datasource variable everywhere, the seven rows in order, a query in every target', () => {
+test('the Grafana dashboard: datasource variable everywhere, the eight rows in order, a query in every target', () => {
   const dashboard = JSON.parse(readFileSync(dashboardPath, 'utf8')) as Dashboard;
   assert.equal(dashboard.uid, 'switchyard-moe');
   assert.equal(dashboard.schemaVersion, 39);
@@ -66,7 +66,7 @@ test('the Grafana dashboard: datasource variable everywhere, the seven rows in o
       queryPanels.push(panel);
     }
   }
-  assert.deepEqual(rows, ['Overview', 'Per-expert load', 'Capacity and drops', 'Imbalance', 'Queue and scaling', 'Latency', 'Coordinator']);
+  assert.deepEqual(rows, ['Overview', 'Per-expert load', 'Capacity and drops', 'Imbalance', 'Queue and scaling', 'Latency', 'Coordinator', 'Placement']);
   assert.ok(queryPanels.length >= 25, `only ${queryPanels.length} panels`);
 
   for (const panel of queryPanels) {
@@ -108,6 +108,8 @@ const EXPORTED = new Set([
   'switchyard_router_credits_in_flight', 'switchyard_router_shards_down', 'switchyard_router_unserved_rows_total',
   'switchyard_expert_queue_rows', 'switchyard_expert_queue_messages', 'switchyard_expert_compute_seconds',
   'switchyard_expert_rows_total', 'switchyard_coordinator_members', 'switchyard_coordinator_placement_version',
+  'switchyard_placement_generation', 'switchyard_expert_replicas', 'switchyard_placement_predicted_max_over_mean',
+  'switchyard_placement_measured_max_over_mean', 'switchyard_placement_migration_seconds',
   'switchyard_train_generation', 'switchyard_train_committed_step', 'switchyard_train_step', 'switchyard_train_loss',
   'switchyard_train_validation_loss', 'switchyard_train_tokens_per_second', 'switchyard_train_tokens_total',
   'switchyard_train_step_seconds', 'switchyard_train_expert_tokens_total', 'switchyard_allreduce_seconds',
