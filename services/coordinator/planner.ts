@@ -42,10 +42,14 @@ export class PlacementInfeasible extends Error {
 // A shard that already holds an expert keeps it unless another shard ends up this much (in units of
 // the replica's load) less loaded: moving weights costs loading time for a small gain.
 const STICKINESS = 0.25;
-// A replica is added only when it lowers the predicted maximum by at least this fraction.
-const MIN_GAIN = 0.01;
+// A replica costs memory and loading time: it is added only when it lowers the predicted maximum by at
+// least this fraction, and none is added once the maximum is this close to the mean (no plan beats it).
+const MIN_GAIN = 0.05;
+const GOOD_ENOUGH = 1.05;
 // Greedy replication may need a few replicas before the maximum falls (two hot experts on one shard).
 const PATIENCE = 3;
+// Keeping experts where they are may cost at most this much of the most loaded shard's load.
+const STICKY_COST = 0.02;
 
 const keyText = (k: ExpertKey) => `${k.layer}/${k.expert}`;
 
@@ -64,27 +68,33 @@ export function planPlacement(input: PlanInput): Plan {
   const demand = Float64Array.from(input.load, (x) => Math.max(0, x) + floor);
   const held = shards.map((s) => new Set(s.holds.map((k) => indexOf.get(keyText(k))).filter((i): i is number => i !== undefined)));
 
+  // Replica counts are chosen on balance alone (no preference for what shards hold), so keeping weights
+  // in place never makes the planner buy replicas to make up for a lopsided packing.
+  const unheld = shards.map(() => new Set<number>());
   const replicas = new Int32Array(n).fill(1);
-  let best = pack(demand, replicas, capacity, held);
-  let current = replicas.slice();
+  let balanced = pack(demand, replicas, capacity, unheld);
+  const current = replicas.slice();
   let misses = 0;
-  for (let used = n; used < slots && misses < PATIENCE; used++) {
+  const mean = demand.reduce((a, b) => a + b, 0) / shards.length;
+  for (let used = n; used < slots && misses < PATIENCE && !(balanced && balanced.max <= mean * GOOD_ENOUGH); used++) {
     let hot = -1;
     for (let e = 0; e < n; e++)
       if (current[e] < shards.length && (hot < 0 || demand[e] / current[e] > demand[hot] / current[hot])) hot = e;
     if (hot < 0) break;
     current[hot]++;
-    const trial = pack(demand, current, capacity, held);
-    if (trial && (!best || trial.max < best.max * (1 - MIN_GAIN))) {
-      best = trial;
+    const trial = pack(demand, current, capacity, unheld);
+    if (trial && (!balanced || trial.max < balanced.max * (1 - MIN_GAIN))) {
+      balanced = trial;
       replicas.set(current);
       misses = 0;
     } else {
       misses++;
     }
   }
+  // Then the same copies packed with a preference for where weights already are, when that costs little.
+  const sticky = pack(demand, replicas, capacity, held);
+  const best = sticky && (!balanced || sticky.max <= balanced.max * (1 + STICKY_COST)) ? sticky : balanced;
   if (!best) throw new PlacementInfeasible('the experts do not fit the shards\' budgets');
-  const mean = demand.reduce((a, b) => a + b, 0) / shards.length;
   // A single expert can be split over at most min(shards, 1 + spare slots) replicas.
   const maxCopies = Math.min(shards.length, 1 + slots - n);
   const lowerBound = Math.max(mean, ...Array.from(demand, (d) => d / maxCopies));
