@@ -17,6 +17,7 @@ import { maxOverMean, planPlacement, PlacementInfeasible, placementLoad } from '
 import { hammer, startCluster, type Outcome, type TestCluster } from './support/cluster.js';
 import type { RunningService } from './support/services.js';
 import { runCli } from './support/cli.js';
+import { until } from './support/until.js';
 
 await initBackend();
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -74,15 +75,6 @@ async function placement(c: TestCluster): Promise<{ shards: Array<{ shard_id: st
   return res.json() as never;
 }
 
-async function until<T>(what: string, probe: () => Promise<T | undefined>, timeoutMs = 60_000): Promise<T> {
-  const started = Date.now();
-  for (;;) {
-    const v = await probe().catch(() => undefined);
-    if (v !== undefined) return v;
-    if (Date.now() - started > timeoutMs) throw new Error(`timed out waiting for ${what}`);
-    await sleep(100);
-  }
-}
 
 function assertAllServed(outcomes: Outcome[]): void {
   assert.ok(outcomes.length > 10, `${outcomes.length} requests`);

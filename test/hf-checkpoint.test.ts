@@ -116,7 +116,7 @@ describe('configs as published', () => {
   test('unsupported keys are refused naming the key; no-op values are accepted', () => {
     const refused = (raw: object, message: RegExp) =>
       assert.throws(() => parseModelConfig(raw), (e: Error) => e instanceof ConfigError && message.test(e.message), String(message));
-    refused({ ...MIXTRAL_8X7B, model_type: 'llama' }, /model_type 'llama' is not supported \(supported: mixtral\)/);
+    refused({ ...MIXTRAL_8X7B, model_type: 'llama' }, /model_type 'llama' is not supported \(supported: mixtral, deepseek\)/);
     refused({ ...MIXTRAL_8X7B, rope_scaling: { type: 'linear', factor: 2 } }, /rope_scaling .*"linear".* is not supported: scaled rotary embeddings are not implemented/);
     refused({ ...MIXTRAL_8X7B, torch_dtype: 'int8' }, /torch_dtype/);
     refused({ ...MIXTRAL_8X7B, sliding_window: 0 }, /sliding_window/);
@@ -416,7 +416,7 @@ describe('a bf16 checkpoint in the published layout', () => {
         const cfg = JSON.parse(await readFile(join(d, 'config.json'), 'utf8')) as Record<string, unknown>;
         await writeFile(join(d, 'config.json'), JSON.stringify({ ...cfg, model_type: 'llama' }));
       });
-      const message = /model_type 'llama' is not supported \(supported: mixtral\)/;
+      const message = /model_type 'llama' is not supported \(supported: mixtral, deepseek\)/;
       await refusedImport(dir, [message]);
       await refusedService(expertArgs(dir), message);
     });

@@ -78,7 +78,7 @@ test('the contracts load as grpc-js services with the documented methods', () =>
   assert.deepEqual(Object.keys(protos.switchyard.v1.ExpertService.service), ['Exchange']);
   const exchange = protos.switchyard.v1.ExpertService.service.Exchange;
   assert.ok(exchange.requestStream && exchange.responseStream, 'Exchange is one bidirectional stream');
-  assert.deepEqual(Object.keys(protos.switchyard.v1.Coordinator.service).sort(), ['AllReduce', 'Deregister', 'Heartbeat', 'Register', 'TrainSync', 'WatchPlacement']);
+  assert.deepEqual(Object.keys(protos.switchyard.v1.Coordinator.service).sort(), ['AllReduce', 'Deregister', 'Drain', 'Heartbeat', 'Register', 'ReportHoldings', 'TrainSync', 'WatchPlacement']);
   assert.ok(protos.switchyard.v1.Coordinator.service.AllReduce.requestStream && protos.switchyard.v1.Coordinator.service.AllReduce.responseStream);
   assert.ok(protos.switchyard.v1.Coordinator.service.WatchPlacement.responseStream);
 });
