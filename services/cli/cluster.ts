@@ -84,10 +84,14 @@ export class Cluster {
     return Object.fromEntries(this.children.map((c) => [c.name, c.process.pid ?? -1]));
   }
 
-  /** SIGTERM to every child (routers first, so they drain before the shards go), SIGKILL after 10 s. */
+  /**
+   * SIGTERM to every child, SIGKILL after 10 s: routers first (they finish admitted requests), then the
+   * coordinator, so shards leaving a cluster that stops as a whole do not have their experts moved.
+   */
   async stop(): Promise<void> {
     this.stopping = true;
-    const order = [...this.children].reverse();
+    const rank = (c: Child) => (c.name.startsWith('router') ? 0 : c.name === 'coordinator' ? 1 : 2);
+    const order = [...this.children].reverse().sort((a, b) => rank(a) - rank(b));
     for (const c of order) {
       if (c.process.exitCode !== null || c.process.signalCode !== null) continue;
       const exited = new Promise<void>((resolve) => c.process.once('exit', () => resolve()));
