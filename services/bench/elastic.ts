@@ -20,38 +20,49 @@ import { median, report, type BenchRow } from './report.js';
 /** The model `npm start` trains, when it exists: its routing is what real traffic looks like. */
 const TRAINED = checkpointDirOf('checkpoints/default');
 
-interface Trace { halves: [Float64Array, Float64Array]; keys: ExpertKey[]; moeLayers: readonly number[]; experts: number; source: string }
+interface Trace { traffic: string; halves: [Float64Array, Float64Array]; keys: ExpertKey[]; moeLayers: readonly number[]; experts: number }
 
-async function recordTrace(quick: boolean): Promise<Trace> {
-  const small = preset('small');
-  const trained = existsSync(join(TRAINED, 'config.json'));
-  const model = trained ? await loadModel(TRAINED) : MixtralModel.initialize(small.model, 4);
+/** The routing demand of the model reading `text` (8 sequences a batch), split into two halves of the batches. */
+async function recordTrace(model: MixtralModel, traffic: string, text: Uint8Array, quick: boolean): Promise<Trace> {
   const keys = expertKeys(familyOf(model.config).moeLayers, familyOf(model.config).experts);
   const index = new Map(keys.map((k, i) => [`${k.layer}/${k.expert}`, i]));
   const E = familyOf(model.config).experts;
-  const t = small.train;
-  const { validation } = splitCorpus((await loadCorpus()).bytes, t.validation_fraction);
-  const sampler = new BatchSampler(validation, t.seq_len, 8, 77);
+  const t = preset('small').train;
+  const sampler = new BatchSampler(text, t.seq_len, 8, 77);
   const batches = quick ? 8 : 32;
   const halves: [Float64Array, Float64Array] = [new Float64Array(keys.length), new Float64Array(keys.length)];
   let half = 0;
   model.onRouting = (layer, stats) => {
     for (let e = 0; e < E; e++) halves[half][index.get(`${layer}/${e}`)!] += stats.countsBeforeDrop[e];
   };
+  for (let b = 0; b < batches; b++) {
+    half = b < batches / 2 ? 0 : 1;
+    const batch = sampler.next();
+    await model.evalLoss(batch.inputs, batch.targets, 8, t.seq_len);
+  }
+  model.onRouting = undefined;
+  return { traffic, halves, keys, moeLayers: familyOf(model.config).moeLayers, experts: E };
+}
+
+/** Two recorded workloads: held-out book text, and skewed traffic (one sentence over and over). */
+async function recordTraces(quick: boolean): Promise<{ traces: Trace[]; source: string }> {
+  const small = preset('small');
+  const trained = existsSync(join(TRAINED, 'config.json'));
+  const model = trained ? await loadModel(TRAINED) : MixtralModel.initialize(small.model, 4);
   try {
-    for (let b = 0; b < batches; b++) {
-      half = b < batches / 2 ? 0 : 1;
-      const batch = sampler.next();
-      await model.evalLoss(batch.inputs, batch.targets, 8, t.seq_len);
-    }
+    const { validation } = splitCorpus((await loadCorpus()).bytes, small.train.validation_fraction);
+    const repeated = new TextEncoder().encode('Call me Ishmael. '.repeat(4096));
+    return {
+      traces: [await recordTrace(model, 'book text', validation, quick), await recordTrace(model, 'one sentence repeated', repeated, quick)],
+      source: trained ? `trained ${TRAINED}` : 'small, random weights (run `npm start` first for a trained model)',
+    };
   } finally {
     model.dispose();
   }
-  return { halves, keys, moeLayers: familyOf(model.config).moeLayers, experts: E, source: trained ? `trained ${TRAINED}` : 'small, random weights (run `npm start` first for a trained model)' };
 }
 
 function plannerRows(trace: Trace): BenchRow[] {
-  const { keys, moeLayers, experts, halves: [fit, held] } = trace;
+  const { traffic, keys, moeLayers, experts, halves: [fit, held] } = trace;
   const n = keys.length;
   const rows: BenchRow[] = [];
   for (const shards of [2, 4, 8]) {
@@ -63,7 +74,7 @@ function plannerRows(trace: Trace): BenchRow[] {
       // Lower bound on the held-out half: no shard below the mean, no expert split over more copies than slots allow.
       const onHeld = planPlacement({ experts: keys, shards: empty, load: held });
       const bound = onHeld.lowerBound / onHeld.mean;
-      const label = `${shards} shards, ${budget ? `≤ ${budget} experts each` : 'no memory limit'}`;
+      const label = `${traffic}, ${shards} shards, ${budget ? `≤ ${budget} experts each` : 'no memory limit'}`;
       rows.push({ name: `${label}: default spread max/mean (held-out half)`, value: spread, unit: 'ratio', anchor: bound, ratio: spread / bound });
       rows.push({ name: `${label}: planner max/mean (held-out half)`, value: planned, unit: 'ratio', anchor: bound, ratio: planned / bound, target: '≤ spread' , met: planned <= spread + 1e-9 });
       rows.push({ name: `${label}: planner max/mean (same half it planned on)`, value: onHeld.predictedMax / onHeld.mean, unit: 'ratio', anchor: bound, ratio: onHeld.predictedMax / onHeld.lowerBound });
@@ -128,10 +139,10 @@ async function scaleUpSeconds(quick: boolean): Promise<{ firstRow: number[]; rea
 }
 
 export async function elasticSuite(quick: boolean): Promise<void> {
-  const trace = await recordTrace(quick);
-  const rows = plannerRows(trace);
+  const { traces, source } = await recordTraces(quick);
+  const rows = traces.flatMap(plannerRows);
   const { firstRow, ready } = await scaleUpSeconds(quick);
   rows.push({ name: 'empty shard: registration → in the placement (median)', value: median(ready), unit: 's' });
   rows.push({ name: 'empty shard: registration → first served row (median)', value: median(firstRow), unit: 's', target: '< 10 s', met: median(firstRow) < 10 });
-  await report('elastic', rows, { traces: trace.source, moeLayers: trace.moeLayers, experts: trace.experts, addedShards: firstRow.length, firstRowSeconds: firstRow, readySeconds: ready, quick });
+  await report('elastic', rows, { traces: source, moeLayers: traces[0].moeLayers, experts: traces[0].experts, addedShards: firstRow.length, firstRowSeconds: firstRow, readySeconds: ready, quick });
 }
