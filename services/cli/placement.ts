@@ -25,7 +25,7 @@ function render(action: keyof typeof ACTIONS, body: Row): string {
       `shard load max/mean: predicted ${Number(body.predicted_max_over_mean).toFixed(3)}, measured ${Number(body.measured_max_over_mean).toFixed(3)}`,
     ].join('\n');
   }
-  const plan = (action === 'plan' ? body.plan : body.plan) as Row | undefined;
+  const plan = body.plan as Row | undefined;
   const lines: string[] = [];
   if (action === 'apply') lines.push(`${body.applied ? 'applied' : 'not applied'}: ${String(body.reason)} (${Number(body.seconds).toFixed(2)} s, ${String(body.loaded)} expert copies loaded)`);
   if (plan) {
