@@ -3,18 +3,16 @@
 // second half, against the default spread and the lower bound; (2) seconds from an empty shard's
 // registration to the first row it serves, in a live cluster under load (target < 10 s).
 import { existsSync } from 'node:fs';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { preset } from '../core/config.js';
-import { loadModel, saveModel } from '../core/checkpoint/model.js';
+import { loadModel } from '../core/checkpoint/model.js';
 import { BatchSampler, loadCorpus, splitCorpus } from '../core/data/corpus.js';
 import { MixtralModel } from '../core/model/model.js';
 import { expertKeys, spreadExperts, type ExpertKey } from '../core/placement.js';
 import { familyOf } from '../core/model/family.js';
 import { checkpointDirOf } from '../core/train/trainer.js';
 import { maxOverMean, placementLoad, planPlacement } from '../coordinator/planner.js';
-import { Cluster } from '../cli/cluster.js';
+import { withSmallCluster } from './local-cluster.js';
 import { median, report, type BenchRow } from './report.js';
 
 /** The model `npm start` trains, when it exists: its routing is what real traffic looks like. */
@@ -93,17 +91,10 @@ async function gauge(url: string, name: string): Promise<number> {
 
 /** Registration → first served row of shards added one after another to a cluster under load. */
 async function scaleUpSeconds(quick: boolean): Promise<{ firstRow: number[]; ready: number[] }> {
-  const dir = await mkdtemp(join(tmpdir(), 'switchyard-bench-elastic-'));
-  const { model: config } = preset('small');
-  const model = MixtralModel.initialize(config, 4);
-  await saveModel(join(dir, 'small'), model);
-  model.dispose();
-  const cluster = new Cluster({ checkpoint: join(dir, 'small'), shards: 2, routers: 1, host: '127.0.0.1', port: 0, log: () => undefined });
   const firstRow: number[] = [];
   const ready: number[] = [];
   let stop = false;
-  try {
-    await cluster.up();
+  await withSmallCluster('elastic', async (cluster) => {
     const url = `${cluster.routerUrls[0]}/v1/completions`;
     const client = async (w: number) => {
       for (let i = 0; !stop; i++) {
@@ -130,11 +121,7 @@ async function scaleUpSeconds(quick: boolean): Promise<{ firstRow: number[]; rea
     }
     stop = true;
     await load;
-  } finally {
-    stop = true;
-    await cluster.stop();
-    await rm(dir, { recursive: true, force: true });
-  }
+  }).finally(() => { stop = true; });
   return { firstRow, ready };
 }
 

@@ -1,30 +1,17 @@
 // load suite (autocannon on loopback): completions against a local cluster (small model, two shards,
 // one router with its default admission settings). First the maximum sustainable rate (closed loop,
 // answers 200), then open-loop rates of 50%, 100% and 200% of it: p50/p99 latency and the share of 503.
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { preset } from '../core/config.js';
-import { MixtralModel } from '../core/model/model.js';
-import { saveModel } from '../core/checkpoint/model.js';
-import { Cluster } from '../cli/cluster.js';
 import { report, type BenchRow } from './report.js';
+import { withSmallCluster } from './local-cluster.js';
 
 interface Run { rps: number; ok: number; refused: number; other: number; p50: number; p99: number }
 
 export async function loadSuite(quick: boolean): Promise<void> {
   // A bench dependency only (devDependencies): loaded when the suite runs.
   const { default: autocannon } = await import('autocannon');
-  const dir = await mkdtemp(join(tmpdir(), 'switchyard-bench-load-'));
-  const { model: config } = preset('small');
-  const model = MixtralModel.initialize(config, 4);
-  await saveModel(join(dir, 'small'), model);
-  model.dispose();
-  const cluster = new Cluster({ checkpoint: join(dir, 'small'), shards: 2, routers: 1, host: '127.0.0.1', port: 0, log: () => undefined });
   const seconds = quick ? 4 : 15;
   const rows: BenchRow[] = [];
-  try {
-    await cluster.up();
+  await withSmallCluster('load', async (cluster) => {
     const url = `${cluster.routerUrls[0]}/v1/completions`;
     const run = async (connections: number, overallRate?: number): Promise<Run> => {
       const r = await autocannon({
@@ -53,8 +40,5 @@ export async function loadSuite(quick: boolean): Promise<void> {
       rows.push({ name: `${fraction * 100}%: other failures (not 200/503)`, value: r.other, unit: 'requests', target: '0', met: r.other === 0 });
     }
     await report('load', rows, { quick, seconds, model: 'small (random weights)', shards: 2, routers: 1, max_tokens: 16, deadline_ms: 5000 });
-  } finally {
-    await cluster.stop();
-    await rm(dir, { recursive: true, force: true });
-  }
+  });
 }

@@ -2,25 +2,21 @@
 // block in one process (target ≥ 0.7x at 2048 tokens); wire suite: bytes per dispatched row versus raw,
 // and the tensor codec's speed.
 import * as tf from '@tensorflow/tfjs-core';
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
 import type { MethodDefinition } from '@grpc/proto-loader';
 import { parseModelConfig, BYTE_VOCAB_SIZE } from '../core/config.js';
 import { Rng } from '../core/data/random.js';
 import { MixtralModel } from '../core/model/model.js';
 import { InProcessTransport } from '../core/model/experts.js';
 import { MoeLayer } from '../core/model/moe.js';
-import { saveModel } from '../core/checkpoint/model.js';
 import { GrpcExpertTransport } from '../core/wire/grpc-transport.js';
 import { CoordinatorLink } from '../core/wire/coordinator-link.js';
 import { fromWireTensor, toWireTensor } from '../core/wire/tensor.js';
-import { Cluster } from '../cli/cluster.js';
 import * as grpc from '@grpc/grpc-js';
 import { CHANNEL_OPTIONS, packageDefinition } from '../core/wire/protos.js';
 import { grpcEcho, RawEchoClient, startEchoProcess, tcpEcho } from './echo-server.js';
 import { report, timeMedian, type BenchRow } from './report.js';
 import { denseNames } from '../core/model/hf.js';
+import { withLocalCluster } from './local-cluster.js';
 
 const HIDDEN = 512;
 const INTERMEDIATE = 1024;
@@ -43,18 +39,13 @@ export async function moeLayerSuite(quick: boolean): Promise<void> {
   const expertCounts = quick ? [8] : [8, 64];
   const tokenCounts = quick ? [2048] : [256, 2048, 8192];
   for (const experts of expertCounts) {
-    const dir = await mkdtemp(join(tmpdir(), 'switchyard-bench-moe-'));
     const config = parseModelConfig({
       hidden_size: HIDDEN, intermediate_size: INTERMEDIATE, num_hidden_layers: 1, num_attention_heads: 8, num_key_value_heads: 8,
       num_local_experts: experts, num_experts_per_tok: 2, vocab_size: BYTE_VOCAB_SIZE, max_position_embeddings: 64,
     });
     const model = MixtralModel.initialize(config, 3);
-    await saveModel(join(dir, 'ckpt'), model);
-    const cluster = new Cluster({
-      checkpoint: join(dir, 'ckpt'), shards: 2, routers: 0, host: '127.0.0.1', port: 0, log: () => undefined,
-    });
     try {
-      await cluster.up();
+      await withLocalCluster('moe', model, 0, async (cluster) => {
       const owners = await placementOfCluster(cluster.coordinatorAddress);
       const remote = new GrpcExpertTransport((l, e) => [owners.get(`${l}/${e}`)!], HIDDEN);
       const gate = model.dense.get<tf.Rank.R2>(denseNames.gate(0));
@@ -79,10 +70,9 @@ export async function moeLayerSuite(quick: boolean): Promise<void> {
         });
       }
       remote.close();
+      });
     } finally {
-      await cluster.stop();
       model.dispose();
-      await rm(dir, { recursive: true, force: true });
     }
   }
   await report('moe-layer', rows, { hidden: HIDDEN, intermediate: INTERMEDIATE, k: 2, shards: 2, reps, quick });

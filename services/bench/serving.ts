@@ -1,13 +1,7 @@
 // serving suite: completions through `switchyard up`'s cluster (coordinator, two shards, one router) at
 // 1, 8 and 32 concurrent requests: aggregate tokens/s and request latency p50/p99.
-import { mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { preset } from '../core/config.js';
-import { MixtralModel } from '../core/model/model.js';
-import { saveModel } from '../core/checkpoint/model.js';
-import { Cluster } from '../cli/cluster.js';
 import { median, report, type BenchRow } from './report.js';
+import { withSmallCluster } from './local-cluster.js';
 
 const percentile = (values: number[], p: number): number => {
   const s = [...values].sort((a, b) => a - b);
@@ -15,18 +9,9 @@ const percentile = (values: number[], p: number): number => {
 };
 
 export async function servingSuite(quick: boolean): Promise<void> {
-  const dir = await mkdtemp(join(tmpdir(), 'switchyard-bench-serving-'));
-  const { model: config } = preset('small');
-  const model = MixtralModel.initialize(config, 4);
-  await saveModel(join(dir, 'small'), model);
-  model.dispose();
-  const cluster = new Cluster({
-    checkpoint: join(dir, 'small'), shards: 2, routers: 1, host: '127.0.0.1', port: 0, log: () => undefined,
-  });
   const rows: BenchRow[] = [];
   const maxTokens = quick ? 16 : 48;
-  try {
-    await cluster.up();
+  await withSmallCluster('serving', async (cluster) => {
     const url = `${cluster.routerUrls[0]}/v1/completions`;
     const complete = async (i: number): Promise<{ seconds: number; tokens: number }> => {
       const t0 = performance.now();
@@ -54,9 +39,6 @@ export async function servingSuite(quick: boolean): Promise<void> {
       rows.push({ name: `${concurrency} concurrent: latency p50`, value: percentile(latencies, 50), unit: 's' });
       rows.push({ name: `${concurrency} concurrent: latency p99`, value: percentile(latencies, 99), unit: 's' });
     }
-  } finally {
-    await cluster.stop();
-    await rm(dir, { recursive: true, force: true });
-  }
+  });
   await report('serving', rows, { model: 'small (random weights)', shards: 2, routers: 1, maxTokens, quick });
 }
