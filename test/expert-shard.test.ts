@@ -69,6 +69,27 @@ function assertGradientsClose(distributed: MixtralModel): void {
   }
 }
 
+/**
+ * The router's model over `transport` gives the in-process logits, loss and dense gradients (backward
+ * over the wire too); `afterForward` checks which shards served.
+ */
+async function assertMatchesReference(transport: GrpcExpertTransport, passId: string, afterForward: () => void): Promise<void> {
+  const distributed = await loadDenseModel(checkpoint, transport);
+  try {
+    assertLogitsClose(await distributed.logits(ids, B, T), await reference.logits(ids, B, T));
+    afterForward();
+    const a = await reference.lossAndGradients(ids, targets, B, T, { passId, train: true });
+    const b = await distributed.lossAndGradients(ids, targets, B, T, { passId, train: true });
+    assert.ok(Math.abs(a.loss - b.loss) <= 1e-6, `loss ${a.loss} vs ${b.loss}`);
+    assertGradientsClose(distributed);
+  } finally {
+    reference.dense.clearGrads();
+    reference.localExperts!.params.clearGrads();
+    transport.close();
+    distributed.dispose();
+  }
+}
+
 for (const [arrangement, specs] of [
   ['one layer per shard', ['0:0-3', '1:0-3']],
   ["a layer's experts split over shards, each shard holding several layers", ['0:0,1;1:2,3', '0:2,3;1:0,1']],
@@ -80,46 +101,19 @@ for (const [arrangement, specs] of [
       for (const { layer, expert } of parseAssignment(spec, 2, 4)) owner.set(`${layer}/${expert}`, addresses[i]);
     });
     const transport = new GrpcExpertTransport((l, e) => [owner.get(`${l}/${e}`)!], tiny.model.hidden_size);
-    const distributed = await loadDenseModel(checkpoint, transport);
-    try {
-      const want = await reference.logits(ids, B, T);
-      const got = await distributed.logits(ids, B, T);
-      assertLogitsClose(got, want);
+    await assertMatchesReference(transport, 'p', () => {
       assert.ok([...transport.messagesSent.values()].every((n) => n > 0), 'both shards were used');
-      // Backward over the wire: the router's gradients match the in-process run.
-      const a = await reference.lossAndGradients(ids, targets, B, T, { passId: 'p', train: true });
-      const b = await distributed.lossAndGradients(ids, targets, B, T, { passId: 'p', train: true });
-      assert.ok(Math.abs(a.loss - b.loss) <= 1e-6, `loss ${a.loss} vs ${b.loss}`);
-      assertGradientsClose(distributed);
-    } finally {
-      reference.dense.clearGrads();
-      reference.localExperts!.params.clearGrads();
-      transport.close();
-      distributed.dispose();
-    }
+    });
   });
 }
 
 test('every expert replicated on two shards: rows split over the replicas, logits and gradients unchanged', async () => {
   const addresses = await Promise.all(['all', 'all'].map(shard));
   const transport = new GrpcExpertTransport(() => addresses, tiny.model.hidden_size);
-  const distributed = await loadDenseModel(checkpoint, transport);
-  try {
-    const want = await reference.logits(ids, B, T);
-    const got = await distributed.logits(ids, B, T);
-    assertLogitsClose(got, want);
+  // Each row's backward must reach the replica that ran its forward (else the shard has no activations).
+  await assertMatchesReference(transport, 'r', () => {
     assert.deepEqual([...transport.messagesSent.keys()].sort(), [...addresses].sort(), 'both replicas served rows');
-    // Each row's backward must reach the replica that ran its forward (else the shard has no activations).
-    const a = await reference.lossAndGradients(ids, targets, B, T, { passId: 'r', train: true });
-    const b = await distributed.lossAndGradients(ids, targets, B, T, { passId: 'r', train: true });
-    assert.ok(Math.abs(a.loss - b.loss) <= 1e-6, `loss ${a.loss} vs ${b.loss}`);
-    assertGradientsClose(distributed);
-  } finally {
-    reference.dense.clearGrads();
-    reference.localExperts!.params.clearGrads();
-    transport.close();
-    distributed.dispose();
-  }
+  });
 });
 
 test('bf16 on the wire keeps logits within bf16 tolerance', async () => {
