@@ -160,9 +160,14 @@ export class ContinuousBatcher {
     });
   }
 
+  // Settling never frees the KV cache: a deadline can fire while a step still reads it. The loop
+  // frees it when the sequence leaves the running set (release).
   private settle(s: Running): void {
     s.done = true;
     clearTimeout(s.timer);
+  }
+
+  private release(s: Running): void {
     disposeAll(s.kv);
     s.kv = undefined;
   }
@@ -191,7 +196,10 @@ export class ContinuousBatcher {
     const limit = this.model.config.max_position_embeddings;
     try {
       while (this.running.length || this.waiting.length) {
-        this.running = this.running.filter((s) => !s.done);
+        this.running = this.running.filter((s) => {
+          if (s.done) this.release(s);
+          return !s.done;
+        });
         while (this.waiting.length && this.running.length < this.maxSequences) {
           const s = this.waiting.shift()!;
           this.onAdmit?.((performance.now() - s.queuedAt) / 1000);
@@ -202,6 +210,7 @@ export class ContinuousBatcher {
           if (s.done) return false;
           if (s.out.length < s.sampling.maxTokens && s.past + s.pending.length <= limit) return true;
           this.finish(s, 'length');
+          this.release(s);
           return false;
         });
         if (!this.running.length) continue;
@@ -215,30 +224,46 @@ export class ContinuousBatcher {
           results = await this.model.decodeBatch(batch.map((s) => ({ ids: s.pending, kv: s.kv, past: s.past })), `gen${this.steps}`,
             { requestIds: batch.flatMap((s) => (s.requestId ? [s.requestId] : [])), deadline });
         } catch (err) {
-          for (const s of batch) this.fail(s, err as Error);
+          for (const s of batch) {
+            this.fail(s, err as Error);
+            this.release(s);
+          }
           this.running = [];
           continue;
         }
         const still: Running[] = [];
         batch.forEach((s, i) => {
-          if (s.done) {
-            disposeAll(results[i].kv); // left during the step (deadline)
-            return;
-          }
-          for (const reason of results[i].degraded ?? []) (s.degraded ??= new Set()).add(reason);
           disposeAll(s.kv);
           s.kv = results[i].kv;
-          s.past += s.pending.length;
-          const next = sampleNext(results[i].logits, s.sampling, s.rng);
-          if (s.stop.has(next)) return this.finish(s, 'stop');
-          s.out.push(next);
-          if (s.onToken?.(next) === true) return this.finish(s, 'stop');
-          s.pending = Int32Array.of(next);
+          if (s.done) return this.release(s); // left during the step (deadline)
+          try {
+            for (const reason of results[i].degraded ?? []) (s.degraded ??= new Set()).add(reason);
+            s.past += s.pending.length;
+            const next = sampleNext(results[i].logits, s.sampling, s.rng);
+            if (s.stop.has(next)) this.finish(s, 'stop');
+            else {
+              s.out.push(next);
+              if (s.onToken?.(next) === true) this.finish(s, 'stop');
+            }
+          } catch (err) {
+            // A failing callback (e.g. a client's stream) ends its own request, not the batch.
+            this.fail(s, err as Error);
+          }
+          if (s.done) return this.release(s);
+          s.pending = Int32Array.of(s.out[s.out.length - 1]);
           still.push(s);
         });
         // Requests that joined during the step run from the next one.
         this.running = still;
       }
+    } catch (err) {
+      // Nothing may stay unanswered (or crash the process) if the loop itself fails.
+      for (const s of [...this.running, ...this.waiting]) {
+        this.fail(s, err as Error);
+        this.release(s);
+      }
+      this.running = [];
+      this.waiting = [];
     } finally {
       this.looping = false;
       if (this.closing) this.idle?.();

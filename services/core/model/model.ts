@@ -164,12 +164,17 @@ export class MixtralModel {
    */
   async feedForward(l: number, h: T2, call: MoeCallOptions): Promise<{ y: T2; stats?: MoeStats; cache?: MoeCache }> {
     const moe = this.moe[l];
-    const routed = moe ? await moe.forward(h, this.dense.get(denseNames.gate(l)), call) : undefined;
-    if (this.family.routerMlpWidth(l) === 0) return routed!;
+    // The routed experts' rows leave first; the router-side MLP is computed while they are away.
+    const routedCall = moe?.forward(h, this.dense.get(denseNames.gate(l)), call);
+    if (this.family.routerMlpWidth(l) === 0) return routedCall!;
     const weight = (part: keyof ExpertWeights) => this.dense.get<tf.Rank.R2>(denseNames.mlp(l, part));
     // The same SwiGLU as a routed expert, with router-held weights.
     const mlp = expertForward(h, { w1t: weight('w1t'), w3t: weight('w3t'), w2t: weight('w2t') }, false).y;
-    if (!routed) return { y: mlp };
+    if (!routedCall) return { y: mlp };
+    const routed = await routedCall.catch((err: unknown) => {
+      mlp.dispose();
+      throw err;
+    });
     const y = tf.add(routed.y, mlp) as T2;
     disposeAll([routed.y, mlp]);
     return { ...routed, y };
@@ -247,6 +252,10 @@ export class MixtralModel {
       const ffn = await this.feedForward(l, n2.y, {
         passId: `${opt.passId}/L${l}`, train: opt.train, groupTokens: opt.groupTokens ?? 0, random: opt.random,
         selectionBias: this.balanceBias?.[l], requestIds: opt.requestIds, deadline: opt.deadline,
+      }).catch((err: unknown) => {
+        // Experts unreachable, deadline, overload: free what this pass built so far, then fail.
+        disposeAll([x1, n1.cache, attn.cache, n2, newKv, caches]);
+        throw err;
       });
       n2.y.dispose();
       x = tf.add(x1, ffn.y) as T2;
@@ -311,6 +320,10 @@ export class MixtralModel {
       const n2 = rmsNormForward(x1, this.dense.get(denseNames.moeNorm(l)), eps);
       const ffn = await this.feedForward(l, n2.y, {
         passId: `${passId}/L${l}`, train: false, groupTokens: 0, selectionBias: this.balanceBias?.[l], requestIds: opt.requestIds, deadline: opt.deadline,
+      }).catch((err: unknown) => {
+        // Free this step's tensors and the caches it extended: the caller only keeps the ones it passed in.
+        disposeAll([x1, n2, newKv]);
+        throw err;
       });
       disposeAll([n2.y, n2.cache]);
       const moeStats = ffn.stats;

@@ -226,7 +226,10 @@ export class MoeLayer {
       for (let e = 0; e < E; e++) {
         if (lostExperts.has(e)) continue;
         let taken = false;
-        for (let c = 0; c < k; c++) if (dispatch.expert[t * k + c] === e) taken = true;
+        for (let c = 0; c < k; c++) {
+          // Chosen already, or the reroute target of another of this token's lost choices.
+          if (dispatch.expert[t * k + c] === e || target.get(t * k + c)?.expert === e) taken = true;
+        }
         if (!taken && (best < 0 || logits[t * E + e] > logits[t * E + best])) best = e;
       }
       if (best >= 0) target.set(i, { expert: best, row: rowsPerExpert[best]++ });
