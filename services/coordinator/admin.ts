@@ -2,6 +2,7 @@
 // (bearer token required): show the placement, plan a new one (dry run), apply it.
 import Fastify, { type FastifyInstance } from 'fastify';
 import { bearerMatches } from '../core/auth.js';
+import { expertKeyText } from '../core/placement.js';
 import { metricsText } from '../core/metrics/registry.js';
 import type { Membership } from './membership.js';
 import { PlacementInfeasible } from './planner.js';
@@ -22,8 +23,8 @@ export function placementReport(membership: Membership, rebalancer?: Rebalancer)
     routers: table.routers ?? 0,
     shards: membership.list('expert-shard').map((m) => ({
       shard_id: m.memberId, address: m.address, max_experts: m.maxExperts, draining: Boolean(m.draining),
-      serving: membership.serving(m).map((k) => `${k.layer}/${k.expert}`).join(' '),
-      assigned: m.assigned?.map((k) => `${k.layer}/${k.expert}`).join(' ') ?? null,
+      serving: membership.serving(m).map(expertKeyText).join(' '),
+      assigned: m.assigned?.map(expertKeyText).join(' ') ?? null,
       rows_per_second: m.rowsPerSecond ?? 0,
     })),
     replicated: table.entries.filter((e) => e.shardIds.length > 1).map((e) => ({ layer: e.layer, expert: e.expert, shards: e.shardIds })),
@@ -38,8 +39,9 @@ export function buildAdminApp(membership: Membership, rebalancer: Rebalancer | u
     const { contentType, body } = await metricsText();
     return reply.type(contentType).send(body);
   });
+  // By the matched route, not the raw URL: the router decodes %-escapes (/%61dmin/... matches /admin/...).
   app.addHook('onRequest', async (req, reply) => {
-    if (!req.url.startsWith('/admin/')) return;
+    if (!req.routeOptions.url?.startsWith('/admin/')) return;
     if (!o.token) return reply.code(403).send({ error: { message: 'the admin endpoint is disabled: start the coordinator with --admin-token-file (or SWITCHYARD_ADMIN_TOKEN)', type: 'forbidden' } });
     if (!bearerMatches(req.headers.authorization, o.token))
       return reply.code(401).header('www-authenticate', 'Bearer').send({ error: { message: 'missing or wrong bearer token (Authorization: Bearer <token>)', type: 'authentication_error' } });

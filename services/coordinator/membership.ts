@@ -1,6 +1,6 @@
 // Membership with leases: members register (a re-registration replaces the old lease), renew with
 // heartbeats, and are removed when silent longer than their TTL. The clock is injected for tests.
-import { placementOf, type ExpertKey, type PlacementTable } from '../core/placement.js';
+import { expertKeyText, placementOf, type ExpertKey, type PlacementTable } from '../core/placement.js';
 
 export type Role = 'router' | 'expert-shard';
 
@@ -25,7 +25,6 @@ export interface Member {
   rowsPerSecond?: number;
 }
 
-const keyOf = (k: ExpertKey) => `${k.layer}/${k.expert}`;
 
 /** The served model's routed experts: its MoE layers and the experts of each. */
 export interface ModelShape { moeLayers: number[]; experts: number }
@@ -70,17 +69,19 @@ export class Membership {
   }
 
   /** Heartbeat payloads: a router's measured demand, a shard's measured rows per second. */
-  recordLoad(memberId: string, loads: Map<string, number> | undefined, rowsPerSecond: number | undefined): void {
+  recordLoad(memberId: string, loads: Map<string, number>, rowsPerSecond: number): void {
     const m = this.members.get(memberId);
-    if (!m) return;
-    if (loads) m.expertLoads = loads;
-    if (rowsPerSecond !== undefined) m.rowsPerSecond = rowsPerSecond;
+    // Each heartbeat replaces the last: an idle router's demand falls to nothing.
+    if (m?.role === 'router') m.expertLoads = loads;
+    else if (m) m.rowsPerSecond = rowsPerSecond;
   }
 
   /** A shard's report of what it holds now; false for an unknown lease. */
   reportHoldings(memberId: string, leaseId: string, experts: ExpertKey[]): boolean {
     const m = this.members.get(memberId);
     if (!m || m.leaseId !== leaseId) return false;
+    const same = (a: ExpertKey[], b: ExpertKey[]) => a.length === b.length && a.map(expertKeyText).sort().join() === b.map(expertKeyText).sort().join();
+    if (same(m.experts, experts)) return true; // a report that changes nothing publishes nothing
     m.experts = experts;
     this.changed();
     return true;
@@ -103,8 +104,8 @@ export class Membership {
   /** The experts a shard serves: what it holds, limited to its assignment once it has one. */
   serving(m: Member): ExpertKey[] {
     if (!m.assigned) return m.experts;
-    const wanted = new Set(m.assigned.map(keyOf));
-    return m.experts.filter((k) => wanted.has(keyOf(k)));
+    const wanted = new Set(m.assigned.map(expertKeyText));
+    return m.experts.filter((k) => wanted.has(expertKeyText(k)));
   }
 
   /** Removes members whose lease ran out; returns their ids. */
@@ -142,11 +143,10 @@ export class Membership {
   }
 
   placement(): PlacementTable {
-    const shards = this.list('expert-shard');
-    const table = placementOf(shards.map((m) => ({ shardId: m.memberId, address: m.address, experts: this.serving(m), tokenBudget: m.tokenBudget })), this.version, this.list('router').length);
-    const assigned = new Map(shards.map((m) => [m.memberId, m.assigned]));
-    table.shards = table.shards.map((s) => ({ ...s, assigned: assigned.get(s.shardId) }));
-    return table;
+    const shards = this.list('expert-shard').map((m) => ({
+      shardId: m.memberId, address: m.address, experts: this.serving(m), tokenBudget: m.tokenBudget, assigned: m.assigned,
+    }));
+    return placementOf(shards, this.version, this.list('router').length);
   }
 
   /** Calls `listener` with every new placement; returns the unsubscribe function. */

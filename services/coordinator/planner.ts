@@ -2,7 +2,7 @@
 // many replicas each expert gets and which shard holds each replica, minimising the most loaded shard
 // within every shard's memory budget (most experts it may hold). Routers split an expert's rows evenly
 // over its replicas, so a replica carries load / replicas.
-import type { ExpertKey } from '../core/placement.js';
+import { expertKeyText, type ExpertKey } from '../core/placement.js';
 
 export interface PlannerShard {
   shardId: string;
@@ -51,12 +51,11 @@ const PATIENCE = 3;
 // Keeping experts where they are may cost at most this much of the most loaded shard's load.
 const STICKY_COST = 0.02;
 
-const keyText = (k: ExpertKey) => `${k.layer}/${k.expert}`;
 
 export function planPlacement(input: PlanInput): Plan {
   const { experts, shards } = input;
   const n = experts.length;
-  const indexOf = new Map(experts.map((k, i) => [keyText(k), i]));
+  const indexOf = new Map(experts.map((k, i) => [expertKeyText(k), i]));
   if (shards.length === 0) throw new PlacementInfeasible('no shard to place experts on');
   if (input.load.length !== n) throw new RangeError(`load has ${input.load.length} entries, the model has ${n} experts`);
   const capacity = shards.map((s) => (s.maxExperts > 0 ? Math.min(s.maxExperts, n) : n));
@@ -66,7 +65,7 @@ export function planPlacement(input: PlanInput): Plan {
   // Unmeasured experts still cost memory and some work: give every expert a small floor so they spread.
   const floor = total > 0 ? (total / n) * 1e-3 : 1;
   const demand = Float64Array.from(input.load, (x) => Math.max(0, x) + floor);
-  const held = shards.map((s) => new Set(s.holds.map((k) => indexOf.get(keyText(k))).filter((i): i is number => i !== undefined)));
+  const held = shards.map((s) => new Set(s.holds.map((k) => indexOf.get(expertKeyText(k))).filter((i): i is number => i !== undefined)));
 
   // Replica counts are chosen on balance alone (no preference for what shards hold), so keeping weights
   // in place never makes the planner buy replicas to make up for a lopsided packing.
@@ -152,10 +151,10 @@ function pack(demand: Float64Array, replicas: Int32Array, capacity: number[], he
 
 /** Predicted load per shard of an existing placement (replicas share an expert's demand evenly). */
 export function placementLoad(assignment: Map<string, ExpertKey[]>, experts: readonly ExpertKey[], load: ArrayLike<number>): Map<string, number> {
-  const demand = new Map(experts.map((k, i) => [keyText(k), load[i] ?? 0]));
+  const demand = new Map(experts.map((k, i) => [expertKeyText(k), load[i] ?? 0]));
   const holders = new Map<string, number>();
-  for (const keys of assignment.values()) for (const k of keys) holders.set(keyText(k), (holders.get(keyText(k)) ?? 0) + 1);
-  return new Map([...assignment].map(([id, keys]) => [id, keys.reduce((s, k) => s + (demand.get(keyText(k)) ?? 0) / holders.get(keyText(k))!, 0)]));
+  for (const keys of assignment.values()) for (const k of keys) holders.set(expertKeyText(k), (holders.get(expertKeyText(k)) ?? 0) + 1);
+  return new Map([...assignment].map(([id, keys]) => [id, keys.reduce((s, k) => s + (demand.get(expertKeyText(k)) ?? 0) / holders.get(expertKeyText(k))!, 0)]));
 }
 
 /** max / mean of a set of shard loads (1 = balanced; 0 when nothing is loaded). */

@@ -5,7 +5,7 @@
 // to drain (scale-down), the interval (with hysteresis) and operators (`switchyard placement apply`).
 import { Gauge, Histogram } from 'prom-client';
 import { registry } from '../core/metrics/registry.js';
-import { expertKeys, type ExpertKey } from '../core/placement.js';
+import { expertKeyText, expertKeys, type ExpertKey } from '../core/placement.js';
 import type { Member, Membership, ModelShape } from './membership.js';
 import { maxOverMean, PlacementInfeasible, placementLoad, planPlacement, type Plan } from './planner.js';
 
@@ -64,7 +64,6 @@ new Gauge({ name: 'switchyard_placement_measured_max_over_mean', help: 'Most loa
   this.set(current?.measuredImbalance() ?? 0);
 } });
 
-const keyText = (k: ExpertKey) => `${k.layer}/${k.expert}`;
 
 export class Rebalancer {
   generation = 0;
@@ -112,7 +111,7 @@ export class Rebalancer {
   /** Routers' measured demand, summed (rows per second), in the order of experts(). */
   demand(): Float64Array {
     const keys = this.experts();
-    const index = new Map(keys.map((k, i) => [keyText(k), i]));
+    const index = new Map(keys.map((k, i) => [expertKeyText(k), i]));
     const out = new Float64Array(keys.length);
     for (const r of this.membership.list('router'))
       for (const [key, rate] of r.expertLoads ?? []) {
@@ -157,7 +156,7 @@ export class Rebalancer {
     return {
       plan,
       summary: {
-        assignment: Object.fromEntries([...plan.assignment].map(([id, keys]) => [id, keys.map(keyText).join(' ')])),
+        assignment: Object.fromEntries([...plan.assignment].map(([id, keys]) => [id, keys.map(expertKeyText).join(' ')])),
         replicas,
         predictedLoad: Object.fromEntries(plan.shardLoad),
         predictedMaxOverMean: plan.mean > 0 ? plan.predictedMax / plan.mean : 0,
@@ -195,11 +194,13 @@ export class Rebalancer {
     const demand = this.demand();
     if (!(demand.reduce((a, b) => a + b, 0) > 0)) return;
     try {
+      // The cheap check first: most ticks find the balance good enough and plan nothing.
+      const current = [...placementLoad(this.servingAssignment(), this.experts(), demand).values()];
+      const imbalance = maxOverMean(current);
+      if (imbalance < this.options.minImbalance) return;
       const { plan, summary } = this.plan();
-      const currentMax = Math.max(...placementLoad(this.servingAssignment(), this.experts(), demand).values());
-      if (summary.currentMaxOverMean < this.options.minImbalance) return;
-      if (!(plan.predictedMax < currentMax * (1 - this.options.minGain))) return;
-      await this.rebalance(`imbalance ${summary.currentMaxOverMean.toFixed(2)} → ${summary.predictedMaxOverMean.toFixed(2)}`);
+      if (!(plan.predictedMax < Math.max(...current) * (1 - this.options.minGain))) return;
+      await this.rebalance(`imbalance ${imbalance.toFixed(2)} → ${summary.predictedMaxOverMean.toFixed(2)}`);
     } catch (err) {
       this.options.log?.({ msg: 'rebalance skipped', error: (err as Error).message });
     }
@@ -215,8 +216,8 @@ export class Rebalancer {
       const m = this.membership.get(id);
       if (!m) continue;
       const serving = this.membership.serving(m);
-      const have = new Set(serving.map(keyText));
-      gains.set(id, [...serving, ...keys.filter((k) => !have.has(keyText(k)))]);
+      const have = new Set(serving.map(expertKeyText));
+      gains.set(id, [...serving, ...keys.filter((k) => !have.has(expertKeyText(k)))]);
     }
     this.membership.assign(gains);
     this.options.log?.({ msg: 'placement migration started', reason, loads: plan.loads, predicted_max_over_mean: summary.predictedMaxOverMean });
@@ -241,12 +242,13 @@ export class Rebalancer {
 
   /** true once every shard reports holding its part of `target`; otherwise why not. */
   private untilHeld(target: Map<string, ExpertKey[]>): Promise<true | string> {
-    const missing = (): string | undefined => {
+    // undefined: done; `wait`: still loading; anything else: the migration cannot finish.
+    const state = (): undefined | { wait: boolean; why: string } => {
       for (const [id, keys] of target) {
         const m: Member | undefined = this.membership.get(id);
-        if (!m) return `shard ${id} left during the migration`;
-        const held = new Set(m.experts.map(keyText));
-        if (keys.some((k) => !held.has(keyText(k)))) return `shard ${id} has not loaded its experts`;
+        if (!m) return { wait: false, why: `shard ${id} left during the migration` };
+        const held = new Set(m.experts.map(expertKeyText));
+        if (keys.some((k) => !held.has(expertKeyText(k)))) return { wait: true, why: `shard ${id} has not loaded its experts` };
       }
       return undefined;
     };
@@ -257,11 +259,11 @@ export class Rebalancer {
         resolve(result);
       };
       const check = () => {
-        const why = missing();
-        if (why === undefined) settle(true);
-        else if (why.includes('left')) settle(why);
+        const s = state();
+        if (!s) settle(true);
+        else if (!s.wait) settle(s.why);
       };
-      const timer = setTimeout(() => settle(`${missing() ?? 'timeout'} within ${this.options.loadTimeoutMs} ms`), this.options.loadTimeoutMs);
+      const timer = setTimeout(() => settle(`${state()?.why ?? 'timeout'} within ${this.options.loadTimeoutMs} ms`), this.options.loadTimeoutMs);
       const stop = this.membership.watch(check);
       check();
     });

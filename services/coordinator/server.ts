@@ -78,7 +78,7 @@ export async function startCoordinator(
       if (isMalformed(call.request)) return callback(malformedStatus(call.request));
       const r = call.request;
       const known = membership.heartbeat(r.memberId, r.leaseId);
-      if (known) membership.recordLoad(r.memberId, r.expertLoads.length ? new Map(r.expertLoads.map((l) => [`${l.layer}/${l.expert}`, l.rowsPerSecond])) : undefined, r.rowsPerSecond);
+      if (known) membership.recordLoad(r.memberId, new Map(r.expertLoads.map((l) => [`${l.layer}/${l.expert}`, l.rowsPerSecond])), r.rowsPerSecond);
       callback(null, { known, leaseTtlMs: leaseTtlMs });
     },
     ReportHoldings(call: grpc.ServerUnaryCall<ReportHoldingsRequest__Output | MalformedMessage, HeartbeatReply>, callback: grpc.sendUnaryData<HeartbeatReply>) {

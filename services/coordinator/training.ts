@@ -6,7 +6,7 @@ import { mkdir } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { checkpointStep, commitClusterCheckpoint, type CheckpointPartFiles } from '../core/checkpoint/cluster.js';
 import { removeStaleStaging, stagingDirOf } from '../core/checkpoint/index.js';
-import { expertKeys, placementOf, type ExpertKey } from '../core/placement.js';
+import { expertKeys, placementOf, unplaced, type ExpertKey } from '../core/placement.js';
 import { toWirePlacement } from '../core/wire/coordinator-link.js';
 import { planPlacement } from './planner.js';
 import type { TrainSyncReply } from '../generated/switchyard/v1/TrainSyncReply.js';
@@ -196,7 +196,10 @@ export class TrainingJob {
     const previous = this.assignment ?? new Map(shards.map((m) => [m.memberId, m.experts]));
     const current = new Map(shards.map((m) => [m.memberId, previous.get(m.memberId) ?? []]));
     const shape = this.membership.shape;
-    if (!shape || [...current.values()].every((keys) => keys.length > 0)) return current;
+    if (!shape) return current;
+    // Re-plan when a shard holds nothing (it joined) or an expert has no shard (its holder left).
+    const table = placementOf([...current].map(([shardId, experts]) => ({ shardId, address: '', experts })), 0);
+    if ([...current.values()].every((keys) => keys.length > 0) && unplaced(table, shape.moeLayers, shape.experts).length === 0) return current;
     const experts = expertKeys(shape.moeLayers, shape.experts);
     const plan = planPlacement({
       experts, load: new Float64Array(experts.length).fill(1),
@@ -216,7 +219,8 @@ export class TrainingJob {
     try {
       reply = { generation: String(generation), ...(await this.resolve(step, phase, [...barrier.arrivals.values()].map((a) => a.request))) };
     } catch (err) {
-      this.abort(`step ${step}: ${(err as Error).message}`);
+      // A failure of an attempt already ended must not abort the one that replaced it.
+      if (generation === this.generation) this.abort(`step ${step}: ${(err as Error).message}`);
       return;
     }
     if (generation !== this.generation || this.barriers.get(key) !== barrier) return; // aborted meanwhile

@@ -3,6 +3,9 @@
 
 export interface ExpertKey { layer: number; expert: number }
 
+/** `layer/expert`: how placements, metrics and logs name an expert. */
+export const expertKeyText = (k: ExpertKey): string => `${k.layer}/${k.expert}`;
+
 /**
  * The layers that hold experts: a count means layers 0..n−1 (every Mixtral layer); a list names them
  * (DeepSeek-MoE keeps its first layers dense, family.moeLayers).
@@ -19,6 +22,8 @@ export interface ShardHoldings {
   experts: ExpertKey[];
   /** Rows per expert the shard accepts in flight (0 = unlimited). */
   tokenBudget?: number;
+  /** What the coordinator's planner wants the shard to hold (absent: nothing assigned yet). */
+  assigned?: ExpertKey[];
 }
 
 export interface PlacementTable {
@@ -42,7 +47,10 @@ export function placementOf(holdings: ShardHoldings[], version: number, routers 
       byKey.set(key, entry);
     }
   const entries = [...byKey.values()].sort((a, b) => a.layer - b.layer || a.expert - b.expert);
-  return { version, routers, shards: shards.map(({ shardId, address, tokenBudget }) => ({ shardId, address, tokenBudget: tokenBudget ?? 0 })), entries };
+  return {
+    version, routers, entries,
+    shards: shards.map(({ shardId, address, tokenBudget, assigned }) => ({ shardId, address, tokenBudget: tokenBudget ?? 0, ...(assigned ? { assigned } : {}) })),
+  };
 }
 
 /** The addresses holding each expert, keyed `layer/expert`: what a router dials. */

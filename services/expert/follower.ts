@@ -4,7 +4,7 @@
 import { Gauge } from 'prom-client';
 import { loadExpertSet } from '../core/checkpoint/model.js';
 import { registry } from '../core/metrics/registry.js';
-import type { ExpertKey, PlacementTable } from '../core/placement.js';
+import { expertKeyText, type ExpertKey, type PlacementTable } from '../core/placement.js';
 import type { CoordinatorLink } from '../core/wire/coordinator-link.js';
 import type { ExpertShard } from './shard.js';
 
@@ -17,7 +17,6 @@ export interface FollowerOptions {
   log: (record: Record<string, unknown>) => void;
 }
 
-const keyText = (k: ExpertKey) => `${k.layer}/${k.expert}`;
 
 let current: AssignmentFollower | undefined;
 new Gauge({ name: 'switchyard_expert_held', help: 'Experts this shard holds', registers: [registry], collect() { this.set(current?.o.shard.experts.keys().length ?? 0); } });
@@ -29,6 +28,8 @@ export class AssignmentFollower {
   private closed = false;
   private readonly drops = new Map<string, NodeJS.Timeout>();
   lastLoadSeconds = 0;
+  /** The holdings last reported (sorted keys), so placements that change nothing here cost nothing. */
+  private reported?: string;
 
   constructor(readonly o: FollowerOptions) {
     current = this;
@@ -60,7 +61,7 @@ export class AssignmentFollower {
 
   private async apply(target: ExpertKey[]): Promise<void> {
     const experts = this.o.shard.experts;
-    const wanted = new Set(target.map(keyText));
+    const wanted = new Set(target.map(expertKeyText));
     for (const k of wanted) {
       clearTimeout(this.drops.get(k));
       this.drops.delete(k);
@@ -70,11 +71,11 @@ export class AssignmentFollower {
       const started = performance.now();
       experts.adopt(await loadExpertSet(this.o.checkpointDir, missing));
       this.lastLoadSeconds = (performance.now() - started) / 1000;
-      this.o.log({ msg: 'experts loaded', experts: missing.map(keyText).join(' '), seconds: this.lastLoadSeconds });
+      this.o.log({ msg: 'experts loaded', experts: missing.map(expertKeyText).join(' '), seconds: this.lastLoadSeconds });
     }
     if (this.closed) return; // stopping: the shard's experts are freed with it
     for (const k of experts.keys()) {
-      const key = keyText(k);
+      const key = expertKeyText(k);
       if (wanted.has(key) || this.drops.has(key)) continue;
       this.drops.set(key, setTimeout(() => {
         this.drops.delete(key);
@@ -86,8 +87,12 @@ export class AssignmentFollower {
     await this.report();
   }
 
+  /** Reports the holdings when they differ from the last report that reached the coordinator. */
   private async report(): Promise<void> {
-    await this.o.link.reportHoldings(this.o.shard.experts.keys());
+    const held = this.o.shard.experts.keys();
+    const text = held.map(expertKeyText).sort().join(' ');
+    if (text === this.reported) return;
+    if (await this.o.link.reportHoldings(held)) this.reported = text;
   }
 
   close(): void {

@@ -27,12 +27,24 @@ export async function startExpertServer(experts: ExpertSet, host: string, port: 
   const running = await startGrpcServer(host, port, EXPERT_SERVICE_NAME, (server) => server.addService(tolerant(protos.switchyard.v1.ExpertService.service), {
     Exchange(call: grpc.ServerDuplexStream<ExpertRequest__Output | MalformedMessage, ExpertReply>) {
       // Requests queue at the shard (its queue depth is the autoscaling signal); grpc-js buffers replies while the client reads slowly.
+      // Requests are computed later (the queue): the stream ends only after the last one is answered.
+      let outstanding = 0;
+      let ending = false;
+      const gone = () => call.writableEnded || call.destroyed || call.cancelled;
       call.on('data', (request: ExpertRequest__Output | MalformedMessage) => {
         // Undecodable bytes leave no message id to answer: the stream ends with INVALID_ARGUMENT.
-        if (isMalformed(request)) call.emit('error', malformedStatus(request));
-        else shard.enqueue(request, (reply) => { if (!call.writableEnded && !call.destroyed) call.write(reply); });
+        if (isMalformed(request)) return void call.emit('error', malformedStatus(request));
+        outstanding++;
+        shard.enqueue(request, (reply) => {
+          outstanding--;
+          if (!gone()) call.write(reply);
+          if (ending && outstanding === 0 && !gone()) call.end();
+        }, gone);
       });
-      call.on('end', () => call.end());
+      call.on('end', () => {
+        ending = true;
+        if (outstanding === 0) call.end();
+      });
       call.on('error', () => undefined);
     },
   }));

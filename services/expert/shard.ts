@@ -91,7 +91,7 @@ export class ExpertShard {
   gate?: StepGate;
 
   /** Messages received and not yet computed: one is computed per event-loop turn, so health checks and scrapes stay responsive. */
-  private readonly queue: Array<{ request: ExpertRequest__Output; rows: number; reply: (r: ExpertReply) => void }> = [];
+  private readonly queue: Array<{ request: ExpertRequest__Output; rows: number; reply: (r: ExpertReply) => void; abandoned?: () => boolean }> = [];
   private scheduled = false;
   queuedRows = 0;
 
@@ -109,10 +109,13 @@ export class ExpertShard {
     return this.queue.length;
   }
 
-  /** Queues a request; `reply` gets its answer (in arrival order, except training rows held for their weights). */
-  enqueue(request: ExpertRequest__Output, reply: (r: ExpertReply) => void): void {
+  /**
+   * Queues a request; `reply` gets its answer (in arrival order, except training rows held for their
+   * weights). `abandoned` says when the caller no longer waits, so the rows are not computed.
+   */
+  enqueue(request: ExpertRequest__Output, reply: (r: ExpertReply) => void, abandoned?: () => boolean): void {
     const rows = request.batches.reduce((n, b) => n + (Number(b.rows?.shape?.[0]) || 0), 0);
-    this.queue.push({ request, rows, reply });
+    this.queue.push({ request, rows, reply, abandoned });
     this.queuedRows += rows;
     this.schedule();
   }
@@ -125,6 +128,12 @@ export class ExpertShard {
       const job = this.queue.shift();
       if (!job) return;
       this.queuedRows -= job.rows;
+      // Nobody waits for the answer any more (the caller's stream was cancelled): skip the compute.
+      if (job.abandoned?.()) {
+        job.reply({ messageId: job.request.messageId, error: { code: status.CANCELLED, message: 'the caller went away' } });
+        this.schedule();
+        return;
+      }
       const answer = this.submit(job.request);
       if (answer instanceof Promise) void answer.then(job.reply);
       else job.reply(answer);

@@ -8,10 +8,10 @@ import { loadExpertSet, readTrainerState } from '../core/checkpoint/model.js';
 import { expertToHf, type HostTensor } from '../core/model/hf.js';
 import { loadCheckpoint } from '../core/checkpoint/index.js';
 import { assertTrainable, familyOf, type FamilyNames } from '../core/model/family.js';
-import { AdamW, clipFactor, gradSquareSum } from '../core/optim/adamw.js';
+import { adamWSettings, AdamW, clipFactor, gradSquareSum } from '../core/optim/adamw.js';
 import { learningRate } from '../core/optim/schedule.js';
 import { recordAllReduce, trainingMetrics } from '../core/metrics/training.js';
-import type { ExpertKey } from '../core/placement.js';
+import { expertKeyText, type ExpertKey } from '../core/placement.js';
 import { StepAborted, type TrainLink } from '../core/wire/train-link.js';
 import { fromWirePlacement } from '../core/wire/coordinator-link.js';
 import type { ExpertShard } from './shard.js';
@@ -31,7 +31,6 @@ export interface ShardTrainingOptions {
 
 interface ReplicaInfo { key: ExpertKey; holders: string[] }
 
-const keyText = (k: ExpertKey) => `${k.layer}/${k.expert}`;
 
 /** Runs the shard's side of every training attempt until the run's last step; the shard keeps serving after. */
 export async function runShardTraining(o: ShardTrainingOptions): Promise<void> {
@@ -66,20 +65,20 @@ export async function runShardTraining(o: ShardTrainingOptions): Promise<void> {
     const previous = o.shard.experts;
     o.shard.experts = experts;
     previous.dispose();
-    optimizer = new AdamW(experts.params, { beta1: t.beta1, beta2: t.beta2, eps: t.adam_eps, weightDecay: t.weight_decay });
+    optimizer = new AdamW(experts.params, adamWSettings(t));
     const own = new Set(experts.params.names().flatMap((n) => [`experts.${n}.exp_avg`, `experts.${n}.exp_avg_sq`]));
     const moments = await loadOptimizerMoments(dir, (name) => own.has(name));
     optimizer.importState(state.optimizer_steps.experts ?? 0, new Map([...moments].map(([n, v]) => [n.slice('experts.'.length), v])));
     o.onHoldings?.(keys);
-    const held = new Set(keys.map(keyText));
+    const held = new Set(keys.map(expertKeyText));
     const replicas: ReplicaInfo[] = join.replicas
       .filter((r) => held.has(`${r.layer}/${r.expert}`))
       .map((r) => ({ key: { layer: r.layer, expert: r.expert }, holders: [...r.shardIds] }));
-    const replicaOf = new Map(replicas.map((r) => [keyText(r.key), r]));
+    const replicaOf = new Map(replicas.map((r) => [expertKeyText(r.key), r]));
     // The first holder of a replicated expert accounts for it in the norm and writes it to checkpoints.
-    const primary = keys.filter((k) => (replicaOf.get(keyText(k))?.holders[0] ?? o.memberId) === o.memberId);
+    const primary = keys.filter((k) => (replicaOf.get(expertKeyText(k))?.holders[0] ?? o.memberId) === o.memberId);
     gate.ready(resumeStep);
-    o.log({ msg: 'training attempt', generation, resume_step: resumeStep, experts: keys.length, replicated: replicas.map((r) => keyText(r.key)) });
+    o.log({ msg: 'training attempt', generation, resume_step: resumeStep, experts: keys.length, replicated: replicas.map((r) => expertKeyText(r.key)) });
     try {
       await runSteps(o, t, generation, resumeStep, optimizer, replicas, primary, familyOf(config).names);
       o.log({ msg: 'training finished', step: t.steps });
@@ -105,7 +104,7 @@ async function runSteps(
     // Every router's backward rows are in: sum replicated experts' gradients across their holders.
     if (replicas.length) {
       const reduced = await o.link.allReduce(replicas.map((r) => ({
-        name: `g${generation}/s${step}/expert/${keyText(r.key)}`, contributors: r.holders.length,
+        name: `g${generation}/s${step}/expert/${expertKeyText(r.key)}`, contributors: r.holders.length,
         values: experts.params.flatGrads(experts.paramNames(r.key.layer, r.key.expert)),
       })), o.chunkFloats).catch((err: Error) => { throw new StepAborted(err.message); });
       recordAllReduce('experts', reduced.stats.seconds, reduced.stats.bytesSent);
@@ -118,7 +117,7 @@ async function runSteps(
     gate.ready(step);
     // Rows (forward + backward) each replicated expert computed here this step: replicas share the work.
     const replicaRows = Object.fromEntries(replicas.map((r) => {
-      const k = keyText(r.key);
+      const k = expertKeyText(r.key);
       const rows = (o.shard.rowsServed.get(k) ?? 0) - (servedBefore.get(k) ?? 0);
       servedBefore.set(k, o.shard.rowsServed.get(k) ?? 0);
       return [k, rows];

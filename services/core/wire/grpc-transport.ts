@@ -84,8 +84,9 @@ class ShardStream {
       }, timeoutMs);
       this.pending.set(messageId, { resolve, reject, timer });
     });
-    // Honour backpressure: wait for 'drain' when the stream's buffer is full.
-    if (!call.write({ ...request, messageId })) await new Promise<void>((resolve) => call.once('drain', () => resolve()));
+    // Honour backpressure: wait for 'drain' when the stream's buffer is full — or for the reply to settle
+    // (a stream that fails never drains, and fails every pending reply instead).
+    if (!call.write({ ...request, messageId })) await Promise.race([new Promise<void>((resolve) => call.once('drain', () => resolve())), reply.catch(() => undefined)]);
     return reply;
   }
 
@@ -109,7 +110,12 @@ export interface ServingOptions {
 }
 
 /** Errors that mean the shard (not the request) is the problem: try the expert's other replicas. */
-const SHARD_LOST = new Set<number>([grpc.status.UNAVAILABLE, grpc.status.CANCELLED, grpc.status.UNKNOWN, grpc.status.INTERNAL, grpc.status.NOT_FOUND]);
+const SHARD_LOST = new Set<number>([grpc.status.UNAVAILABLE, grpc.status.CANCELLED, grpc.status.UNKNOWN, grpc.status.INTERNAL]);
+/**
+ * NOT_FOUND: the shard is fine but no longer holds an expert of the message (it moved; this router's
+ * placement is a moment behind). Those experts skip that shard this long; its other experts stay in use.
+ */
+const NOT_HELD_MS = 1_000;
 
 export class GrpcExpertTransport implements ExpertTransport {
   private readonly shards = new Map<string, ShardStream>();
@@ -123,6 +129,8 @@ export class GrpcExpertTransport implements ExpertTransport {
   private readonly trainSplits = new Map<string, Piece[]>();
   private turn = 0;
   private readonly timeoutMs: number;
+  /** `address|layer/expert` → until when the shard is not asked for that expert (NOT_FOUND). */
+  private readonly notHeld = new Map<string, number>();
   readonly wireDtype: FloatDtype;
 
   constructor(private readonly placement: PlacementLookup, readonly hidden: number, private readonly options: ServingOptions = {}) {
@@ -151,7 +159,7 @@ export class GrpcExpertTransport implements ExpertTransport {
     for (const i of indices) {
       const b = batches[i];
       const all = this.placement(b.layer, b.expert);
-      const owners = live ? all.filter((a) => !this.health.isDown(a)) : all;
+      const owners = live ? all.filter((a) => !this.health.isDown(a) && !this.skips(a, b)) : all;
       if (owners.length === 0) {
         if (live) continue;
         throw new ExpertCallError('-', grpc.status.UNAVAILABLE, `no shard holds expert (layer ${b.layer}, expert ${b.expert})`);
@@ -247,8 +255,12 @@ export class GrpcExpertTransport implements ExpertTransport {
           const code = (err as ExpertCallError).code;
           if (code === grpc.status.DEADLINE_EXCEEDED && context?.deadline !== undefined && Date.now() >= context.deadline - 1)
             throw new OverloadError('the request deadline passed while its rows were with the experts', 'deadline');
-          if (!SHARD_LOST.has(code) && code !== grpc.status.DEADLINE_EXCEEDED) throw err;
-          this.health.markDown(address, (err as Error).message);
+          if (code === grpc.status.NOT_FOUND) {
+            for (const p of mine) this.notHeld.set(creditKey(address, batches[p.batch]), Date.now() + NOT_HELD_MS);
+          } else {
+            if (!SHARD_LOST.has(code) && code !== grpc.status.DEADLINE_EXCEEDED) throw err;
+            this.health.markDown(address, (err as Error).message);
+          }
           for (const p of mine) failed.add(p.batch);
         } finally {
           for (const p of mine) this.credits.give(creditKey(address, batches[p.batch]), p.rowCount);
@@ -266,6 +278,15 @@ export class GrpcExpertTransport implements ExpertTransport {
     });
   }
 
+  private skips(address: string, b: RowBatch): boolean {
+    const key = creditKey(address, b);
+    const until = this.notHeld.get(key);
+    if (until === undefined) return false;
+    if (until > Date.now()) return true;
+    this.notHeld.delete(key);
+    return false;
+  }
+
   /** Takes credits for whole batches (all pieces or none); returns the batches that got them. */
   private async takeCredits(batches: RowBatch[], pieces: Piece[], deadline?: number): Promise<Set<number>> {
     const granted = new Set<number>();
@@ -273,7 +294,8 @@ export class GrpcExpertTransport implements ExpertTransport {
     for (const p of pieces) byBatch.set(p.batch, [...(byBatch.get(p.batch) ?? []), p]);
     await Promise.all([...byBatch].map(async ([i, mine]) => {
       const taken: Piece[] = [];
-      for (const p of mine) {
+      // One order for every caller (by shard), so two waiting requests never hold each other's credits.
+      for (const p of [...mine].sort((a, b) => (a.address < b.address ? -1 : a.address > b.address ? 1 : 0))) {
         const key = creditKey(p.address, batches[i]);
         const limit = this.options.creditLimit?.(p.address, batches[i].layer, batches[i].expert);
         const ok = this.overflow === 'wait' && deadline !== undefined

@@ -97,9 +97,13 @@ export class TrainLink {
       call.on('data', (chunk: ReduceChunk__Output) => {
         const i = byName.get(chunk.reduction);
         if (i === undefined) return fail(new Error(`sum for unknown reduction ${chunk.reduction}`));
-        const { values } = fromWireTensor(chunk.values, `sum of ${chunk.reduction}`);
-        sums[i].set(values, chunk.chunk * chunkFloats);
-        bytesReceived += values.byteLength;
+        try {
+          const { values } = fromWireTensor(chunk.values, `sum of ${chunk.reduction}`);
+          sums[i].set(values, chunk.chunk * chunkFloats);
+          bytesReceived += values.byteLength;
+        } catch (err) {
+          return fail(err as Error); // a malformed sum fails this reduction, not the process
+        }
         if (--outstanding === 0 && !settled) {
           settled = true;
           call.end();
@@ -115,7 +119,8 @@ export class TrainLink {
             const part = r.values.subarray(c * chunkFloats, Math.min(r.values.length, (c + 1) * chunkFloats));
             const message: ReduceChunk = { reduction: r.name, contributors: r.contributors, chunk: c, chunks, values: toWireTensor(part, [part.length]) };
             bytesSent += part.byteLength;
-            if (!call.write(message)) await new Promise<void>((r2) => call.once('drain', () => r2()));
+            // A failed call never drains: `settled` ends the wait too.
+            if (!call.write(message)) await new Promise<void>((r2) => { call.once('drain', () => r2()); call.once('close', () => r2()); });
           }
         }
       })();
