@@ -10,10 +10,10 @@ import { saveModel } from '../core/checkpoint/model.js';
 import { BatchSampler, loadCorpus, splitCorpus } from '../core/data/corpus.js';
 import { Rng } from '../core/data/random.js';
 import { MixtralModel } from '../core/model/model.js';
-import { assertTrainable, familyOf } from '../core/model/family.js';
-import { AdamW } from '../core/optim/adamw.js';
+import { familyOf } from '../core/model/family.js';
+import { adamWSettings, AdamW } from '../core/optim/adamw.js';
 import { assignmentSpec, spreadExperts, withReplicas, type ExpertKey } from '../core/placement.js';
-import { checkpointDirOf, metricsFileOf, type MetricsRecord, type StepReport, type TrainSummary, type TrainerState } from '../core/train/trainer.js';
+import { checkTrainRun, checkpointDirOf, metricsFileOf, type MetricsRecord, type StepReport, type TrainSummary, type TrainerState } from '../core/train/trainer.js';
 import { checkDataParallel } from '../router/trainer.js';
 import { Supervisor } from './supervisor.js';
 
@@ -43,7 +43,7 @@ async function writeInitialCheckpoint(dir: string, o: DistributedTrainOptions): 
   const corpus = await loadCorpus(o.dataPath);
   const { train: trainBytes } = splitCorpus(corpus.bytes, t.validation_fraction);
   const model = MixtralModel.initialize(o.model, t.seed);
-  const settings = { beta1: t.beta1, beta2: t.beta2, eps: t.adam_eps, weightDecay: t.weight_decay };
+  const settings = adamWSettings(t);
   const optimizers = { dense: new AdamW(model.dense, settings), experts: new AdamW(model.localExperts!.params, settings) };
   try {
     const state: TrainerState = {
@@ -60,7 +60,7 @@ async function writeInitialCheckpoint(dir: string, o: DistributedTrainOptions): 
 
 export async function trainDistributed(o: DistributedTrainOptions): Promise<TrainSummary> {
   const t = o.train;
-  assertTrainable(o.model);
+  checkTrainRun(o.model, t);
   const L = o.model.num_hidden_layers;
   const E = familyOf(o.model).experts;
   checkDataParallel(t, o.routers);

@@ -10,15 +10,15 @@ import { loadDenseModel, readTrainerState } from '../core/checkpoint/model.js';
 import { BatchSampler, loadCorpus, splitCorpus, type Batch } from '../core/data/corpus.js';
 import { Rng } from '../core/data/random.js';
 import type { MixtralModel } from '../core/model/model.js';
-import { assertTrainable, familyOf } from '../core/model/family.js';
-import { AdamW, clipFactor, gradSquareSum } from '../core/optim/adamw.js';
+import { familyOf } from '../core/model/family.js';
+import { adamWSettings, AdamW, clipFactor, gradSquareSum } from '../core/optim/adamw.js';
 import { learningRate } from '../core/optim/schedule.js';
 import { recordAllReduce, recordExpertLoad, trainingMetrics } from '../core/metrics/training.js';
 import { ownerAddresses, unplaced } from '../core/placement.js';
 import { fromWirePlacement } from '../core/wire/coordinator-link.js';
 import { GrpcExpertTransport } from '../core/wire/grpc-transport.js';
 import { StepAborted, type TrainLink } from '../core/wire/train-link.js';
-import {
+import { checkTrainRun,
   metricsFileOf, metricsRecord, truncateMetrics, validationBatches, validationLoss, type TrainerState,
 } from '../core/train/trainer.js';
 
@@ -83,7 +83,7 @@ export async function runRouterTraining(o: RouterTrainingOptions): Promise<Route
   // Each attempt's placement comes with its JOIN answer (it changes only at step boundaries).
   let owners = new Map<string, string[]>();
   const transport = new GrpcExpertTransport((layer, expert) => owners.get(`${layer}/${expert}`) ?? [], c.hidden_size, { timeoutMs: 120_000 });
-  assertTrainable(c);
+  checkTrainRun(c, t);
   const L = c.num_hidden_layers;
   const E = familyOf(c).experts;
   const tokensPerStep = t.batch_sequences * t.seq_len;
@@ -115,7 +115,7 @@ export async function runRouterTraining(o: RouterTrainingOptions): Promise<Route
       model = await loadDenseModel(dir, transport);
       if (JSON.stringify(model.config) !== JSON.stringify(c))
         throw new ConfigError(`the checkpoint in ${dir} has a different model configuration than this run`);
-      optimizer = new AdamW(model.dense, { beta1: t.beta1, beta2: t.beta2, eps: t.adam_eps, weightDecay: t.weight_decay });
+      optimizer = new AdamW(model.dense, adamWSettings(t));
       const state = (await readTrainerState(dir)) as unknown as TrainerState & { optimizer_steps: Record<string, number> };
       if (state.step !== resumeStep) throw new Error(`checkpoint ${dir} is at step ${state.step}, the coordinator resumes at ${resumeStep}`);
       const moments = await loadOptimizerMoments(dir, (name) => name.startsWith('dense.'));

@@ -3,13 +3,13 @@
 // folder by rename only once every part is durable. The result is an ordinary Hugging Face sharded
 // checkpoint (model.safetensors.index.json) plus an optimizer index, loadable by any process.
 import { join } from 'node:path';
-import { readFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import {
-  CheckpointError, CONFIG_FILE, INDEX_FILE, commitStaged, fsyncDir, readSafetensors, readSafetensorsHeader,
+  CheckpointError, CONFIG_FILE, INDEX_FILE, commitStaged, fsyncDir, inspectCheckpoint, readSafetensors, readSafetensorsHeader,
   readTensorsFrom, readWeightMap, writeFileSynced, writeSafetensors, type Tensor,
 } from './index.js';
-import { OPTIMIZER_FILE, TRAINER_STATE_FILE } from './model.js';
+import { OPTIMIZER_FILE, TRAINER_STATE_FILE, readTrainerState } from './model.js';
+import { modelTensorShapes } from '../model/hf.js';
 import type { ModelConfig } from '../config.js';
 
 export const OPTIMIZER_INDEX_FILE = 'optimizer.safetensors.index.json';
@@ -58,22 +58,18 @@ async function indexOf(staging: string, entries: Array<{ file: string; names: st
 }
 
 /**
- * Completes a staged checkpoint: checks every part, writes both indexes and the trainer state, fsyncs
- * and renames the folder into place. `expectedTensors` (when given) must be exactly covered.
+ * Completes a staged checkpoint: checks every part, writes both indexes and the trainer state, checks the
+ * whole model (every tensor of the config, right shapes — the check every service runs before loading),
+ * fsyncs and renames the folder into place, so a committed checkpoint always loads.
  */
-export async function commitClusterCheckpoint(
-  staging: string, target: string, parts: CheckpointPartFiles[], trainerStateJson: string, expectedTensors?: Iterable<string>,
-): Promise<void> {
+export async function commitClusterCheckpoint(staging: string, target: string, parts: CheckpointPartFiles[], trainerStateJson: string): Promise<void> {
   if (!existsSync(join(staging, CONFIG_FILE))) throw new CheckpointError(`staged checkpoint ${staging} has no ${CONFIG_FILE}`);
   const weights = await indexOf(staging, parts.map((p) => ({ file: p.file, names: p.tensors })), 'model');
-  if (expectedTensors) {
-    const missing = [...expectedTensors].filter((n) => weights.weight_map[n] === undefined);
-    if (missing.length) throw new CheckpointError(`staged checkpoint ${staging} lacks ${missing.length} tensor(s): ${missing.slice(0, 5).join(', ')}${missing.length > 5 ? ', ...' : ''}`);
-  }
   const moments = await indexOf(staging, parts.map((p) => ({ file: p.optimizerFile, names: p.optimizerTensors })), 'optimizer');
   await writeFileSynced(join(staging, INDEX_FILE), JSON.stringify(weights, null, 2) + '\n');
   await writeFileSynced(join(staging, OPTIMIZER_INDEX_FILE), JSON.stringify(moments, null, 2) + '\n');
   await writeFileSynced(join(staging, TRAINER_STATE_FILE), trainerStateJson);
+  await inspectCheckpoint(staging, { expectedTensors: modelTensorShapes });
   await fsyncDir(staging);
   await commitStaged(staging, target);
 }
@@ -94,8 +90,6 @@ export async function loadOptimizerMoments(dir: string, wanted: (name: string) =
 
 /** The step a committed checkpoint was written after (0 for a checkpoint without trainer state). */
 export async function checkpointStep(dir: string): Promise<number> {
-  const path = join(dir, TRAINER_STATE_FILE);
-  if (!existsSync(path)) return 0;
-  const state = JSON.parse(await readFile(path, 'utf8')) as { step?: number };
-  return state.step ?? 0;
+  if (!existsSync(join(dir, TRAINER_STATE_FILE))) return 0;
+  return (await readTrainerState(dir)).step ?? 0;
 }

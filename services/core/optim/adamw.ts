@@ -3,6 +3,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import type { ParameterTable } from '../model/parameters.js';
 import type { HostTensor } from '../model/hf.js';
+import type { TrainSettings } from '../config.js';
 
 export interface AdamWSettings {
   beta1: number;
@@ -11,6 +12,10 @@ export interface AdamWSettings {
   weightDecay: number;
 }
 
+/** The optimizer settings of a training run's config (every trainer, router and shard uses these). */
+export function adamWSettings(t: TrainSettings): AdamWSettings {
+  return { beta1: t.beta1, beta2: t.beta2, eps: t.adam_eps, weightDecay: t.weight_decay };
+}
 
 /** Decay matrices only: norm gains are scale parameters that decay would pull towards zero. */
 export const decays = (value: tf.Tensor): boolean => value.rank >= 2;

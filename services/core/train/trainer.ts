@@ -9,7 +9,7 @@ import { BatchSampler, loadCorpus, splitCorpus, type Batch, type BatchSamplerSta
 import { Rng } from '../data/random.js';
 import { MixtralModel } from '../model/model.js';
 import { assertTrainable } from '../model/family.js';
-import { AdamW, clipFactor, gradSquareSum } from '../optim/adamw.js';
+import { adamWSettings, AdamW, clipFactor, gradSquareSum } from '../optim/adamw.js';
 import { learningRate } from '../optim/schedule.js';
 import { loadModel, loadTrainingSnapshot, saveModel } from '../checkpoint/model.js';
 
@@ -113,11 +113,19 @@ export async function truncateMetrics(path: string, step: number): Promise<Metri
   return kept;
 }
 
+/**
+ * What every trainer (single process, distributed routers) refuses before it starts: a family or option
+ * the backward does not cover, sequences longer than the model's context.
+ */
+export function checkTrainRun(model: ModelConfig, t: TrainSettings): void {
+  assertTrainable(model);
+  if (t.seq_len > model.max_position_embeddings)
+    throw new ConfigError(`train.seq_len ${t.seq_len} exceeds the model's max_position_embeddings ${model.max_position_embeddings}`);
+}
+
 export async function train(opts: TrainRunOptions): Promise<TrainSummary> {
-  assertTrainable(opts.model);
   const t = opts.train;
-  if (t.seq_len > opts.model.max_position_embeddings)
-    throw new ConfigError(`train.seq_len ${t.seq_len} exceeds the model's max_position_embeddings ${opts.model.max_position_embeddings}`);
+  checkTrainRun(opts.model, t);
   const corpus = await loadCorpus(opts.dataPath);
   const { train: trainBytes, validation } = splitCorpus(corpus.bytes, t.validation_fraction);
   const evalBatches = validationBatches(validation, t);
@@ -141,7 +149,7 @@ export async function train(opts: TrainRunOptions): Promise<TrainSummary> {
   } else {
     model = MixtralModel.initialize(opts.model, t.seed);
   }
-  const adamSettings = { beta1: t.beta1, beta2: t.beta2, eps: t.adam_eps, weightDecay: t.weight_decay };
+  const adamSettings = adamWSettings(t);
   const optimizers = { dense: new AdamW(model.dense, adamSettings), experts: new AdamW(model.localExperts!.params, adamSettings) };
   if (resuming) {
     const state = (await loadTrainingSnapshot(ckptDir, optimizers)) as unknown as TrainerState;
