@@ -43,7 +43,9 @@ declare module 'fastify' {
   }
 }
 
-const OPEN_PATHS = /^\/(v2\/health\/|metrics$)/;
+// Probes, scrapes and the live dashboard (a browser page and EventSource cannot send a bearer token;
+// it shows the same aggregate load /metrics does).
+const OPEN_PATHS = /^\/(v2\/health\/|metrics$|dashboard(\/data|\/events)?$)/;
 
 export function buildHttpApp(engine: RouterEngine, o: HttpOptions = {}): FastifyInstance {
   const logLevel = o.logLevel;
@@ -120,10 +122,6 @@ export function buildHttpApp(engine: RouterEngine, o: HttpOptions = {}): Fastify
     const status = err instanceof HttpError ? err.statusCode : err.validation ? 400 : err.statusCode && err.statusCode < 500 ? err.statusCode : 500;
     const type = err instanceof HttpError ? err.type : status === 413 ? 'request_too_large' : status < 500 ? 'invalid_request_error' : 'server_error';
     const message = status === 500 ? `internal error: ${err.message}` : err.message;
-    if (status === 503) {
-      servingMetrics.rejections.inc({ reason: 'unavailable' });
-      reply.header('retry-after', '1');
-    }
     return reply.code(status).send({ error: { message, type } });
   });
   app.setNotFoundHandler((req, reply) => reply.code(404).send({ error: { message: `no route ${req.method} ${req.url}`, type: 'not_found_error' } }));

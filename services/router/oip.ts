@@ -2,6 +2,8 @@
 import type { FastifyInstance } from 'fastify';
 import { HttpError } from './errors.js';
 import type { RouterEngine } from './engine.js';
+import { OverloadError } from '../core/overload.js';
+import { servingMetrics } from '../core/metrics/serving.js';
 
 const OUTPUT_NAMES = ['logits', 'routing_experts', 'routing_weights'] as const;
 type OutputName = (typeof OUTPUT_NAMES)[number];
@@ -112,7 +114,7 @@ export function oipRoutes(app: FastifyInstance, engine: RouterEngine): void {
     },
   }, async (req, reply) => {
     checkModel(req.params.model);
-    if (!engine.ready()) throw new HttpError(503, 'not every expert has a shard yet', 'unavailable');
+    if (!engine.ready()) throw new OverloadError('not every expert has a shard yet', 'unavailable');
     const input = req.body.inputs[0];
     const [batch, tokens] = input.shape;
     if (!Array.isArray(input.data) || input.data.length !== batch * tokens)
@@ -144,7 +146,10 @@ export function oipRoutes(app: FastifyInstance, engine: RouterEngine): void {
           : { name, datatype: 'FP32', shape: [layers, batch, tokens, k], values: routingOf('weight') });
     const binary = requested.map((o) => o.parameters?.binary_data === true);
     // Some rows could not reach their experts (drop or reroute policy): Open Inference response parameters say so.
-    if (reasons.length) reply.header('x-switchyard-degraded', 'true');
+    if (reasons.length) {
+      reply.header('x-switchyard-degraded', 'true');
+      servingMetrics.degraded.inc();
+    }
     const head = {
       model_name: engine.modelName, model_version: '1', ...(req.body.id ? { id: req.body.id } : {}),
       ...(reasons.length ? { parameters: { degraded: true, degraded_reasons: reasons.join('; ') } } : {}),

@@ -47,7 +47,7 @@ export function openaiRoutes(app: FastifyInstance, engine: RouterEngine): void {
     const body = req.body;
     if (body.model !== undefined && body.model !== engine.modelName)
       throw new HttpError(404, `model '${body.model}' is not served here (serving '${engine.modelName}')`, 'not_found_error');
-    if (!engine.ready()) throw new HttpError(503, 'not every expert has a shard yet', 'unavailable');
+    if (!engine.ready()) throw new OverloadError('not every expert has a shard yet', 'unavailable');
     const tokenizer = engine.tokenizer;
     const prompt = tokenizer.encode(body.prompt);
     if (prompt.length === 0) throw new HttpError(400, 'the prompt encodes to no tokens');
