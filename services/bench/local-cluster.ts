@@ -10,7 +10,7 @@ import { Cluster } from '../cli/cluster.js';
 
 export async function withLocalCluster<T>(suite: string, model: MixtralModel, routers: number, fn: (cluster: Cluster) => Promise<T>): Promise<T> {
   const dir = await mkdtemp(join(tmpdir(), `switchyard-bench-${suite}-`));
-  const cluster = new Cluster({ checkpoint: join(dir, 'model'), shards: 2, routers, host: '127.0.0.1', port: 0, log: () => undefined });
+  const cluster = new Cluster({ checkpoint: join(dir, 'model'), shards: 2, routers, host: '127.0.0.1', port: 0, logDir: join(dir, 'logs'), log: () => undefined });
   try {
     await saveModel(join(dir, 'model'), model);
     await cluster.up();

@@ -1,8 +1,6 @@
 // `switchyard up`: the whole cluster as child processes on one machine — a coordinator, expert shards
 // holding the default spread of experts, and routers — stopped together on Ctrl-C or SIGTERM.
-import { spawn, type ChildProcess } from 'node:child_process';
-import { createInterface } from 'node:readline';
-import { fileURLToPath } from 'node:url';
+import { Supervisor } from './supervisor.js';
 
 export interface ClusterOptions {
   checkpoint: string;
@@ -10,51 +8,36 @@ export interface ClusterOptions {
   routers: number;
   host: string;
   port: number;
+  /** Each service's output goes to `<logDir>/<name>.log` (processes.json lists the pids). */
+  logDir: string;
   log: (line: string) => void;
 }
 
-interface Child {
-  name: string;
-  process: ChildProcess;
-  stderrTail: string[];
-}
-
-const CLI = fileURLToPath(new URL('./main.js', import.meta.url));
-
 export class Cluster {
-  private readonly children: Child[] = [];
-  stopping = false;
+  private readonly supervisor: Supervisor;
   routerUrls: string[] = [];
   coordinatorAddress = '';
   /** Prometheus endpoints of the coordinator and shards (routers serve /metrics on their HTTP port). */
   metricsUrls: string[] = [];
 
-  constructor(readonly options: ClusterOptions) {}
+  constructor(readonly options: ClusterOptions) {
+    this.supervisor = new Supervisor(options.logDir, options.log, 0);
+    // One service failing takes the cluster down (nothing here restarts it; Kubernetes would).
+    const failed = (why: string) => {
+      if (this.stopping) return;
+      options.log(`switchyard: ${why}; stopping the cluster`);
+      void this.stop().then(() => { process.exitCode = 1; });
+    };
+    this.supervisor.onFailure = (_name, why) => failed(why);
+    this.supervisor.onDone = (name) => failed(`${name} exited`);
+  }
 
-  /** Starts `args` and resolves with the first stdout match of `ready`. */
+  get stopping(): boolean {
+    return this.supervisor.stopping;
+  }
+
   private start(name: string, args: string[], ready: RegExp): Promise<RegExpMatchArray> {
-    // Children stop by themselves should this process die without stopping them.
-    const env = { ...process.env, SWITCHYARD_EXIT_WITH_PARENT: '1' };
-    const child: Child = { name, process: spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'], env }), stderrTail: [] };
-    this.children.push(child);
-    createInterface({ input: child.process.stderr! }).on('line', (line) => {
-      child.stderrTail.push(line);
-      if (child.stderrTail.length > 20) child.stderrTail.shift();
-    });
-    return new Promise((resolve, reject) => {
-      createInterface({ input: child.process.stdout! }).on('line', (line) => {
-        const m = line.match(ready);
-        if (m) resolve(m);
-      });
-      child.process.once('exit', (code, signal) => {
-        const why = `${name} exited (${signal ?? `code ${code}`})${child.stderrTail.length ? `:\n  ${child.stderrTail.join('\n  ')}` : ''}`;
-        reject(new Error(why));
-        if (!this.stopping) {
-          this.options.log(`switchyard: ${why}; stopping the cluster`);
-          void this.stop().then(() => { process.exitCode = 1; });
-        }
-      });
-    });
+    return this.supervisor.start({ name, args, ready, restart: false });
   }
 
   async up(): Promise<void> {
@@ -81,7 +64,7 @@ export class Cluster {
   }
 
   pids(): Record<string, number> {
-    return Object.fromEntries(this.children.map((c) => [c.name, c.process.pid ?? -1]));
+    return this.supervisor.pids();
   }
 
   /**
@@ -89,17 +72,8 @@ export class Cluster {
    * coordinator, so shards leaving a cluster that stops as a whole do not have their experts moved.
    */
   async stop(): Promise<void> {
-    this.stopping = true;
-    const rank = (c: Child) => (c.name.startsWith('router') ? 0 : c.name === 'coordinator' ? 1 : 2);
-    const order = [...this.children].reverse().sort((a, b) => rank(a) - rank(b));
-    for (const c of order) {
-      if (c.process.exitCode !== null || c.process.signalCode !== null) continue;
-      const exited = new Promise<void>((resolve) => c.process.once('exit', () => resolve()));
-      c.process.kill('SIGTERM');
-      const timer = setTimeout(() => c.process.kill('SIGKILL'), 10_000);
-      await exited;
-      clearTimeout(timer);
-    }
+    const rank = (name: string) => (name.startsWith('router') ? 0 : name === 'coordinator' ? 1 : 2);
+    await this.supervisor.stop((names) => names.reverse().sort((a, b) => rank(a) - rank(b)));
   }
 }
 

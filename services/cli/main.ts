@@ -22,6 +22,7 @@ import { CoordinatorLink } from '../core/wire/coordinator-link.js';
 import { RouterEngine } from '../router/engine.js';
 import { buildHttpApp } from '../router/http.js';
 import { Cluster } from './cluster.js';
+import { EXIT_WITH_PARENT_ENV } from './supervisor.js';
 import { importCommand, type ImportFlags } from './import.js';
 import type { FloatDtype } from '../core/dtypes.js';
 import { checkpointDirOf, train } from '../core/train/trainer.js';
@@ -37,6 +38,8 @@ import { ExpertSet } from '../core/model/experts.js';
 import { OVERFLOW_POLICIES, type OverflowPolicy } from '../core/overload.js';
 
 const DEFAULT_RUN_DIR = 'checkpoints/default';
+/** Where `up` appends each service's output (`<name>.log`, and processes.json with the pids). */
+const UP_LOG_DIR = 'runs/up';
 
 function packageVersion(): string {
   const require = createRequire(import.meta.url);
@@ -159,7 +162,7 @@ async function upCommand(flags: UpFlags): Promise<void> {
   await loadTokenizer(modelDir, config);
   const cluster = new Cluster({
     checkpoint: modelDir, shards: flags.shards, routers: flags.routers, host: flags.host, port: flags.port,
-    log: (line) => process.stderr.write(line + '\n'),
+    logDir: resolve(UP_LOG_DIR), log: (line) => process.stderr.write(line + '\n'),
   });
   const stopped = untilStopped().then(() => cluster.stop());
   try {
@@ -177,7 +180,7 @@ async function upCommand(flags: UpFlags): Promise<void> {
     `  API (Open Inference):  ${api}/v2/models/${name}/infer   ${api}/v2/health/ready`,
     `  live expert load:      ${api}/dashboard`,
     `  metrics (Prometheus):  ${api}/metrics   ${cluster.metricsUrls.join('   ')}`,
-    `  processes:             ${Object.entries(cluster.pids()).map(([n, pid]) => `${n}=${pid}`).join(' ')}`,
+    `  processes:             ${Object.entries(cluster.pids()).map(([n, pid]) => `${n}=${pid}`).join(' ')} (logs in ${UP_LOG_DIR}/)`,
     `  try: curl -s ${api}/v1/completions -H 'content-type: application/json' -d '{"prompt": "Call me Ishmael. ", "max_tokens": 80}'`,
     '  Ctrl-C stops the cluster.',
     '',
@@ -240,10 +243,6 @@ async function serveRouter(flags: ServeFlags): Promise<void> {
   engine.close();
 }
 
-
-/** Resolves when SIGTERM or SIGINT arrives. */
-/** Set by a parent (`up`, tests) so a service never outlives it, even when the parent is killed outright. */
-export const EXIT_WITH_PARENT_ENV = 'SWITCHYARD_EXIT_WITH_PARENT';
 
 /** Resolves on SIGTERM or SIGINT, or when the process that started this one is gone (if asked to). */
 const untilStopped = (): Promise<void> => new Promise((resolveStop) => {

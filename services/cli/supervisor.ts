@@ -10,6 +10,9 @@ import { fileURLToPath } from 'node:url';
 
 const CLI = fileURLToPath(new URL('./main.js', import.meta.url));
 
+/** Set by a parent (`up`, `train`, tests) so a service never outlives it, even when the parent is killed outright. */
+export const EXIT_WITH_PARENT_ENV = 'SWITCHYARD_EXIT_WITH_PARENT';
+
 export interface ChildSpec {
   name: string;
   args: string[];
@@ -43,15 +46,15 @@ export class Supervisor {
 
   async start(spec: ChildSpec): Promise<RegExpMatchArray> {
     await mkdir(this.logDir, { recursive: true });
+    if (this.stopping) throw new Error(`not starting ${spec.name}: stopping`);
     const log = this.children.get(spec.name)?.log ?? createWriteStream(join(this.logDir, `${spec.name}.log`), { flags: 'a' });
-    const env = { ...process.env, SWITCHYARD_EXIT_WITH_PARENT: '1', ...(spec.env ?? {}) };
+    const env = { ...process.env, [EXIT_WITH_PARENT_ENV]: '1', ...(spec.env ?? {}) };
     const child = spawn(process.execPath, [CLI, ...spec.args], { stdio: ['ignore', 'pipe', 'pipe'], env });
     const entry: Supervised = {
       spec, process: child, restarts: this.children.get(spec.name)?.restarts ?? 0, log, done: false,
       exited: new Promise((resolve) => child.once('exit', (code) => resolve(code))),
     };
     this.children.set(spec.name, entry);
-    await this.writePids();
     createInterface({ input: child.stderr! }).on('line', (line) => log.write(line + '\n'));
     const ready = new Promise<RegExpMatchArray>((resolve, reject) => {
       createInterface({ input: child.stdout! }).on('line', (line) => {
@@ -78,6 +81,8 @@ export class Supervisor {
         this.onFailure?.(spec.name, `${why}; see ${join(this.logDir, `${spec.name}.log`)}`);
       }
     });
+    // After the listeners: a child that exits at once still settles `ready`.
+    await this.writePids();
     return ready;
   }
 
@@ -96,10 +101,10 @@ export class Supervisor {
     await writeFile(join(this.logDir, 'processes.json'), JSON.stringify(this.pids(), null, 2) + '\n');
   }
 
-  /** SIGTERM to every live child in reverse start order, SIGKILL after 10 s. */
-  async stop(): Promise<void> {
+  /** SIGTERM to every live child (in reverse start order unless `order` sorts the names), SIGKILL after 10 s. */
+  async stop(order: (names: string[]) => string[] = (names) => names.reverse()): Promise<void> {
     this.stopping = true;
-    for (const c of [...this.children.values()].reverse()) {
+    for (const c of order([...this.children.keys()]).map((name) => this.children.get(name)!)) {
       if (c.process.exitCode === null && c.process.signalCode === null) {
         c.process.kill('SIGTERM');
         const timer = setTimeout(() => c.process.kill('SIGKILL'), 10_000);
