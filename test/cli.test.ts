@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { BENCH_SUITES } from '../services/bench/index.js';
 import { runCli } from './support/cli.js';
 
 const root = await mkdtemp(join(tmpdir(), 'switchyard-cli-'));
@@ -100,7 +101,8 @@ test('bench --quick runs every suite and reports each target as a ratio', async 
   await mkdir(dir);
   const r = await runCli(['bench', '--quick'], {}, dir);
   assert.equal(r.code, 0, r.stderr);
-  for (const suite of ['compute', 'wire', 'moe-layer', 'serving', 'allreduce', 'training', 'load', 'peer']) assert.match(r.stdout, new RegExp(`== ${suite} ==`));
+  for (const suite of BENCH_SUITES) assert.match(r.stdout, new RegExp(`== ${suite} ==`));
+  assert.ok(BENCH_SUITES.includes('elastic'));
   const wireRows = (w: Summary) => w.rows;
   type Summary = { rows: Array<{ name: string; value: number; unit: string; ratio?: number; target?: string }> };
   const read = async (suite: string) => JSON.parse(await readFile(join(dir, 'bench-results', `${suite}.json`), 'utf8')) as Summary;
@@ -122,6 +124,11 @@ test('bench --quick runs every suite and reports each target as a ratio', async 
   const load = (await read('load')).rows;
   assert.ok(load.find((row) => row.name.startsWith('maximum sustainable'))!.value > 0);
   assert.equal(load.filter((row) => row.name.endsWith('share answered 503')).length, 3, '503 share at 50%, 100% and 200% of the maximum');
+  const elastic = (await read('elastic')).rows;
+  const firstRow = elastic.find((row) => row.name.includes('first served row'));
+  assert.ok(firstRow && firstRow.value > 0 && firstRow.target === '< 10 s', 'registration → first served row of an added shard');
+  const planned = elastic.filter((row) => row.name.includes('planner max/mean (held-out half)'));
+  assert.ok(planned.length > 0 && planned.every((row) => row.value >= 1 && row.ratio! >= 0.999), 'planner max/mean against the lower bound');
   const peer = JSON.parse(await readFile(join(dir, 'bench-results', 'peer.json'), 'utf8')) as Summary & { context: { skipped?: string } };
   assert.ok(peer.context.skipped ? /import torch/.test(peer.context.skipped) : peer.rows.some((row) => row.name === 'Switchyard / PyTorch' && row.ratio! > 0), 'peer suite ran or said why not');
   assert.ok(wireRows(await read('wire')).some((row) => row.name.startsWith('grpc-js bidi stream') && row.ratio! > 0), 'grpc-js stream against raw TCP');

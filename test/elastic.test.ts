@@ -133,6 +133,7 @@ test('a third shard joins a skewed cluster: the hot expert gets replicas, measur
     const planned = JSON.parse(plan.stdout) as { plan: { loads: number; predictedMaxOverMean: number } };
     assert.equal(planned.plan.loads, 0, 'hysteresis: a fresh plan keeps the balanced placement');
     assert.equal((await fetch(`${adminOf(c)}/admin/placement`)).status, 401);
+    assert.equal((await fetch(`${adminOf(c)}/%61dmin/placement/apply`, { method: 'POST' })).status, 401, 'no way around the token by escaping the path');
     const denied = await runCli(['placement', 'apply', '--admin', adminOf(c)], { SWITCHYARD_ADMIN_TOKEN: 'wrong' });
     assert.equal(denied.code, 2);
     assert.match(denied.stderr, /401/);

@@ -9,6 +9,7 @@ import { preset } from '../services/core/config.js';
 import { MixtralModel } from '../services/core/model/model.js';
 import { saveModel } from '../services/core/checkpoint/model.js';
 import { startService } from './support/services.js';
+import { EXIT_WITH_PARENT_ENV } from '../services/cli/supervisor.js';
 
 await initBackend();
 let root: string;
@@ -57,10 +58,15 @@ test('up runs coordinator, shards and router as child processes, serves, and SIG
 });
 
 test('services started by up stop by themselves when up is killed outright', async () => {
-  const up = await startService(['up', '--model', checkpoint, '--port', '0', '--shards', '1'], /cluster ready at (\S+):/);
-  const children = childrenOf(up.child.pid!);
-  assert.equal(children.length, 3);
-  up.child.kill('SIGKILL');
-  for (let i = 0; i < 100 && children.some(alive); i++) await new Promise((r) => setTimeout(r, 100));
-  assert.deepEqual(children.filter(alive), [], 'no orphans after SIGKILL of up');
+  // Without the test harness's own exit-with-parent setting: only `up` may give it to its children.
+  const up = await startService(['up', '--model', checkpoint, '--port', '0', '--shards', '1'], /cluster ready at (\S+):/, { [EXIT_WITH_PARENT_ENV]: '' });
+  try {
+    const children = childrenOf(up.child.pid!);
+    assert.equal(children.length, 3);
+    up.child.kill('SIGKILL');
+    for (let i = 0; i < 100 && children.some(alive); i++) await new Promise((r) => setTimeout(r, 100));
+    assert.deepEqual(children.filter(alive), [], 'no orphans after SIGKILL of up');
+  } finally {
+    await up.stop();
+  }
 });

@@ -105,23 +105,26 @@ async function scaleUpSeconds(quick: boolean): Promise<{ firstRow: number[]; rea
       }
     };
     const load = Promise.all(Array.from({ length: 4 }, (_, w) => client(w)));
-    await sleep(2_000);
-    const coordinatorMetrics = cluster.metricsUrls[0];
-    for (let i = 0; i < (quick ? 1 : 3); i++) {
-      const metrics = await cluster.startShard(`added-${i}`, 'none');
-      const started = Date.now();
-      let seconds = 0;
-      while (!(seconds > 0) && Date.now() - started < 60_000) {
-        await sleep(200);
-        seconds = await gauge(metrics, 'switchyard_expert_first_row_seconds');
+    try {
+      await sleep(2_000);
+      const coordinatorMetrics = cluster.metricsUrls[0];
+      for (let i = 0; i < (quick ? 1 : 3); i++) {
+        const metrics = await cluster.startShard(`added-${i}`, 'none');
+        const started = Date.now();
+        let seconds = 0;
+        while (!(seconds > 0) && Date.now() - started < 60_000) {
+          await sleep(200);
+          seconds = await gauge(metrics, 'switchyard_expert_first_row_seconds');
+        }
+        firstRow.push(seconds > 0 ? seconds : NaN);
+        const sum = await gauge(coordinatorMetrics, 'switchyard_shard_ready_seconds_sum');
+        ready.push(sum - ready.reduce((a, b) => a + b, 0));
       }
-      firstRow.push(seconds > 0 ? seconds : NaN);
-      const sum = await gauge(coordinatorMetrics, 'switchyard_shard_ready_seconds_sum');
-      ready.push(sum - ready.reduce((a, b) => a + b, 0));
+    } finally {
+      stop = true; // the clients stop before the cluster does, also after an error
+      await load;
     }
-    stop = true;
-    await load;
-  }).finally(() => { stop = true; });
+  });
   return { firstRow, ready };
 }
 

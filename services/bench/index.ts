@@ -29,3 +29,6 @@ export async function runBench(names: string[], opts: { quick: boolean }): Promi
   }
   for (const name of chosen) await SUITES[name](opts.quick);
 }
+
+/** Every suite, in the order `bench` runs them. */
+export const BENCH_SUITES = Object.keys(SUITES);

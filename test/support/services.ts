@@ -4,6 +4,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { repoRoot } from './paths.js';
+import { EXIT_WITH_PARENT_ENV } from '../../services/cli/supervisor.js';
 
 export interface RunningService {
   child: ChildProcess;
@@ -20,7 +21,7 @@ process.once('exit', () => {
 
 export function startService(args: string[], readyLine: RegExp, env: Record<string, string> = {}, timeoutMs = 60_000): Promise<RunningService> {
   const child = spawn(process.execPath, [join(repoRoot, 'dist', 'services', 'cli', 'main.js'), ...args], {
-    env: { ...process.env, SWITCHYARD_EXIT_WITH_PARENT: '1', ...env }, stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, [EXIT_WITH_PARENT_ENV]: '1', ...env }, stdio: ['ignore', 'pipe', 'pipe'],
   });
   running.add(child);
   let stderr = '';
