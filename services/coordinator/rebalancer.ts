@@ -80,7 +80,8 @@ export class Rebalancer {
       if (event !== 'registered' || m?.role !== 'expert-shard' || m.experts.length > 0) return;
       this.joining.set(memberId, Date.now());
       // Scale-up: put the new shard to work now (no hysteresis: it has capacity and nothing to do).
-      setTimeout(() => void this.rebalance(`shard ${memberId} joined`).catch(() => undefined), 100).unref();
+      setTimeout(() => void this.rebalance(`shard ${memberId} joined`).catch((err: Error) =>
+        options.log?.({ msg: 'cannot place experts on the new shard', shard: memberId, error: err.message })), 100).unref();
     });
     membership.watch((table) => {
       for (const [id, since] of this.joining)
