@@ -2,7 +2,7 @@
 // installed, else wasm (SIMD), else the pure-JS cpu backend as a last resort.
 import * as tf from '@tensorflow/tfjs-core';
 import { createRequire } from 'node:module';
-import { prepareWasmThreads } from './wasm-threads.js';
+import { prepareWasmThreads, threadedStart } from './wasm-threads.js';
 
 export const BACKEND_CHOICES = ['tensorflow-gpu', 'tensorflow', 'wasm', 'cpu'] as const;
 export type BackendChoice = (typeof BACKEND_CHOICES)[number];
@@ -43,7 +43,8 @@ async function tryWasm(threads: number): Promise<{ threads: number; simd: boolea
   const restore = threads > 1 ? prepareWasmThreads(threads) : undefined;
   if (threads > 1) wasm.setThreadsCount(threads);
   try {
-    if (!(await tf.setBackend('wasm'))) throw new Error('wasm backend refused to initialise');
+    const starting = tf.setBackend('wasm');
+    if (!(await (threads > 1 ? threadedStart(starting, threads) : starting))) throw new Error('wasm backend refused to initialise');
     await tf.ready();
   } finally {
     restore?.();

@@ -5,7 +5,7 @@
 // CPUs (tfjs caps its pool at half the logical cores). It leans on package internals, hence the exact
 // version pin in package.json and the default of one thread; processes remain the first way to scale.
 import * as tf from '@tensorflow/tfjs-core';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, renameSync, rmSync, writeFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import os from 'node:os';
 import { join } from 'node:path';
@@ -29,13 +29,22 @@ export function prepareWasmThreads(threads: number): () => void {
     }
   }
   globalThis.Blob = RecordingBlob;
+  // Emscripten asks for the worker URL once per pthread worker, synchronously, while the workers it already
+  // started read their script on their own threads: the file is written once (atomically) and never again,
+  // since a worker that reads it mid-rewrite finds an empty script, exits silently, and init never ends.
+  const workerFiles = new Map<string, string>();
   URL.createObjectURL = (blob: Blob): string => {
     const text = blobTexts.get(blob);
     if (text === undefined) return nativeCreateObjectURL(blob);
     // The only text blob turned into a URL is the pthread worker; inside it, the main-script blob it is
     // sent is replaced by the package's own copy of that script.
-    const worker = join(dir, 'pthread-worker.js');
-    writeFileSync(worker, `URL.createObjectURL=()=>${JSON.stringify(mainScript)};URL.revokeObjectURL=()=>{};\n${text}`);
+    let worker = workerFiles.get(text);
+    if (worker === undefined) {
+      worker = join(dir, `pthread-worker-${workerFiles.size}.cjs`);
+      writeFileSync(`${worker}.tmp`, `URL.createObjectURL=()=>${JSON.stringify(mainScript)};URL.revokeObjectURL=()=>{};\n${text}`);
+      renameSync(`${worker}.tmp`, worker);
+      workerFiles.set(text, worker);
+    }
     return worker;
   };
   const real = nativeCpus();
@@ -49,4 +58,20 @@ export function prepareWasmThreads(threads: number): () => void {
     URL.createObjectURL = nativeCreateObjectURL;
     os.cpus = nativeCpus;
   };
+}
+
+const THREADED_START_MS = 60_000;
+
+/**
+ * Bounds the threaded start. Emscripten's workers stop holding the event loop once loaded, so a worker that
+ * dies before loading leaves init waiting on nothing and Node would exit 0 in silence; this timer holds
+ * the loop and turns that into an error.
+ */
+export function threadedStart<T>(starting: Promise<T>, threads: number, withinMs = THREADED_START_MS): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const deadline = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(
+      `wasm with ${threads} threads did not start within ${withinMs / 1000} s (a pthread worker ended before loading)`)), withinMs);
+  });
+  return Promise.race([starting, deadline]).finally(() => clearTimeout(timer));
 }
