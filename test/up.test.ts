@@ -1,7 +1,7 @@
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { initBackend } from '../services/core/backend.js';
@@ -66,6 +66,29 @@ test('services started by up stop by themselves when up is killed outright', asy
     up.child.kill('SIGKILL');
     for (let i = 0; i < 100 && children.some(alive); i++) await new Promise((r) => setTimeout(r, 100));
     assert.deepEqual(children.filter(alive), [], 'no orphans after SIGKILL of up');
+  } finally {
+    await up.stop();
+  }
+});
+
+test('Ctrl-C reaches every process of the group, yet up stops them in its order: nothing drains, nothing is killed', async () => {
+  // A terminal sends SIGINT to the whole foreground process group: up and all of its services at once.
+  const cwd = join(root, 'ctrl-c');
+  await mkdir(cwd);
+  const up = await startService(['up', '--model', checkpoint, '--port', '0', '--shards', '2'], /cluster ready at (\S+):/,
+    { [EXIT_WITH_PARENT_ENV]: '' }, 60_000, { cwd, detached: true });
+  try {
+    const children = childrenOf(up.child.pid!);
+    assert.equal(children.length, 4);
+    const exited = new Promise((resolve) => up.child.once('exit', resolve));
+    process.kill(-up.child.pid!, 'SIGINT');
+    await exited;
+    assert.equal(up.child.exitCode, 0, up.stderr());
+    assert.deepEqual(children.filter(alive), [], 'every service stopped with up');
+    assert.doesNotMatch(up.stderr(), /did not stop within/, 'no service had to be killed');
+    // Shards drain only when they leave a cluster that goes on; here the coordinator stops before them.
+    const coordinatorLog = await readFile(join(cwd, 'runs', 'up', 'coordinator.log'), 'utf8');
+    assert.doesNotMatch(coordinatorLog, /drains/);
   } finally {
     await up.stop();
   }

@@ -244,13 +244,19 @@ async function serveRouter(flags: ServeFlags): Promise<void> {
 }
 
 
-/** Resolves on SIGTERM or SIGINT, or when the process that started this one is gone (if asked to). */
+/**
+ * Resolves on SIGTERM or SIGINT, or when the process that started this one is gone (if asked to). A
+ * supervised service ignores SIGINT: a terminal's Ctrl-C reaches the whole process group, and its parent
+ * stops the services in an order (routers, coordinator, shards) that keeps shards from draining.
+ */
 const untilStopped = (): Promise<void> => new Promise((resolveStop) => {
   process.once('SIGTERM', () => resolveStop());
-  process.once('SIGINT', () => resolveStop());
   if (process.env[EXIT_WITH_PARENT_ENV] === '1') {
+    process.on('SIGINT', () => {});
     const parent = process.ppid;
     setInterval(() => { if (process.ppid !== parent) resolveStop(); }, 500).unref();
+  } else {
+    process.once('SIGINT', () => resolveStop());
   }
 });
 

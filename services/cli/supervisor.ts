@@ -107,7 +107,10 @@ export class Supervisor {
     for (const c of order([...this.children.keys()]).map((name) => this.children.get(name)!)) {
       if (c.process.exitCode === null && c.process.signalCode === null) {
         c.process.kill('SIGTERM');
-        const timer = setTimeout(() => c.process.kill('SIGKILL'), 10_000);
+        const timer = setTimeout(() => {
+          this.log(`switchyard: ${c.spec.name} did not stop within 10 s of SIGTERM; killing it (see ${join(this.logDir, `${c.spec.name}.log`)})`);
+          c.process.kill('SIGKILL');
+        }, 10_000);
         await c.exited;
         clearTimeout(timer);
       }

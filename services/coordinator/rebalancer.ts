@@ -72,6 +72,8 @@ export class Rebalancer {
   private lastMigration = 0;
   /** Shards that registered empty, with when, until a placement lists them. */
   private readonly joining = new Map<string, number>();
+  /** Ends the migrations waiting for shards to load (their timers would keep a stopping coordinator alive). */
+  private readonly abortWaits = new Set<(why: string) => void>();
 
   constructor(readonly membership: Membership, readonly options: RebalancerOptions) {
     current = this;
@@ -100,6 +102,7 @@ export class Rebalancer {
 
   close(): void {
     clearInterval(this.timer);
+    for (const abort of [...this.abortWaits]) abort('the coordinator is stopping');
     if (current === this) current = undefined;
   }
 
@@ -257,6 +260,7 @@ export class Rebalancer {
       const settle = (result: true | string) => {
         clearTimeout(timer);
         stop();
+        this.abortWaits.delete(settle);
         resolve(result);
       };
       const check = () => {
@@ -266,6 +270,7 @@ export class Rebalancer {
       };
       const timer = setTimeout(() => settle(`${state()?.why ?? 'timeout'} within ${this.options.loadTimeoutMs} ms`), this.options.loadTimeoutMs);
       const stop = this.membership.watch(check);
+      this.abortWaits.add(settle);
       check();
     });
   }

@@ -19,9 +19,12 @@ process.once('exit', () => {
   for (const child of running) child.kill('SIGKILL');
 });
 
-export function startService(args: string[], readyLine: RegExp, env: Record<string, string> = {}, timeoutMs = 60_000): Promise<RunningService> {
+/** `detached`: the service leads a process group of its own (as a shell's foreground job does). */
+export interface SpawnPlace { cwd?: string; detached?: boolean }
+
+export function startService(args: string[], readyLine: RegExp, env: Record<string, string> = {}, timeoutMs = 60_000, place: SpawnPlace = {}): Promise<RunningService> {
   const child = spawn(process.execPath, [join(repoRoot, 'dist', 'services', 'cli', 'main.js'), ...args], {
-    env: { ...process.env, [EXIT_WITH_PARENT_ENV]: '1', ...env }, stdio: ['ignore', 'pipe', 'pipe'],
+    env: { ...process.env, [EXIT_WITH_PARENT_ENV]: '1', ...env }, stdio: ['ignore', 'pipe', 'pipe'], ...place,
   });
   running.add(child);
   let stderr = '';
