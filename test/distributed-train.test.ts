@@ -181,6 +181,25 @@ test('kill -9 a shard at step 7 of 15: it is restarted, the run rolls back to it
   assertLossesEqual(await metrics(out), await metrics(ref));
 });
 
+test('Ctrl-C stops a distributed run at once: every shard ends its step protocol calls and exits as stopped, not failed', async () => {
+  const out = join(root, 'interrupted');
+  const run = startTrain(['--config', 'tiny', '--steps', '2000', '--routers', '1', '--shards', '2', '--out', out]);
+  try {
+    await until('step 3', async () => ((await metrics(out)).length >= 3 ? true : undefined));
+    // A terminal's Ctrl-C: SIGINT to the whole process group (train and every service it started).
+    process.kill(-run.child.pid!, 'SIGINT');
+    assert.equal(await run.exit, 130, run.output());
+  } finally {
+    killGroup(run.child);
+  }
+  assert.doesNotMatch(run.output(), /did not stop within/);
+  for (const shard of ['shard-0', 'shard-1']) {
+    const records = await jsonLines(join(out, 'logs', `${shard}.log`));
+    assert.ok(records.some((r) => r.msg === 'training stopped'), `${shard} stopped`);
+    assert.ok(!records.some((r) => r.msg === 'training failed'), `${shard} did not fail`);
+  }
+});
+
 test('a crash while a checkpoint is written leaves the previous one loadable, and --resume finishes the run exactly', async () => {
   const settings = { ...tiny.train, steps: 12, checkpoint_interval: 4 };
   const ref = await reference(settings);

@@ -333,6 +333,7 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
   const address = flags.advertise ?? `${flags.host}:${server.port}`;
   let training: Promise<void> | undefined;
   let trainLink: TrainLink | undefined;
+  let stopping = false;
   if (flags.train) {
     trainLink = new TrainLink(flags.coordinator!, flags.shardId!);
     training = runShardTraining({
@@ -340,6 +341,11 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
       onHoldings: (held) => void link?.reportHoldings(held),
     });
     training.catch((err: Error) => {
+      // Asked to stop (SIGTERM closed the link): not a failure, and nothing left to wait for.
+      if (stopping) {
+        jsonLog(flags.shardId!)({ msg: 'training stopped' });
+        process.exit(0);
+      }
       jsonLog(flags.shardId!)({ msg: 'training failed', error: err.stack ?? err.message });
       process.exit(1);
     });
@@ -365,6 +371,7 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
   }
   process.stdout.write(`switchyard expert shard listening on ${flags.host}:${server.port}${flags.advertise ? ` (registered as ${address})` : ''} holding ${keys.length} experts (metrics http://${flags.host}:${metrics.port}/metrics)\n`);
   await untilStopped();
+  stopping = true;
   // Graceful: have the coordinator move our experts elsewhere and publish a placement without us, leave,
   // serve what is already on its way, then stop (open streams are cut after the drain; routers retry
   // their rows on other replicas).

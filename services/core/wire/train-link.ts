@@ -40,6 +40,8 @@ export type BarrierPhase = 'TRAIN_PHASE_BACKWARD_DONE' | 'TRAIN_PHASE_COMMIT' | 
 export class TrainLink {
   readonly client: CoordinatorClient;
   private closed = false;
+  /** Calls in flight: closing the channel lets them run on (a 20 s long poll), so close() cancels them. */
+  private readonly calls = new Set<{ cancel(): void }>();
 
   constructor(readonly address: string, readonly memberId: string) {
     const protos = loadProtos();
@@ -55,9 +57,15 @@ export class TrainLink {
       if (this.closed) throw new Error('training link closed');
       try {
         return await new Promise<TrainSyncReply__Output>((resolve, reject) => {
-          this.client.TrainSync({ ...request, memberId: this.memberId }, { deadline: new Date(Date.now() + POLL_MS) }, (err, reply) => (err ? reject(err) : resolve(reply!)));
+          const call = this.client.TrainSync({ ...request, memberId: this.memberId }, { deadline: new Date(Date.now() + POLL_MS) }, (err, reply) => {
+            this.calls.delete(call);
+            if (err) reject(err);
+            else resolve(reply!);
+          });
+          this.calls.add(call);
         });
       } catch (err) {
+        if (this.closed) throw new Error('training link closed');
         const code = (err as grpc.ServiceError).code;
         if (code !== grpc.status.DEADLINE_EXCEEDED && code !== grpc.status.UNAVAILABLE && code !== grpc.status.FAILED_PRECONDITION) throw err;
         if (code !== grpc.status.DEADLINE_EXCEEDED) await new Promise((r) => setTimeout(r, RETRY_MS));
@@ -87,6 +95,8 @@ export class TrainLink {
     return new Promise((resolve, reject) => {
       if (outstanding === 0) return resolve({ sums, stats: { seconds: 0, bytesSent, bytesReceived } });
       const call = this.client.AllReduce({ deadline: new Date(Date.now() + timeoutMs) });
+      this.calls.add(call);
+      call.on('status', () => this.calls.delete(call)); // every call ends with a status, whatever its outcome
       let settled = false;
       const fail = (err: Error) => {
         if (settled) return;
@@ -129,6 +139,7 @@ export class TrainLink {
 
   close(): void {
     this.closed = true;
+    for (const call of this.calls) call.cancel();
     this.client.close();
   }
 }
