@@ -3,7 +3,7 @@
 import { Command, InvalidArgumentError } from 'commander';
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
-import { readFile } from 'node:fs/promises';
+import { mkdir, readFile, rename, rm } from 'node:fs/promises';
 import { basename, dirname, resolve } from 'node:path';
 import { describeBackend, initBackend } from '../core/backend.js';
 import { ConfigError, PRESET_NAMES, parseModelConfig, parseTrainSettings, preset, resolvePreset, type Preset } from '../core/config.js';
@@ -144,19 +144,38 @@ async function generateCommand(flags: GenerateFlags): Promise<void> {
   }
 }
 
-/** Steps of the default model that `up` trains when none exists: a few minutes on two cores. */
-const UP_TRAIN_STEPS = 250;
+/** The default model: the 'small' preset trained this many steps (a few minutes on two cores). */
+const DEFAULT_MODEL_CONFIG = 'small';
+const DEFAULT_MODEL_STEPS = 250;
+
+/**
+ * Trains the default model into `modelDir` (a checkpoint folder) unless one is there. Training runs
+ * beside it and the finished checkpoint is moved into place, so an interrupted run never leaves a
+ * half-trained model that later runs would take for the default. `up`, compose and the k8s Job use it.
+ */
+async function prepareDefaultModel(modelDir: string): Promise<void> {
+  if (existsSync(resolve(modelDir, 'config.json'))) return;
+  const staging = `${modelDir}.training`;
+  await rm(staging, { recursive: true, force: true });
+  process.stderr.write(`switchyard: no default model yet; training the '${DEFAULT_MODEL_CONFIG}' config for ${DEFAULT_MODEL_STEPS} steps into ${modelDir} (one-time, a few minutes)\n`);
+  await trainCommand({ config: DEFAULT_MODEL_CONFIG, steps: DEFAULT_MODEL_STEPS, out: staging, shards: 1, routers: 1, singleProcess: true });
+  await mkdir(dirname(modelDir), { recursive: true });
+  await rename(checkpointDirOf(staging), modelDir);
+  await rm(staging, { recursive: true, force: true });
+}
+
+async function prepareModelCommand(flags: { out: string }): Promise<void> {
+  const modelDir = resolve(flags.out);
+  if (existsSync(resolve(modelDir, 'config.json'))) process.stdout.write(`switchyard: ${modelDir} already holds a model\n`);
+  else await prepareDefaultModel(modelDir);
+}
 
 interface UpFlags { model?: string; shards: number; routers: number; host: string; port: number }
 
 async function upCommand(flags: UpFlags): Promise<void> {
-  const runDir = resolve(DEFAULT_RUN_DIR);
-  const modelDir = flags.model ? resolve(flags.model) : checkpointDirOf(runDir);
-  if (!existsSync(resolve(modelDir, 'config.json'))) {
-    if (flags.model) throw new ConfigError(`--model ${flags.model}: no config.json there`);
-    process.stderr.write(`switchyard: no default model yet; training the 'small' config for ${UP_TRAIN_STEPS} steps into ${runDir} (one-time, a few minutes)\n`);
-    await trainCommand({ config: 'small', steps: UP_TRAIN_STEPS, out: runDir, shards: 1, routers: 1, singleProcess: true });
-  }
+  const modelDir = flags.model ? resolve(flags.model) : checkpointDirOf(resolve(DEFAULT_RUN_DIR));
+  if (flags.model && !existsSync(resolve(modelDir, 'config.json'))) throw new ConfigError(`--model ${flags.model}: no config.json there`);
+  await prepareDefaultModel(modelDir);
   // A broken checkpoint or tokenizer is reported here, before any process starts.
   const { config } = await inspectModel(modelDir);
   await loadTokenizer(modelDir, config);
@@ -421,6 +440,9 @@ export function buildProgram(): Command {
     .option('--host <host>', 'address every service listens on', '127.0.0.1')
     .option('--port <n>', 'HTTP port of the first router (0 = any free port)', integer('--port'), 8000)
     .action(upCommand);
+  program.command('prepare-model').description(`train the default model ('${DEFAULT_MODEL_CONFIG}', ${DEFAULT_MODEL_STEPS} steps) into a checkpoint folder unless one is there (what up does first; compose and the k8s Job call it)`)
+    .option('--out <dir>', 'checkpoint folder to fill', checkpointDirOf(DEFAULT_RUN_DIR))
+    .action(prepareModelCommand);
   program.command('placement').description('show, plan or apply the expert placement through the coordinator\'s admin endpoint')
     .argument('<action>', 'show | plan | apply')
     .requiredOption('--admin <url>', 'the coordinator\'s HTTP endpoint, e.g. http://127.0.0.1:9400')
