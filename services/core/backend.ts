@@ -46,6 +46,10 @@ async function tryWasm(threads: number): Promise<{ threads: number; simd: boolea
     const starting = tf.setBackend('wasm');
     if (!(await (threads > 1 ? threadedStart(starting, threads) : starting))) throw new Error('wasm backend refused to initialise');
     await tf.ready();
+  } catch (err) {
+    // tfjs keeps waiting on an abandoned init, and tf.ready() for the next candidate would wait with it.
+    tf.removeBackend('wasm');
+    throw err;
   } finally {
     restore?.();
   }

@@ -26,15 +26,23 @@ export function transposeExpert(w: ExpertWeights): ExpertWeightsT {
   return scoped(() => ({ w1: tf.transpose(w.w1t), w3: tf.transpose(w.w3t), w2: tf.transpose(w.w2t) }));
 }
 
-export function expertBackward(dy: T2, cache: ExpertCache, wT: ExpertWeightsT): { dx: T2; dW1t: T2; dW3t: T2; dW2t: T2 } {
+/** The elementwise part of the backward: from dL/dg (g = silu(a)·b) to dL/da and dL/db. */
+export function swigluBackward(dg: T2, cache: ExpertCache): { da: T2; db: T2 } {
   return scoped(() => {
-    const { x, b, sig, silu, g } = cache;
-    const dW2t = mmTA(g, dy);
-    const dg = mm(dy, wT.w2);
+    const { b, sig, silu } = cache;
     const db = tf.mul(dg, silu) as T2;
     // silu'(a) = σ(a)·(1 + a·(1 − σ(a))) = σ(a) + silu(a)·(1 − σ(a))
     const dSilu = tf.add(sig, tf.mul(silu, tf.sub(1, sig)));
-    const da = tf.mul(tf.mul(dg, b), dSilu) as T2;
+    return { da: tf.mul(tf.mul(dg, b), dSilu) as T2, db };
+  });
+}
+
+export function expertBackward(dy: T2, cache: ExpertCache, wT: ExpertWeightsT): { dx: T2; dW1t: T2; dW3t: T2; dW2t: T2 } {
+  return scoped(() => {
+    const { x, g } = cache;
+    const dW2t = mmTA(g, dy);
+    const dg = mm(dy, wT.w2);
+    const { da, db } = swigluBackward(dg, cache);
     const xT = tf.transpose(x);
     const dW1t = mm(xT, da);
     const dW3t = mm(xT, db);
