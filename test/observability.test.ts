@@ -15,10 +15,9 @@ import { MixtralModel } from '../services/core/model/model.js';
 import { saveModel } from '../services/core/checkpoint/model.js';
 import { assignmentSpec, spreadExperts } from '../services/core/placement.js';
 import { metricNamesInConfig, metricNamesInExpr } from './support/config-names.js';
-import { execFileSync } from 'node:child_process';
-import { parseAllDocuments } from 'yaml';
 import { freePort, startCluster, type TestCluster } from './support/cluster.js';
 import { repoRoot } from './support/paths.js';
+import { kubectlGate, renderKustomization } from './support/kubectl.js';
 
 await initBackend();
 // 8 experts, top-2, GShard capacity at inference: skewed traffic overloads two experts and drops tokens.
@@ -166,23 +165,18 @@ test('a real Prometheus with the project\'s rules: skewed traffic trips the imba
   }
 });
 
-/** Metric names in the KEDA ScaledObjects' Prometheus queries of every rendered overlay (needs kubectl). */
+/** Metric names in the KEDA ScaledObjects' Prometheus queries of every rendered overlay. */
 function scaledObjectMetricNames(): string[] {
   const names = new Set<string>();
-  for (const overlay of ['cpu', 'gpu']) {
-    const rendered = execFileSync('kubectl', ['kustomize', join(repoRoot, 'k8s', 'overlays', overlay)], { encoding: 'utf8' });
-    for (const doc of parseAllDocuments(rendered).map((d) => d.toJS() as { kind?: string; spec?: { triggers?: Array<{ type: string; metadata: { query?: string } }> } }))
-      if (doc?.kind === 'ScaledObject')
+  for (const overlay of ['cpu', 'gpu'])
+    for (const doc of renderKustomization<{ kind?: string; spec?: { triggers?: Array<{ type: string; metadata: { query?: string } }> } }>(`k8s/overlays/${overlay}`))
+      if (doc.kind === 'ScaledObject')
         for (const t of doc.spec?.triggers ?? []) if (t.type === 'prometheus' && t.metadata.query) for (const n of metricNamesInExpr(t.metadata.query)) names.add(n);
-  }
   return [...names];
 }
 
-test('every metric the dashboards, rules and KEDA autoscalers use is in the services\' /metrics output', async () => {
-  const { recording, used: inConfig } = metricNamesInConfig(repoRoot);
-  const scaling = (() => { try { return scaledObjectMetricNames(); } catch { return undefined; } })();
-  if (scaling) assert.ok(scaling.includes('switchyard_expert_queue_rows'), `KEDA queries use ${scaling.join(', ')}`);
-  const used = [...inConfig, ...(scaling ?? [])];
+/** Metric names the local cluster's services export (and `up`, which Prometheus adds). */
+async function exportedMetricNames(): Promise<Set<string>> {
   await infer(Array.from({ length: 16 }, (_, i) => i), 1); // labelled series appear with their first sample
   const exported = new Set<string>(['up']);
   for (const url of metricUrls) {
@@ -192,8 +186,24 @@ test('every metric the dashboards, rules and KEDA autoscalers use is in the serv
       if (m) exported.add(m[1]);
     }
   }
+  return exported;
+}
+
+test('every metric the dashboards and rules use is in the services\' /metrics output', async () => {
+  const { recording, used } = metricNamesInConfig(repoRoot);
+  const exported = await exportedMetricNames();
   const missing = used.filter((n) => !recording.includes(n) && !exported.has(n));
   assert.deepEqual(missing, [], `used by rules or dashboards but not exported: ${missing.join(', ')}`);
+});
+
+// A ScaledObject on a metric that is not exported never scales, silently. Rendering needs kubectl ≥ 1.27
+// (skipped, saying so, without one); a kustomization that does not render fails here.
+test('every metric the KEDA autoscalers query is in the services\' /metrics output', kubectlGate, async () => {
+  const scaling = scaledObjectMetricNames();
+  assert.ok(scaling.includes('switchyard_expert_queue_rows'), `KEDA queries use ${scaling.join(', ')}`);
+  const exported = await exportedMetricNames();
+  const missing = scaling.filter((n) => !exported.has(n));
+  assert.deepEqual(missing, [], `queried by KEDA but not exported: ${missing.join(', ')}`);
 });
 
 test('the live /dashboard in headless Chromium shows load on the experts that received tokens', async () => {
