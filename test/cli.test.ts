@@ -5,6 +5,8 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { BENCH_SUITES } from '../services/bench/index.js';
 import { runCli } from './support/cli.js';
+import { startService } from './support/services.js';
+import { makeTlsEnv } from './support/pki.js';
 
 const root = await mkdtemp(join(tmpdir(), 'switchyard-cli-'));
 after(() => rm(root, { recursive: true, force: true }));
@@ -135,4 +137,32 @@ test('bench --quick runs every suite and reports each target as a ratio', async 
   const unknown = await runCli(['bench', 'nosuch']);
   assert.equal(unknown.code, 2);
   assert.match(unknown.stderr, /unknown bench suite/);
+});
+
+test('health answers 0 for a SERVING service, 1 for none; under mTLS it dials with the services\' certificates', async () => {
+  const coordinatorReady = /coordinator listening on (\S+) /;
+  const plain = await startService(['serve', 'coordinator', '--port', '0'], coordinatorReady);
+  try {
+    const address = plain.ready[1];
+    const serving = await runCli(['health', address]);
+    assert.equal(serving.code, 0, serving.stderr);
+    assert.equal(serving.stdout, `${address}: SERVING\n`);
+  } finally {
+    await plain.stop();
+  }
+  const gone = await runCli(['health', plain.ready[1], '--timeout-ms', '500']);
+  assert.equal(gone.code, 1);
+  assert.match(gone.stdout, /no answer/);
+  // Compose passes SWITCHYARD_TLS_* to the health check as to the service it checks.
+  const tls = makeTlsEnv(join(root, 'pki'));
+  const secured = await startService(['serve', 'coordinator', '--port', '0'], coordinatorReady, tls);
+  try {
+    const address = secured.ready[1];
+    const withCertificates = await runCli(['health', address], tls);
+    assert.equal(withCertificates.code, 0, withCertificates.stdout + withCertificates.stderr);
+    const without = await runCli(['health', address, '--timeout-ms', '1000']);
+    assert.equal(without.code, 1, 'a plaintext check cannot reach an mTLS service');
+  } finally {
+    await secured.stop();
+  }
 });

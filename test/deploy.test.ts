@@ -75,6 +75,15 @@ function checkInvocation(args: string[], where: string): { command: string; serv
   return { command, service: command === 'serve' ? service : undefined, flags };
 }
 
+/** The address a container health check `["CMD", "node", <the CLI>, "health", ADDRESS]` asks. */
+function grpcHealthCheckAddress(check: string[], where: string): string {
+  const [form, node, main, command, address, ...rest] = check;
+  assert.deepEqual([form, node, main, command], ['CMD', 'node', '/app/dist/services/cli/main.js', 'health'], `${where}: health check runs 'switchyard health' (${check.join(' ')})`);
+  assert.ok(cli().commands.has(command), `${where}: 'switchyard ${command}' is a command`);
+  assert.deepEqual(rest, [], `${where}: health check arguments`);
+  return address;
+}
+
 /** The `switchyard ...` arguments inside a shell script that runs the CLI via node. */
 function coversEveryExpert(specs: string[], where: string): void {
   const held = new Set<string>();
@@ -346,7 +355,8 @@ test('compose services run real switchyard commands, on the ports their health c
       assert.match(healthTest, new RegExp(`127\\.0\\.0\\.1:${port}/v2/health/ready`), `${where}: health check`);
       assert.ok(s.ports.some((p: string) => p.endsWith(`:${port}`)), `${where}: publishes ${port}`);
     } else {
-      assert.ok(healthTest.includes('grpc-health-check') && healthTest.includes(`'127.0.0.1:${port}'`), `${where}: gRPC health check on ${port}`);
+      // The address peers dial, which an mTLS certificate names.
+      assert.equal(grpcHealthCheckAddress(s.healthcheck.test, where), `${name}:${port}`, `${where}: gRPC health check`);
       assert.equal(flags.get('--metrics-port'), String(PORTS.metrics), `${where}: --metrics-port`);
     }
     if (service !== 'coordinator') {
@@ -466,6 +476,10 @@ for (const dockerfile of ['Dockerfile', 'Dockerfile.gpu']) {
     const { service, flags } = checkInvocation(JSON.parse(last('CMD')!), `${dockerfile} CMD`);
     const healthcheck = last('HEALTHCHECK')!;
     assert.ok(healthcheck.includes(`127.0.0.1:${flags.get('--port')}`), `${dockerfile}: HEALTHCHECK checks the default command's port`);
+    if (service !== 'router') {
+      const check = JSON.parse(healthcheck.slice(healthcheck.indexOf('CMD ') + 'CMD '.length));
+      assert.equal(grpcHealthCheckAddress(['CMD', ...check], `${dockerfile} HEALTHCHECK`), `127.0.0.1:${flags.get('--port')}`);
+    }
     const env = steps.filter((s) => s.op === 'ENV').map((s) => s.args).join(' ');
     if (dockerfile === 'Dockerfile') {
       assert.equal(service, 'router');

@@ -18,6 +18,7 @@ import { buildAdminApp } from '../coordinator/admin.js';
 import { readToken } from '../core/auth.js';
 import { AssignmentFollower } from '../expert/follower.js';
 import { placementCommand } from './placement.js';
+import { healthCommand } from './health.js';
 import { CoordinatorLink } from '../core/wire/coordinator-link.js';
 import { RouterEngine } from '../router/engine.js';
 import { buildHttpApp } from '../router/http.js';
@@ -449,6 +450,10 @@ export function buildProgram(): Command {
     .option('--token-file <file>', 'bearer token of the admin endpoint (also SWITCHYARD_ADMIN_TOKEN)')
     .option('--json', 'print the endpoint\'s JSON answer')
     .action(placementCommand);
+  program.command('health').description('ask a gRPC service (coordinator or expert shard) for its grpc.health.v1 status; exit 0 when SERVING (container health checks)')
+    .argument('<host:port>', 'the service\'s gRPC address, e.g. 127.0.0.1:7100')
+    .option('--timeout-ms <ms>', 'give up after this long', integer('--timeout-ms', 1), 2_000)
+    .action(healthCommand);
   program.command('import').description('check a Hugging Face model folder from its config and headers (no tensor data) and print what serving it takes')
     .argument('<dir>', 'model folder: config.json + model.safetensors or model-*-of-*.safetensors with model.safetensors.index.json')
     .option('--shards <n>', 'expert shards to size (experts spread as spread:i/N)', integer('--shards', 1), 2)

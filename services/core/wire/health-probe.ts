@@ -6,8 +6,9 @@ import { service as healthService } from 'grpc-health-check';
 import { CHANNEL_OPTIONS } from './protos.js';
 import { channelCredentials } from './credentials.js';
 
-const HealthClient = grpc.makeClientConstructor(healthService, 'grpc.health.v1.Health');
-type CheckFn = (req: { service: string }, options: grpc.CallOptions, cb: (err: grpc.ServiceError | null, reply?: { status: string }) => void) => void;
+/** A grpc.health.v1 client (also `switchyard health`); its `Check` has the type `CheckFn`, which makeClientConstructor does not give it. */
+export const HealthClient = grpc.makeClientConstructor(healthService, 'grpc.health.v1.Health');
+export type CheckFn = (req: { service: string }, options: grpc.CallOptions, cb: (err: grpc.ServiceError | null, reply?: { status: string }) => void) => void;
 
 export class HealthProbe {
   private readonly down = new Map<string, { since: number; reason: string }>();
