@@ -14,6 +14,7 @@ import { repoRoot } from './support/paths.js';
 import { kubectlGate, kubectlTooOld, renderKustomization } from './support/kubectl.js';
 import { parseAssignment } from '../services/expert/assignment.js';
 import { preset } from '../services/core/config.js';
+import { SHUTDOWN_GRACE_MS } from '../services/core/wire/server.js';
 
 /** The model the compose stack trains and k8s/jobs/prepare-model writes. */
 const DEFAULT_MODEL = preset('small').model;
@@ -36,7 +37,7 @@ function optionsIn(help: string): Set<string> {
   return new Set([...help.matchAll(/^ {2}(?:-[a-zA-Z], )?(--[a-z0-9][a-z0-9-]*)/gm)].map((m) => m[1]));
 }
 
-interface CliSurface { commands: Set<string>; services: Set<string>; options: Map<string, Set<string>> }
+interface CliSurface { commands: Set<string>; services: Set<string>; options: Map<string, Set<string>>; serveHelp: string }
 
 let cliSurface: CliSurface | undefined;
 
@@ -49,7 +50,7 @@ function cli(): CliSurface {
   assert.ok(serviceLine, 'serve --help lists its services');
   const services = new Set(serviceLine[1].split('|').map((s) => s.trim()));
   const options = new Map<string, Set<string>>([['serve', optionsIn(serveHelp)], ...['train', 'prepare-model'].map((c) => [c, optionsIn(helpOf(c))] as [string, Set<string>])]);
-  cliSurface = { commands, services, options };
+  cliSurface = { commands, services, options, serveHelp };
   return cliSurface;
 }
 
@@ -74,6 +75,23 @@ function checkInvocation(args: string[], where: string): { command: string; serv
   }
   return { command, service: command === 'serve' ? service : undefined, flags };
 }
+
+/** A `serve` option's value in `flags`, or else its default as `serve --help` states it. */
+function serveOption(flags: Map<string, string>, option: string): number {
+  if (flags.has(option)) return Number(flags.get(option));
+  const help = cli().serveHelp.replace(/\s+/g, ' ');
+  const described = help.slice(help.indexOf(` ${option} `) + option.length + 1).split(/ --[a-z]/)[0];
+  const fallback = described.match(/\(default: (\d+)\)/);
+  assert.ok(fallback, `serve --help states no default for ${option}`);
+  return Number(fallback[1]);
+}
+
+/**
+ * Seconds a shard may take to stop after SIGTERM: the coordinator moves its experts (up to
+ * --drain-timeout-ms), it serves rows on their way (--drain-ms), then its gRPC server cuts open streams.
+ */
+const expertStopSeconds = (flags: Map<string, string>) =>
+  (serveOption(flags, '--drain-timeout-ms') + serveOption(flags, '--drain-ms') + SHUTDOWN_GRACE_MS) / 1000;
 
 /** The address a container health check `["CMD", "node", <the CLI>, "health", ADDRESS]` asks. */
 function grpcHealthCheckAddress(check: string[], where: string): string {
@@ -224,6 +242,7 @@ test('services, probes, ports and commands agree with the CLI', kubectlGate, () 
         assert.equal(flags.get('--advertise'), `$(POD_IP):${port}`, `${where}: registers the pod IP`);
         assert.equal(flags.get('--shard-id'), '$(POD_NAME)');
         assert.equal(c.env?.find((e) => e.name === 'POD_IP')?.valueFrom && true, true);
+        assert.ok(podSpec(d).terminationGracePeriodSeconds >= expertStopSeconds(flags), `${where}: the grace period covers the drain (${expertStopSeconds(flags)} s)`);
       }
       if (component !== 'coordinator') assert.equal(flags.get('--coordinator'), `switchyard-coordinator:${PORTS.coordinator}`, `${where}: --coordinator`);
     }
@@ -368,6 +387,9 @@ test('compose services run real switchyard commands, on the ports their health c
     }
     if (service === 'expert') {
       assert.equal(flags.get('--advertise'), `${name}:${port}`, `${where}: registers an address other containers can dial`);
+      const stopGrace = /^(\d+)s$/.exec(s.stop_grace_period ?? '');
+      assert.ok(stopGrace, `${where}: stop_grace_period in seconds`);
+      assert.ok(Number(stopGrace[1]) >= expertStopSeconds(flags), `${where}: stop_grace_period covers the drain (${expertStopSeconds(flags)} s)`);
       experts.push([name, invocations[0]]);
     }
   }

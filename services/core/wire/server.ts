@@ -41,6 +41,9 @@ export function tolerant<D extends grpc.ServiceDefinition>(definition: D): D {
   return out as unknown as D;
 }
 
+/** How long a stopping server lets open calls (streams included) finish before it cuts them. */
+export const SHUTDOWN_GRACE_MS = 2_000;
+
 export interface RunningGrpcServer {
   server: grpc.Server;
   port: number;
@@ -61,7 +64,7 @@ export async function startGrpcServer(host: string, port: number, serviceName: s
     server,
     port: boundPort,
     health,
-    shutdown: (graceMs = 2_000) => new Promise<void>((resolve) => {
+    shutdown: (graceMs = SHUTDOWN_GRACE_MS) => new Promise<void>((resolve) => {
       health.setStatus('', 'NOT_SERVING');
       health.setStatus(serviceName, 'NOT_SERVING');
       // Long-lived streams (Exchange, WatchPlacement) never end by themselves.
