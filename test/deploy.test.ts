@@ -303,6 +303,8 @@ test('expert groups have distinct selectors, their own Service, PDB and ScaledOb
       assert.ok(query.includes(`namespace="${NAMESPACE}"`), `${where}: the query counts its own namespace (${query})`);
       assert.ok(Number(trigger.metadata.threshold) > 0, `${where}: threshold`);
       if (!elastic) assert.ok(so.spec.minReplicaCount >= 2, `${where}: two replicas at least, so a drain keeps the group's experts served`);
+      // A group that may have no pod is labelled optional, so SwitchyardExpertGroupDown does not count it as down.
+      assert.equal(g.spec.template.metadata.labels['switchyard.dev/optional'] === 'true', so.spec.minReplicaCount === 0, `${where}: switchyard.dev/optional exactly when it may scale to zero`);
       const c = mainContainer(g);
       const spec = envValue(objects, c, 'SWITCHYARD_EXPERTS');
       assert.equal(checkInvocation(c.args!, where).flags.get('--experts'), '$(SWITCHYARD_EXPERTS)');
@@ -324,6 +326,8 @@ test('expert groups have distinct selectors, their own Service, PDB and ScaledOb
     const relabelled = monitor.spec.podMetricsEndpoints.flatMap((e: { relabelings?: Array<{ sourceLabels: string[]; targetLabel: string }> }) => e.relabelings ?? []);
     assert.ok(relabelled.some((r: { sourceLabels: string[]; targetLabel: string }) =>
       r.targetLabel === 'expert_group' && r.sourceLabels.includes('__meta_kubernetes_pod_label_switchyard_dev_expert_group')));
+    assert.ok(relabelled.some((r: { sourceLabels: string[]; targetLabel: string }) =>
+      r.targetLabel === 'optional' && r.sourceLabels.includes('__meta_kubernetes_pod_label_switchyard_dev_optional')));
     assert.ok(ofKind(objects, 'PrometheusRule').length === 1, `${name}: the generated PrometheusRule`);
     assert.ok(ofKind(objects, 'ConfigMap').some((c) => c.metadata.labels?.grafana_dashboard === '1'), `${name}: the dashboards ConfigMap`);
   }
@@ -414,19 +418,28 @@ test('compose services run real switchyard commands, on the ports their health c
   assert.ok(services.grafana.ports.some((p: string) => p.endsWith(':3000')));
 });
 
-test('the compose Prometheus scrapes the compose services on their metrics ports', { skip: !existsSync(join(repoRoot, 'deploy', 'prometheus', 'prometheus.yml')) && 'deploy/prometheus/prometheus.yml is not written yet' }, () => {
+test('the compose Prometheus scrapes every compose service with metrics, on its metrics port', () => {
   const { services } = compose();
   const config = parse(readFileSync(join(repoRoot, 'deploy', 'prometheus', 'prometheus.yml'), 'utf8'));
-  const targets: string[] = config.scrape_configs.flatMap((job: { static_configs?: Array<{ targets: string[] }> }) => (job.static_configs ?? []).flatMap((c) => c.targets));
-  assert.ok(targets.length > 0);
-  for (const target of targets) {
+  const groups: Array<{ targets: string[]; labels?: Record<string, string> }> =
+    config.scrape_configs.flatMap((job: { static_configs?: Array<{ targets: string[]; labels?: Record<string, string> }> }) => job.static_configs ?? []);
+  const scraped = new Set<string>();
+  for (const { targets, labels } of groups) for (const target of targets) {
     const [host, port] = target.split(':');
     const s = services[host];
     assert.ok(s, `scrape target ${target}: no compose service '${host}'`);
     const { service, flags } = checkInvocation(s.command, `compose service ${host}`);
     // Routers serve /metrics on their HTTP port; the other services on --metrics-port.
     assert.equal(port, flags.get(service === 'router' ? '--port' : '--metrics-port'), `scrape target ${target}`);
+    // A profile's service is down unless its profile runs: SwitchyardExpertGroupDown leaves optional targets out.
+    assert.equal(labels?.optional === 'true', Boolean(s.profiles), `scrape target ${target}: optional="true" exactly when the service is in a profile`);
+    scraped.add(host);
   }
+  for (const [name, s] of Object.entries(services)) {
+    if (!Array.isArray(s.command) || !s.command.includes('--metrics-port')) continue;
+    assert.ok(scraped.has(name), `compose service ${name} serves /metrics (--metrics-port) but is no scrape target`);
+  }
+  assert.ok(scraped.has('router'), 'the router is scraped');
 });
 
 // ---------------------------------------------------------------------------------------------------
