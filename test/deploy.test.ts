@@ -302,6 +302,10 @@ test('expert groups have distinct selectors, their own Service, PDB and ScaledOb
       else assert.ok(query.includes(`expert_group="${group}"`), `${where}: the query counts its own group (${query})`);
       assert.ok(query.includes(`namespace="${NAMESPACE}"`), `${where}: the query counts its own namespace (${query})`);
       assert.ok(Number(trigger.metadata.threshold) > 0, `${where}: threshold`);
+      // From zero pods, KEDA starts one as soon as the query exceeds activationThreshold (default 0).
+      if (so.spec.minReplicaCount === 0) assert.ok(Number(trigger.metadata.activationThreshold) > 0, `${where}: wakes from zero only on a real backlog (activationThreshold)`);
+      // A Prometheus outage must not drain a group: a fallback, if any, keeps pods.
+      if (so.spec.fallback) assert.ok(so.spec.fallback.replicas > 0, `${where}: fallback keeps pods running`);
       if (!elastic) assert.ok(so.spec.minReplicaCount >= 2, `${where}: two replicas at least, so a drain keeps the group's experts served`);
       // A group that may have no pod is labelled optional, so SwitchyardExpertGroupDown does not count it as down.
       assert.equal(g.spec.template.metadata.labels['switchyard.dev/optional'] === 'true', so.spec.minReplicaCount === 0, `${where}: switchyard.dev/optional exactly when it may scale to zero`);
