@@ -153,7 +153,7 @@ const named = (objects: K8sObject[], kind: string, name: string) => {
   return found;
 };
 
-interface Container { name: string; image: string; args?: string[]; command?: string[]; env?: Array<{ name: string; value?: string; valueFrom?: { configMapKeyRef?: { name: string; key: string } } }>;
+interface Container { name: string; image: string; args?: string[]; command?: string[]; env?: Array<{ name: string; value?: string; valueFrom?: { configMapKeyRef?: { name: string; key: string }; fieldRef?: { fieldPath: string } } }>;
   ports?: Array<{ name: string; containerPort: number }>; resources?: { limits?: Record<string, string | number> };
   readinessProbe?: Probe; livenessProbe?: Probe; startupProbe?: Probe; lifecycle?: { preStop?: { exec?: { command: string[] } } } }
 interface Probe { httpGet?: { path: string; port: number | string }; grpc?: { port: number } }
@@ -241,7 +241,8 @@ test('services, probes, ports and commands agree with the CLI', kubectlGate, () 
       if (component === 'expert') {
         assert.equal(flags.get('--advertise'), `$(POD_IP):${port}`, `${where}: registers the pod IP`);
         assert.equal(flags.get('--shard-id'), '$(POD_NAME)');
-        assert.equal(c.env?.find((e) => e.name === 'POD_IP')?.valueFrom && true, true);
+        // What makes --advertise $(POD_IP):7100 an address routers can dial.
+        assert.equal(c.env?.find((e) => e.name === 'POD_IP')?.valueFrom?.fieldRef?.fieldPath, 'status.podIP', `${where}: POD_IP is the pod's IP`);
         assert.ok(podSpec(d).terminationGracePeriodSeconds >= expertStopSeconds(flags), `${where}: the grace period covers the drain (${expertStopSeconds(flags)} s)`);
       }
       if (component !== 'coordinator') assert.equal(flags.get('--coordinator'), `switchyard-coordinator:${PORTS.coordinator}`, `${where}: --coordinator`);
@@ -410,7 +411,7 @@ test('compose services run real switchyard commands, on the ports their health c
   const gpu = services['expert-gpu'];
   assert.deepEqual(gpu.profiles, ['gpu']);
   assert.match(gpu.build.dockerfile, /Dockerfile\.gpu$/);
-  assert.deepEqual(gpu.deploy.resources.reservations.devices, [{ driver: 'nvidia', count: 1, capabilities: ['gpu'] }]);
+  assert.ok(gpu.deploy.resources.reservations.devices.some((d: { capabilities: string[] }) => d.capabilities.includes('gpu')), 'expert-gpu reserves a GPU');
   assert.ok('checkpoints' in volumes);
   // Prometheus and Grafana read their configuration from deploy/ (written alongside the rules).
   assert.match(services.prometheus.image, /^prom\/prometheus:/);
@@ -526,7 +527,6 @@ for (const dockerfile of ['Dockerfile', 'Dockerfile.gpu']) {
     } else {
       assert.equal(service, 'expert');
       assert.match(env, /SWITCHYARD_BACKEND=tensorflow-gpu/);
-      assert.ok(steps.some((s) => s.op === 'ARG' && /^CUDA_IMAGE=nvidia\/cuda:.*cudnn.*runtime/.test(s.args)), 'CUDA runtime base');
       assert.ok(steps.some((s) => s.op === 'RUN' && s.args.includes('@tensorflow/tfjs-node-gpu')), 'installs tfjs-node-gpu');
     }
   });
