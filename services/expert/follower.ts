@@ -19,7 +19,6 @@ export interface FollowerOptions {
 
 
 let current: AssignmentFollower | undefined;
-new Gauge({ name: 'switchyard_expert_held', help: 'Experts this shard holds', registers: [registry], collect() { this.set(current?.o.shard.experts.keys().length ?? 0); } });
 new Gauge({ name: 'switchyard_expert_load_seconds', help: 'Time the last set of gained experts took to load from the checkpoint store', registers: [registry], collect() { this.set(current?.lastLoadSeconds ?? 0); } });
 
 export class AssignmentFollower {
