@@ -15,6 +15,7 @@ import { GrpcExpertTransport } from '../services/core/wire/grpc-transport.js';
 import { toWireTensor } from '../services/core/wire/tensor.js';
 import { ExpertShard } from '../services/expert/shard.js';
 import { startExpertServer } from '../services/expert/server.js';
+import { registry } from '../services/core/metrics/registry.js';
 import { parseAssignment } from '../services/expert/assignment.js';
 import { startService, type RunningService } from './support/services.js';
 import * as tf from '@tensorflow/tfjs-core';
@@ -211,6 +212,17 @@ test('the shard refuses malformed requests with the right status codes', () => {
   assert.deepEqual(reply.credits, [{ layer: 0, expert: 0, rows: 2 }], 'credits come back with the reply');
   assert.equal(code({ kind: 'ROW_KIND_BACKWARD', passId: 't' }), undefined);
   experts.dispose();
+});
+
+test('switchyard_expert_held counts the experts of any shard (no coordinator, no follower needed)', async () => {
+  const experts = new ExpertSet(4, 8);
+  for (const e of [0, 2]) experts.add(0, e, { w1t: tf.ones([4, 8]), w3t: tf.ones([4, 8]), w2t: tf.ones([8, 4]) });
+  new ExpertShard(experts);
+  try {
+    assert.match(await registry.getSingleMetricAsString('switchyard_expert_held'), /^switchyard_expert_held 2$/m);
+  } finally {
+    experts.dispose();
+  }
 });
 
 test('expert assignments parse ranges and lists and refuse nonsense', () => {
