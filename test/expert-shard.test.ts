@@ -231,7 +231,7 @@ test('expert assignments parse ranges and lists and refuse nonsense', () => {
   const parts = [0, 1, 2].map((i) => parseAssignment(`spread:${i}/3`, 2, 4));
   assert.deepEqual(parts.flat().map((k) => `${k.layer}/${k.expert}`).sort(), parseAssignment('all', 2, 4).map((k) => `${k.layer}/${k.expert}`).sort(), 'the spread parts cover every expert once');
   assert.throws(() => parseAssignment('spread:3/3', 2, 4), /shard index/);
-  assert.throws(() => parseAssignment('2:0', 2, 4), /layer 2 is outside 0..1/);
+  assert.throws(() => parseAssignment('2:0', 2, 4), /layer 2 has no experts \(layers with experts: 0, 1\)/);
   assert.throws(() => parseAssignment('0:4', 2, 4), /expert 4 is outside 0..3/);
   assert.throws(() => parseAssignment('0:x', 2, 4), /not a non-negative integer/);
   assert.throws(() => parseAssignment('0-1', 2, 4), /expected LAYER:EXPERTS/);
