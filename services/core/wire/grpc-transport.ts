@@ -279,7 +279,7 @@ export class GrpcExpertTransport implements ExpertTransport {
       const reason = out[i] === undefined ? unserved.get(i) ?? 'shard_down' : undefined;
       if (!reason) return out[i]!;
       this.options.onUnserved?.(b.layer, b.expert, b.rowCount, reason);
-      return { unserved: reason === 'shard_down' ? `no live shard holds expert ${b.layer}/${b.expert}` : `expert ${b.layer}/${b.expert} is at capacity` };
+      return { unserved: reason === 'shard_down' ? `no live shard holds expert ${expertKeyText(b)}` : `expert ${expertKeyText(b)} is at capacity` };
     });
   }
 
