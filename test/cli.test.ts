@@ -55,6 +55,7 @@ test('bad input gets a clear message and exit code 2', async () => {
     [['generate', '--model', join(root, 'missing')], /does not exist/],
     [['train', '--config', 'tiny', '--data', join(root, 'no-such-file.txt')], /no-such-file/],
     [['train', '--config', 'tiny', '--out', join(root, 'never-trained'), '--resume'], /--resume: no checkpoint in/],
+    [['serve', 'expert', '--checkpoint', join(root, 'missing'), '--experts', 'none'], /--experts none needs --coordinator/],
   ];
   for (const [args, message] of cases) {
     const r = await runCli(args);

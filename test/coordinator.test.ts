@@ -8,10 +8,16 @@ import { initBackend } from '../services/core/backend.js';
 import { preset } from '../services/core/config.js';
 import { MixtralModel } from '../services/core/model/model.js';
 import { saveModel } from '../services/core/checkpoint/model.js';
-import { assignmentSpec, placementOf, spreadExperts, unplaced, type PlacementTable } from '../services/core/placement.js';
+import { assignmentSpec, expertKeyText, placementOf, spreadExperts, unplaced, type PlacementTable } from '../services/core/placement.js';
 import { parseAssignment } from '../services/expert/assignment.js';
 import { Membership } from '../services/coordinator/membership.js';
 import { CoordinatorLink } from '../services/core/wire/coordinator-link.js';
+import { loadProtos } from '../services/core/wire/protos.js';
+import { startGrpcServer } from '../services/core/wire/server.js';
+import { startCoordinator } from '../services/coordinator/server.js';
+import { buildAdminApp } from '../services/coordinator/admin.js';
+import { DEFAULT_REBALANCE, Rebalancer } from '../services/coordinator/rebalancer.js';
+import { until } from './support/until.js';
 import { startService, type RunningService } from './support/services.js';
 
 test('the default placement spreads every layer over every shard evenly', () => {
@@ -59,6 +65,67 @@ test('leases: a silent shard is removed, a re-registration replaces the old leas
   assert.equal(m.heartbeat('a', again.leaseId), true);
   assert.equal(m.placement().shards[0].address, 'A2');
   assert.throws(() => m.register({ memberId: '', role: 'router', address: '', experts: [], tokenBudget: 0 }), /member_id is empty/);
+});
+
+test('a holdings report that fails is re-sent with the heartbeats until the coordinator acknowledges it', async () => {
+  // A fake coordinator: the first ReportHoldings fails (a coordinator hiccup), later ones succeed.
+  const reports: string[] = [];
+  let heartbeats = 0;
+  const fake = await startGrpcServer('127.0.0.1', 0, 'switchyard.v1.Coordinator', (server) => server.addService(loadProtos().switchyard.v1.Coordinator.service, {
+    Register: (_call: unknown, cb: grpc.sendUnaryData<unknown>) => cb(null, { leaseId: '1', leaseTtlMs: 150 }),
+    Heartbeat: (_call: unknown, cb: grpc.sendUnaryData<unknown>) => { heartbeats++; cb(null, { known: true, leaseTtlMs: 150 }); },
+    ReportHoldings: (call: grpc.ServerUnaryCall<{ experts: Array<{ layer: number; expert: number }> }, unknown>, cb: grpc.sendUnaryData<unknown>) => {
+      reports.push(call.request.experts.map(expertKeyText).join(' '));
+      if (reports.length === 1) cb({ code: grpc.status.UNAVAILABLE, details: 'hiccup' });
+      else cb(null, { known: true, leaseTtlMs: 150 });
+    },
+  }));
+  const link = new CoordinatorLink(`127.0.0.1:${fake.port}`, { memberId: 's', role: 'ROLE_EXPERT_SHARD', address: 'S' });
+  try {
+    link.start();
+    await until('registered', async () => (link.registrations ? true : undefined), 5_000);
+    assert.equal(await link.reportHoldings([{ layer: 0, expert: 1 }]), false, 'the first attempt fails');
+    await until('the report re-sent', async () => (reports.length >= 2 ? true : undefined), 5_000);
+    assert.deepEqual(reports, ['0/1', '0/1']);
+    const seen = heartbeats;
+    await until('three more heartbeats', async () => (heartbeats >= seen + 3 ? true : undefined), 5_000);
+    assert.equal(reports.length, 2, 'an acknowledged report is not sent again');
+  } finally {
+    link.close();
+    await fake.shutdown(0);
+  }
+});
+
+test('ReportHoldings refuses a key outside the model (INVALID_ARGUMENT); the admin API answers 403 without a token and 409 when it cannot plan', async () => {
+  const coordinator = await startCoordinator('127.0.0.1', 0, 60_000, undefined, { intervalMs: 0 });
+  const client = new (loadProtos().switchyard.v1.Coordinator)(`127.0.0.1:${coordinator.port}`, grpc.credentials.createInsecure());
+  const call = <T>(method: 'Register' | 'ReportHoldings', request: object) => new Promise<{ err: grpc.ServiceError | null; reply?: T }>((resolve) =>
+    (client[method] as unknown as (r: object, cb: (err: grpc.ServiceError | null, reply?: T) => void) => void)(request, (err, reply) => resolve({ err, reply })));
+  try {
+    const registered = await call<{ leaseId: string }>('Register', {
+      memberId: 's', role: 'ROLE_EXPERT_SHARD', address: 'S', experts: [{ layer: 0, expert: 0 }], tokenBudget: 64, modelMoeLayers: [0], modelExperts: 4,
+    });
+    assert.equal(registered.err, null);
+    const outside = await call('ReportHoldings', { memberId: 's', leaseId: registered.reply!.leaseId, experts: [{ layer: 0, expert: 4 }] });
+    assert.equal(outside.err?.code, grpc.status.INVALID_ARGUMENT);
+    assert.match(outside.err!.details, /outside the model/);
+    const conflicting = await call('Register', { memberId: 't', role: 'ROLE_EXPERT_SHARD', address: 'T', modelMoeLayers: [0, 1], modelExperts: 4 });
+    assert.equal(conflicting.err?.code, grpc.status.INVALID_ARGUMENT);
+    assert.deepEqual(coordinator.membership.get('s')!.experts, [{ layer: 0, expert: 0 }]);
+  } finally {
+    client.close();
+    await coordinator.close();
+  }
+  const status = async (app: ReturnType<typeof buildAdminApp>, url: string) => (await app.inject({ method: 'POST', url, headers: { authorization: 'Bearer t' } })).statusCode;
+  const membership = new Membership(60_000);
+  assert.equal(await status(buildAdminApp(membership, undefined, {}), '/admin/placement/plan'), 403, 'no token configured: the admin API is off');
+  assert.equal(await status(buildAdminApp(membership, undefined, { token: 't' }), '/admin/placement/apply'), 409, 'a training coordinator moves no experts on demand');
+  const rebalancer = new Rebalancer(membership, { ...DEFAULT_REBALANCE, intervalMs: 0 });
+  try {
+    assert.equal(await status(buildAdminApp(membership, rebalancer, { token: 't' }), '/admin/placement/plan'), 409, 'no shape yet: the plan is infeasible');
+  } finally {
+    rebalancer.close();
+  }
 });
 
 // ---- real processes: a coordinator and two shards on 127.0.0.1 ----

@@ -14,6 +14,8 @@ import { loadDenseModel, saveModel } from '../services/core/checkpoint/model.js'
 import { GrpcExpertTransport } from '../services/core/wire/grpc-transport.js';
 import { toWireTensor } from '../services/core/wire/tensor.js';
 import { ExpertShard } from '../services/expert/shard.js';
+import { startExpertServer } from '../services/expert/server.js';
+import { registry } from '../services/core/metrics/registry.js';
 import { parseAssignment } from '../services/expert/assignment.js';
 import { startService, type RunningService } from './support/services.js';
 import * as tf from '@tensorflow/tfjs-core';
@@ -167,6 +169,29 @@ test('an expert shard answers grpc.health.v1 and keeps serving after bad message
   }
 });
 
+test('NOT_FOUND: only the experts the shard lacks skip it; the others of the message are served there', async () => {
+  // The router's placement is behind: it still lists 0/2 on a shard that holds only 0/0 and 0/1.
+  const experts = new ExpertSet(4, 8);
+  for (const e of [0, 1]) experts.add(0, e, { w1t: tf.ones([4, 8]), w3t: tf.ones([4, 8]), w2t: tf.ones([8, 4]) });
+  const server = await startExpertServer(experts, '127.0.0.1', 0);
+  const unserved: string[] = [];
+  const transport = new GrpcExpertTransport(() => [`127.0.0.1:${server.port}`], 4, { onUnserved: (layer, expert) => unserved.push(`${layer}/${expert}`) });
+  try {
+    const batch = (expert: number) => ({ layer: 0, expert, rowCount: 1, rows: new Float32Array(4).fill(0.5) });
+    for (const pass of ['first', 'second']) {
+      const out = await transport.serve(pass, [batch(0), batch(1), batch(2)]);
+      assert.ok(out[0] instanceof Float32Array && out[1] instanceof Float32Array, `${pass}: the experts the shard holds are served: ${JSON.stringify(out)}`);
+      assert.ok(!(out[2] instanceof Float32Array), 'the one it lacks is not');
+    }
+    assert.deepEqual(unserved, ['0/2', '0/2']);
+    assert.equal(transport.health.isDown(`127.0.0.1:${server.port}`), false, 'NOT_FOUND does not mark the shard down');
+  } finally {
+    transport.close();
+    await server.close();
+    experts.dispose();
+  }
+});
+
 test('the shard refuses malformed requests with the right status codes', () => {
   const experts = new ExpertSet(4, 8);
   experts.add(0, 0, { w1t: tf.ones([4, 8]), w3t: tf.ones([4, 8]), w2t: tf.ones([8, 4]) });
@@ -179,11 +204,25 @@ test('the shard refuses malformed requests with the right status codes', () => {
   assert.equal(code({ batches: [{ layer: 0, expert: 0, rows: { dtype: 'DTYPE_F32', shape: [2, 5], data: Buffer.alloc(40) } }] }), status.INVALID_ARGUMENT);
   assert.equal(code({ batches: [{ layer: 0, expert: 0, rows: { dtype: 'DTYPE_F32', shape: [2, 4], data: Buffer.alloc(31) } }] }), status.INVALID_ARGUMENT);
   assert.equal(code({ batches: [{ layer: 3, expert: 0, rows: toWireTensor(new Float32Array(4), [1, 4]) }] }), status.NOT_FOUND);
+  const rows = toWireTensor(new Float32Array(4), [1, 4]);
+  const notHeld = shardHandler.handle(request({ batches: [{ layer: 3, expert: 0, rows }, { layer: 0, expert: 0, rows }, { layer: 3, expert: 1, rows }] }) as never).error;
+  assert.deepEqual(notHeld?.missing, [{ layer: 3, expert: 0 }, { layer: 3, expert: 1 }], 'NOT_FOUND names every expert not held, and only those');
   assert.equal(code({ kind: 'ROW_KIND_BACKWARD', passId: 'never-forwarded' }), status.FAILED_PRECONDITION);
   const reply = shardHandler.handle(request({ kind: 'ROW_KIND_FORWARD_TRAIN', passId: 't' }) as never);
   assert.deepEqual(reply.credits, [{ layer: 0, expert: 0, rows: 2 }], 'credits come back with the reply');
   assert.equal(code({ kind: 'ROW_KIND_BACKWARD', passId: 't' }), undefined);
   experts.dispose();
+});
+
+test('switchyard_expert_held counts the experts of any shard (no coordinator, no follower needed)', async () => {
+  const experts = new ExpertSet(4, 8);
+  for (const e of [0, 2]) experts.add(0, e, { w1t: tf.ones([4, 8]), w3t: tf.ones([4, 8]), w2t: tf.ones([8, 4]) });
+  new ExpertShard(experts);
+  try {
+    assert.match(await registry.getSingleMetricAsString('switchyard_expert_held'), /^switchyard_expert_held 2$/m);
+  } finally {
+    experts.dispose();
+  }
 });
 
 test('expert assignments parse ranges and lists and refuse nonsense', () => {
@@ -192,7 +231,7 @@ test('expert assignments parse ranges and lists and refuse nonsense', () => {
   const parts = [0, 1, 2].map((i) => parseAssignment(`spread:${i}/3`, 2, 4));
   assert.deepEqual(parts.flat().map((k) => `${k.layer}/${k.expert}`).sort(), parseAssignment('all', 2, 4).map((k) => `${k.layer}/${k.expert}`).sort(), 'the spread parts cover every expert once');
   assert.throws(() => parseAssignment('spread:3/3', 2, 4), /shard index/);
-  assert.throws(() => parseAssignment('2:0', 2, 4), /layer 2 is outside 0..1/);
+  assert.throws(() => parseAssignment('2:0', 2, 4), /layer 2 has no experts \(layers with experts: 0, 1\)/);
   assert.throws(() => parseAssignment('0:4', 2, 4), /expert 4 is outside 0..3/);
   assert.throws(() => parseAssignment('0:x', 2, 4), /not a non-negative integer/);
   assert.throws(() => parseAssignment('0-1', 2, 4), /expected LAYER:EXPERTS/);

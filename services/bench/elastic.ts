@@ -8,7 +8,7 @@ import { preset } from '../core/config.js';
 import { loadModel } from '../core/checkpoint/model.js';
 import { BatchSampler, loadCorpus, splitCorpus } from '../core/data/corpus.js';
 import { MixtralModel } from '../core/model/model.js';
-import { expertKeys, spreadExperts, type ExpertKey } from '../core/placement.js';
+import { expertKeys, expertKeyText, spreadExperts, type ExpertKey } from '../core/placement.js';
 import { familyOf } from '../core/model/family.js';
 import { checkpointDirOf } from '../core/train/trainer.js';
 import { maxOverMean, placementLoad, planPlacement } from '../coordinator/planner.js';
@@ -23,7 +23,7 @@ interface Trace { traffic: string; halves: [Float64Array, Float64Array]; keys: E
 /** The routing demand of the model reading `text` (8 sequences a batch), split into two halves of the batches. */
 async function recordTrace(model: MixtralModel, traffic: string, text: Uint8Array, quick: boolean): Promise<Trace> {
   const keys = expertKeys(familyOf(model.config).moeLayers, familyOf(model.config).experts);
-  const index = new Map(keys.map((k, i) => [`${k.layer}/${k.expert}`, i]));
+  const index = new Map(keys.map((k, i) => [expertKeyText(k), i]));
   const E = familyOf(model.config).experts;
   const t = preset('small').train;
   const sampler = new BatchSampler(text, t.seq_len, 8, 77);
@@ -31,7 +31,7 @@ async function recordTrace(model: MixtralModel, traffic: string, text: Uint8Arra
   const halves: [Float64Array, Float64Array] = [new Float64Array(keys.length), new Float64Array(keys.length)];
   let half = 0;
   model.onRouting = (layer, stats) => {
-    for (let e = 0; e < E; e++) halves[half][index.get(`${layer}/${e}`)!] += stats.countsBeforeDrop[e];
+    for (let e = 0; e < E; e++) halves[half][index.get(expertKeyText({ layer, expert: e }))!] += stats.countsBeforeDrop[e];
   };
   for (let b = 0; b < batches; b++) {
     half = b < batches / 2 ? 0 : 1;

@@ -10,6 +10,7 @@ import { InProcessTransport } from '../core/model/experts.js';
 import { MoeLayer } from '../core/model/moe.js';
 import { GrpcExpertTransport } from '../core/wire/grpc-transport.js';
 import { CoordinatorLink } from '../core/wire/coordinator-link.js';
+import { expertKeyText } from '../core/placement.js';
 import { fromWireTensor, toWireTensor } from '../core/wire/tensor.js';
 import * as grpc from '@grpc/grpc-js';
 import { CHANNEL_OPTIONS, packageDefinition } from '../core/wire/protos.js';
@@ -28,7 +29,7 @@ async function placementOfCluster(coordinator: string): Promise<Map<string, stri
       if (table.shards.length < 2) return;
       const addresses = new Map(table.shards.map((s) => [s.shardId, s.address]));
       link.close();
-      resolve(new Map(table.entries.map((e) => [`${e.layer}/${e.expert}`, addresses.get(e.shardIds[0])!])));
+      resolve(new Map(table.entries.map((e) => [expertKeyText(e), addresses.get(e.shardIds[0])!])));
     });
   });
 }
@@ -47,7 +48,7 @@ export async function moeLayerSuite(quick: boolean): Promise<void> {
     try {
       await withLocalCluster('moe', model, 0, async (cluster) => {
       const owners = await placementOfCluster(cluster.coordinatorAddress);
-      const remote = new GrpcExpertTransport((l, e) => [owners.get(`${l}/${e}`)!], HIDDEN);
+      const remote = new GrpcExpertTransport((l, e) => [owners.get(expertKeyText({ layer: l, expert: e }))!], HIDDEN);
       const gate = model.dense.get<tf.Rank.R2>(denseNames.gate(0));
       const local = new MoeLayer(0, HIDDEN, experts, 2, config.switchyard_gate, new InProcessTransport(model.localExperts!));
       const distributed = new MoeLayer(0, HIDDEN, experts, 2, config.switchyard_gate, remote);

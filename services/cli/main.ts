@@ -340,6 +340,8 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
   if (service === 'trainer') return serveTrainer(flags);
   if (service !== 'expert') throw new ConfigError(`'serve ${service}': the services are expert, router, coordinator and trainer`);
   if (!flags.checkpoint) throw new ConfigError('serve expert: --checkpoint DIR is required');
+  // Without a coordinator nothing would ever give this shard an expert.
+  if (flags.experts.trim() === 'none' && !flags.coordinator) throw new ConfigError('--experts none needs --coordinator (the coordinator assigns the experts)');
   await startBackend('expert');
   const dir = resolve(flags.checkpoint);
   const { config } = await inspectModel(dir);
@@ -375,7 +377,7 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
   const link = flags.coordinator
     ? new CoordinatorLink(flags.coordinator, {
       memberId, role: 'ROLE_EXPERT_SHARD', address, experts: keys, tokenBudget: flags.tokenBudget, maxExperts: flags.maxExperts,
-      model: { moeLayers: familyOf(config).moeLayers, experts: familyOf(config).experts },
+      model: { moeLayers: family.moeLayers, experts: family.experts },
     })
     : undefined;
   let follower: AssignmentFollower | undefined;

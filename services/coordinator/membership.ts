@@ -19,7 +19,7 @@ export interface Member {
   assigned?: ExpertKey[];
   /** Leaving: the planner places nothing new on it. */
   draining?: boolean;
-  /** Routers: routed rows per second per expert (index layer·E + expert), from heartbeats. */
+  /** Routers: routed rows per second per expert (keyed by expertKeyText), from heartbeats. */
   expertLoads?: Map<string, number>;
   /** Shards: rows computed per second, from heartbeats. */
   rowsPerSecond?: number;
@@ -28,6 +28,12 @@ export interface Member {
 
 /** The served model's routed experts: its MoE layers and the experts of each. */
 export interface ModelShape { moeLayers: number[]; experts: number }
+
+/** Experts outside the model would end up in the placement routers follow. */
+function checkExperts(experts: ExpertKey[], shape: ModelShape | undefined): void {
+  const outside = shape && experts.find((k) => !shape.moeLayers.includes(k.layer) || k.expert >= shape.experts);
+  if (outside) throw new RangeError(`expert (layer ${outside.layer}, expert ${outside.expert}) is outside the model`);
+}
 
 export class Membership {
   /** MoE layers × experts of the served model, from shards' registrations. */
@@ -40,23 +46,24 @@ export class Membership {
 
   constructor(readonly leaseTtlMs: number, private readonly now: () => number = Date.now) {}
 
-  register(m: Omit<Member, 'leaseId' | 'expiresAt' | 'maxExperts'> & { maxExperts?: number }): Member {
+  /**
+   * `shape`: the model a shard serves. The first one fixes the cluster's shape; every later one must agree.
+   * Throws RangeError for a bad request, which then changes nothing (not even the shape).
+   */
+  register(m: Omit<Member, 'leaseId' | 'expiresAt' | 'maxExperts'> & { maxExperts?: number }, shape?: ModelShape): Member {
     if (!m.memberId) throw new RangeError('member_id is empty');
     if (m.role === 'expert-shard' && !m.address) throw new RangeError(`shard ${m.memberId} registered without an address`);
+    const model = shape && shape.moeLayers.length > 0 && shape.experts > 0 ? shape : undefined;
+    const text = (s: ModelShape) => `MoE layers [${s.moeLayers.join(', ')}] × ${s.experts} experts`;
+    if (model && this.shape && text(this.shape) !== text(model))
+      throw new RangeError(`shard ${m.memberId} serves a model with ${text(model)}, the cluster ${text(this.shape)}`);
+    checkExperts(m.experts, model ?? this.shape);
+    if (model) this.shape = model;
     const member: Member = { ...m, maxExperts: m.maxExperts ?? 0, leaseId: String(this.nextLease++), expiresAt: this.now() + this.leaseTtlMs };
     this.members.set(m.memberId, member);
     this.changed(); // shards change the placement; routers change how budgets divide into credits
     for (const l of this.memberListeners) l(m.memberId, 'registered');
     return member;
-  }
-
-  /** Learns the model's shape from a shard's registration; every shard must agree. */
-  noteShape(shape: ModelShape, memberId: string): void {
-    if (!(shape.moeLayers.length > 0 && shape.experts > 0)) return;
-    const text = (s: ModelShape) => `MoE layers [${s.moeLayers.join(', ')}] × ${s.experts} experts`;
-    if (this.shape && text(this.shape) !== text(shape))
-      throw new RangeError(`shard ${memberId} serves a model with ${text(shape)}, the cluster ${text(this.shape)}`);
-    this.shape = shape;
   }
 
   /** Renews a lease; false when the lease is unknown (expired, replaced, or the coordinator restarted). */
@@ -76,8 +83,9 @@ export class Membership {
     else if (m) m.rowsPerSecond = rowsPerSecond;
   }
 
-  /** A shard's report of what it holds now; false for an unknown lease. */
+  /** A shard's report of what it holds now; false for an unknown lease, RangeError for a key outside the model. */
   reportHoldings(memberId: string, leaseId: string, experts: ExpertKey[]): boolean {
+    checkExperts(experts, this.shape);
     const m = this.members.get(memberId);
     if (!m || m.leaseId !== leaseId) return false;
     const same = (a: ExpertKey[], b: ExpertKey[]) => a.length === b.length && a.map(expertKeyText).sort().join() === b.map(expertKeyText).sort().join();

@@ -19,9 +19,11 @@ export interface RebalancerOptions {
   /** How long shards may take to load what they gain. */
   loadTimeoutMs: number;
   log?: (record: Record<string, unknown>) => void;
+  /** The clock of the interval's back-off (injected by tests). */
+  now?: () => number;
 }
 
-export const DEFAULT_REBALANCE: Omit<RebalancerOptions, 'log'> = { intervalMs: 30_000, minImbalance: 1.25, minGain: 0.1, loadTimeoutMs: 120_000 };
+export const DEFAULT_REBALANCE: Omit<RebalancerOptions, 'log' | 'now'> = { intervalMs: 30_000, minImbalance: 1.25, minGain: 0.1, loadTimeoutMs: 120_000 };
 
 
 export interface MigrationResult {
@@ -43,6 +45,7 @@ export interface PlanSummary {
   loads: number;
 }
 
+const STOPPING = 'the coordinator is stopping';
 let current: Rebalancer | undefined;
 const migrationSeconds = new Histogram({
   name: 'switchyard_placement_migration_seconds', help: 'Time from a plan to the placement that applies it (shards loaded the experts they gained)', registers: [registry],
@@ -68,30 +71,39 @@ new Gauge({ name: 'switchyard_placement_measured_max_over_mean', help: 'Most loa
 export class Rebalancer {
   generation = 0;
   private queue: Promise<unknown> = Promise.resolve();
+  /** Migrations running or queued: the interval adds none while there are any. */
+  private migrations = 0;
   private timer?: NodeJS.Timeout;
+  /** When the last migration ended, applied or abandoned: the interval waits a full period after it. */
   private lastMigration = 0;
+  /** Stopping: no migration starts or waits any more. */
+  private closed = false;
+  private readonly now: () => number;
   /** Shards that registered empty, with when, until a placement lists them. */
   private readonly joining = new Map<string, number>();
   /** Ends the migrations waiting for shards to load (their timers would keep a stopping coordinator alive). */
   private readonly abortWaits = new Set<(why: string) => void>();
+  private readonly unsubscribe: Array<() => void> = [];
 
   constructor(readonly membership: Membership, readonly options: RebalancerOptions) {
     current = this;
-    membership.onMemberChange((memberId, event) => {
+    this.now = options.now ?? Date.now;
+    this.unsubscribe.push(membership.onMemberChange((memberId, event) => {
+      if (event === 'expired') return void this.joining.delete(memberId);
       const m = membership.get(memberId);
-      if (event !== 'registered' || m?.role !== 'expert-shard' || m.experts.length > 0) return;
+      if (m?.role !== 'expert-shard' || m.experts.length > 0) return;
       this.joining.set(memberId, Date.now());
       // Scale-up: put the new shard to work now (no hysteresis: it has capacity and nothing to do).
       setTimeout(() => void this.rebalance(`shard ${memberId} joined`).catch((err: Error) =>
         options.log?.({ msg: 'cannot place experts on the new shard', shard: memberId, error: err.message })), 100).unref();
-    });
-    membership.watch((table) => {
+    }));
+    this.unsubscribe.push(membership.watch((table) => {
       for (const [id, since] of this.joining)
         if (table.entries.some((e) => e.shardIds.includes(id))) {
           readySeconds.observe((Date.now() - since) / 1000);
           this.joining.delete(id);
         }
-    });
+    }));
     if (options.intervalMs > 0) this.timer = setInterval(() => void this.tick(), options.intervalMs);
     this.timer?.unref();
   }
@@ -100,9 +112,12 @@ export class Rebalancer {
     return this.membership.shape;
   }
 
+  /** Ends the migration in progress and every one queued or triggered later (a join, a drain, an operator). */
   close(): void {
+    this.closed = true;
     clearInterval(this.timer);
-    for (const abort of [...this.abortWaits]) abort('the coordinator is stopping');
+    for (const stop of this.unsubscribe.splice(0)) stop();
+    for (const abort of [...this.abortWaits]) abort(STOPPING);
     if (current === this) current = undefined;
   }
 
@@ -173,7 +188,11 @@ export class Rebalancer {
 
   /** Plans and applies (queued behind a migration in progress). */
   rebalance(reason: string): Promise<MigrationResult> {
-    const run = this.queue.then(() => this.migrate(reason));
+    this.migrations++;
+    const run = this.queue.then(() => this.migrate(reason)).finally(() => {
+      this.migrations--;
+      this.lastMigration = this.now();
+    });
     this.queue = run.catch(() => undefined);
     return run;
   }
@@ -192,9 +211,13 @@ export class Rebalancer {
     }
   }
 
-  /** Periodic check with hysteresis: act only on a clear imbalance that a plan clearly improves. */
-  private async tick(): Promise<void> {
-    if (!this.shape || Date.now() - this.lastMigration < this.options.intervalMs) return;
+  /**
+   * Periodic check with hysteresis: act only on a clear imbalance that a plan clearly improves, at most
+   * once per interval, never while a migration runs or waits (a slow one would pile up copies behind it).
+   * Called by the interval; public for tests.
+   */
+  async tick(): Promise<void> {
+    if (this.closed || this.migrations > 0 || !this.shape || this.now() - this.lastMigration < this.options.intervalMs) return;
     const demand = this.demand();
     if (!(demand.reduce((a, b) => a + b, 0) > 0)) return;
     try {
@@ -211,6 +234,7 @@ export class Rebalancer {
   }
 
   private async migrate(reason: string): Promise<MigrationResult> {
+    if (this.closed) return { applied: false, reason: `${reason}: abandoned, ${STOPPING}`, seconds: 0, loaded: 0 };
     const started = performance.now();
     const { plan, summary } = this.plan();
     const seconds = () => (performance.now() - started) / 1000;
@@ -238,7 +262,6 @@ export class Rebalancer {
     // Phase 2: every expert is served where the plan puts it; now shards may drop the rest.
     this.membership.assign(plan.assignment);
     this.generation++;
-    this.lastMigration = Date.now();
     migrationSeconds.observe(seconds());
     this.options.log?.({ msg: 'placement migration applied', reason, seconds: seconds(), generation: this.generation });
     return { applied: true, reason, seconds: seconds(), loaded: plan.loads, plan: summary };
@@ -271,7 +294,8 @@ export class Rebalancer {
       const timer = setTimeout(() => settle(`${state()?.why ?? 'timeout'} within ${this.options.loadTimeoutMs} ms`), this.options.loadTimeoutMs);
       const stop = this.membership.watch(check);
       this.abortWaits.add(settle);
-      check();
+      if (this.closed) settle(STOPPING);
+      else check();
     });
   }
 }

@@ -9,6 +9,7 @@ import type { DeregisterReply } from '../generated/switchyard/v1/DeregisterReply
 import type { DrainReply } from '../generated/switchyard/v1/DrainReply.js';
 import type { ReportHoldingsRequest__Output } from '../generated/switchyard/v1/ReportHoldingsRequest.js';
 import { toWirePlacement } from '../core/wire/coordinator-link.js';
+import { expertKeyText } from '../core/placement.js';
 import { DEFAULT_REBALANCE, Rebalancer, type RebalancerOptions } from './rebalancer.js';
 import type { DeregisterRequest__Output } from '../generated/switchyard/v1/DeregisterRequest.js';
 import type { HeartbeatReply } from '../generated/switchyard/v1/HeartbeatReply.js';
@@ -67,8 +68,9 @@ export async function startCoordinator(
       const role = ROLES[r.role];
       if (!role) return callback({ code: grpc.status.INVALID_ARGUMENT, message: `unknown role ${r.role}` });
       try {
-        membership.noteShape({ moeLayers: [...r.modelMoeLayers], experts: r.modelExperts }, r.memberId);
-        const m = membership.register({ memberId: r.memberId, role, address: r.address, experts: r.experts, tokenBudget: r.tokenBudget, maxExperts: r.maxExperts });
+        const m = membership.register(
+          { memberId: r.memberId, role, address: r.address, experts: r.experts.map((k) => ({ layer: k.layer, expert: k.expert })), tokenBudget: r.tokenBudget, maxExperts: r.maxExperts },
+          { moeLayers: [...r.modelMoeLayers], experts: r.modelExperts });
         callback(null, { leaseId: m.leaseId, leaseTtlMs: leaseTtlMs });
       } catch (err) {
         callback({ code: grpc.status.INVALID_ARGUMENT, message: (err as Error).message });
@@ -78,16 +80,17 @@ export async function startCoordinator(
       if (isMalformed(call.request)) return callback(malformedStatus(call.request));
       const r = call.request;
       const known = membership.heartbeat(r.memberId, r.leaseId);
-      if (known) membership.recordLoad(r.memberId, new Map(r.expertLoads.map((l) => [`${l.layer}/${l.expert}`, l.rowsPerSecond])), r.rowsPerSecond);
+      if (known) membership.recordLoad(r.memberId, new Map(r.expertLoads.map((l) => [expertKeyText(l), l.rowsPerSecond])), r.rowsPerSecond);
       callback(null, { known, leaseTtlMs: leaseTtlMs });
     },
     ReportHoldings(call: grpc.ServerUnaryCall<ReportHoldingsRequest__Output | MalformedMessage, HeartbeatReply>, callback: grpc.sendUnaryData<HeartbeatReply>) {
       if (isMalformed(call.request)) return callback(malformedStatus(call.request));
       const r = call.request;
-      const shape = membership.shape;
-      const outside = shape ? r.experts.find((k) => !shape.moeLayers.includes(k.layer) || k.expert >= shape.experts) : undefined;
-      if (outside) return callback({ code: grpc.status.INVALID_ARGUMENT, message: `expert (layer ${outside.layer}, expert ${outside.expert}) is outside the model` });
-      callback(null, { known: membership.reportHoldings(r.memberId, r.leaseId, r.experts.map((k) => ({ layer: k.layer, expert: k.expert }))), leaseTtlMs });
+      try {
+        callback(null, { known: membership.reportHoldings(r.memberId, r.leaseId, r.experts.map((k) => ({ layer: k.layer, expert: k.expert }))), leaseTtlMs });
+      } catch (err) {
+        callback({ code: grpc.status.INVALID_ARGUMENT, message: (err as Error).message });
+      }
     },
     Drain(call: grpc.ServerUnaryCall<DeregisterRequest__Output | MalformedMessage, DrainReply>, callback: grpc.sendUnaryData<DrainReply>) {
       if (isMalformed(call.request)) return callback(malformedStatus(call.request));

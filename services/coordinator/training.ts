@@ -6,7 +6,7 @@ import { mkdir } from 'node:fs/promises';
 import { resolve } from 'node:path';
 import { checkpointStep, commitClusterCheckpoint, type CheckpointPartFiles } from '../core/checkpoint/cluster.js';
 import { removeStaleStaging, stagingDirOf } from '../core/checkpoint/index.js';
-import { expertKeys, placementOf, unplaced, type ExpertKey } from '../core/placement.js';
+import { expertKeys, expertKeyText, placementOf, unplaced, type ExpertKey } from '../core/placement.js';
 import { toWirePlacement } from '../core/wire/coordinator-link.js';
 import { planPlacement } from './planner.js';
 import type { TrainSyncReply } from '../generated/switchyard/v1/TrainSyncReply.js';
@@ -282,7 +282,7 @@ export class TrainingJob {
     const seen = new Map<string, { digest: string; memberId: string }>();
     for (const r of requests)
       for (const d of r.digests) {
-        const key = `${d.layer}/${d.expert}`;
+        const key = expertKeyText(d);
         const first = seen.get(key);
         if (!first) seen.set(key, { digest: d.digest, memberId: r.memberId });
         else if (first.digest !== d.digest)

@@ -41,7 +41,7 @@ export function placementOf(holdings: ShardHoldings[], version: number, routers 
   const shards = [...holdings].sort((a, b) => a.shardId.localeCompare(b.shardId));
   for (const s of shards)
     for (const { layer, expert } of s.experts) {
-      const key = `${layer}/${expert}`;
+      const key = expertKeyText({ layer, expert });
       const entry = byKey.get(key) ?? { layer, expert, shardIds: [] };
       entry.shardIds.push(s.shardId);
       byKey.set(key, entry);
@@ -56,7 +56,7 @@ export function placementOf(holdings: ShardHoldings[], version: number, routers 
 /** The addresses holding each expert, keyed `layer/expert`: what a router dials. */
 export function ownerAddresses(table: PlacementTable): Map<string, string[]> {
   const addresses = new Map(table.shards.map((s) => [s.shardId, s.address]));
-  return new Map(table.entries.map((e) => [`${e.layer}/${e.expert}`, e.shardIds.map((id) => addresses.get(id)!).filter(Boolean)]));
+  return new Map(table.entries.map((e) => [expertKeyText(e), e.shardIds.map((id) => addresses.get(id)!).filter(Boolean)]));
 }
 
 /** A router's credits on a shard: its share of the shard's per-expert budget (undefined = unlimited). */
@@ -94,10 +94,10 @@ export function assignmentSpec(keys: ExpertKey[]): string {
 
 /** The (layer, expert) pairs of a model that no shard in the table holds. */
 export function unplaced(table: PlacementTable, layers: ExpertLayers, experts: number): ExpertKey[] {
-  const placed = new Set(table.entries.filter((e) => e.shardIds.length > 0).map((e) => `${e.layer}/${e.expert}`));
+  const placed = new Set(table.entries.filter((e) => e.shardIds.length > 0).map(expertKeyText));
   const missing: ExpertKey[] = [];
   for (const layer of expertLayerList(layers))
-    for (let expert = 0; expert < experts; expert++) if (!placed.has(`${layer}/${expert}`)) missing.push({ layer, expert });
+    for (let expert = 0; expert < experts; expert++) if (!placed.has(expertKeyText({ layer, expert }))) missing.push({ layer, expert });
   return missing;
 }
 

@@ -2,7 +2,7 @@
 // assigns experts); `spread:I/N`, shard I's part of the
 // default placement over N shards (a StatefulSet pod passes its ordinal); or `LAYER:EXPERTS` groups
 // separated by `;`, where EXPERTS is a comma list of ids and ranges, e.g. `0:0-3;1:0,2`.
-import { expertLayerList, spreadExperts, type ExpertKey, type ExpertLayers } from '../core/placement.js';
+import { expertKeyText, expertLayerList, spreadExperts, type ExpertKey, type ExpertLayers } from '../core/placement.js';
 
 export type { ExpertKey };
 
@@ -15,10 +15,9 @@ export function parseAssignment(spec: string, layers: ExpertLayers, experts: num
   const seen = new Set<string>();
   const layerList = expertLayerList(layers);
   const add = (layer: number, expert: number) => {
-    if (typeof layers === 'number' && !(layer >= 0 && layer < layers)) throw new AssignmentError(`--experts '${spec}': layer ${layer} is outside 0..${layers - 1}`);
     if (!layerList.includes(layer)) throw new AssignmentError(`--experts '${spec}': layer ${layer} has no experts (layers with experts: ${layerList.join(', ')})`);
     if (!(expert >= 0 && expert < experts)) throw new AssignmentError(`--experts '${spec}': expert ${expert} is outside 0..${experts - 1}`);
-    const key = `${layer}/${expert}`;
+    const key = expertKeyText({ layer, expert });
     if (seen.has(key)) return;
     seen.add(key);
     keys.push({ layer, expert });

@@ -19,7 +19,6 @@ export interface FollowerOptions {
 
 
 let current: AssignmentFollower | undefined;
-new Gauge({ name: 'switchyard_expert_held', help: 'Experts this shard holds', registers: [registry], collect() { this.set(current?.o.shard.experts.keys().length ?? 0); } });
 new Gauge({ name: 'switchyard_expert_load_seconds', help: 'Time the last set of gained experts took to load from the checkpoint store', registers: [registry], collect() { this.set(current?.lastLoadSeconds ?? 0); } });
 
 export class AssignmentFollower {
@@ -81,18 +80,19 @@ export class AssignmentFollower {
         this.drops.delete(key);
         experts.remove(k.layer, k.expert);
         this.o.log({ msg: 'expert dropped', expert: key });
-        void this.report();
+        this.report();
       }, this.o.dropGraceMs));
     }
-    await this.report();
+    this.report();
   }
 
-  /** Reports the holdings when they differ from the last report that reached the coordinator. */
-  private async report(): Promise<void> {
+  /** Reports the holdings when they changed; the link re-sends a report until the coordinator has it. */
+  private report(): void {
     const held = this.o.shard.experts.keys();
     const text = held.map(expertKeyText).sort().join(' ');
     if (text === this.reported) return;
-    if (await this.o.link.reportHoldings(held)) this.reported = text;
+    this.reported = text;
+    void this.o.link.reportHoldings(held);
   }
 
   close(): void {

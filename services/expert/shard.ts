@@ -9,6 +9,7 @@ import type { ExpertRequest__Output } from '../generated/switchyard/v1/ExpertReq
 import { Counter, Gauge, Histogram } from 'prom-client';
 import { registry } from '../core/metrics/registry.js';
 import { DecayingRates } from '../core/metrics/decaying.js';
+import { expertKeyText, type ExpertKey } from '../core/placement.js';
 
 /** The shard gauges read the newest shard of the process when Prometheus scrapes. */
 let currentShard: ExpertShard | undefined;
@@ -18,6 +19,7 @@ new Gauge({ name: 'switchyard_expert_first_row_seconds', help: 'Time from this s
   const first = currentShard?.firstRowAt;
   this.set(registered !== undefined && first !== undefined ? Math.max(0, first - registered) / 1000 : 0);
 } });
+new Gauge({ name: 'switchyard_expert_held', help: 'Experts this shard holds', registers: [registry], collect() { this.set(currentShard?.experts.keys().length ?? 0); } });
 new Gauge({ name: 'switchyard_expert_queue_messages', help: 'Messages waiting at this shard', registers: [registry], collect() { this.set(currentShard?.queuedMessages ?? 0); } });
 const computeSeconds = new Histogram({
   name: 'switchyard_expert_compute_seconds', help: 'Compute time of one message (all its row batches)', registers: [registry],
@@ -26,7 +28,8 @@ const computeSeconds = new Histogram({
 const rowsTotal = new Counter({ name: 'switchyard_expert_rows_total', help: 'Rows computed per (layer, expert) and kind (forward, forward_train, backward)', labelNames: ['layer', 'expert', 'kind'], registers: [registry] });
 
 class ShardError extends Error {
-  constructor(readonly code: status, message: string) {
+  /** NOT_FOUND: every expert of the request this shard does not hold. */
+  constructor(readonly code: status, message: string, readonly missing: ExpertKey[] = []) {
     super(message);
   }
 }
@@ -169,11 +172,11 @@ export class ExpertShard {
       this.recentRows.add(0, batches.reduce((n, b) => n + b.rowCount, 0));
       this.log?.({
         msg: 'rows served', pass: request.passId, kind: request.kind, request_ids: request.requestIds,
-        batches: batches.map((b) => `${b.layer}/${b.expert}:${b.rowCount}`).join(' '),
+        batches: batches.map((b) => `${expertKeyText(b)}:${b.rowCount}`).join(' '),
       });
       const kind = request.kind.replace('ROW_KIND_', '').toLowerCase();
       for (const b of batches) {
-        const key = `${b.layer}/${b.expert}`;
+        const key = expertKeyText(b);
         this.rowsServed.set(key, (this.rowsServed.get(key) ?? 0) + b.rowCount);
         rowsTotal.inc({ layer: String(b.layer), expert: String(b.expert), kind }, b.rowCount);
       }
@@ -188,19 +191,24 @@ export class ExpertShard {
       const code = err instanceof ShardError || err instanceof WireError ? err.code
         : err instanceof MissingPassError ? status.FAILED_PRECONDITION
         : err instanceof RangeError ? status.INVALID_ARGUMENT : status.INTERNAL;
-      return { messageId: request.messageId, error: { code, message: (err as Error).message } };
+      return { messageId: request.messageId, error: { code, message: (err as Error).message, missing: err instanceof ShardError ? err.missing : [] } };
     }
   }
 
   private decode(request: ExpertRequest__Output): { batches: RowBatch[]; dtype: FloatDtype } {
     if (!request.passId) throw new ShardError(status.INVALID_ARGUMENT, 'pass_id is empty');
     const seen = new Set<string>();
-    let dtype: FloatDtype = 'F32';
-    const batches = request.batches.map((b, i) => {
-      const key = `${b.layer}/${b.expert}`;
+    for (const b of request.batches) {
+      const key = expertKeyText(b);
       if (seen.has(key)) throw new ShardError(status.INVALID_ARGUMENT, `two batches for (layer ${b.layer}, expert ${b.expert})`);
       seen.add(key);
-      if (!this.experts.holds(b.layer, b.expert)) throw new ShardError(status.NOT_FOUND, `expert (layer ${b.layer}, expert ${b.expert}) is not held by this shard`);
+    }
+    // Name every expert not held, so the router skips only those here and sends the others again.
+    const missing = request.batches.filter((b) => !this.experts.holds(b.layer, b.expert)).map((b) => ({ layer: b.layer, expert: b.expert }));
+    if (missing.length)
+      throw new ShardError(status.NOT_FOUND, `${missing.map((k) => `expert (layer ${k.layer}, expert ${k.expert})`).join(', ')} ${missing.length === 1 ? 'is' : 'are'} not held by this shard`, missing);
+    let dtype: FloatDtype = 'F32';
+    const batches = request.batches.map((b, i) => {
       const decoded = fromWireTensor(b.rows, `batches[${i}].rows`, [null, this.experts.hidden]);
       const values = decoded.values;
       // A plain loop: this runs over every row of every message.

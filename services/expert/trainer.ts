@@ -4,9 +4,8 @@
 // applies AdamW to its experts (an expert that got no rows steps with a zero gradient, as in one process).
 import { ConfigError, parseTrainSettings, type TrainSettings } from '../core/config.js';
 import { loadOptimizerMoments, writeCheckpointPart } from '../core/checkpoint/cluster.js';
-import { loadExpertSet, readTrainerState } from '../core/checkpoint/model.js';
+import { inspectModel, loadExpertSet, readTrainerState } from '../core/checkpoint/model.js';
 import { expertToHf, type HostTensor } from '../core/model/hf.js';
-import { loadCheckpoint } from '../core/checkpoint/index.js';
 import { assertTrainable, familyOf, type FamilyNames } from '../core/model/family.js';
 import { adamWSettings, AdamW, clipFactor, gradSquareSum } from '../core/optim/adamw.js';
 import { learningRate } from '../core/optim/schedule.js';
@@ -54,7 +53,7 @@ export async function runShardTraining(o: ShardTrainingOptions): Promise<void> {
     // Reload from the committed checkpoint: a restarted shard and a surviving one continue alike.
     const state = await readTrainerState(dir);
     if (state.step !== resumeStep) throw new ConfigError(`checkpoint ${dir} is at step ${state.step}, the coordinator resumes at ${resumeStep}`);
-    const { config } = await loadCheckpoint(dir, { only: () => false });
+    const { config } = await inspectModel(dir);
     assertTrainable(config);
     // The coordinator's placement for this attempt (it changes only between attempts, at step boundaries).
     const keys = join.placement
@@ -72,7 +71,7 @@ export async function runShardTraining(o: ShardTrainingOptions): Promise<void> {
     o.onHoldings?.(keys);
     const held = new Set(keys.map(expertKeyText));
     const replicas: ReplicaInfo[] = join.replicas
-      .filter((r) => held.has(`${r.layer}/${r.expert}`))
+      .filter((r) => held.has(expertKeyText(r)))
       .map((r) => ({ key: { layer: r.layer, expert: r.expert }, holders: [...r.shardIds] }));
     const replicaOf = new Map(replicas.map((r) => [expertKeyText(r.key), r]));
     // The first holder of a replicated expert accounts for it in the norm and writes it to checkpoints.
@@ -122,7 +121,7 @@ async function runSteps(
       servedBefore.set(k, o.shard.rowsServed.get(k) ?? 0);
       return [k, rows];
     }));
-    o.log({ msg: 'step applied', step, generation, replicas: Object.fromEntries(digests().map((d) => [`${d.layer}/${d.expert}`, d.digest])), replica_rows: replicaRows });
+    o.log({ msg: 'step applied', step, generation, replicas: Object.fromEntries(digests().map((d) => [expertKeyText(d), d.digest])), replica_rows: replicaRows });
     if (commit.checkpoint) {
       const written = performance.now();
       const tensors = new Map<string, HostTensor>();

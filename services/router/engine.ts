@@ -7,7 +7,7 @@ import { ContinuousBatcher } from '../core/generate.js';
 import type { FloatDtype } from '../core/dtypes.js';
 import type { MixtralModel } from '../core/model/model.js';
 import type { PlacementTable } from '../core/placement.js';
-import { creditsPerExpert, ownerAddresses, unplaced } from '../core/placement.js';
+import { creditsPerExpert, expertKeyText, ownerAddresses, unplaced } from '../core/placement.js';
 import type { OverflowPolicy } from '../core/overload.js';
 import { servingMetrics } from '../core/metrics/serving.js';
 import { Limiter } from './admission.js';
@@ -116,6 +116,7 @@ export class RouterEngine {
     this.owners = owners;
     this.shardIdOf = new Map(table.shards.map((s) => [s.address, s.shardId]));
     this.table = table;
+    this.transport.placementChanged();
   }
 
   /** This router's credits per expert on the shard at `address` (undefined = unlimited). */
@@ -128,11 +129,11 @@ export class RouterEngine {
   ready(): boolean {
     if (this.table === undefined) return false;
     // Experts remembered from an earlier placement count: routers keep serving while the coordinator is away.
-    return unplaced(this.table, this.model.family.moeLayers, this.model.family.experts).every((k) => this.staleOwners.has(`${k.layer}/${k.expert}`));
+    return unplaced(this.table, this.model.family.moeLayers, this.model.family.experts).every((k) => this.staleOwners.has(expertKeyText(k)));
   }
 
   private shardsFor(layer: number, expert: number): string[] {
-    const key = `${layer}/${expert}`;
+    const key = expertKeyText({ layer, expert });
     const listed = this.owners.get(key) ?? [];
     return listed.length ? listed : this.staleOwners.get(key) ?? [];
   }

@@ -14,7 +14,7 @@ import { familyOf } from '../core/model/family.js';
 import { adamWSettings, AdamW, clipFactor, gradSquareSum } from '../core/optim/adamw.js';
 import { learningRate } from '../core/optim/schedule.js';
 import { recordAllReduce, recordExpertLoad, trainingMetrics } from '../core/metrics/training.js';
-import { ownerAddresses, unplaced } from '../core/placement.js';
+import { expertKeyText, ownerAddresses, unplaced } from '../core/placement.js';
 import { fromWirePlacement } from '../core/wire/coordinator-link.js';
 import { GrpcExpertTransport } from '../core/wire/grpc-transport.js';
 import { StepAborted, type TrainLink } from '../core/wire/train-link.js';
@@ -82,7 +82,7 @@ export async function runRouterTraining(o: RouterTrainingOptions): Promise<Route
   if (o.index === 0) await mkdir(o.outDir, { recursive: true });
   // Each attempt's placement comes with its JOIN answer (it changes only at step boundaries).
   let owners = new Map<string, string[]>();
-  const transport = new GrpcExpertTransport((layer, expert) => owners.get(`${layer}/${expert}`) ?? [], c.hidden_size, { timeoutMs: 120_000 });
+  const transport = new GrpcExpertTransport((layer, expert) => owners.get(expertKeyText({ layer, expert })) ?? [], c.hidden_size, { timeoutMs: 120_000 });
   checkTrainRun(c, t);
   const L = c.num_hidden_layers;
   const E = familyOf(c).experts;

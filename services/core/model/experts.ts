@@ -8,6 +8,7 @@ import type { FamilyNames } from './family.js';
 import { expertBackward, expertForward, transposeExpert, type ExpertCache, type ExpertWeights, type ExpertWeightsT } from './expert.js';
 import { disposeAll } from './tensors.js';
 import type { OverflowPolicy, Unserved } from '../overload.js';
+import { expertKeyText } from '../placement.js';
 
 /** Rows for one (layer, expert): `rowCount` rows of `hidden` floats, row-major. */
 export interface RowBatch {
@@ -46,7 +47,7 @@ export class MissingPassError extends Error {
 export const expertParamName = (layer: number, expert: number, part: 'w1t' | 'w3t' | 'w2t'): string =>
   `layers.${layer}.experts.${expert}.${part}`;
 
-const keyOf = (layer: number, expert: number): string => `${layer}/${expert}`;
+const keyOf = (layer: number, expert: number): string => expertKeyText({ layer, expert });
 
 export class ExpertSet {
   readonly params = new ParameterTable();

@@ -53,6 +53,8 @@ export class CoordinatorLink {
   private timer?: NodeJS.Timeout;
   private watchCall?: grpc.ClientReadableStream<Placement__Output>;
   private closed = false;
+  /** Holdings the coordinator has not acknowledged yet: re-sent with every heartbeat until it does. */
+  private unreported?: ExpertKey[];
   /** The last placement seen (kept while the coordinator is unreachable). */
   placement?: PlacementTable;
   registrations = 0;
@@ -76,9 +78,10 @@ export class CoordinatorLink {
       if (this.closed) return;
       const next = (ms: number) => { if (!this.closed) this.timer = setTimeout(tick, ms); };
       if (this.leaseId === undefined) {
+        const experts = this.member.experts ?? [];
         this.client.Register({
           memberId: this.member.memberId, role: this.member.role, address: this.member.address ?? '',
-          experts: this.member.experts ?? [], tokenBudget: this.member.tokenBudget ?? 0, maxExperts: this.member.maxExperts ?? 0,
+          experts, tokenBudget: this.member.tokenBudget ?? 0, maxExperts: this.member.maxExperts ?? 0,
           modelMoeLayers: [...(this.member.model?.moeLayers ?? [])], modelExperts: this.member.model?.experts ?? 0,
         }, { deadline: this.deadline() }, (err, reply) => {
           if (err || !reply) return next(RETRY_MS);
@@ -86,11 +89,13 @@ export class CoordinatorLink {
           this.registeredAt ??= Date.now();
           this.ttlMs = reply.leaseTtlMs;
           this.registrations++;
+          if (this.unreported === experts) this.unreported = undefined; // the registration carried them
           next(this.ttlMs / 3);
         });
       } else {
         this.client.Heartbeat({ memberId: this.member.memberId, leaseId: this.leaseId, ...this.heartbeatLoad?.() }, { deadline: this.deadline() }, (err, reply) => {
           if (!err && reply && !reply.known) this.leaseId = undefined; // forgotten: register again now
+          else if (!err && this.unreported) void this.sendHoldings();
           next(err ? RETRY_MS : this.leaseId === undefined ? 0 : this.ttlMs / 3);
         });
       }
@@ -116,14 +121,25 @@ export class CoordinatorLink {
 
   /**
    * Reports the experts this shard holds now; also what it registers with if the coordinator restarts.
-   * Resolves false when the report did not reach a coordinator that knows this member.
+   * Delivery is the link's job: a report that fails (deadline, coordinator away) is re-sent with the
+   * heartbeats until one is acknowledged, or carried by the next registration. Resolves whether this
+   * first attempt was acknowledged.
    */
-  async reportHoldings(experts: ExpertKey[]): Promise<boolean> {
+  reportHoldings(experts: ExpertKey[]): Promise<boolean> {
     this.member.experts = experts;
+    this.unreported = experts;
+    return this.sendHoldings();
+  }
+
+  private sendHoldings(): Promise<boolean> {
+    const experts = this.unreported;
     const leaseId = this.leaseId;
-    if (leaseId === undefined) return false; // the next registration carries them
-    return new Promise((resolve) => this.client.ReportHoldings({ memberId: this.member.memberId, leaseId, experts }, { deadline: this.deadline() },
-      (err, reply) => resolve(!err && Boolean(reply?.known))));
+    if (!experts || leaseId === undefined || this.closed) return Promise.resolve(false);
+    return new Promise((resolve) => this.client.ReportHoldings({ memberId: this.member.memberId, leaseId, experts }, { deadline: this.deadline() }, (err, reply) => {
+      const acknowledged = !err && Boolean(reply?.known);
+      if (acknowledged && this.unreported === experts) this.unreported = undefined;
+      resolve(acknowledged);
+    }));
   }
 
   /**

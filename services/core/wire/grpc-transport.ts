@@ -15,6 +15,7 @@ import { CHANNEL_OPTIONS, loadProtos } from './protos.js';
 import { channelCredentials } from './credentials.js';
 import { fromWireTensor, toWireTensor } from './tensor.js';
 import type { FloatDtype } from '../dtypes.js';
+import { expertKeyText, type ExpertKey } from '../placement.js';
 
 /** Where each (layer, expert) is served: the addresses (host:port) of every shard holding a replica. */
 export type PlacementLookup = (layer: number, expert: number) => string[];
@@ -27,7 +28,8 @@ export interface TrainingTag { generation: number; weightsStep: number }
 
 export class ExpertCallError extends Error {
   override name = 'ExpertCallError';
-  constructor(readonly shard: string, readonly code: number, message: string) {
+  /** NOT_FOUND: the experts the shard named as not held (none from older shards). */
+  constructor(readonly shard: string, readonly code: number, message: string, readonly missing: ExpertKey[] = []) {
     super(`shard ${shard}: ${message}`);
   }
 }
@@ -112,7 +114,7 @@ export interface ServingOptions {
 /** Errors that mean the shard (not the request) is the problem: try the expert's other replicas. */
 const SHARD_LOST = new Set<number>([grpc.status.UNAVAILABLE, grpc.status.CANCELLED, grpc.status.UNKNOWN, grpc.status.INTERNAL]);
 /**
- * NOT_FOUND: the shard is fine but no longer holds an expert of the message (it moved; this router's
+ * NOT_FOUND: the shard is fine but no longer holds some experts of the message (they moved; this router's
  * placement is a moment behind). Those experts skip that shard this long; its other experts stay in use.
  */
 const NOT_HELD_MS = 1_000;
@@ -200,7 +202,7 @@ export class GrpcExpertTransport implements ExpertTransport {
           return { layer: b.layer, expert: b.expert, rows };
         }),
       }, timeout);
-      if (reply.error) throw new ExpertCallError(address, reply.error.code, reply.error.message);
+      if (reply.error) throw new ExpertCallError(address, reply.error.code, reply.error.message, reply.error.missing);
       if (reply.batches.length !== mine.length) throw new ExpertCallError(address, grpc.status.INTERNAL, `${reply.batches.length} batches for ${mine.length} sent`);
       this.options.onDispatch?.(address, bytes, (performance.now() - started) / 1000);
       mine.forEach((p, j) => {
@@ -256,7 +258,10 @@ export class GrpcExpertTransport implements ExpertTransport {
           if (code === grpc.status.DEADLINE_EXCEEDED && context?.deadline !== undefined && Date.now() >= context.deadline - 1)
             throw new OverloadError('the request deadline passed while its rows were with the experts', 'deadline');
           if (code === grpc.status.NOT_FOUND) {
-            for (const p of mine) this.notHeld.set(creditKey(address, batches[p.batch]), Date.now() + NOT_HELD_MS);
+            // The shard refused the whole message: only the experts it names skip it, the others go again.
+            const named = new Set((err as ExpertCallError).missing.map(expertKeyText));
+            const lacking = named.size ? mine.filter((p) => named.has(expertKeyText(batches[p.batch]))) : mine; // older shards name none
+            for (const p of lacking) this.notHeld.set(creditKey(address, batches[p.batch]), Date.now() + NOT_HELD_MS);
           } else {
             if (!SHARD_LOST.has(code) && code !== grpc.status.DEADLINE_EXCEEDED) throw err;
             this.health.markDown(address, (err as Error).message);
@@ -274,8 +279,14 @@ export class GrpcExpertTransport implements ExpertTransport {
       const reason = out[i] === undefined ? unserved.get(i) ?? 'shard_down' : undefined;
       if (!reason) return out[i]!;
       this.options.onUnserved?.(b.layer, b.expert, b.rowCount, reason);
-      return { unserved: reason === 'shard_down' ? `no live shard holds expert ${b.layer}/${b.expert}` : `expert ${b.layer}/${b.expert} is at capacity` };
+      return { unserved: reason === 'shard_down' ? `no live shard holds expert ${expertKeyText(b)}` : `expert ${expertKeyText(b)} is at capacity` };
     });
+  }
+
+  /** Called with every new placement: forgets NOT_FOUND marks that ran out (experts that moved for good). */
+  placementChanged(): void {
+    const now = Date.now();
+    for (const [key, until] of this.notHeld) if (until <= now) this.notHeld.delete(key);
   }
 
   private skips(address: string, b: RowBatch): boolean {
@@ -322,4 +333,4 @@ export class GrpcExpertTransport implements ExpertTransport {
   }
 }
 
-const creditKey = (address: string, b: RowBatch): string => `${address}|${b.layer}/${b.expert}`;
+const creditKey = (address: string, b: RowBatch): string => `${address}|${expertKeyText(b)}`;
