@@ -143,6 +143,10 @@ test('completion text keeps the space before its first word and settles characte
   const stopping = new CompletionStream(tok, prompt, ['d😀']);
   assert.deepEqual(pieces(stopping, [ids['▁world'], ...emoji]), [' wor', 'l', '', '', '']);
   assert.deepEqual([stopping.text, stopping.stopped, stopping.rest()], [' worl', true, '']);
+  // Two stops inside one token: the cut is at the one that comes first in the text, not in the list.
+  const twoStops = new CompletionStream(tok, prompt, ['d', 'w']);
+  assert.deepEqual(pieces(twoStops, [ids['▁world']]), [' ']);
+  assert.deepEqual([twoStops.text, twoStops.stopped, twoStops.rest()], [' ', true, '']);
 });
 
 test('the CLI and a router cluster serve a model with the tokenizer.json of its folder', async (t) => {

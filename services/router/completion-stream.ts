@@ -23,13 +23,11 @@ export class CompletionStream {
     this.ids.push(id);
     const whole = this.completion.text(this.ids);
     this.text = whole;
-    for (const s of this.stops) {
-      const at = whole.indexOf(s);
-      if (at >= 0) {
-        this.text = whole.slice(0, at);
-        this.stopped = true;
-        break;
-      }
+    // Cut at the earliest match in the text, whichever stop it is (one id can bring in several).
+    const cut = Math.min(...this.stops.map((s) => whole.indexOf(s)).filter((at) => at >= 0));
+    if (cut !== Infinity) {
+      this.text = whole.slice(0, cut);
+      this.stopped = true;
     }
     // Settled text only: nothing that ends inside a character still missing bytes (U+FFFD), and never
     // the last characters that could still begin a stop sequence.
