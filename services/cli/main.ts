@@ -138,7 +138,9 @@ async function generateCommand(flags: GenerateFlags): Promise<void> {
     const out = await generate(model, prompt, {
       maxTokens: flags.maxTokens, temperature: flags.temperature, topP: flags.topP, seed: flags.seed, stopIds: [...tokenizer.stopIds],
     });
-    process.stdout.write(flags.prompt + new CompletionText(tokenizer, prompt).text(out.ids) + '\n');
+    const completion = new CompletionText(tokenizer, prompt);
+    completion.push(...out.ids);
+    process.stdout.write(flags.prompt + completion.text + '\n');
   } finally {
     model.dispose();
   }
