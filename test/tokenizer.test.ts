@@ -190,6 +190,9 @@ test('the CLI and a router cluster serve a model with the tokenizer.json of its 
   assert.equal(missing.code, 2, missing.stderr);
   assert.match(missing.stderr, /has no tokenizer\.json/);
   for (const file of ['tokenizer.json', 'tokenizer_config.json']) await cp(join(FIXTURE, file), join(checkpoint, file));
+  const imported = await runCli(['import', checkpoint]);
+  assert.equal(imported.code, 0, imported.stderr);
+  assert.match(imported.stdout, new RegExp(`tokenizer\\s+tokenizer\\.json \\(${FIXTURE_VOCAB} ids\\)\\n`));
 
   const tok: TextTokenizer = await loadTokenizer(checkpoint, config);
   const prompt = 'hello wé';

@@ -8,6 +8,7 @@ import { spreadExperts } from '../placement.js';
 import type { CheckpointLayout } from './index.js';
 import { numElements } from './safetensors.js';
 import { TOKENIZER_FILE } from '../tokenizer/hf.js';
+import type { TextTokenizer } from '../tokenizer/types.js';
 
 
 /** Stored bytes and the float32 bytes they become in memory (every dtype is converted for compute). */
@@ -42,13 +43,14 @@ export interface ModelSummary {
   dense: ByteSize;
   /** Expert bytes per shard when the experts are spread over `shards.length` shards as `spread:i/N`. */
   shards: ShardFootprint[];
-  tokenizer: boolean;
+  /** The tokenizer completions use: the folder's tokenizer.json (file set) or the byte vocabulary. */
+  tokenizer: { file?: string; ids: number };
 }
 
 const size = (elements: number, bytes: number): ByteSize => ({ stored: bytes, float32: elements * 4 });
 
-/** Summarises a checked layout (inspectModel); `shardCount` shards as `spread:i/N` places experts. */
-export async function summarizeModel(layout: CheckpointLayout, shardCount: number): Promise<ModelSummary> {
+/** Summarises a checked layout (inspectModel) and its loaded tokenizer; `shardCount` shards as `spread:i/N` places experts. */
+export async function summarizeModel(layout: CheckpointLayout, shardCount: number, tokenizer: TextTokenizer): Promise<ModelSummary> {
   const c = layout.config;
   const family = familyOf(c);
   const expertPrefix = family.names.expertPrefix;
@@ -105,6 +107,7 @@ export async function summarizeModel(layout: CheckpointLayout, shardCount: numbe
     files,
     dense: size(denseElements, denseBytes),
     shards,
-    tokenizer: layout.files.includes(TOKENIZER_FILE),
+    // loadTokenizer reads tokenizer.json whenever the folder has one.
+    tokenizer: { ...(layout.files.includes(TOKENIZER_FILE) ? { file: TOKENIZER_FILE } : {}), ids: tokenizer.vocabSize },
   };
 }
