@@ -449,7 +449,8 @@ describe('a bf16 checkpoint in the published layout', () => {
       const shape = /model\.layers\.0\.self_attn\.k_proj\.weight: expected \[16, 32\], found \[8, 32\]/;
       const missing = /1 missing tensor\(s\): model\.layers\.1\.block_sparse_moe\.experts\.3\.w2\.weight \[32, 64\]/;
       await refusedImport(dir, [shape, missing]);
-      // Shard 0 of 2 holds neither broken tensor, yet refuses the folder.
+      // Shard 0 of 2 holds neither broken tensor (the k_proj is dense; expert 3 of layer 1 is shard 1's), yet refuses the folder.
+      assert.ok(!spreadExperts(config.num_hidden_layers, config.num_local_experts, 2)[0].some((k) => k.layer === 1 && k.expert === 3));
       await refusedService(expertArgs(dir), shape);
       await refusedService(['up', '--model', dir, '--port', '0'], missing);
     });
