@@ -372,15 +372,19 @@ describe('a bf16 checkpoint in the published layout', () => {
     assert.deepEqual(s.dense, { stored: 2 * denseParams, float32: 4 * denseParams });
     const spread = spreadExperts(L, E, 2);
     assert.deepEqual(s.shards, spread.map((keys, i) => ({ shard: i, experts: keys.length, bytes: { stored: keys.length * 3 * D * I * 2, float32: keys.length * 3 * D * I * 4 } })));
-    assert.equal(s.tokenizer, false);
-    await writeFile(join(published, 'tokenizer.json'), '{}');
+    assert.deepEqual(s.tokenizer, { ids: V });
     const text = await runCli(['import', published, '--shards', '3']);
-    await unlink(join(published, 'tokenizer.json'));
     assert.equal(text.code, 0, text.stderr);
     for (const line of [/model type\s+mixtral/, new RegExp(`layers\\s+${L}\\n`), new RegExp(`${E} per layer, k = 2 per token`),
       new RegExp(`\\(${denseParams + L * E * 3 * D * I}\\)`), /tensors BF16 \(converted to float32 for compute\)/,
-      new RegExp(`${shardFiles.length} weight file\\(s\\)`), /spread:2\/3 {2}\d+ experts/, /tokenizer.json\s+found/])
+      new RegExp(`${shardFiles.length} weight file\\(s\\)`), /spread:2\/3 {2}\d+ experts/, /tokenizer\s+byte vocabulary\n/])
       assert.match(text.stdout, line);
+    // A tokenizer.json the router would refuse at start is refused by import too.
+    await writeFile(join(published, 'tokenizer.json'), '{}');
+    const broken = await runCli(['import', published]);
+    await unlink(join(published, 'tokenizer.json'));
+    assert.equal(broken.code, 1, broken.stdout);
+    assert.match(broken.stderr, /cannot be served \(1 problem\):\n {2}- invalid .*tokenizer\.json: no "model" object/);
   });
 
   describe('broken folders are refused by import and by every service before it serves', () => {
@@ -445,7 +449,8 @@ describe('a bf16 checkpoint in the published layout', () => {
       const shape = /model\.layers\.0\.self_attn\.k_proj\.weight: expected \[16, 32\], found \[8, 32\]/;
       const missing = /1 missing tensor\(s\): model\.layers\.1\.block_sparse_moe\.experts\.3\.w2\.weight \[32, 64\]/;
       await refusedImport(dir, [shape, missing]);
-      // Shard 0 of 2 holds neither broken tensor, yet refuses the folder.
+      // Shard 0 of 2 holds neither broken tensor (the k_proj is dense; expert 3 of layer 1 is shard 1's), yet refuses the folder.
+      assert.ok(!spreadExperts(config.num_hidden_layers, config.num_local_experts, 2)[0].some((k) => k.layer === 1 && k.expert === 3));
       await refusedService(expertArgs(dir), shape);
       await refusedService(['up', '--model', dir, '--port', '0'], missing);
     });

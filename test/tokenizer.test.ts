@@ -45,6 +45,13 @@ async function variant(name: string, files: { tokenizer?: unknown; config?: unkn
   return dir;
 }
 
+/** The text of `generated` behind `promptIds`, all ids pushed at once. */
+function completionText(tok: TextTokenizer, promptIds: ArrayLike<number>, generated: ArrayLike<number>): string {
+  const completion = new CompletionText(tok, promptIds);
+  completion.push(...Array.from(generated));
+  return completion.text;
+}
+
 const fixtureJson = async (): Promise<Record<string, unknown>> => JSON.parse(await readFile(join(FIXTURE, 'tokenizer.json'), 'utf8')) as Record<string, unknown>;
 
 test('tokenizer.json encodes as its merges say, with BOS, and decodes back', async () => {
@@ -131,7 +138,7 @@ test('completion text keeps the space before its first word and settles characte
   const prompt = tok.encode('hello');
   // Decoded alone, the SentencePiece decoder would strip the space ("world"); behind the prompt it stays.
   assert.equal(tok.decode([ids['▁world']]), 'world');
-  assert.equal(new CompletionText(tok, prompt).text([ids['▁world']]), ' world');
+  assert.equal(completionText(tok, prompt, [ids['▁world']]), ' world');
   const pieces = (stream: CompletionStream, generated: number[]) => generated.map((id) => stream.push(id));
   const emoji = [0xf0, 0x9f, 0x98, 0x80].map(byteToken);
   const streamed = new CompletionStream(tok, prompt, []);
@@ -143,6 +150,32 @@ test('completion text keeps the space before its first word and settles characte
   const stopping = new CompletionStream(tok, prompt, ['d😀']);
   assert.deepEqual(pieces(stopping, [ids['▁world'], ...emoji]), [' wor', 'l', '', '', '']);
   assert.deepEqual([stopping.text, stopping.stopped, stopping.rest()], [' worl', true, '']);
+  // Two stops inside one token: the cut is at the one that comes first in the text, not in the list.
+  const twoStops = new CompletionStream(tok, prompt, ['d', 'w']);
+  assert.deepEqual(pieces(twoStops, [ids['▁world']]), [' ']);
+  assert.deepEqual([twoStops.text, twoStops.stopped, twoStops.rest()], [' ', true, '']);
+});
+
+test('streamed text equals the final text when clean-up rewrites earlier text, and each id decodes a bounded window', async () => {
+  const cleaning = await loadTokenizer(await variant('clean-up', { config: { bos_token: '<s>', eos_token: '</s>', clean_up_tokenization_spaces: true } }), fitting);
+  assert.equal(cleaning.rewritableChars, 4);
+  const decodedLengths: number[] = [];
+  const tok: TextTokenizer = { ...cleaning, decode: (decoded) => { decodedLengths.push(decoded.length); return cleaning.decode(decoded); } };
+  const prompt = tok.encode('hello');
+  const [comma, apostrophe, n, t] = [',', "'", 'n', 't'].map((c) => byteToken(c.charCodeAt(0)));
+  // " world , world n't world😀 ..." : clean-up removes the spaces before "," and "n't" once those arrive.
+  const phrase = [ids['▁world'], ids.space, comma, ids['▁world'], ids.space, n, apostrophe, t, ids['▁w'], ids.o, ...[0xf0, 0x9f, 0x98, 0x80].map(byteToken)];
+  const generated = Array.from({ length: 20 }, () => phrase).flat();
+  const stream = new CompletionStream(tok, prompt, []);
+  const pieces = generated.map((id) => stream.push(id));
+  pieces.push(stream.rest());
+  const whole = cleaning.decode([...prompt, ...generated]);
+  assert.ok(whole.startsWith('hello world, worldn\'t wo😀 world,'), whole);
+  assert.equal(stream.text, whole.slice('hello'.length));
+  assert.equal(pieces.join(''), stream.text, 'the streamed pieces add up to the final text');
+  assert.ok(pieces.filter(Boolean).length > 20, 'text is streamed as it settles, not all at the end');
+  // Per id, decoding is bounded by the unsettled ids and the look-behind, not by the completion so far.
+  assert.ok(Math.max(...decodedLengths) <= 16, `longest decode ${Math.max(...decodedLengths)} ids`);
 });
 
 test('the CLI and a router cluster serve a model with the tokenizer.json of its folder', async (t) => {
@@ -157,6 +190,9 @@ test('the CLI and a router cluster serve a model with the tokenizer.json of its 
   assert.equal(missing.code, 2, missing.stderr);
   assert.match(missing.stderr, /has no tokenizer\.json/);
   for (const file of ['tokenizer.json', 'tokenizer_config.json']) await cp(join(FIXTURE, file), join(checkpoint, file));
+  const imported = await runCli(['import', checkpoint]);
+  assert.equal(imported.code, 0, imported.stderr);
+  assert.match(imported.stdout, new RegExp(`tokenizer\\s+tokenizer\\.json \\(${FIXTURE_VOCAB} ids\\)\\n`));
 
   const tok: TextTokenizer = await loadTokenizer(checkpoint, config);
   const prompt = 'hello wé';
@@ -165,7 +201,7 @@ test('the CLI and a router cluster serve a model with the tokenizer.json of its 
   const local = await generate(model, promptIds, { maxTokens: 12, temperature: 0, topP: 1, seed: 0, stopIds: [...tok.stopIds] });
   assert.ok(local.ids.length > 0, 'the model generates something');
   assert.ok(local.ids.every((id) => id >= 0 && id < FIXTURE_VOCAB));
-  const expected = new CompletionText(tok, promptIds).text(local.ids);
+  const expected = completionText(tok, promptIds, local.ids);
   // With this seed the model emits mostly byte tokens, among them a character split over two of them.
   assert.match(expected, /[^\u0000-\u007f\uFFFD]/, 'a multi-byte character assembled from byte tokens');
 

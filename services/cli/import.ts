@@ -5,6 +5,7 @@ import { resolve } from 'node:path';
 import { examineCheckpoint, CheckpointError } from '../core/checkpoint/index.js';
 import { summarizeModel, type ByteSize, type ModelSummary } from '../core/checkpoint/summary.js';
 import { modelTensorShapes } from '../core/model/hf.js';
+import { loadTokenizer, TokenizerError } from '../core/tokenizer/index.js';
 
 export interface ImportFlags { shards: number; json?: boolean }
 
@@ -47,8 +48,7 @@ export function formatSummary(s: ModelSummary): string {
     `  dense part        ${both(s.dense)} (each router)`,
     `  expert shards     ${s.shards.length} (spread:i/${s.shards.length}):`,
     ...s.shards.map((sh) => `    spread:${sh.shard}/${s.shards.length}  ${sh.experts} experts, ${both(sh.bytes)}`),
-    // The OpenAI text API encodes prompts as bytes; a tokenizer model is served by token ids (Open Inference).
-    `  tokenizer.json    ${s.tokenizer ? 'found' : 'not found'} (not used: send token ids to /v2/models/{name}/infer)`,
+    `  tokenizer         ${s.tokenizer.file ? `${s.tokenizer.file} (${s.tokenizer.ids} ids)` : 'byte vocabulary'}`,
   ];
   return lines.join('\n') + '\n';
 }
@@ -61,9 +61,14 @@ export async function importCommand(dir: string, flags: ImportFlags): Promise<nu
   try {
     const found = await examineCheckpoint(target, { expectedTensors: modelTensorShapes });
     problems = found.problems;
-    if (!problems.length) summary = await summarizeModel({ config: found.config!, files: found.files, dir: found.dir, tensors: found.tensors }, flags.shards);
+    if (!problems.length) {
+      // Loaded as the router loads it before serving (/v1/completions encodes with it), so a folder
+      // whose tokenizer the router would refuse is refused here too.
+      const tokenizer = await loadTokenizer(found.dir, found.config!);
+      summary = await summarizeModel({ config: found.config!, files: found.files, dir: found.dir, tensors: found.tensors }, flags.shards, tokenizer);
+    }
   } catch (err) {
-    if (!(err instanceof CheckpointError)) throw err;
+    if (!(err instanceof CheckpointError || err instanceof TokenizerError)) throw err;
     problems = [err.message];
   }
   if (flags.json) {

@@ -139,7 +139,9 @@ async function generateCommand(flags: GenerateFlags): Promise<void> {
     const out = await generate(model, prompt, {
       maxTokens: flags.maxTokens, temperature: flags.temperature, topP: flags.topP, seed: flags.seed, stopIds: [...tokenizer.stopIds],
     });
-    process.stdout.write(flags.prompt + new CompletionText(tokenizer, prompt).text(out.ids) + '\n');
+    const completion = new CompletionText(tokenizer, prompt);
+    completion.push(...out.ids);
+    process.stdout.write(flags.prompt + completion.text + '\n');
   } finally {
     model.dispose();
   }
@@ -344,12 +346,13 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
   if (flags.experts.trim() === 'none' && !flags.coordinator) throw new ConfigError('--experts none needs --coordinator (the coordinator assigns the experts)');
   await startBackend('expert');
   const dir = resolve(flags.checkpoint);
-  const { config } = await inspectModel(dir);
+  const layout = await inspectModel(dir);
+  const { config } = layout;
   const family = familyOf(config);
   const keys = parseAssignment(flags.experts, family.moeLayers, family.experts);
   if (flags.train && (!flags.coordinator || !flags.shardId)) throw new ConfigError('serve expert --train: --coordinator and --shard-id are required');
   // A training shard loads its experts when the run (re)starts, from the checkpoint the coordinator names.
-  const experts = flags.train ? new ExpertSet(config.hidden_size, family.expertIntermediate) : await loadExpertSet(dir, keys);
+  const experts = flags.train ? new ExpertSet(config.hidden_size, family.expertIntermediate) : await loadExpertSet(layout, keys);
   const server = await startExpertServer(experts, flags.host, flags.port);
   // Peers dial the registered address, so a shard bound to 0.0.0.0 (a container) names its reachable one.
   const address = flags.advertise ?? `${flags.host}:${server.port}`;

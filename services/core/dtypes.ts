@@ -10,6 +10,9 @@ export type FloatDtype = 'F32' | 'BF16' | 'F16';
 export type ReadableDtype = FloatDtype | 'F64' | 'I32' | 'I64';
 
 export const BYTES_PER_ELEMENT: Record<ReadableDtype, number> = { F32: 4, BF16: 2, F16: 2, F64: 8, I32: 4, I64: 8 };
+export const READABLE_DTYPES = Object.keys(BYTES_PER_ELEMENT) as readonly ReadableDtype[];
+/** The readable dtypes that hold real numbers: what model weights may be stored as. */
+export const FLOAT_WEIGHT_DTYPES: readonly ReadableDtype[] = ['F32', 'BF16', 'F16', 'F64'];
 
 /** IEEE half → float. */
 export function f16ToF32(h: number): number {

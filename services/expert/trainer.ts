@@ -53,13 +53,13 @@ export async function runShardTraining(o: ShardTrainingOptions): Promise<void> {
     // Reload from the committed checkpoint: a restarted shard and a surviving one continue alike.
     const state = await readTrainerState(dir);
     if (state.step !== resumeStep) throw new ConfigError(`checkpoint ${dir} is at step ${state.step}, the coordinator resumes at ${resumeStep}`);
-    const { config } = await inspectModel(dir);
-    assertTrainable(config);
+    const layout = await inspectModel(dir);
+    assertTrainable(layout.config);
     // The coordinator's placement for this attempt (it changes only between attempts, at step boundaries).
     const keys = join.placement
       ? fromWirePlacement(join.placement).entries.filter((e) => e.shardIds.includes(o.memberId)).map((e) => ({ layer: e.layer, expert: e.expert }))
       : o.keys;
-    const experts = await loadExpertSet(dir, keys);
+    const experts = await loadExpertSet(layout, keys);
     optimizer?.dispose();
     const previous = o.shard.experts;
     o.shard.experts = experts;
@@ -79,7 +79,7 @@ export async function runShardTraining(o: ShardTrainingOptions): Promise<void> {
     gate.ready(resumeStep);
     o.log({ msg: 'training attempt', generation, resume_step: resumeStep, experts: keys.length, replicated: replicas.map((r) => expertKeyText(r.key)) });
     try {
-      await runSteps(o, t, generation, resumeStep, optimizer, replicas, primary, familyOf(config).names);
+      await runSteps(o, t, generation, resumeStep, optimizer, replicas, primary, familyOf(layout.config).names);
       o.log({ msg: 'training finished', step: t.steps });
       return;
     } catch (err) {

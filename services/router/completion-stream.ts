@@ -1,12 +1,15 @@
 // A completion's text as generated ids arrive: cut at the first stop sequence, and handed out in
-// settled pieces for streaming.
+// settled pieces for streaming. Each id costs work bounded by the tokens not yet settled and the longest
+// stop, not by the length of the completion: the text is decoded incrementally (CompletionText) and
+// only its new tail is searched for stops.
 import { CompletionText, type TextTokenizer } from '../core/tokenizer/index.js';
 
 export class CompletionStream {
-  private readonly ids: number[] = [];
   private readonly completion: CompletionText;
   /** Characters at the end that could still turn out to begin a stop sequence. */
   private readonly holdBack: number;
+  /** Length of the settled text when stops were last searched: no stop starts before it less holdBack. */
+  private searchedSettled = 0;
   private emitted = '';
   /** The text so far, cut before the first stop sequence. */
   text = '';
@@ -20,23 +23,25 @@ export class CompletionStream {
 
   /** Adds a generated id; returns the newly settled text not handed out yet ('' when none). */
   push(id: number): string {
-    this.ids.push(id);
-    const whole = this.completion.text(this.ids);
+    this.completion.push(id);
+    const whole = this.completion.text;
     this.text = whole;
-    for (const s of this.stops) {
-      const at = whole.indexOf(s);
-      if (at >= 0) {
-        this.text = whole.slice(0, at);
-        this.stopped = true;
-        break;
-      }
+    // A stop starting before `from` would lie wholly inside settled text that an earlier push searched.
+    const from = Math.max(0, this.searchedSettled - this.holdBack);
+    this.searchedSettled = this.completion.settled.length;
+    // Cut at the earliest match in the text, whichever stop it is (one id can bring in several).
+    const cut = Math.min(...this.stops.map((s) => whole.indexOf(s, from)).filter((at) => at >= 0));
+    if (cut !== Infinity) {
+      this.text = whole.slice(0, cut);
+      this.stopped = true;
+      return this.rest();
     }
-    // Settled text only: nothing that ends inside a character still missing bytes (U+FFFD), and never
-    // the last characters that could still begin a stop sequence.
-    const settled = this.stopped ? this.text : this.text.slice(0, Math.max(0, this.text.length - this.holdBack));
-    if (settled.length <= this.emitted.length || settled.endsWith('\uFFFD')) return '';
-    const piece = settled.slice(this.emitted.length);
-    this.emitted = settled;
+    // Only settled text (no later id can change it), and never the last characters that could still begin
+    // a stop sequence.
+    const ready = Math.min(this.completion.settled.length, whole.length - this.holdBack);
+    if (ready <= this.emitted.length) return '';
+    const piece = whole.slice(this.emitted.length, ready);
+    this.emitted += piece;
     return piece;
   }
 

@@ -6,6 +6,7 @@ import { constants as fsConstants } from 'node:fs';
 import { mkdir, open, readFile, readdir, rename, rm, stat, unlink } from 'node:fs/promises';
 import { basename, dirname, join, resolve } from 'node:path';
 import { ConfigError, parseModelConfig, type ModelConfig } from '../config.js';
+import { BYTES_PER_ELEMENT, FLOAT_WEIGHT_DTYPES } from '../dtypes.js';
 import {
   CheckpointError, readSafetensors, readSafetensorsHeader, writeSafetensors,
   type Tensor, type TensorInfo, type WriteDtype,
@@ -102,7 +103,6 @@ export interface SaveOptions {
 
 /** Hugging Face's torch_dtype for each dtype the writer stores. */
 export const TORCH_DTYPE_OF: Record<WriteDtype, ModelConfig['torch_dtype']> = { F32: 'float32', BF16: 'bfloat16', F16: 'float16' };
-const BYTES_OF: Record<WriteDtype, number> = { F32: 4, BF16: 2, F16: 2 };
 
 export interface SaveResult {
   dir: string;
@@ -145,7 +145,7 @@ function checkExtraName(name: string): void {
 async function writeFolderContents(tmp: string, opts: SaveOptions): Promise<string[]> {
   const files: string[] = [];
   const dtype = opts.dtype ?? 'F32';
-  const width = BYTES_OF[dtype];
+  const width = BYTES_PER_ELEMENT[dtype];
   // An explicit dtype restates torch_dtype; without one the config is written as given (training
   // resumes compare configs, and the loader goes by each tensor's header dtype anyway).
   const config = opts.dtype ? { ...opts.config, torch_dtype: TORCH_DTYPE_OF[opts.dtype] } : opts.config;
@@ -379,8 +379,6 @@ export interface CheckpointExamination {
   configError?: Error;
 }
 
-/** safetensors dtypes decoded to float32 for compute (weights in other dtypes are refused). */
-const FLOAT_DTYPES = new Set(['F32', 'BF16', 'F16', 'F64']);
 
 /**
  * Checks a checkpoint folder from its config and safetensors headers only (no tensor data is read):
@@ -466,11 +464,11 @@ export async function examineCheckpoint(dir: string, opts: Pick<LoadOptions, 'ex
       .filter(([n, s]) => tensors.has(n) && !sameShape(tensors.get(n)!.info.shape, s))
       .map(([n, s]) => `${n}: expected ${shapeText(s)}, found ${shapeText(tensors.get(n)!.info.shape)}`);
     const unexpected = [...tensors.keys()].filter((n) => !expectedTensors.has(n)).map((n) => `${n} ${shapeText(tensors.get(n)!.info.shape)}`);
-    const badDtype = [...tensors].filter(([n, t]) => expectedTensors.has(n) && !FLOAT_DTYPES.has(t.info.dtype)).map(([n, t]) => `${n}: ${t.info.dtype}`);
+    const badDtype = [...tensors].filter(([n, t]) => expectedTensors.has(n) && !(FLOAT_WEIGHT_DTYPES as readonly string[]).includes(t.info.dtype)).map(([n, t]) => `${n}: ${t.info.dtype}`);
     if (missing.length) found.push(`${missing.length} missing tensor(s): ${missing.join('; ')}`);
     if (misshaped.length) found.push(`${misshaped.length} tensor(s) with the wrong shape: ${misshaped.join('; ')}`);
     if (unexpected.length) found.push(`${unexpected.length} unexpected tensor(s): ${unexpected.join('; ')}`);
-    if (badDtype.length) found.push(`${badDtype.length} tensor(s) in an unsupported dtype (supported: ${[...FLOAT_DTYPES].join(', ')}): ${badDtype.join('; ')}`);
+    if (badDtype.length) found.push(`${badDtype.length} tensor(s) in an unsupported dtype (supported: ${FLOAT_WEIGHT_DTYPES.join(', ')}): ${badDtype.join('; ')}`);
     for (const f of found) problems.push(`checkpoint ${folder} does not match the expected tensors: ${f}`);
   }
   return { dir: folder, files, config, tensors, problems, configError };

@@ -1,9 +1,9 @@
 // A model checkpoint in Hugging Face layout, plus (for training) the optimizer moments and the trainer's
 // state in the same atomically written folder, so a resumed run continues bit for bit.
-import { inspectCheckpoint, loadCheckpoint, saveCheckpoint, serializeSafetensors, type CheckpointLayout, type WriteDtype } from './index.js';
+import { inspectCheckpoint, loadCheckpoint, readTensorsFrom, saveCheckpoint, serializeSafetensors, type CheckpointLayout, type Tensor, type WriteDtype } from './index.js';
 import { loadOptimizerMoments } from './cluster.js';
 import { modelTensorShapes } from '../model/hf.js';
-import { familyOf } from '../model/family.js';
+import { familyOf, SWIGLU_PARTS } from '../model/family.js';
 import { MixtralModel } from '../model/model.js';
 import { ExpertSet, type ExpertTransport } from '../model/experts.js';
 import { join } from 'node:path';
@@ -50,32 +50,40 @@ export async function loadModel(dir: string): Promise<MixtralModel> {
   return MixtralModel.fromHf(config, tensors);
 }
 
+/** A checked layout: the caller's inspection of the folder, or a new one when given a path. */
+async function layoutOf(source: string | CheckpointLayout): Promise<CheckpointLayout> {
+  return typeof source === 'string' ? inspectModel(source) : source;
+}
+
+/** Reads the named tensors' data, by the layout's file for each (each file's header is parsed once more to read). */
+function readTensors(layout: CheckpointLayout, names: string[]): Promise<Map<string, Tensor>> {
+  return readTensorsFrom(layout.dir, names, (n) => layout.tensors.get(n)!.file);
+}
+
 /**
  * The experts one shard holds, reading only their byte ranges (a shard's memory is proportional to
- * its experts). Missing or misshaped expert tensors are listed all at once.
+ * its experts). `source`: the folder, or its inspectModel layout when the caller already has one (the
+ * headers are then not read again).
  */
-export async function loadExpertSet(dir: string, keys: Array<{ layer: number; expert: number }>): Promise<ExpertSet> {
-  // The names depend on the family, so the config comes first (a header read only).
-  const { config: header } = await loadCheckpoint(dir, { only: () => false });
-  const family = familyOf(header);
-  const wanted = new Set(keys.map((k) => family.names.expertPrefix(k.layer, k.expert)));
-  const only = (name: string) => family.names.isExpertTensor(name) && [...wanted].some((prefix) => name.startsWith(prefix));
-  const { config, tensors } = await loadCheckpoint(dir, { expectedTensors: modelTensorShapes, only });
-  const experts = new ExpertSet(config.hidden_size, family.expertIntermediate);
-  for (const { layer, expert } of keys) {
-    if (!family.isMoe(layer) || expert >= family.experts)
-      throw new RangeError(`expert (layer ${layer}, expert ${expert}) does not exist in ${dir} (MoE layers ${family.moeLayers.join(', ')} × ${family.experts} experts)`);
-    experts.addFromHf(tensors, layer, expert, family.names);
-  }
+export async function loadExpertSet(source: string | CheckpointLayout, keys: Array<{ layer: number; expert: number }>): Promise<ExpertSet> {
+  const layout = await layoutOf(source);
+  const family = familyOf(layout.config);
+  for (const { layer, expert } of keys)
+    if (!family.isMoe(layer) || expert < 0 || expert >= family.experts)
+      throw new RangeError(`expert (layer ${layer}, expert ${expert}) does not exist in ${layout.dir} (MoE layers ${family.moeLayers.join(', ')} × ${family.experts} experts)`);
+  const names = keys.flatMap(({ layer, expert }) => SWIGLU_PARTS.map((part) => family.names.expert(layer, expert, part)));
+  const tensors = await readTensors(layout, names);
+  const experts = new ExpertSet(layout.config.hidden_size, family.expertIntermediate);
+  for (const { layer, expert } of keys) experts.addFromHf(tensors, layer, expert, family.names);
   return experts;
 }
 
 /** The router's part of a checkpoint (everything but the experts), reaching experts through `transport`. */
-export async function loadDenseModel(dir: string, transport: ExpertTransport): Promise<MixtralModel> {
-  const { config: header } = await loadCheckpoint(dir, { only: () => false });
-  const { isExpertTensor } = familyOf(header).names;
-  const { config, tensors } = await loadCheckpoint(dir, { expectedTensors: modelTensorShapes, only: (name) => !isExpertTensor(name) });
-  const model = new MixtralModel(config, transport);
+export async function loadDenseModel(source: string | CheckpointLayout, transport: ExpertTransport): Promise<MixtralModel> {
+  const layout = await layoutOf(source);
+  const { isExpertTensor } = familyOf(layout.config).names;
+  const tensors = await readTensors(layout, [...layout.tensors.keys()].filter((name) => !isExpertTensor(name)));
+  const model = new MixtralModel(layout.config, transport);
   model.loadDense(tensors);
   return model;
 }

@@ -4,7 +4,7 @@
 // offsets relative to the start of the data section. Reading validates everything and reads only the
 // byte ranges of the selected tensors, so a shard can load its experts from a large file.
 import { open, type FileHandle } from 'node:fs/promises';
-import { decodeFloats, encodeFloats, type ReadableDtype } from '../dtypes.js';
+import { decodeFloats, encodeFloats, READABLE_DTYPES, type FloatDtype, type ReadableDtype } from '../dtypes.js';
 
 /** Re-exported for callers that convert single values. */
 export { f16ToF32, f32ToBf16 } from '../dtypes.js';
@@ -39,9 +39,8 @@ const DTYPE_BYTES: Record<string, number> = {
   U32: 4, I32: 4, F32: 4,
   U64: 8, I64: 8, F64: 8,
 };
-/** Dtypes this reader converts to Float32Array. */
-export const READABLE_DTYPES = ['F32', 'F16', 'BF16', 'F64', 'I32', 'I64'] as const;
-export type WriteDtype = 'F32' | 'BF16' | 'F16';
+/** Dtypes a checkpoint is written in. */
+export type WriteDtype = FloatDtype;
 
 const MAX_HEADER_BYTES = 100_000_000; // same guard as the reference implementation
 

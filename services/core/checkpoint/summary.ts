@@ -3,11 +3,12 @@
 import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { attentionWindow, headDim } from '../config.js';
-import { familyOf } from '../model/family.js';
+import { familyOf, SWIGLU_PARTS } from '../model/family.js';
 import { spreadExperts } from '../placement.js';
 import type { CheckpointLayout } from './index.js';
 import { numElements } from './safetensors.js';
 import { TOKENIZER_FILE } from '../tokenizer/hf.js';
+import type { TextTokenizer } from '../tokenizer/types.js';
 
 
 /** Stored bytes and the float32 bytes they become in memory (every dtype is converted for compute). */
@@ -42,51 +43,54 @@ export interface ModelSummary {
   dense: ByteSize;
   /** Expert bytes per shard when the experts are spread over `shards.length` shards as `spread:i/N`. */
   shards: ShardFootprint[];
-  tokenizer: boolean;
+  /** The tokenizer completions use: the folder's tokenizer.json (file set) or the byte vocabulary. */
+  tokenizer: { file?: string; ids: number };
 }
 
 const size = (elements: number, bytes: number): ByteSize => ({ stored: bytes, float32: elements * 4 });
 
-/** Summarises a checked layout (inspectModel); `shardCount` shards as `spread:i/N` places experts. */
-export async function summarizeModel(layout: CheckpointLayout, shardCount: number): Promise<ModelSummary> {
+/** Summarises a checked layout (inspectModel) and its loaded tokenizer; `shardCount` shards as `spread:i/N` places experts. */
+export async function summarizeModel(layout: CheckpointLayout, shardCount: number, tokenizer: TextTokenizer): Promise<ModelSummary> {
   const c = layout.config;
   const family = familyOf(c);
-  const expertPrefix = family.names.expertPrefix;
-  const perExpert = new Map<string, { elements: number; bytes: number }>();
-  let denseElements = 0;
-  let denseBytes = 0;
   let total = 0;
+  let totalBytes = 0;
   const dtypes = new Set<string>();
-  for (const [name, { info }] of layout.tensors) {
-    const elements = numElements(info.shape);
-    const bytes = info.end - info.begin;
-    total += elements;
+  for (const { info } of layout.tensors.values()) {
+    total += numElements(info.shape);
+    totalBytes += info.end - info.begin;
     dtypes.add(info.dtype);
-    if (!family.names.isExpertTensor(name)) {
-      denseElements += elements;
-      denseBytes += bytes;
-      continue;
-    }
-    // `<prefix>.<matrix>.weight`: the expert's prefix is the name without its last two parts.
-    const key = name.split('.').slice(0, -2).join('.') + '.';
-    const sum = perExpert.get(key) ?? { elements: 0, bytes: 0 };
-    sum.elements += elements;
-    sum.bytes += bytes;
-    perExpert.set(key, sum);
   }
-  const shards = spreadExperts(family.moeLayers, family.experts, shardCount).map((keys, shard) => {
+  /** Elements and stored bytes of routed expert e of MoE layer l, from the family's tensor names. */
+  const expertSize = (l: number, e: number) => {
+    let elements = 0;
+    let bytes = 0;
+    for (const part of SWIGLU_PARTS) {
+      const { info } = layout.tensors.get(family.names.expert(l, e, part))!;
+      elements += numElements(info.shape);
+      bytes += info.end - info.begin;
+    }
+    return { elements, bytes };
+  };
+  const spread = spreadExperts(family.moeLayers, family.experts, shardCount);
+  let expertElements = 0;
+  let expertBytes = 0;
+  const shards = spread.map((keys, shard) => {
     let elements = 0;
     let bytes = 0;
     for (const { layer, expert } of keys) {
-      const e = perExpert.get(expertPrefix(layer, expert));
-      elements += e?.elements ?? 0;
-      bytes += e?.bytes ?? 0;
+      const e = expertSize(layer, expert);
+      elements += e.elements;
+      bytes += e.bytes;
     }
+    expertElements += elements;
+    expertBytes += bytes;
     return { shard, experts: keys.length, bytes: size(elements, bytes) };
   });
+  const denseElements = total - expertElements;
+  const denseBytes = totalBytes - expertBytes;
   const weightFiles = [...new Set([...layout.tensors.values()].map((t) => t.file))].sort();
   const files = await Promise.all([...weightFiles].map(async (name) => ({ name, bytes: (await stat(join(layout.dir, name))).size })));
-  const expertElements = [...perExpert.values()].reduce((s, e) => s + e.elements, 0);
   return {
     dir: layout.dir,
     modelType: c.model_type,
@@ -105,6 +109,7 @@ export async function summarizeModel(layout: CheckpointLayout, shardCount: numbe
     files,
     dense: size(denseElements, denseBytes),
     shards,
-    tokenizer: layout.files.includes(TOKENIZER_FILE),
+    // loadTokenizer reads tokenizer.json whenever the folder has one.
+    tokenizer: { ...(layout.files.includes(TOKENIZER_FILE) ? { file: TOKENIZER_FILE } : {}), ids: tokenizer.vocabSize },
   };
 }

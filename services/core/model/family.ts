@@ -6,6 +6,7 @@ import { ConfigError, type DeepseekConfig, type MixtralConfig, type ModelConfig 
 
 /** A SwiGLU matrix in Mixtral terms: w1 = gate_proj, w3 = up_proj, w2 = down_proj. */
 export type SwigluPart = 'w1' | 'w2' | 'w3';
+export const SWIGLU_PARTS: readonly SwigluPart[] = ['w1', 'w2', 'w3'];
 
 export interface FamilyNames {
   /** Router weight [experts, hidden] of MoE layer l. */

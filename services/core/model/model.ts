@@ -8,7 +8,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { attentionWindow, headDim, type ModelConfig } from '../config.js';
 import { Rng } from '../data/random.js';
 import { updateBalanceBias } from '../gating/index.js';
-import { attentionBackward, attentionForward, type AttentionCache, type KvCache } from './attention.js';
+import { attentionBackward, attentionForward, stepMask, type AttentionCache, type KvCache } from './attention.js';
 import { expertForward, type ExpertWeights } from './expert.js';
 import { ExpertSet, InProcessTransport, type ExpertTransport } from './experts.js';
 import { assertTrainable, familyOf, type ModelFamily } from './family.js';
@@ -302,41 +302,47 @@ export class MixtralModel {
     let x = this.embed(allIds);
     const newKv: KvCache[][] = items.map(() => []);
     const degraded: Array<Set<string> | undefined> = items.map(() => undefined);
-    for (let l = 0; l < c.num_hidden_layers; l++) {
-      const n1 = rmsNormForward(x, this.dense.get(denseNames.attnNorm(l)), eps);
-      const w = { wqkv: this.dense.get<tf.Rank.R2>(denseNames.wqkv(l)), wo: this.dense.get<tf.Rank.R2>(denseNames.wo(l)) };
-      const parts = items.map((it, i) => {
-        const h = tf.slice(n1.y, [offsets[i], 0], [it.ids.length, c.hidden_size]);
-        const a = attentionForward(h, w, this.attentionShape(1, it.ids.length, it.past), this.rope, it.kv?.[l], false);
-        h.dispose();
-        newKv[i].push(a.kv);
-        return a.y;
-      });
-      const attn = parts.length === 1 ? parts[0] : (tf.concat(parts, 0) as T2);
-      if (parts.length > 1) disposeAll(parts);
-      disposeAll([n1.y, n1.cache]);
-      const x1 = tf.add(x, attn) as T2;
-      disposeAll([x, attn]);
-      const n2 = rmsNormForward(x1, this.dense.get(denseNames.moeNorm(l)), eps);
-      const ffn = await this.feedForward(l, n2.y, {
-        passId: `${passId}/L${l}`, train: false, groupTokens: 0, selectionBias: this.balanceBias?.[l], requestIds: opt.requestIds, deadline: opt.deadline,
-      }).catch((err: unknown) => {
-        // Free this step's tensors and the caches it extended: the caller only keeps the ones it passed in.
-        disposeAll([x1, n2, newKv]);
-        throw err;
-      });
-      disposeAll([n2.y, n2.cache]);
-      const moeStats = ffn.stats;
-      if (moeStats) this.onRouting?.(l, moeStats);
-      const flagged = moeStats?.degradedTokens;
-      if (flagged)
-        items.forEach((it, i) => {
-          if (!flagged.subarray(offsets[i], offsets[i] + it.ids.length).some((f) => f === 1)) return;
-          degraded[i] ??= new Set();
-          for (const r of moeStats!.degradedReasons ?? []) degraded[i]!.add(r);
+    // A sequence's mask depends on its length only: built once per step, not once per layer.
+    const masks = items.map((it) => (it.past > 0 ? stepMask(this.attentionShape(1, it.ids.length, it.past)) : undefined));
+    try {
+      for (let l = 0; l < c.num_hidden_layers; l++) {
+        const n1 = rmsNormForward(x, this.dense.get(denseNames.attnNorm(l)), eps);
+        const w = { wqkv: this.dense.get<tf.Rank.R2>(denseNames.wqkv(l)), wo: this.dense.get<tf.Rank.R2>(denseNames.wo(l)) };
+        const parts = items.map((it, i) => {
+          const h = tf.slice(n1.y, [offsets[i], 0], [it.ids.length, c.hidden_size]);
+          const a = attentionForward(h, w, this.attentionShape(1, it.ids.length, it.past), this.rope, it.kv?.[l], false, masks[i]);
+          h.dispose();
+          newKv[i].push(a.kv);
+          return a.y;
         });
-      x = tf.add(x1, ffn.y) as T2;
-      disposeAll([x1, ffn.y]);
+        const attn = parts.length === 1 ? parts[0] : (tf.concat(parts, 0) as T2);
+        if (parts.length > 1) disposeAll(parts);
+        disposeAll([n1.y, n1.cache]);
+        const x1 = tf.add(x, attn) as T2;
+        disposeAll([x, attn]);
+        const n2 = rmsNormForward(x1, this.dense.get(denseNames.moeNorm(l)), eps);
+        const ffn = await this.feedForward(l, n2.y, {
+          passId: `${passId}/L${l}`, train: false, groupTokens: 0, selectionBias: this.balanceBias?.[l], requestIds: opt.requestIds, deadline: opt.deadline,
+        }).catch((err: unknown) => {
+          // Free this step's tensors and the caches it extended: the caller only keeps the ones it passed in.
+          disposeAll([x1, n2, newKv]);
+          throw err;
+        });
+        disposeAll([n2.y, n2.cache]);
+        const moeStats = ffn.stats;
+        if (moeStats) this.onRouting?.(l, moeStats);
+        const flagged = moeStats?.degradedTokens;
+        if (flagged)
+          items.forEach((it, i) => {
+            if (!flagged.subarray(offsets[i], offsets[i] + it.ids.length).some((f) => f === 1)) return;
+            degraded[i] ??= new Set();
+            for (const r of moeStats!.degradedReasons ?? []) degraded[i]!.add(r);
+          });
+        x = tf.add(x1, ffn.y) as T2;
+        disposeAll([x1, ffn.y]);
+      }
+    } finally {
+      disposeAll(masks);
     }
     const lastRows = items.map((it, i) => offsets[i] + it.ids.length - 1);
     const logits = tf.tidy(() => {

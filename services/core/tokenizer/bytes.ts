@@ -14,5 +14,6 @@ export function byteTokenizer(config?: Pick<ModelConfig, 'eos_token_id'>): TextT
     // No BOS: the models trained here learn from raw byte windows that never contain it.
     encode: encodeText,
     decode: decodeIds,
+    rewritableChars: 0,
   };
 }

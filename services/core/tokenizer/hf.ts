@@ -104,5 +104,7 @@ export async function loadHfTokenizer(dir: string, config: Pick<ModelConfig, 'vo
       if (known.length === 0) return '';
       return tokenizer.decode(known, { skip_special_tokens: true, clean_up_tokenization_spaces: cleanUp });
     },
+    // The longest clean-up pattern is " n't": a space up to 4 characters from the end can still go.
+    rewritableChars: cleanUp ? 4 : 0,
   };
 }

@@ -13,6 +13,11 @@ export interface TextTokenizer {
   encode(text: string): Int32Array;
   /** Ids to text, special tokens skipped; unknown ids are dropped. */
   decode(ids: ArrayLike<number>): string;
+  /**
+   * How many characters at the end of a decoded text the ids after it can still rewrite (0: decoding more
+   * ids only appends). clean_up_tokenization_spaces turns " n" + "'t" into "n't": 4.
+   */
+  readonly rewritableChars: number;
 }
 
 /** A tokenizer file that is missing, unreadable or does not fit the model. */
