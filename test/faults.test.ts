@@ -3,8 +3,7 @@
 // SIGTERM under load, and the security options.
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
-import { execFileSync } from 'node:child_process';
-import { mkdtemp, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { initBackend } from '../services/core/backend.js';
@@ -13,6 +12,7 @@ import { MixtralModel } from '../services/core/model/model.js';
 import { saveModel } from '../services/core/checkpoint/model.js';
 import { assignmentSpec, spreadExperts } from '../services/core/placement.js';
 import { complete, hammer, startCluster, type Outcome, type TestCluster } from './support/cluster.js';
+import { makeTlsEnv } from './support/pki.js';
 import { startService } from './support/services.js';
 
 await initBackend();
@@ -184,14 +184,7 @@ test('SIGTERM under load: in-flight requests complete, then the router and a rep
 
 test('bearer token on the HTTP API; mTLS between services (plaintext peers are refused)', async () => {
   // A CA and one certificate for every service (the local cluster's processes share it).
-  const pki = join(root, 'pki');
-  execFileSync('mkdir', ['-p', pki]);
-  const ssl = (...args: string[]) => execFileSync('openssl', args, { cwd: pki, stdio: 'pipe' });
-  ssl('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'ca.key', '-out', 'ca.pem', '-days', '2', '-subj', '/CN=switchyard-test-ca');
-  ssl('req', '-newkey', 'rsa:2048', '-nodes', '-keyout', 'svc.key', '-out', 'svc.csr', '-subj', '/CN=localhost');
-  await writeFile(join(pki, 'ext.cnf'), 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n');
-  ssl('x509', '-req', '-in', 'svc.csr', '-CA', 'ca.pem', '-CAkey', 'ca.key', '-CAcreateserial', '-out', 'svc.pem', '-days', '2', '-extfile', 'ext.cnf');
-  const tls = { SWITCHYARD_TLS_CERT: join(pki, 'svc.pem'), SWITCHYARD_TLS_KEY: join(pki, 'svc.key'), SWITCHYARD_TLS_CA: join(pki, 'ca.pem'), SWITCHYARD_API_TOKEN: 's3cret-token' };
+  const tls = { ...makeTlsEnv(join(root, 'pki')), SWITCHYARD_API_TOKEN: 's3cret-token' };
   await withCluster(spread, [[]], async (c) => {
     const base = c.routers[0].base;
     const denied = await complete(base, body);
