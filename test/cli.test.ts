@@ -3,10 +3,14 @@ import assert from 'node:assert/strict';
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
+import { createInterface } from 'node:readline';
 import { BENCH_SUITES } from '../services/bench/index.js';
 import { peerPython } from '../services/bench/peer.js';
+import { EXIT_WITH_PARENT_ENV } from '../services/cli/supervisor.js';
 import { runCli } from './support/cli.js';
+import { repoRoot } from './support/paths.js';
+import { until } from './support/until.js';
 
 const root = await mkdtemp(join(tmpdir(), 'switchyard-cli-'));
 after(() => rm(root, { recursive: true, force: true }));
@@ -96,6 +100,26 @@ test('SWITCHYARD_WASM_THREADS runs wasm multi-threaded with the same numbers as 
   const bad = await runCli(['train', '--config', 'tiny', '--steps', '1', '--out', join(root, 'threads-bad')], { SWITCHYARD_WASM_THREADS: 'many' });
   assert.notEqual(bad.code, 0);
   assert.match(bad.stderr, /SWITCHYARD_WASM_THREADS='many' must be a positive integer/);
+});
+
+test('a training run the bench starts stops by itself when the bench is killed outright', async () => {
+  // A stand-in for the bench: starts `train` as the training suite does (exit-with-parent), then gets SIGKILL.
+  const bench = spawn(process.execPath, ['-e', `
+    const child = require('node:child_process').spawn(process.execPath, ${JSON.stringify([join(repoRoot, 'dist', 'services', 'cli', 'main.js'), 'train', '--config', 'tiny', '--steps', '1000000', '--single-process', '--out', join(root, 'orphan')])},
+      { stdio: ['ignore', 'ignore', 'inherit'], env: { ...process.env, ${EXIT_WITH_PARENT_ENV}: '1' } });
+    console.log(child.pid);
+    setInterval(() => {}, 1000);`], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const lines = createInterface({ input: bench.stdout! });
+  const train = Number(await new Promise<string>((resolve) => lines.once('line', resolve)));
+  const alive = () => { try { process.kill(train, 0); return true; } catch { return false; } };
+  try {
+    // Once the backend is announced, train watches its parent.
+    await new Promise<void>((resolve) => createInterface({ input: bench.stderr! }).on('line', (line) => { if (/compute backend/.test(line)) resolve(); }));
+    bench.kill('SIGKILL');
+    await until('the orphaned training run to stop', async () => (alive() ? undefined : true), 30_000, 100);
+  } finally {
+    if (alive()) process.kill(train, 'SIGKILL');
+  }
 });
 
 test('bench --quick runs every suite and reports each target as a ratio', async () => {
