@@ -2,34 +2,26 @@
 // all-reduce), against the ceiling of the same bytes echoed over a raw grpc-js bidirectional stream to
 // a process of the same kind, both with the same chunk size and both members at once. Target ≥ 0.5x.
 import * as grpc from '@grpc/grpc-js';
-import { spawn, type ChildProcess } from 'node:child_process';
-import { createInterface } from 'node:readline';
-import { fileURLToPath } from 'node:url';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { Supervisor } from '../cli/supervisor.js';
 import { CHANNEL_OPTIONS } from '../core/wire/protos.js';
 import { TrainLink } from '../core/wire/train-link.js';
 import { grpcEcho, RawEchoClient, startEchoProcess } from './echo-server.js';
 import { median, report, type BenchRow } from './report.js';
 
-const CLI = fileURLToPath(new URL('../cli/main.js', import.meta.url));
-
-function listening(child: ChildProcess): Promise<string> {
-  return new Promise((resolve, reject) => {
-    createInterface({ input: child.stdout! }).on('line', (line) => {
-      const m = line.match(/listening on (\S+)/);
-      if (m) resolve(m[1]);
-    });
-    child.once('exit', (code) => reject(new Error(`coordinator exited (code ${code})`)));
-  });
-}
-
 export async function allreduceSuite(quick: boolean): Promise<void> {
-  const coordinator = spawn(process.execPath, [CLI, 'serve', 'coordinator', '--port', '0'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  // Supervised, so the coordinator exits with the bench even when the bench is killed.
+  const logDir = await mkdtemp(join(tmpdir(), 'switchyard-bench-allreduce-'));
+  const supervisor = new Supervisor(logDir, (line) => process.stderr.write(line + '\n'));
+  const coordinator = supervisor.start({ name: 'coordinator', args: ['serve', 'coordinator', '--port', '0'], ready: /listening on (\S+)/, restart: false });
   const echoServer = startEchoProcess();
   const rows: BenchRow[] = [];
   const links: TrainLink[] = [];
   const echoClients: grpc.Client[] = [];
   try {
-    const [coordinatorAddress, echo] = await Promise.all([listening(coordinator), echoServer]);
+    const [[, coordinatorAddress], echo] = await Promise.all([coordinator, echoServer]);
     const echoAddress = echo.grpc;
     links.push(new TrainLink(coordinatorAddress, 'bench-a'), new TrainLink(coordinatorAddress, 'bench-b'));
     echoClients.push(new RawEchoClient(echoAddress, grpc.credentials.createInsecure(), CHANNEL_OPTIONS), new RawEchoClient(echoAddress, grpc.credentials.createInsecure(), CHANNEL_OPTIONS));
@@ -69,7 +61,8 @@ export async function allreduceSuite(quick: boolean): Promise<void> {
   } finally {
     for (const l of links) l.close();
     for (const c of echoClients) c.close();
-    coordinator.kill('SIGTERM');
     void echoServer.then((e) => e.stop(), () => undefined);
+    await supervisor.stop();
+    await rm(logDir, { recursive: true, force: true });
   }
 }

@@ -5,6 +5,7 @@ import * as grpc from '@grpc/grpc-js';
 import { fork } from 'node:child_process';
 import { createConnection, createServer } from 'node:net';
 import { createInterface } from 'node:readline';
+import type { Writable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { CHANNEL_OPTIONS } from '../core/wire/protos.js';
 
@@ -33,11 +34,30 @@ export function startEchoProcess(): Promise<{ grpc: string; tcp: string; stop: (
   });
 }
 
+/** Writes `chunks` copies of `payload`, waiting for 'drain' when asked; stops once the stream errors or closes. */
+function writeChunks(stream: Writable, payload: Buffer, chunks: number): void {
+  let stopped = false;
+  const stop = () => { stopped = true; };
+  stream.once('error', stop);
+  stream.once('close', stop);
+  void (async () => {
+    for (let c = 0; c < chunks && !stopped; c++) {
+      if (stream.write(payload)) continue;
+      await new Promise<void>((resolve) => {
+        const wake = () => {
+          for (const event of ['drain', 'error', 'close']) stream.off(event, wake);
+          resolve();
+        };
+        for (const event of ['drain', 'error', 'close']) stream.on(event, wake);
+      });
+    }
+  })();
+}
+
 /** Echoes `bytes` over a raw gRPC stream in `chunkBytes` pieces, pipelined; resolves when all came back. */
 export function grpcEcho(client: grpc.Client, bytes: number, chunkBytes: number): Promise<void> {
   const call = (client as unknown as { Echo(): grpc.ClientDuplexStream<Buffer, Buffer> }).Echo();
   const chunks = Math.ceil(bytes / chunkBytes);
-  const payload = Buffer.alloc(chunkBytes, 7);
   return new Promise((resolve, reject) => {
     let received = 0;
     call.on('data', () => {
@@ -47,21 +67,17 @@ export function grpcEcho(client: grpc.Client, bytes: number, chunkBytes: number)
       }
     });
     call.on('error', reject);
-    void (async () => {
-      for (let c = 0; c < chunks; c++) if (!call.write(payload)) await new Promise<void>((r) => call.once('drain', () => r()));
-    })();
+    call.on('end', () => reject(new Error(`echo stream ended after ${received} of ${chunks} chunks`))); // a no-op once resolved
+    writeChunks(call, Buffer.alloc(chunkBytes, 7), chunks);
   });
 }
 
 /** The same over a plain TCP connection. */
 export function tcpEcho(address: string, bytes: number, chunkBytes: number): Promise<void> {
   const [host, port] = [address.slice(0, address.lastIndexOf(':')), Number(address.slice(address.lastIndexOf(':') + 1))];
-  const payload = Buffer.alloc(chunkBytes, 7);
   const chunks = Math.ceil(bytes / chunkBytes);
   return new Promise((resolve, reject) => {
-    const socket = createConnection({ host, port }, async () => {
-      for (let c = 0; c < chunks; c++) if (!socket.write(payload)) await new Promise<void>((r) => socket.once('drain', () => r()));
-    });
+    const socket = createConnection({ host, port }, () => writeChunks(socket, Buffer.alloc(chunkBytes, 7), chunks));
     let received = 0;
     socket.on('data', (d: Buffer) => {
       received += d.length;
@@ -71,6 +87,7 @@ export function tcpEcho(address: string, bytes: number, chunkBytes: number): Pro
       }
     });
     socket.on('error', reject);
+    socket.on('close', () => reject(new Error(`echo connection closed after ${received} of ${chunks * chunkBytes} bytes`))); // a no-op once resolved
   });
 }
 

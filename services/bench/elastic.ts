@@ -1,7 +1,8 @@
 // elastic suite: (1) the planner on recorded routing traces — the demand of every (layer, expert) while
 // the `small` model reads held-out text; plans made from the first half of the trace are scored on the
 // second half, against the default spread and the lower bound; (2) seconds from an empty shard's
-// registration to the first row it serves, in a live cluster under load (target < 10 s).
+// registration to the first row it serves, in a live cluster under load (target < 10 s), and what the
+// load clients got back meanwhile (target: no failures other than 503).
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { preset } from '../core/config.js';
@@ -12,6 +13,7 @@ import { expertKeys, expertKeyText, spreadExperts, type ExpertKey } from '../cor
 import { familyOf } from '../core/model/family.js';
 import { checkpointDirOf } from '../core/train/trainer.js';
 import { maxOverMean, placementLoad, planPlacement } from '../coordinator/planner.js';
+import { until } from '../core/until.js';
 import { withSmallCluster } from './local-cluster.js';
 import { median, report, type BenchRow } from './report.js';
 
@@ -74,7 +76,9 @@ function plannerRows(trace: Trace): BenchRow[] {
       const bound = onHeld.lowerBound / onHeld.mean;
       const label = `${traffic}, ${shards} shards, ${budget ? `≤ ${budget} experts each` : 'no memory limit'}`;
       rows.push({ name: `${label}: default spread max/mean (held-out half)`, value: spread, unit: 'ratio', anchor: bound, ratio: spread / bound });
-      rows.push({ name: `${label}: planner max/mean (held-out half)`, value: planned, unit: 'ratio', anchor: bound, ratio: planned / bound, target: '≤ spread' , met: planned <= spread + 1e-9 });
+      // The target is against the spread; how far the plan is from the best possible is the next row.
+      rows.push({ name: `${label}: planner max/mean (held-out half)`, value: planned, unit: 'ratio', anchor: spread, ratio: planned / spread, target: '<= 1', met: planned <= spread + 1e-9 });
+      rows.push({ name: `${label}: planner max/mean vs the lower bound (held-out half)`, value: planned, unit: 'ratio', anchor: bound, ratio: planned / bound });
       rows.push({ name: `${label}: planner max/mean (same half it planned on)`, value: onHeld.predictedMax / onHeld.mean, unit: 'ratio', anchor: bound, ratio: onHeld.predictedMax / onHeld.lowerBound });
     }
   }
@@ -89,19 +93,29 @@ async function gauge(url: string, name: string): Promise<number> {
   return m ? Number(m[1]) : 0;
 }
 
+/** What the load clients got back while shards were added: 200, 503 (shed), anything else (failed). */
+interface ClientOutcomes { served: number; refused: number; failed: number }
+
 /** Registration → first served row of shards added one after another to a cluster under load. */
-async function scaleUpSeconds(quick: boolean): Promise<{ firstRow: number[]; ready: number[] }> {
+async function scaleUpSeconds(quick: boolean): Promise<{ firstRow: number[]; ready: number[]; clients: ClientOutcomes }> {
   const firstRow: number[] = [];
   const ready: number[] = [];
+  const clients: ClientOutcomes = { served: 0, refused: 0, failed: 0 };
   let stop = false;
   await withSmallCluster('elastic', async (cluster) => {
     const url = `${cluster.routerUrls[0]}/v1/completions`;
+    // Never rejects: every outcome is counted, so `load` cannot become an unhandled rejection.
     const client = async (w: number) => {
       for (let i = 0; !stop; i++) {
-        await fetch(url, {
+        const status = await fetch(url, {
           method: 'POST', headers: { 'content-type': 'application/json' },
           body: JSON.stringify({ prompt: `Client ${w}: Call me Ishmael.`, max_tokens: 16, temperature: 0.8, seed: w * 1000 + i }),
-        }).then((r) => r.arrayBuffer(), () => undefined);
+        }).then(async (r) => { await r.arrayBuffer(); return r.status; }).catch(() => 0);
+        if (status === 200) clients.served++;
+        else if (status === 503) clients.refused++;
+        else clients.failed++;
+        // A refused or broken request comes back at once: back off rather than spin on the cores being measured.
+        if (status !== 200) await sleep(50);
       }
     };
     const load = Promise.all(Array.from({ length: 4 }, (_, w) => client(w)));
@@ -110,13 +124,10 @@ async function scaleUpSeconds(quick: boolean): Promise<{ firstRow: number[]; rea
       const coordinatorMetrics = cluster.metricsUrls[0];
       for (let i = 0; i < (quick ? 1 : 3); i++) {
         const metrics = await cluster.startShard(`added-${i}`, 'none');
-        const started = Date.now();
-        let seconds = 0;
-        while (!(seconds > 0) && Date.now() - started < 60_000) {
-          await sleep(200);
-          seconds = await gauge(metrics, 'switchyard_expert_first_row_seconds');
-        }
-        firstRow.push(seconds > 0 ? seconds : NaN);
+        firstRow.push(await until(`added-${i}'s first served row`, async () => {
+          const seconds = await gauge(metrics, 'switchyard_expert_first_row_seconds');
+          return seconds > 0 ? seconds : undefined;
+        }, 60_000, 200));
         const sum = await gauge(coordinatorMetrics, 'switchyard_shard_ready_seconds_sum');
         ready.push(sum - ready.reduce((a, b) => a + b, 0));
       }
@@ -125,14 +136,18 @@ async function scaleUpSeconds(quick: boolean): Promise<{ firstRow: number[]; rea
       await load;
     }
   });
-  return { firstRow, ready };
+  return { firstRow, ready, clients };
 }
 
 export async function elasticSuite(quick: boolean): Promise<void> {
   const { traces, source } = await recordTraces(quick);
   const rows = traces.flatMap(plannerRows);
-  const { firstRow, ready } = await scaleUpSeconds(quick);
+  const { firstRow, ready, clients } = await scaleUpSeconds(quick);
+  const firstRowSeconds = median(firstRow);
+  const requests = clients.served + clients.refused + clients.failed;
   rows.push({ name: 'empty shard: registration → in the placement (median)', value: median(ready), unit: 's' });
-  rows.push({ name: 'empty shard: registration → first served row (median)', value: median(firstRow), unit: 's', target: '< 10 s', met: median(firstRow) < 10 });
-  await report('elastic', rows, { traces: source, moeLayers: traces[0].moeLayers, experts: traces[0].experts, addedShards: firstRow.length, firstRowSeconds: firstRow, readySeconds: ready, quick });
+  // Target < 10 s, as a ratio of those 10 s.
+  rows.push({ name: 'empty shard: registration → first served row (median)', value: firstRowSeconds, unit: 's', anchor: 10, ratio: firstRowSeconds / 10, target: '< 1', met: firstRowSeconds < 10 });
+  rows.push({ name: 'load clients meanwhile: failed requests (not 200/503)', value: clients.failed, unit: 'requests', anchor: requests, ratio: clients.failed / requests, target: '= 0', met: clients.failed === 0 });
+  await report('elastic', rows, { traces: source, moeLayers: traces[0].moeLayers, experts: traces[0].experts, addedShards: firstRow.length, firstRowSeconds: firstRow, readySeconds: ready, clients, quick });
 }

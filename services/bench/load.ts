@@ -37,7 +37,7 @@ export async function loadSuite(quick: boolean): Promise<void> {
       rows.push({ name: `${fraction * 100}% (${offered}/s offered): latency p50`, value: r.p50, unit: 'ms' });
       rows.push({ name: `${fraction * 100}%: latency p99`, value: r.p99, unit: 'ms' });
       rows.push({ name: `${fraction * 100}%: share answered 503`, value: total ? r.refused / total : 0, unit: 'fraction' });
-      rows.push({ name: `${fraction * 100}%: other failures (not 200/503)`, value: r.other, unit: 'requests', target: '0', met: r.other === 0 });
+      rows.push({ name: `${fraction * 100}%: other failures (not 200/503)`, value: r.other, unit: 'requests', anchor: total, ratio: r.other / total, target: '= 0', met: r.other === 0 });
     }
     await report('load', rows, { quick, seconds, model: 'small (random weights)', shards: 2, routers: 1, max_tokens: 16, deadline_ms: 5000 });
   });

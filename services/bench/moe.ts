@@ -47,30 +47,38 @@ export async function moeLayerSuite(quick: boolean): Promise<void> {
     const model = MixtralModel.initialize(config, 3);
     try {
       await withLocalCluster('moe', model, 0, async (cluster) => {
-      const owners = await placementOfCluster(cluster.coordinatorAddress);
-      const remote = new GrpcExpertTransport((l, e) => [owners.get(expertKeyText({ layer: l, expert: e }))!], HIDDEN);
-      const gate = model.dense.get<tf.Rank.R2>(denseNames.gate(0));
-      const local = new MoeLayer(0, HIDDEN, experts, 2, config.switchyard_gate, new InProcessTransport(model.localExperts!));
-      const distributed = new MoeLayer(0, HIDDEN, experts, 2, config.switchyard_gate, remote);
-      const rng = new Rng(1);
-      for (const tokens of tokenCounts) {
-        const h = tf.tensor2d(Float32Array.from({ length: tokens * HIDDEN }, () => rng.normal()), [tokens, HIDDEN]);
-        const run = (layer: MoeLayer) => async () => {
-          const { y } = await layer.forward(h, gate, { passId: 'bench', train: false, groupTokens: 0 });
-          y.dataSync();
-          y.dispose();
-        };
-        const inProcess = tokens / (await timeMedian(reps, run(local)));
-        const overGrpc = tokens / (await timeMedian(reps, run(distributed)));
-        h.dispose();
-        const ratio = overGrpc / inProcess;
-        rows.push({ name: `E=${experts} ${tokens} tokens, one process`, value: inProcess, unit: 'tokens/s' });
-        rows.push({
-          name: `E=${experts} ${tokens} tokens, 2 shards`, value: overGrpc, unit: 'tokens/s', anchor: inProcess, ratio,
-          ...(tokens === 2048 ? { target: '>= 0.7', met: ratio >= 0.7 } : {}),
-        });
-      }
-      remote.close();
+        const owners = await placementOfCluster(cluster.coordinatorAddress);
+        const remote = new GrpcExpertTransport((l, e) => [owners.get(expertKeyText({ layer: l, expert: e }))!], HIDDEN);
+        try {
+          const gate = model.dense.get<tf.Rank.R2>(denseNames.gate(0));
+          const local = new MoeLayer(0, HIDDEN, experts, 2, config.switchyard_gate, new InProcessTransport(model.localExperts!));
+          const distributed = new MoeLayer(0, HIDDEN, experts, 2, config.switchyard_gate, remote);
+          const rng = new Rng(1);
+          for (const tokens of tokenCounts) {
+            const h = tf.tensor2d(Float32Array.from({ length: tokens * HIDDEN }, () => rng.normal()), [tokens, HIDDEN]);
+            const run = (layer: MoeLayer) => async () => {
+              const { y } = await layer.forward(h, gate, { passId: 'bench', train: false, groupTokens: 0 });
+              y.dataSync();
+              y.dispose();
+            };
+            let inProcess: number;
+            let overGrpc: number;
+            try {
+              inProcess = tokens / (await timeMedian(reps, run(local)));
+              overGrpc = tokens / (await timeMedian(reps, run(distributed)));
+            } finally {
+              h.dispose();
+            }
+            const ratio = overGrpc / inProcess;
+            rows.push({ name: `E=${experts} ${tokens} tokens, one process`, value: inProcess, unit: 'tokens/s' });
+            rows.push({
+              name: `E=${experts} ${tokens} tokens, 2 shards`, value: overGrpc, unit: 'tokens/s', anchor: inProcess, ratio,
+              ...(tokens === 2048 ? { target: '>= 0.7', met: ratio >= 0.7 } : {}),
+            });
+          }
+        } finally {
+          remote.close(); // its gRPC channels close before the cluster stops, also after an error
+        }
       });
     } finally {
       model.dispose();

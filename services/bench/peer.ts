@@ -19,7 +19,7 @@ export function peerScriptPath(): string {
 
 /** The interpreter for the reference script: SWITCHYARD_PYTHON (e.g. Debian's /usr/bin/python3 when the
  * python3 on PATH has no NumPy), else python3. */
-const python = (): string => process.env.SWITCHYARD_PYTHON || 'python3';
+export const peerPython = (): string => process.env.SWITCHYARD_PYTHON || 'python3';
 
 export interface PeerRun { seconds: number; logits: Float32Array; backend: string; threads: number }
 
@@ -28,7 +28,7 @@ export async function runPeer(checkpoint: string, ids: Int32Array, batch: number
   const dir = await mkdtemp(join(tmpdir(), 'switchyard-peer-'));
   try {
     await writeFile(join(dir, 'ids.bin'), new Uint8Array(ids.buffer, ids.byteOffset, ids.byteLength));
-    const stdout = await new Promise<string>((resolve, reject) => execFile(python(), [
+    const stdout = await new Promise<string>((resolve, reject) => execFile(peerPython(), [
       peerScriptPath(), checkpoint, join(dir, 'ids.bin'), String(batch), String(tokens), join(dir, 'logits.bin'), '--reps', String(reps), '--backend', backend,
     ], { maxBuffer: 1 << 20 }, (err, out, errText) => (err ? reject(new Error(`peer script failed: ${errText || err.message}`)) : resolve(out))));
     const result = JSON.parse(stdout.trim().split('\n').at(-1)!) as { seconds: number; backend: string; threads: number };
@@ -41,10 +41,10 @@ export async function runPeer(checkpoint: string, ids: Int32Array, batch: number
 
 function torchMissing(): string | undefined {
   try {
-    execFileSync(python(), ['-c', 'import torch'], { stdio: 'pipe' });
+    execFileSync(peerPython(), ['-c', 'import torch'], { stdio: 'pipe' });
     return undefined;
   } catch (err) {
-    return `${python()} -c "import torch" fails: ${String((err as { stderr?: Buffer }).stderr ?? (err as Error).message).trim().split('\n').at(-1)}`;
+    return `${peerPython()} -c "import torch" fails: ${String((err as { stderr?: Buffer }).stderr ?? (err as Error).message).trim().split('\n').at(-1)}`;
   }
 }
 

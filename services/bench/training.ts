@@ -5,13 +5,15 @@ import { mkdtemp, readFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { EXIT_WITH_PARENT_ENV } from '../cli/supervisor.js';
 import { median, report, type BenchRow } from './report.js';
 
 const CLI = fileURLToPath(new URL('../cli/main.js', import.meta.url));
 
 function run(args: string[]): Promise<void> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+    // The run stops when the bench is gone, even when the bench was killed outright.
+    const child = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, [EXIT_WITH_PARENT_ENV]: '1' } });
     let stderr = '';
     child.stderr!.on('data', (d: Buffer) => { stderr += d.toString(); });
     child.once('exit', (code) => (code === 0 ? resolve() : reject(new Error(`switchyard ${args.join(' ')} failed (${code}): ${stderr.slice(-2000)}`))));

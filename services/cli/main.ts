@@ -23,7 +23,7 @@ import { CoordinatorLink } from '../core/wire/coordinator-link.js';
 import { RouterEngine } from '../router/engine.js';
 import { buildHttpApp } from '../router/http.js';
 import { Cluster } from './cluster.js';
-import { EXIT_WITH_PARENT_ENV } from './supervisor.js';
+import { EXIT_WITH_PARENT_ENV, whenParentGone } from './supervisor.js';
 import { importCommand, type ImportFlags } from './import.js';
 import type { FloatDtype } from '../core/dtypes.js';
 import { checkpointDirOf, train } from '../core/train/trainer.js';
@@ -108,6 +108,8 @@ async function trainCommand(flags: TrainFlags): Promise<void> {
   const t = { ...p.train, ...(flags.steps !== undefined ? { steps: flags.steps } : {}), ...(flags.seed !== undefined ? { seed: flags.seed } : {}) };
   const distributed = !flags.singleProcess && (flags.shards > 1 || flags.routers > 1);
   if (flags.singleProcess && flags.replicate) throw new ConfigError('--replicate places experts on shards; it needs a distributed run (--shards ≥ 2)');
+  // Started by a parent that must not be outlived (the bench): its going away stops the run as SIGTERM does.
+  whenParentGone(() => process.kill(process.pid, 'SIGTERM'));
   await startBackend();
   const progress = trainingProgress();
   const outDir = resolve(flags.out);
@@ -275,8 +277,7 @@ const untilStopped = (): Promise<void> => new Promise((resolveStop) => {
   process.once('SIGTERM', () => resolveStop());
   if (process.env[EXIT_WITH_PARENT_ENV] === '1') {
     process.on('SIGINT', () => {});
-    const parent = process.ppid;
-    setInterval(() => { if (process.ppid !== parent) resolveStop(); }, 500).unref();
+    whenParentGone(resolveStop);
   } else {
     process.once('SIGINT', () => resolveStop());
   }

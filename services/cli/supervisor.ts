@@ -13,6 +13,17 @@ const CLI = fileURLToPath(new URL('./main.js', import.meta.url));
 /** Set by a parent (`up`, `train`, tests) so a service never outlives it, even when the parent is killed outright. */
 export const EXIT_WITH_PARENT_ENV = 'SWITCHYARD_EXIT_WITH_PARENT';
 
+/** In a process started with EXIT_WITH_PARENT_ENV: calls `onGone` once its parent is gone (re-parented), checked every 500 ms. */
+export function whenParentGone(onGone: () => void): void {
+  if (process.env[EXIT_WITH_PARENT_ENV] !== '1') return;
+  const parent = process.ppid;
+  const timer = setInterval(() => {
+    if (process.ppid === parent) return;
+    clearInterval(timer);
+    onGone();
+  }, 500).unref();
+}
+
 export interface ChildSpec {
   name: string;
   args: string[];
