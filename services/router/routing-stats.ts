@@ -10,18 +10,39 @@ import { coefficientOfVariation, maxOverMean } from '../core/metrics/imbalance.j
 /** Recent load halves every this many seconds (the dashboard's and gauges' memory). */
 const HALF_LIFE_S = 20;
 
-const tokens = new Counter({
-  name: 'switchyard_expert_tokens_total', help: 'Routing choices per (layer, expert) in serving: routed (before capacity) and kept (after)',
-  labelNames: ['layer', 'expert', 'stage'], registers: [registry],
-});
-const dropped = new Counter({
-  name: 'switchyard_expert_dropped_tokens_total', help: 'Routing choices dropped per (layer, expert): over the gate\'s capacity, or unserved (no live shard / no credits, then dropped or rerouted per the overflow policy)',
-  labelNames: ['layer', 'expert', 'reason'], registers: [registry],
-});
-
-/** The gauges read the newest RoutingStats of the process (one router engine per process in service). */
+/** The metrics read the newest RoutingStats of the process (one router engine per process in service). */
 let current: RoutingStats | undefined;
 const views = (): LayerView[] => current?.view() ?? [];
+
+// The counters are kept as plain per-(layer, expert) totals and handed to prom-client at scrape time:
+// record() runs for every MoE layer of every decode step, and a labelled inc() hashes its labels each call.
+// Every series exists from the start at zero, so rules averaging over experts see the unused ones too.
+new Counter({
+  name: 'switchyard_expert_tokens_total', help: 'Routing choices per (layer, expert) in serving: routed (before capacity) and kept (after)',
+  labelNames: ['layer', 'expert', 'stage'], registers: [registry],
+  collect() {
+    this.reset();
+    for (const s of current?.layerStats() ?? [])
+      for (let e = 0; e < s.routedTotal.length; e++) {
+        const labels = { layer: String(s.layer), expert: String(e) };
+        this.inc({ ...labels, stage: 'routed' }, s.routedTotal[e]);
+        this.inc({ ...labels, stage: 'kept' }, s.keptTotal[e]);
+      }
+  },
+});
+new Counter({
+  name: 'switchyard_expert_dropped_tokens_total', help: 'Routing choices dropped per (layer, expert): over the gate\'s capacity, or unserved (no live shard / no credits, then dropped or rerouted per the overflow policy)',
+  labelNames: ['layer', 'expert', 'reason'], registers: [registry],
+  collect() {
+    this.reset();
+    for (const s of current?.layerStats() ?? [])
+      for (let e = 0; e < s.routedTotal.length; e++) {
+        const labels = { layer: String(s.layer), expert: String(e) };
+        this.inc({ ...labels, reason: 'capacity' }, s.capacityDropped[e]);
+        this.inc({ ...labels, reason: 'unserved' }, s.unservedDropped[e]);
+      }
+  },
+});
 new Gauge({
   name: 'switchyard_layer_imbalance_cv', help: 'Coefficient of variation of recent routed load over a layer\'s experts', labelNames: ['layer'], registers: [registry],
   collect() { for (const v of views()) this.set({ layer: String(v.layer) }, v.imbalanceCv); },
@@ -48,19 +69,18 @@ export interface LayerView {
   utilization: number | null;
 }
 
-type Child = Counter.Internal;
-
-/** One MoE layer's windows and its counter children (built once: no label hashing per step). */
+/** One MoE layer's recent-load windows and its counter totals. */
 interface LayerStats {
   layer: number;
   routed: DecayingRates;
   drops: DecayingRates;
   /** [0] kept choices, [1] capacity slots, of capacity-limited plans only. */
   fill: DecayingRates;
-  routedTotal: Child[];
-  keptTotal: Child[];
-  capacityDropped: Child[];
-  unservedDropped: Child[];
+  /** Since start, per expert. */
+  routedTotal: Float64Array;
+  keptTotal: Float64Array;
+  capacityDropped: Float64Array;
+  unservedDropped: Float64Array;
 }
 
 export class RoutingStats {
@@ -68,27 +88,22 @@ export class RoutingStats {
 
   /** `moeLayers`: the layers with a router (DeepSeek's first dense layers have none). */
   constructor(moeLayers: readonly number[], readonly experts: number) {
-    for (const layer of moeLayers) {
-      // Every series exists from the start at zero, so rules averaging over experts see the unused ones too.
-      const children = <T extends string>(counter: Counter<T>, labels: (expert: string) => Partial<Record<T, string>>) =>
-        Array.from({ length: experts }, (_, e) => {
-          const child = counter.labels(labels(String(e)));
-          child.inc(0);
-          return child;
-        });
-      const L = String(layer);
+    for (const layer of moeLayers)
       this.byLayer.set(layer, {
         layer,
         routed: new DecayingRates(experts, HALF_LIFE_S),
         drops: new DecayingRates(experts, HALF_LIFE_S),
         fill: new DecayingRates(2, HALF_LIFE_S),
-        routedTotal: children(tokens, (expert) => ({ layer: L, expert, stage: 'routed' })),
-        keptTotal: children(tokens, (expert) => ({ layer: L, expert, stage: 'kept' })),
-        capacityDropped: children(dropped, (expert) => ({ layer: L, expert, reason: 'capacity' })),
-        unservedDropped: children(dropped, (expert) => ({ layer: L, expert, reason: 'unserved' })),
+        routedTotal: new Float64Array(experts),
+        keptTotal: new Float64Array(experts),
+        capacityDropped: new Float64Array(experts),
+        unservedDropped: new Float64Array(experts),
       });
-    }
     current = this;
+  }
+
+  layerStats(): Iterable<Readonly<LayerStats>> {
+    return this.byLayer.values();
   }
 
   /** One MoE block's routing of an inference pass. */
@@ -100,10 +115,10 @@ export class RoutingStats {
       const before = stats.countsBeforeDrop[e];
       const after = stats.countsAfterDrop[e];
       if (before === 0) continue;
-      s.routedTotal[e].inc(before);
-      s.keptTotal[e].inc(after);
+      s.routedTotal[e] += before;
+      s.keptTotal[e] += after;
       if (before > after) {
-        s.capacityDropped[e].inc(before - after);
+        s.capacityDropped[e] += before - after;
         s.drops.add(e, before - after, now);
       }
       s.routed.add(e, before, now);
@@ -119,7 +134,7 @@ export class RoutingStats {
   recordUnserved(layer: number, expert: number, rows: number): void {
     const s = this.byLayer.get(layer);
     if (!s) return;
-    s.unservedDropped[expert].inc(rows);
+    s.unservedDropped[expert] += rows;
     s.drops.add(expert, rows);
   }
 
