@@ -5,7 +5,6 @@
 // /dashboard page shows the load in a headless Chromium.
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdir, mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -18,6 +17,8 @@ import { metricNamesInConfig, metricNamesInExpr } from './support/config-names.j
 import { freePort, startCluster, type TestCluster } from './support/cluster.js';
 import { repoRoot } from './support/paths.js';
 import { kubectlGate, renderKustomization } from './support/kubectl.js';
+import { spawnTracked } from './support/services.js';
+import { until } from './support/until.js';
 
 await initBackend();
 // 8 experts, top-2, GShard capacity at inference: skewed traffic overloads two experts and drops tokens.
@@ -125,43 +126,43 @@ test('a real Prometheus with the project\'s rules: skewed traffic trips the imba
     'rule_files:', ...ruleFiles.map((f) => `  - ${f}`), 'scrape_configs:', scrape, '',
   ].join('\n'));
   const port = await freePort();
-  const prometheus: ChildProcess = spawn('prometheus', [
+  const prometheus = spawnTracked('prometheus', [
     `--config.file=${join(dir, 'prometheus.yml')}`, `--storage.tsdb.path=${join(dir, 'data')}`, `--web.listen-address=127.0.0.1:${port}`,
-  ], { stdio: ['ignore', 'ignore', 'pipe'] });
-  let log = '';
-  prometheus.stderr!.on('data', (d: Buffer) => { log += d.toString(); });
+  ]);
   const query = async (expr: string): Promise<Array<{ metric: Record<string, string>; value: [number, string] }>> => {
     const res = await fetch(`http://127.0.0.1:${port}/api/v1/query?query=${encodeURIComponent(expr)}`);
     const json = (await res.json()) as { data: { result: Array<{ metric: Record<string, string>; value: [number, string] }> } };
     return json.data.result;
   };
+  // Skewed traffic: the same byte over and over sends every token to the same two experts.
+  let stop = false;
+  const traffic = (async () => {
+    while (!stop) await infer(Array.from({ length: 64 }, () => 97), 2);
+  })();
   try {
-    // Skewed traffic: the same byte over and over sends every token to the same two experts.
-    let stop = false;
-    const traffic = (async () => {
-      while (!stop) await infer(Array.from({ length: 64 }, () => 97), 2);
-    })();
     let imbalance = 0;
     let drops = 0;
-    const started = Date.now();
-    while (Date.now() - started < 60_000 && !(imbalance > 2 && drops > 0)) {
-      await new Promise((r) => setTimeout(r, 1_000));
-      const i = await query('max(switchyard:layer_imbalance:max_over_mean)').catch(() => []);
-      const d = await query('switchyard:drop_ratio:rate1m').catch(() => []);
+    // A Prometheus that exits (bad rule file, port taken) ends the wait at once.
+    let exited = false;
+    void prometheus.exited.then(() => { exited = true; });
+    await until('the imbalance and drop-ratio rules', async () => {
+      if (exited) return false;
+      const i = await query('max(switchyard:layer_imbalance:max_over_mean)');
+      const d = await query('switchyard:drop_ratio:rate1m');
       imbalance = Number(i[0]?.value[1] ?? 0);
       drops = Number(d[0]?.value[1] ?? 0);
-    }
-    stop = true;
-    await traffic;
+      return imbalance > 2 && drops > 0 ? true : undefined;
+    }, 60_000, 1_000).catch(() => false);
     // The alert threshold (deploy/prometheus/rules/alerts.yml) is max/mean > 2.
-    assert.ok(imbalance > 2, `imbalance rule reached ${imbalance}; prometheus log: ${log.slice(-500)}`);
+    assert.ok(imbalance > 2, `imbalance rule reached ${imbalance}; prometheus log: ${prometheus.stderr().slice(-500)}`);
     assert.ok(drops > 0, `drop-ratio rule reached ${drops}`);
     const up = await query('up');
     assert.equal(up.length, metricUrls.length);
     assert.ok(up.every((s) => s.value[1] === '1'), 'every service was scraped');
   } finally {
-    prometheus.kill('SIGTERM');
-    await new Promise((r) => prometheus.once('exit', r));
+    stop = true;
+    await traffic;
+    await prometheus.stop();
   }
 });
 

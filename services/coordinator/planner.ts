@@ -157,9 +157,5 @@ export function placementLoad(assignment: Map<string, ExpertKey[]>, experts: rea
   return new Map([...assignment].map(([id, keys]) => [id, keys.reduce((s, k) => s + (demand.get(expertKeyText(k)) ?? 0) / holders.get(expertKeyText(k))!, 0)]));
 }
 
-/** max / mean of a set of shard loads (1 = balanced; 0 when nothing is loaded). */
-export function maxOverMean(loads: Iterable<number>): number {
-  const values = [...loads];
-  const mean = values.reduce((a, b) => a + b, 0) / Math.max(1, values.length);
-  return mean > 0 ? Math.max(...values) / mean : 0;
-}
+// max / mean of a set of shard loads: defined once in core, re-exported for the coordinator and benchmarks.
+export { maxOverMean } from '../core/metrics/imbalance.js';

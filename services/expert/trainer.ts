@@ -15,6 +15,13 @@ import { StepAborted, type TrainLink } from '../core/wire/train-link.js';
 import { fromWirePlacement } from '../core/wire/coordinator-link.js';
 import type { ExpertShard } from './shard.js';
 import { StepGate } from './shard.js';
+import { testDelay } from '../core/test-delay.js';
+
+/**
+ * SWITCHYARD_TEST_CHECKPOINT_DELAY_MS holds a written part back before it is reported, widening the
+ * window in which a crash hits a half-written checkpoint (the crash-safety test uses it).
+ */
+const slowCheckpointForTests = testDelay('SWITCHYARD_TEST_CHECKPOINT_DELAY_MS');
 
 export interface ShardTrainingOptions {
   link: TrainLink;
@@ -139,13 +146,4 @@ async function runSteps(
       await o.link.barrier(generation, step, 'TRAIN_PHASE_CHECKPOINT', { parts: [part] });
     }
   }
-}
-
-/**
- * SWITCHYARD_TEST_CHECKPOINT_DELAY_MS holds a written part back before it is reported, widening the
- * window in which a crash hits a half-written checkpoint (the crash-safety test uses it).
- */
-async function slowCheckpointForTests(): Promise<void> {
-  const ms = Number(process.env.SWITCHYARD_TEST_CHECKPOINT_DELAY_MS ?? 0);
-  if (ms > 0) await new Promise((r) => setTimeout(r, ms));
 }

@@ -1,6 +1,7 @@
 // The router's live load-balance page (DESIGN §11): GET /dashboard is one self-contained HTML page (no
 // CDN, no build step) that follows GET /dashboard/events (server-sent events, one snapshot a second);
 // GET /dashboard/data is the same snapshot as JSON for scripts.
+import type { ServerResponse } from 'node:http';
 import type { FastifyInstance } from 'fastify';
 import type { RouterEngine } from './engine.js';
 
@@ -50,7 +51,7 @@ function render(s) {
     const mean = l.load.reduce((a, b) => a + b, 0) / l.load.length;
     const title = document.createElement('h2');
     title.innerHTML = 'Layer ' + l.layer + ' <span>max/mean ' + fmt(l.imbalanceMaxOverMean) + '</span><span>CV ' + fmt(l.imbalanceCv) +
-      '</span><span>capacity used ' + (100 * l.utilization).toFixed(0) + '%</span><span>dropped ' + fmt(l.drops.reduce((a, b) => a + b, 0)) + '/s</span>';
+      '</span><span>' + (l.utilization === null ? 'dropless' : 'capacity used ' + (100 * l.utilization).toFixed(0) + '%') + '</span><span>dropped ' + fmt(l.drops.reduce((a, b) => a + b, 0)) + '/s</span>';
     const bars = document.createElement('div');
     bars.className = 'bars';
     const labels = document.createElement('div');
@@ -86,12 +87,33 @@ source.onerror = () => { document.getElementById('meta').textContent = 'reconnec
 export function dashboardRoutes(app: FastifyInstance, engine: RouterEngine): void {
   app.get('/dashboard', async (_req, reply) => reply.header('content-type', 'text/html; charset=utf-8').send(PAGE));
   app.get('/dashboard/data', async () => snapshot(engine));
+  // One snapshot a second for all open pages, not one timer per page. A hijacked stream is never idle,
+  // so app.close() would wait for every open tab: closing the app ends them.
+  const streams = new Set<ServerResponse>();
+  let timer: NodeJS.Timeout | undefined;
+  const broadcast = () => {
+    const event = `data: ${JSON.stringify(snapshot(engine))}\n\n`;
+    for (const res of streams) res.write(event);
+  };
+  const drop = (res: ServerResponse) => {
+    streams.delete(res);
+    if (streams.size > 0) return;
+    clearInterval(timer);
+    timer = undefined;
+  };
   app.get('/dashboard/events', (req, reply) => {
     reply.hijack();
-    reply.raw.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive' });
-    const send = () => reply.raw.write(`data: ${JSON.stringify(snapshot(engine))}\n\n`);
-    send();
-    const timer = setInterval(send, INTERVAL_MS);
-    req.raw.on('close', () => clearInterval(timer));
+    const res = reply.raw;
+    res.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive' });
+    res.write(`data: ${JSON.stringify(snapshot(engine))}\n\n`);
+    streams.add(res);
+    timer ??= setInterval(broadcast, INTERVAL_MS);
+    req.raw.on('close', () => drop(res));
+  });
+  app.addHook('preClose', async () => {
+    for (const res of streams) {
+      drop(res);
+      res.end();
+    }
   });
 }

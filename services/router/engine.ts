@@ -71,7 +71,7 @@ export class RouterEngine {
       maxSequences: options.maxSequences ?? 64, maxWaiting: options.maxWaiting ?? 256, onAdmit: (seconds) => queueSeconds.observe(seconds),
     });
     this.inferLimiter = new Limiter(options.inferConcurrency ?? 4, options.inferQueue ?? 64);
-    this.routing = new RoutingStats(model.config.num_hidden_layers, model.family.experts);
+    this.routing = new RoutingStats(model.family.moeLayers, model.family.experts);
     for (const layer of model.family.moeLayers)
       for (let expert = 0; expert < model.family.experts; expert++)
         for (const reason of ['shard_down', 'at_capacity']) servingMetrics.unservedRows.inc({ layer: String(layer), expert: String(expert), reason }, 0);

@@ -57,6 +57,22 @@ export function buildHttpApp(engine: RouterEngine, o: HttpOptions = {}): Fastify
     // A number where a string belongs (or null for a number) is a client error, not something to guess at.
     ajv: { customOptions: { coerceTypes: false } },
   });
+  // First hook, so refusals by the hooks after it (413, 401, a bad deadline) are counted too. Counted when
+  // the response closes: that also covers streamed (hijacked) answers and aborted ones. The dashboard's
+  // event stream lasts as long as the page is open: neither in flight nor a latency.
+  app.addHook('onRequest', (req, reply, done) => {
+    const route = req.routeOptions.url ?? 'unmatched';
+    const stream = route === '/dashboard/events';
+    if (!stream) servingMetrics.inFlight.inc();
+    const started = performance.now();
+    reply.raw.once('close', () => {
+      servingMetrics.requests.inc({ route, status: String(reply.raw.statusCode) });
+      if (stream) return;
+      servingMetrics.inFlight.dec();
+      servingMetrics.latency.observe({ route }, (performance.now() - started) / 1000);
+    });
+    done();
+  });
   // A server that answers 413 while the client is still uploading and then closes makes the client's
   // write fail before it reads the answer; draining the (bounded) rest of the body avoids that.
   app.addHook('onRequest', (req, reply, done) => {
@@ -87,16 +103,6 @@ export function buildHttpApp(engine: RouterEngine, o: HttpOptions = {}): Fastify
       timeout = n;
     }
     req.deadline = Date.now() + timeout;
-    // Counted when the response closes: that also covers streamed (hijacked) answers and aborted ones.
-    const route = req.routeOptions.url ?? 'unmatched';
-    const live = route !== '/dashboard/events';
-    if (live) servingMetrics.inFlight.inc();
-    const started = performance.now();
-    reply.raw.once('close', () => {
-      if (live) servingMetrics.inFlight.dec();
-      servingMetrics.requests.inc({ route, status: String(reply.raw.statusCode) });
-      servingMetrics.latency.observe({ route }, (performance.now() - started) / 1000);
-    });
   });
   void app.register(underPressure, {
     maxEventLoopDelay: o.maxEventLoopDelayMs ?? 2_000,

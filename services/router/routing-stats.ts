@@ -5,22 +5,44 @@ import { Counter, Gauge } from 'prom-client';
 import { registry } from '../core/metrics/registry.js';
 import type { MoeStats } from '../core/model/moe.js';
 import { DecayingRates } from '../core/metrics/decaying.js';
+import { coefficientOfVariation, maxOverMean } from '../core/metrics/imbalance.js';
 
 /** Recent load halves every this many seconds (the dashboard's and gauges' memory). */
 const HALF_LIFE_S = 20;
 
-const tokens = new Counter({
-  name: 'switchyard_expert_tokens_total', help: 'Routing choices per (layer, expert) in serving: routed (before capacity) and kept (after)',
-  labelNames: ['layer', 'expert', 'stage'], registers: [registry],
-});
-const dropped = new Counter({
-  name: 'switchyard_expert_dropped_tokens_total', help: 'Routing choices dropped per (layer, expert): over the gate\'s capacity, or unserved (no live shard / no credits, then dropped or rerouted per the overflow policy)',
-  labelNames: ['layer', 'expert', 'reason'], registers: [registry],
-});
-
-/** The gauges read the newest RoutingStats of the process (one router engine per process in service). */
+/** The metrics read the newest RoutingStats of the process (one router engine per process in service). */
 let current: RoutingStats | undefined;
 const views = (): LayerView[] => current?.view() ?? [];
+
+// The counters are kept as plain per-(layer, expert) totals and handed to prom-client at scrape time:
+// record() runs for every MoE layer of every decode step, and a labelled inc() hashes its labels each call.
+// Every series exists from the start at zero, so rules averaging over experts see the unused ones too.
+new Counter({
+  name: 'switchyard_expert_tokens_total', help: 'Routing choices per (layer, expert) in serving: routed (before capacity) and kept (after)',
+  labelNames: ['layer', 'expert', 'stage'], registers: [registry],
+  collect() {
+    this.reset();
+    for (const s of current?.layerStats() ?? [])
+      for (let e = 0; e < s.routedTotal.length; e++) {
+        const labels = { layer: String(s.layer), expert: String(e) };
+        this.inc({ ...labels, stage: 'routed' }, s.routedTotal[e]);
+        this.inc({ ...labels, stage: 'kept' }, s.keptTotal[e]);
+      }
+  },
+});
+new Counter({
+  name: 'switchyard_expert_dropped_tokens_total', help: 'Routing choices dropped per (layer, expert): over the gate\'s capacity, or unserved (no live shard / no credits, then dropped or rerouted per the overflow policy)',
+  labelNames: ['layer', 'expert', 'reason'], registers: [registry],
+  collect() {
+    this.reset();
+    for (const s of current?.layerStats() ?? [])
+      for (let e = 0; e < s.routedTotal.length; e++) {
+        const labels = { layer: String(s.layer), expert: String(e) };
+        this.inc({ ...labels, reason: 'capacity' }, s.capacityDropped[e]);
+        this.inc({ ...labels, reason: 'unserved' }, s.unservedDropped[e]);
+      }
+  },
+});
 new Gauge({
   name: 'switchyard_layer_imbalance_cv', help: 'Coefficient of variation of recent routed load over a layer\'s experts', labelNames: ['layer'], registers: [registry],
   collect() { for (const v of views()) this.set({ layer: String(v.layer) }, v.imbalanceCv); },
@@ -30,8 +52,9 @@ new Gauge({
   collect() { for (const v of views()) this.set({ layer: String(v.layer) }, v.imbalanceMaxOverMean); },
 });
 new Gauge({
-  name: 'switchyard_layer_capacity_utilization', help: 'Recent kept choices over capacity slots (per routing group: capacity × experts)', labelNames: ['layer'], registers: [registry],
-  collect() { for (const v of views()) this.set({ layer: String(v.layer) }, v.utilization); },
+  name: 'switchyard_layer_capacity_utilization', help: 'Recent kept choices over capacity slots (per routing group: capacity × experts); only layers whose gate has a capacity limit (dropless gates have none)',
+  labelNames: ['layer'], registers: [registry],
+  collect() { for (const v of views()) if (v.utilization !== null) this.set({ layer: String(v.layer) }, v.utilization); },
 });
 
 export interface LayerView {
@@ -42,69 +65,93 @@ export interface LayerView {
   drops: number[];
   imbalanceMaxOverMean: number;
   imbalanceCv: number;
-  /** Kept choices over capacity slots, recent. */
-  utilization: number;
+  /** Kept choices over capacity slots, recent; null for a dropless gate (its "capacity" is just the largest count). */
+  utilization: number | null;
+}
+
+/** One MoE layer's recent-load windows and its counter totals. */
+interface LayerStats {
+  layer: number;
+  routed: DecayingRates;
+  drops: DecayingRates;
+  /** [0] kept choices, [1] capacity slots, of capacity-limited plans only. */
+  fill: DecayingRates;
+  /** Since start, per expert. */
+  routedTotal: Float64Array;
+  keptTotal: Float64Array;
+  capacityDropped: Float64Array;
+  unservedDropped: Float64Array;
 }
 
 export class RoutingStats {
-  private readonly routed: DecayingRates[];
-  private readonly drops: DecayingRates[];
-  private readonly kept: DecayingRates;
-  private readonly slots: DecayingRates;
+  private readonly byLayer = new Map<number, LayerStats>();
 
-  constructor(readonly layers: number, readonly experts: number) {
-    this.routed = Array.from({ length: layers }, () => new DecayingRates(experts, HALF_LIFE_S));
-    this.drops = Array.from({ length: layers }, () => new DecayingRates(experts, HALF_LIFE_S));
-    this.kept = new DecayingRates(layers, HALF_LIFE_S);
-    this.slots = new DecayingRates(layers, HALF_LIFE_S);
+  /** `moeLayers`: the layers with a router (DeepSeek's first dense layers have none). */
+  constructor(moeLayers: readonly number[], readonly experts: number) {
+    for (const layer of moeLayers)
+      this.byLayer.set(layer, {
+        layer,
+        routed: new DecayingRates(experts, HALF_LIFE_S),
+        drops: new DecayingRates(experts, HALF_LIFE_S),
+        fill: new DecayingRates(2, HALF_LIFE_S),
+        routedTotal: new Float64Array(experts),
+        keptTotal: new Float64Array(experts),
+        capacityDropped: new Float64Array(experts),
+        unservedDropped: new Float64Array(experts),
+      });
     current = this;
+  }
+
+  layerStats(): Iterable<Readonly<LayerStats>> {
+    return this.byLayer.values();
   }
 
   /** One MoE block's routing of an inference pass. */
   record(layer: number, stats: MoeStats): void {
-    const L = String(layer);
+    const s = this.byLayer.get(layer);
+    if (!s) return;
+    const now = Date.now();
     for (let e = 0; e < this.experts; e++) {
       const before = stats.countsBeforeDrop[e];
       const after = stats.countsAfterDrop[e];
       if (before === 0) continue;
-      const labels = { layer: L, expert: String(e) };
-      tokens.inc({ ...labels, stage: 'routed' }, before);
-      tokens.inc({ ...labels, stage: 'kept' }, after);
+      s.routedTotal[e] += before;
+      s.keptTotal[e] += after;
       if (before > after) {
-        dropped.inc({ ...labels, reason: 'capacity' }, before - after);
-        this.drops[layer].add(e, before - after);
+        s.capacityDropped[e] += before - after;
+        s.drops.add(e, before - after, now);
       }
-      this.routed[layer].add(e, before);
+      s.routed.add(e, before, now);
     }
-    let slots = 0;
-    for (const plan of stats.plans) slots += plan.capacity * this.experts;
-    this.kept.add(layer, stats.countsAfterDrop.reduce((s, n) => s + n, 0));
-    this.slots.add(layer, slots);
+    for (const plan of stats.plans) {
+      if (plan.dropless) continue;
+      s.fill.add(0, plan.countsAfterDrop.reduce((sum, n) => sum + n, 0), now);
+      s.fill.add(1, plan.capacity * plan.experts, now);
+    }
   }
 
   /** Rows that reached no expert (dropped or rerouted per the overflow policy). */
   recordUnserved(layer: number, expert: number, rows: number): void {
-    dropped.inc({ layer: String(layer), expert: String(expert), reason: 'unserved' }, rows);
-    this.drops[layer].add(expert, rows);
+    const s = this.byLayer.get(layer);
+    if (!s) return;
+    s.unservedDropped[expert] += rows;
+    s.drops.add(expert, rows);
   }
 
   /** Recent routed rows per second of every expert with any: the coordinator's planner input. */
   expertLoads(): Array<{ layer: number; expert: number; rowsPerSecond: number }> {
-    return this.routed.flatMap((window, layer) => window.rates().map((rowsPerSecond, expert) => ({ layer, expert, rowsPerSecond })).filter((l) => l.rowsPerSecond > 1e-6));
+    return [...this.byLayer.values()].flatMap((s) => s.routed.rates().map((rowsPerSecond, expert) => ({ layer: s.layer, expert, rowsPerSecond })).filter((l) => l.rowsPerSecond > 1e-6));
   }
 
   view(): LayerView[] {
-    const kept = this.kept.rates();
-    const slots = this.slots.rates();
-    return this.routed.map((window, layer) => {
-      const load = window.rates();
-      const mean = load.reduce((s, x) => s + x, 0) / load.length;
-      const variance = load.reduce((s, x) => s + (x - mean) ** 2, 0) / load.length;
+    return [...this.byLayer.values()].map((s) => {
+      const load = s.routed.rates();
+      const [kept, slots] = s.fill.rates();
       return {
-        layer, load, drops: this.drops[layer].rates(),
-        imbalanceMaxOverMean: mean > 0 ? Math.max(...load) / mean : 0,
-        imbalanceCv: mean > 0 ? Math.sqrt(variance) / mean : 0,
-        utilization: slots[layer] > 0 ? kept[layer] / slots[layer] : 0,
+        layer: s.layer, load, drops: s.drops.rates(),
+        imbalanceMaxOverMean: maxOverMean(load),
+        imbalanceCv: coefficientOfVariation(load),
+        utilization: slots > 0 ? kept / slots : null,
       };
     });
   }

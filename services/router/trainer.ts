@@ -21,6 +21,10 @@ import { StepAborted, type TrainLink } from '../core/wire/train-link.js';
 import { checkTrainRun,
   metricsFileOf, metricsRecord, truncateMetrics, validationBatches, validationLoss, type TrainerState,
 } from '../core/train/trainer.js';
+import { testDelay } from '../core/test-delay.js';
+
+/** SWITCHYARD_TEST_STEP_DELAY_MS stretches every step, so a test can act on a run in progress (add a shard). */
+const slowStepForTests = testDelay('SWITCHYARD_TEST_STEP_DELAY_MS');
 
 export interface RouterTrainingOptions {
   link: TrainLink;
@@ -227,10 +231,4 @@ export async function runRouterTraining(o: RouterTrainingOptions): Promise<Route
     release();
     transport.close();
   }
-}
-
-/** SWITCHYARD_TEST_STEP_DELAY_MS stretches every step, so a test can act on a run in progress (add a shard). */
-async function slowStepForTests(): Promise<void> {
-  const ms = Number(process.env.SWITCHYARD_TEST_STEP_DELAY_MS ?? 0);
-  if (ms > 0) await new Promise((r) => setTimeout(r, ms));
 }

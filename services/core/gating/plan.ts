@@ -56,6 +56,8 @@ export interface RoutingPlan {
   k: number;
   /** slots per expert buffer; for dropless routing (mixtral, dropTokens=false) the largest count */
   capacity: number;
+  /** true when `capacity` only mirrors the largest count (nothing can be dropped), not a limit */
+  dropless: boolean;
   /** [tokens·k] token-major, choice order within a token; holds the chosen expert even when dropped */
   expert: Int32Array;
   /** [tokens·k] slot in the expert's buffer, −1 when dropped */
@@ -289,6 +291,7 @@ export function routeTokens(
     experts: E,
     k,
     capacity,
+    dropless,
     expert,
     slot,
     weight,

@@ -8,22 +8,22 @@ export class DecayingRates {
     this.values = new Float64Array(size);
   }
 
-  private decay(): void {
-    const now = Date.now();
-    if (now === this.at) return;
+  private decay(now: number): void {
+    if (now <= this.at) return;
     const f = Math.pow(0.5, (now - this.at) / 1000 / this.halfLifeS);
     for (let i = 0; i < this.values.length; i++) this.values[i] *= f;
     this.at = now;
   }
 
-  add(i: number, amount: number): void {
-    this.decay();
+  /** `now`: callers adding many values at once read the clock once and pass it (one decay per batch). */
+  add(i: number, amount: number, now = Date.now()): void {
+    this.decay(now);
     this.values[i] += amount;
   }
 
   /** Per-second rates: a decaying sum divided by the window's effective length. */
   rates(): number[] {
-    this.decay();
+    this.decay(Date.now());
     const seconds = this.halfLifeS / Math.LN2;
     return Array.from(this.values, (v) => v / seconds);
   }
