@@ -6,9 +6,19 @@ import { service as healthService } from 'grpc-health-check';
 import { CHANNEL_OPTIONS } from './protos.js';
 import { channelCredentials } from './credentials.js';
 
-/** A grpc.health.v1 client (also `switchyard health`); its `Check` has the type `CheckFn`, which makeClientConstructor does not give it. */
-export const HealthClient = grpc.makeClientConstructor(healthService, 'grpc.health.v1.Health');
-export type CheckFn = (req: { service: string }, options: grpc.CallOptions, cb: (err: grpc.ServiceError | null, reply?: { status: string }) => void) => void;
+const HealthClient = grpc.makeClientConstructor(healthService, 'grpc.health.v1.Health');
+type CheckFn = (req: { service: string }, options: grpc.CallOptions, cb: (err: grpc.ServiceError | null, reply?: { status: string }) => void) => void;
+
+/** A grpc.health.v1 client with the services' credentials (the router's probes, `switchyard health`). */
+export function healthClient(address: string): grpc.Client {
+  return new HealthClient(address, channelCredentials(), CHANNEL_OPTIONS);
+}
+
+/** One Check of the whole server: its status ('SERVING', ...), or the error when it did not answer in time. */
+export function checkHealth(client: grpc.Client, timeoutMs: number, done: (err: grpc.ServiceError | null, status?: string) => void): void {
+  // makeClientConstructor does not type the methods it adds.
+  (client as unknown as { Check: CheckFn }).Check({ service: '' }, { deadline: new Date(Date.now() + timeoutMs) }, (err, reply) => done(err, reply?.status));
+}
 
 export class HealthProbe {
   private readonly down = new Map<string, { since: number; reason: string }>();
@@ -43,11 +53,11 @@ export class HealthProbe {
     for (const address of this.down.keys()) {
       let client = this.clients.get(address);
       if (!client) {
-        client = new HealthClient(address, channelCredentials(), CHANNEL_OPTIONS);
+        client = healthClient(address);
         this.clients.set(address, client);
       }
-      (client as unknown as { Check: CheckFn }).Check({ service: '' }, { deadline: new Date(Date.now() + this.intervalMs) }, (err, reply) => {
-        if (err || reply?.status !== 'SERVING' || !this.down.has(address)) return;
+      checkHealth(client, this.intervalMs, (err, status) => {
+        if (err || status !== 'SERVING' || !this.down.has(address)) return;
         this.down.delete(address);
         this.clients.get(address)?.close();
         this.clients.delete(address);
