@@ -85,8 +85,16 @@ export function buildHttpApp(engine: RouterEngine, o: HttpOptions = {}): Fastify
     req.raw.on('end', () => void reply.code(413).send(tooLarge(length)));
     req.raw.resume();
   });
+  // Once closing, answers end their keep-alive connection: close() closes only connections idle when it
+  // starts, and one busy then would otherwise hold the router open for the keep-alive timeout (72 s).
+  let closing = false;
+  app.addHook('preClose', (done) => {
+    closing = true;
+    done();
+  });
   app.addHook('onSend', async (req, reply) => {
     reply.header('x-request-id', req.id);
+    if (closing) reply.header('connection', 'close');
   });
   app.decorateRequest('deadline', 0);
   app.addHook('onRequest', async (req: FastifyRequest, reply) => {
