@@ -178,8 +178,6 @@ test('SIGTERM under load: in-flight requests complete, then the router and a rep
     const finished = await Promise.all(more);
     assert.deepEqual(statuses(finished), [200], finished.find((o) => o.status !== 200)?.error);
     assert.ok(finished.every((o) => !o.degraded));
-    // Answers given while closing end their keep-alive connections, which would hold the router open.
-    assert.ok(finished.every((o) => o.closesConnection), 'answers during shutdown close their connection');
     assert.equal(await routerExit, 0);
   });
 });

@@ -2,7 +2,7 @@
 // request accounting of early refusals, and the routing metrics of a model whose first layer is dense.
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
-import { request } from 'node:http';
+import { Agent, request, type IncomingMessage } from 'node:http';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -70,6 +70,34 @@ test('closing the app ends open /dashboard/events streams (an open tab does not 
   // Without the close hook app.close() waits for the clients, and this test times out.
   await app.close();
   await Promise.all(streams.map((s) => s.ended));
+});
+
+test('an answer given while the app closes ends its keep-alive connection (a busy connection does not hold up shutdown)', { timeout: 30_000 }, async () => {
+  const app = buildHttpApp(engine);
+  const base = await app.listen({ host: '127.0.0.1', port: 0 });
+  const agent = new Agent({ keepAlive: true });
+  try {
+    const body = '{"prompt": 12}'; // refused with 400: the answer's headers are what matter
+    const received = new Promise<void>((r) => app.server.once('request', () => r()));
+    const answered = new Promise<IncomingMessage>((resolve, reject) => {
+      const req = request(`${base}/v1/completions`, { method: 'POST', agent, headers: { 'content-type': 'application/json', 'content-length': body.length } }, resolve);
+      req.on('error', reject);
+      // Half the body now, so the connection is busy when close() starts; the rest once it has.
+      req.write(body.slice(0, 5));
+      void received.then(() => {
+        closing = app.close();
+        req.end(body.slice(5));
+      });
+    });
+    let closing: Promise<undefined> | undefined;
+    const res = await answered;
+    res.resume();
+    assert.equal(res.statusCode, 400);
+    assert.equal(res.headers.connection, 'close');
+    await closing;
+  } finally {
+    agent.destroy();
+  }
 });
 
 test('401, a bad deadline\'s 400 and 413 are counted by route and status; the dashboard stream has no latency sample', { timeout: 60_000 }, async () => {

@@ -87,8 +87,6 @@ export interface Outcome {
   ms: number;
   retryAfter: string | null;
   degraded: boolean;
-  /** The answer ends its keep-alive connection (`connection: close`). */
-  closesConnection: boolean;
   error?: string;
 }
 
@@ -98,12 +96,9 @@ export async function complete(base: string, body: Record<string, unknown>, head
   try {
     const res = await fetch(`${base}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json', ...headers }, body: JSON.stringify(body) });
     const json = (await res.json()) as { degraded?: unknown; error?: { message: string } };
-    return {
-      status: res.status, ms: performance.now() - t0, retryAfter: res.headers.get('retry-after'), degraded: json.degraded !== undefined,
-      closesConnection: res.headers.get('connection') === 'close', error: json.error?.message,
-    };
+    return { status: res.status, ms: performance.now() - t0, retryAfter: res.headers.get('retry-after'), degraded: json.degraded !== undefined, error: json.error?.message };
   } catch (err) {
-    return { status: 0, ms: performance.now() - t0, retryAfter: null, degraded: false, closesConnection: true, error: (err as Error).message };
+    return { status: 0, ms: performance.now() - t0, retryAfter: null, degraded: false, error: (err as Error).message };
   }
 }
 
