@@ -84,10 +84,12 @@ test('an answer given while the app closes ends its keep-alive connection (a bus
       req.on('error', reject);
       // Half the body now, so the connection is busy when close() starts; the rest once it has.
       req.write(body.slice(0, 5));
-      void received.then(() => {
+      void received.then(async () => {
         closing = app.close();
+        // The server stops listening after the preClose hooks ran: from then on the app is closing.
+        await until('the server to stop listening', async () => (app.server.listening ? undefined : true), 5_000);
         req.end(body.slice(5));
-      });
+      }).catch(reject);
     });
     let closing: Promise<undefined> | undefined;
     const res = await answered;
