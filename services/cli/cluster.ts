@@ -1,6 +1,8 @@
 // `switchyard up`: the whole cluster as child processes on one machine — a coordinator, expert shards
-// holding the default spread of experts, and routers — stopped together on Ctrl-C or SIGTERM.
-import { Supervisor } from './supervisor.js';
+// holding the default spread of experts, and routers — supervised like a Deployment (a member that exits
+// is restarted on the same ports after a backoff; only a crash loop stops the cluster) and stopped
+// together on Ctrl-C or SIGTERM.
+import { Supervisor, SERVICE_RESTARTS } from './supervisor.js';
 
 export interface ClusterOptions {
   checkpoint: string;
@@ -11,6 +13,8 @@ export interface ClusterOptions {
   /** Each service's output goes to `<logDir>/<name>.log` (processes.json lists the pids). */
   logDir: string;
   log: (line: string) => void;
+  /** Bearer token file of the coordinator's /admin/placement endpoint (unset: the endpoint is off). */
+  adminTokenFile?: string;
 }
 
 export class Cluster {
@@ -19,36 +23,54 @@ export class Cluster {
   coordinatorAddress = '';
   /** Prometheus endpoints of the coordinator and shards (routers serve /metrics on their HTTP port). */
   metricsUrls: string[] = [];
+  /** The coordinator's placement admin endpoint (`http://H:P`, the same port as its /metrics). */
+  adminUrl = '';
+  /** Settles with the reason when a member crash-loops and the cluster stops because of it. */
+  readonly failed: Promise<string>;
 
   constructor(readonly options: ClusterOptions) {
-    this.supervisor = new Supervisor(options.logDir, options.log, 0);
-    // One service failing takes the cluster down (nothing here restarts it; Kubernetes would).
-    const failed = (why: string) => {
+    this.supervisor = new Supervisor(options.logDir, options.log, SERVICE_RESTARTS);
+    let fail: (why: string) => void = () => undefined;
+    this.failed = new Promise((resolve) => { fail = resolve; });
+    // Only a member that cannot be kept running (a crash loop) takes the cluster down.
+    this.supervisor.onFailure = (_name, why) => {
       if (this.stopping) return;
       options.log(`switchyard: ${why}; stopping the cluster`);
-      void this.stop().then(() => { process.exitCode = 1; });
+      void this.stop().then(() => {
+        process.exitCode = 1;
+        fail(why);
+      });
     };
-    this.supervisor.onFailure = (_name, why) => failed(why);
-    this.supervisor.onDone = (name) => failed(`${name} exited`);
+    this.supervisor.onRestarted = (name) => options.log(`switchyard: ${name} is running again`);
   }
 
   get stopping(): boolean {
     return this.supervisor.stopping;
   }
 
-  private start(name: string, args: string[], ready: RegExp): Promise<RegExpMatchArray> {
-    return this.supervisor.start({ name, args, ready, restart: false });
+  /**
+   * Starts a member on any free ports, then pins the ports it got for its restarts: peers, the printed
+   * URLs and scrapers keep finding it where it was. `args(ports)` builds the command line.
+   */
+  private async start(name: string, args: (ports: string[]) => string[], ready: RegExp, ports: string[]): Promise<RegExpMatchArray> {
+    const match = await this.supervisor.start({ name, args: args(ports), ready, restart: true });
+    this.supervisor.setArgs(name, args(ports.map((_, i) => portOf(match[i + 1]))));
+    return match;
   }
 
   async up(): Promise<void> {
     const o = this.options;
-    const [, coordinator, coordinatorMetrics] = await this.start('coordinator', ['serve', 'coordinator', '--host', o.host, '--port', '0'], /listening on (\S+) \(metrics (\S+)\)/);
+    const adminToken = o.adminTokenFile ? ['--admin-token-file', o.adminTokenFile] : [];
+    const [, coordinator, coordinatorMetrics] = await this.start('coordinator', ([port, metricsPort]) => [
+      'serve', 'coordinator', '--host', o.host, '--port', port, '--metrics-port', metricsPort, ...adminToken,
+    ], /listening on (\S+) \(metrics (\S+)\)/, ['0', '0']);
     this.coordinatorAddress = coordinator;
+    this.adminUrl = new URL(coordinatorMetrics).origin;
     const shards = await Promise.all(Array.from({ length: o.shards }, (_, i) => this.startShard(`shard-${i}`, `spread:${i}/${o.shards}`)));
     this.metricsUrls = [coordinatorMetrics, ...shards];
-    const routers = await Promise.all(Array.from({ length: o.routers }, (_, i) => this.start(`router-${i}`, [
-      'serve', 'router', '--checkpoint', o.checkpoint, '--host', o.host, '--port', String(o.port === 0 ? 0 : o.port + i), '--coordinator', coordinator,
-    ], /listening on (\S+)/)));
+    const routers = await Promise.all(Array.from({ length: o.routers }, (_, i) => this.start(`router-${i}`, ([port]) => [
+      'serve', 'router', '--checkpoint', o.checkpoint, '--host', o.host, '--port', port, '--coordinator', coordinator,
+    ], /listening on (\S+)/, [String(o.port === 0 ? 0 : o.port + i)])));
     this.routerUrls = routers.map((m) => `http://${m[1]}`);
     await Promise.all(this.routerUrls.map((url) => waitReady(url)));
   }
@@ -56,10 +78,10 @@ export class Cluster {
   /** Starts a shard holding `experts` (e.g. 'none': the coordinator's planner gives it experts); resolves with its /metrics URL. */
   async startShard(name: string, experts: string): Promise<string> {
     const o = this.options;
-    const [, metrics] = await this.start(name, [
-      'serve', 'expert', '--checkpoint', o.checkpoint, '--experts', experts, '--host', o.host, '--port', '0',
+    const [, , metrics] = await this.start(name, ([port, metricsPort]) => [
+      'serve', 'expert', '--checkpoint', o.checkpoint, '--experts', experts, '--host', o.host, '--port', port, '--metrics-port', metricsPort,
       '--coordinator', this.coordinatorAddress, '--shard-id', name,
-    ], /listening on .*\(metrics (\S+)\)/);
+    ], /listening on (\S+) .*\(metrics (\S+)\)/, ['0', '0']);
     return metrics;
   }
 
@@ -75,6 +97,11 @@ export class Cluster {
     const rank = (name: string) => (name.startsWith('router') ? 0 : name === 'coordinator' ? 1 : 2);
     await this.supervisor.stop((names) => names.reverse().sort((a, b) => rank(a) - rank(b)));
   }
+}
+
+/** The port of `host:port` or of a URL. */
+function portOf(address: string): string {
+  return /^\w+:\/\//.test(address) ? new URL(address).port : address.slice(address.lastIndexOf(':') + 1);
 }
 
 export async function waitReady(url: string, timeoutMs = 120_000): Promise<void> {

@@ -4,12 +4,14 @@ import { Command, InvalidArgumentError } from 'commander';
 import { existsSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { mkdir, readFile, rename, rm } from 'node:fs/promises';
-import { basename, dirname, resolve } from 'node:path';
+import { basename, dirname, relative, resolve } from 'node:path';
+import { randomBytes } from 'node:crypto';
 import { describeBackend, initBackend } from '../core/backend.js';
 import { ConfigError, PRESET_NAMES, parseModelConfig, parseTrainSettings, preset, resolvePreset, type Preset } from '../core/config.js';
 import { CompletionText, loadTokenizer } from '../core/tokenizer/index.js';
 import { generate } from '../core/generate.js';
 import { inspectModel, loadExpertSet, loadModel } from '../core/checkpoint/model.js';
+import { atomicWriteFile } from '../core/checkpoint/index.js';
 import { assertTrainable, familyOf } from '../core/model/family.js';
 import { parseAssignment } from '../expert/assignment.js';
 import { startExpertServer } from '../expert/server.js';
@@ -41,6 +43,8 @@ import { OVERFLOW_POLICIES, type OverflowPolicy } from '../core/overload.js';
 const DEFAULT_RUN_DIR = 'checkpoints/default';
 /** Where `up` appends each service's output (`<name>.log`, and processes.json with the pids). */
 const UP_LOG_DIR = 'runs/up';
+/** `up`'s coordinator admin token, beside the logs. */
+const ADMIN_TOKEN_FILE = 'admin-token';
 
 function packageVersion(): string {
   const require = createRequire(import.meta.url);
@@ -175,6 +179,18 @@ async function prepareModelCommand(flags: { out: string }): Promise<void> {
   else await prepareDefaultModel(modelDir);
 }
 
+/**
+ * A fresh random bearer token for the coordinator's /admin/placement endpoint, in `<dir>/admin-token`
+ * (mode 0600), so `switchyard placement` works on the local cluster out of the box. A new one each start:
+ * a token from an earlier run stops working with that run.
+ */
+async function writeAdminToken(dir: string): Promise<string> {
+  await mkdir(dir, { recursive: true });
+  const file = resolve(dir, ADMIN_TOKEN_FILE);
+  await atomicWriteFile(file, randomBytes(32).toString('base64url') + '\n', 0o600);
+  return file;
+}
+
 interface UpFlags { model?: string; shards: number; routers: number; host: string; port: number }
 
 async function upCommand(flags: UpFlags): Promise<void> {
@@ -184,9 +200,10 @@ async function upCommand(flags: UpFlags): Promise<void> {
   // A broken checkpoint or tokenizer is reported here, before any process starts.
   const { config } = await inspectModel(modelDir);
   await loadTokenizer(modelDir, config);
+  const adminTokenFile = await writeAdminToken(resolve(UP_LOG_DIR));
   const cluster = new Cluster({
     checkpoint: modelDir, shards: flags.shards, routers: flags.routers, host: flags.host, port: flags.port,
-    logDir: resolve(UP_LOG_DIR), log: (line) => process.stderr.write(line + '\n'),
+    logDir: resolve(UP_LOG_DIR), log: (line) => process.stderr.write(line + '\n'), adminTokenFile,
   });
   const stopped = untilStopped().then(() => cluster.stop());
   try {
@@ -204,12 +221,14 @@ async function upCommand(flags: UpFlags): Promise<void> {
     `  API (Open Inference):  ${api}/v2/models/${name}/infer   ${api}/v2/health/ready`,
     `  live expert load:      ${api}/dashboard`,
     `  metrics (Prometheus):  ${api}/metrics   ${cluster.metricsUrls.join('   ')}`,
-    `  processes:             ${Object.entries(cluster.pids()).map(([n, pid]) => `${n}=${pid}`).join(' ')} (logs in ${UP_LOG_DIR}/)`,
+    `  processes:             ${Object.entries(cluster.pids()).map(([n, pid]) => `${n}=${pid}`).join(' ')} (logs in ${UP_LOG_DIR}/; a member that exits is restarted)`,
+    `  placement:             switchyard placement show --admin ${cluster.adminUrl} --token-file ${relative(process.cwd(), adminTokenFile) || adminTokenFile}`,
     `  try: curl -s ${api}/v1/completions -H 'content-type: application/json' -d '{"prompt": "Call me Ishmael. ", "max_tokens": 80}'`,
     '  Ctrl-C stops the cluster.',
     '',
   ].join('\n'));
-  await stopped;
+  // A crash-looping member stops the cluster by itself (the reason is logged, the exit code is 1).
+  await Promise.race([stopped, cluster.failed]);
 }
 
 interface ServeFlags {
@@ -507,7 +526,7 @@ export function buildProgram(): Command {
     .option('--drain-timeout-ms <ms>', 'expert: on SIGTERM, wait this long for the coordinator to move the experts elsewhere', integer('--drain-timeout-ms', 0), 30_000)
     .option('--rebalance-interval-ms <ms>', 'coordinator: check the load balance this often and move experts when it pays (0 = only on join/drain/apply)', integer('--rebalance-interval-ms', 0), 30_000)
     .option('--admin-token-file <file>', 'coordinator: bearer token of the /admin/placement endpoint (also SWITCHYARD_ADMIN_TOKEN; unset: admin disabled)')
-    .option('--metrics-port <n>', 'training services: port of the Prometheus /metrics endpoint (0 = any free port)', integer('--metrics-port'), 0)
+    .option('--metrics-port <n>', 'coordinator, expert, trainer: port of the Prometheus /metrics endpoint (0 = any free port)', integer('--metrics-port'), 0)
     .action(serveCommand);
   return program;
 }

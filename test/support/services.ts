@@ -10,6 +10,10 @@ export interface RunningService {
   child: ChildProcess;
   /** The ready line's match (e.g. the listening address). */
   ready: RegExpMatchArray;
+  /** Settles when the process has exited. */
+  exited: Promise<void>;
+  /** Everything it printed on stdout so far. */
+  stdout: () => string;
   stderr: () => string;
   stop: () => Promise<void>;
 }
@@ -56,13 +60,15 @@ export function startService(args: string[], readyLine: RegExp, env: Record<stri
   const { child, exited, stderr, stop } = spawnTracked(process.execPath, [join(repoRoot, 'dist', 'services', 'cli', 'main.js'), ...args], {
     env: { ...process.env, [EXIT_WITH_PARENT_ENV]: '1', ...env }, ...place,
   });
+  let stdout = '';
   return new Promise<RunningService>((resolve, reject) => {
     const timer = setTimeout(() => { void stop(); reject(new Error(`service ${args.join(' ')} not ready within ${timeoutMs} ms: ${stderr()}`)); }, timeoutMs);
     createInterface({ input: child.stdout! }).on('line', (line) => {
+      stdout += line + '\n';
       const match = line.match(readyLine);
       if (match) {
         clearTimeout(timer);
-        resolve({ child, ready: match, stderr, stop });
+        resolve({ child, ready: match, exited, stdout: () => stdout, stderr, stop });
       }
     });
     void exited.then(() => { clearTimeout(timer); reject(new Error(`service ${args.join(' ')} exited early: ${stderr()}`)); });

@@ -65,8 +65,9 @@ export async function fsyncDir(dir: string): Promise<void> {
   }
 }
 
-export async function writeFileSynced(path: string, bytes: string | Uint8Array): Promise<void> {
-  const fh = await open(path, 'w');
+/** `mode` applies when the file is created (e.g. 0o600 for a secret: never readable by others, not even briefly). */
+export async function writeFileSynced(path: string, bytes: string | Uint8Array, mode = 0o666): Promise<void> {
+  const fh = await open(path, 'w', mode);
   try {
     await fh.writeFile(bytes);
     await fh.sync();
@@ -76,10 +77,10 @@ export async function writeFileSynced(path: string, bytes: string | Uint8Array):
 }
 
 /** Replaces `path` atomically: temporary file in the same folder, fsync, rename, fsync the folder. */
-export async function atomicWriteFile(path: string, bytes: string | Uint8Array): Promise<void> {
+export async function atomicWriteFile(path: string, bytes: string | Uint8Array, mode?: number): Promise<void> {
   const tmp = `${path}${TMP_MARK}${uniqueSuffix()}`;
   try {
-    await writeFileSynced(tmp, bytes);
+    await writeFileSynced(tmp, bytes, mode);
     await rename(tmp, path);
   } catch (err) {
     await unlink(tmp).catch(() => undefined);
