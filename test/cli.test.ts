@@ -1,5 +1,6 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { createRequire } from 'node:module';
 import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -77,6 +78,15 @@ test('bad input gets a clear message and exit code 2', async () => {
   assert.match(shards.stderr, /--shards must be an integer ≥ 1/);
 });
 
+function nativeInstalled(pkg: string): boolean {
+  try {
+    createRequire(import.meta.url).resolve(pkg);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 test('SWITCHYARD_BACKEND forces a backend and rejects unknown names', async () => {
   const out = join(root, 'cpu-run');
   const forced = await runCli(['train', '--config', 'tiny', '--steps', '1', '--single-process', '--out', out], { SWITCHYARD_BACKEND: 'cpu' });
@@ -85,9 +95,17 @@ test('SWITCHYARD_BACKEND forces a backend and rejects unknown names', async () =
   const bad = await runCli(['train', '--config', 'tiny', '--steps', '1', '--out', out], { SWITCHYARD_BACKEND: 'quantum' });
   assert.notEqual(bad.code, 0);
   assert.match(bad.stderr, /SWITCHYARD_BACKEND='quantum' is not one of tensorflow-gpu, tensorflow, wasm, cpu/);
-  const native = await runCli(['train', '--config', 'tiny', '--steps', '1', '--out', out], { SWITCHYARD_BACKEND: 'tensorflow' });
-  // tfjs-node is an optional dependency whose install needs the internet; where it is absent, forcing it fails loudly.
-  if (native.code !== 0) assert.match(native.stderr, /backend 'tensorflow' forced by SWITCHYARD_BACKEND could not start/);
+  const native = await runCli(['train', '--config', 'tiny', '--steps', '1', '--single-process', '--out', join(root, 'native-run')], { SWITCHYARD_BACKEND: 'tensorflow' });
+  // tfjs-node is an optional dependency whose install needs the internet: where it is installed, forcing it
+  // must run on it; where it is absent, forcing it must fail loudly instead of falling back.
+  if (nativeInstalled('@tensorflow/tfjs-node')) {
+    assert.equal(native.code, 0, native.stderr);
+    assert.match(native.stderr, /compute backend: tensorflow \(tfjs 'tensorflow'/);
+  } else {
+    assert.equal(native.code, 1, native.stderr);
+    assert.match(native.stderr, /backend 'tensorflow' forced by SWITCHYARD_BACKEND could not start/);
+    assert.doesNotMatch(native.stderr, /compute backend:/, 'no other backend was started instead');
+  }
 });
 
 test('SWITCHYARD_WASM_THREADS runs wasm multi-threaded with the same numbers as one thread', async () => {

@@ -1,5 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import * as tf from '@tensorflow/tfjs-core';
 import { initBackend } from '../services/core/backend.js';
 import { parseModelConfig, preset } from '../services/core/config.js';
 import { MixtralModel } from '../services/core/model/model.js';
@@ -59,14 +60,46 @@ test('switch and gshard policies with tight capacity drop tokens and still train
 });
 
 test('an expert that got no tokens still steps: zero gradient, weight decay applied', async () => {
-  const model = MixtralModel.initialize(tiny.model, 2);
+  const config = tiny.model;
+  const model = MixtralModel.initialize(config, 2);
+  // Starve expert 3 in every layer: a large constant in residual dimension 0 (from the embedding, carried
+  // by the residual stream) that every gate reads as a large negative logit for expert 3 only.
+  const embed = model.dense.get('embed');
+  const rows = embed.dataSync().slice() as Float32Array;
+  for (let v = 0; v < config.vocab_size; v++) rows[v * config.hidden_size] = 8;
+  model.dense.set('embed', tf.tensor(rows, embed.shape));
+  for (let l = 0; l < config.num_hidden_layers; l++) {
+    const gate = model.dense.get(`layers.${l}.gate`);
+    const g = gate.dataSync().slice() as Float32Array; // [hidden, experts]
+    for (let e = 0; e < config.num_local_experts; e++) g[e] = e === 3 ? -50 : 0;
+    model.dense.set(`layers.${l}.gate`, tf.tensor(g, gate.shape));
+  }
   const table = model.localExperts!.params;
-  const name = table.names()[0];
-  const before = table.get(name).dataSync().slice();
-  const opt = new AdamW(table, { beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay: 0.1 });
-  opt.apply(0.01);
-  const after = table.get(name).dataSync();
-  for (let i = 0; i < before.length; i++) assert.ok(Math.abs(after[i] - before[i] * (1 - 0.01 * 0.1)) < 1e-7);
+  const B = 2;
+  const T = 16;
+  const ids = Int32Array.from({ length: B * T }, (_, i) => (i * 31 + 7) % 256);
+  const targets = Int32Array.from(ids, (v) => (v + 1) % 256);
+  const result = await model.lossAndGradients(ids, targets, B, T, { passId: 'starved', train: true });
+  for (const layer of result.layerStats) {
+    assert.equal(layer.countsBeforeDrop[3], 0, 'expert 3 got no token');
+    assert.ok(layer.countsBeforeDrop[0] > 0 && layer.countsBeforeDrop[1] > 0);
+  }
+  const starved = table.names().filter((n) => /^layers\.\d+\.experts\.3\./.test(n));
+  const used = table.names().filter((n) => /^layers\.\d+\.experts\.0\./.test(n));
+  assert.equal(starved.length, 3 * config.num_hidden_layers);
+  for (const name of starved) assert.equal(tf.tidy(() => tf.max(tf.abs(table.gradOrZeros(name))).dataSync()[0]), 0, `${name}: zero gradient`);
+  const before = new Map(table.names().map((n) => [n, table.get(n).dataSync().slice()]));
+  const lr = 0.01;
+  const weightDecay = 0.1;
+  const opt = new AdamW(table, { beta1: 0.9, beta2: 0.95, eps: 1e-8, weightDecay });
+  opt.apply(lr);
+  const decayedOnly = (name: string) => {
+    const after = table.get(name).dataSync();
+    const was = before.get(name)!;
+    return was.every((w, i) => Math.abs(after[i] - w * (1 - lr * weightDecay)) < 1e-7);
+  };
+  for (const name of starved) assert.ok(decayedOnly(name), `${name}: weight decay applied, nothing else`);
+  for (const name of used) assert.ok(!decayedOnly(name), `${name}: an expert that got tokens moves by its gradient too`);
   assert.equal(opt.step, 1);
   opt.dispose();
   model.dispose();
