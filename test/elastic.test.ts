@@ -14,13 +14,12 @@ import { MixtralModel } from '../services/core/model/model.js';
 import { saveModel } from '../services/core/checkpoint/model.js';
 import { expertKeys } from '../services/core/placement.js';
 import { maxOverMean, planPlacement, PlacementInfeasible, placementLoad } from '../services/coordinator/planner.js';
-import { hammer, startCluster, type Outcome, type TestCluster } from './support/cluster.js';
+import { startCluster, startLoad, type Outcome, type TestCluster } from './support/cluster.js';
 import type { RunningService } from './support/services.js';
 import { runCli } from './support/cli.js';
 import { until } from './support/until.js';
 
 await initBackend();
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const TOKEN = 'elastic-test-admin-token';
 // One MoE layer of 4 experts, top-2: a hot expert chosen by every token gets exactly half of all rows.
 const config = parseModelConfig({ ...preset('tiny').model, num_hidden_layers: 1 });
@@ -61,12 +60,17 @@ async function shardRows(shards: RunningService[]): Promise<number[]> {
   }));
 }
 
-/** max/mean of the rows each shard computed over `ms` of traffic. */
-async function measuredImbalance(shards: RunningService[], ms: number): Promise<{ ratio: number; rows: number[] }> {
+/** Rows per measurement window: counted, not timed, so a slow machine measures the same traffic. */
+const WINDOW_ROWS = 4_000;
+
+/** max/mean of the rows each shard computed over the next `rows` rows of traffic (all shards together). */
+async function measuredImbalance(shards: RunningService[], rows = WINDOW_ROWS): Promise<{ ratio: number; rows: number[] }> {
   const before = await shardRows(shards);
-  await sleep(ms);
-  const rows = (await shardRows(shards)).map((r, i) => r - before[i]);
-  return { ratio: maxOverMean(rows), rows };
+  const counted = await until(`${rows} more rows computed`, async () => {
+    const delta = (await shardRows(shards)).map((r, i) => r - before[i]);
+    return delta.reduce((a, b) => a + b, 0) >= rows ? delta : undefined;
+  }, 120_000, 100);
+  return { ratio: maxOverMean(counted), rows: counted };
 }
 
 async function placement(c: TestCluster): Promise<{ shards: Array<{ shard_id: string; serving: string }>; replicated: Array<{ layer: number; expert: number; shards: string[] }> }> {
@@ -85,11 +89,10 @@ function assertAllServed(outcomes: Outcome[]): void {
 
 test('a third shard joins a skewed cluster: the hot expert gets replicas, measured max/mean shard load falls, no request fails', async (t) => {
   const c = await startCluster(checkpoint, ['spread:0/2', 'spread:1/2'], [[]], { SWITCHYARD_ADMIN_TOKEN: TOKEN });
-  let stop = false;
+  const load = startLoad(c.routers[0].base, 4, body);
   try {
-    const load = hammer(c.routers[0].base, 4, () => stop, body);
-    await sleep(1_500);
-    const before = await measuredImbalance(c.shards, 3_000);
+    await load.answers(10, 'answers before measuring');
+    const before = await measuredImbalance(c.shards);
     // The skew is what we built: expert 0 gets half of all routed rows.
     const routed = [...(await (await fetch(`${c.routers[0].base}/metrics`)).text()).matchAll(/^switchyard_expert_tokens_total\{layer="0",expert="(\d)",stage="routed"\} (\S+)$/gm)];
     const total = routed.reduce((s, m) => s + Number(m[2]), 0);
@@ -102,12 +105,13 @@ test('a third shard joins a skewed cluster: the hot expert gets replicas, measur
       const hotReplicas = p.replicated.find((r) => r.layer === 0 && r.expert === 0);
       return hotReplicas?.shards.includes('shard-2') ? p : undefined;
     });
-    await sleep(500);
-    const balanced = await measuredImbalance(c.shards, 3_000);
-    stop = true;
-    assertAllServed(await load);
+    // The router routes by the new placement once the new shard has computed rows.
+    await until('the new shard computing rows', async () => ((await shardRows([joined]))[0] > 0 ? true : undefined), 60_000);
+    const balanced = await measuredImbalance(c.shards);
+    assertAllServed(await load.stop());
+    // Skew built in: expert 0 on one of two shards gives that shard 2/3 of the rows (max/mean 4/3).
     assert.ok(before.ratio > 1.2, `skewed before: max/mean ${before.ratio.toFixed(3)} (${before.rows.join(', ')})`);
-    assert.ok(balanced.ratio < before.ratio - 0.1, `max/mean ${before.ratio.toFixed(3)} → ${balanced.ratio.toFixed(3)} (${balanced.rows.join(', ')})`);
+    assert.ok(balanced.ratio < before.ratio, `max/mean ${before.ratio.toFixed(3)} → ${balanced.ratio.toFixed(3)} (${balanced.rows.join(', ')})`);
     assert.ok(balanced.rows[2] > 0, 'the new shard computes rows');
     t.diagnostic(`measured shard max/mean ${before.ratio.toFixed(3)} (rows ${before.rows.join(', ')}) → ${balanced.ratio.toFixed(3)} (rows ${balanced.rows.join(', ')}); ${after.replicated.map((r) => `${r.layer}/${r.expert}×${r.shards.length}`).join(' ')}`);
     assert.ok(after.shards.find((s) => s.shard_id === 'shard-2')!.serving.length > 0);
@@ -138,30 +142,28 @@ test('a third shard joins a skewed cluster: the hot expert gets replicas, measur
     assert.equal(denied.code, 2);
     assert.match(denied.stderr, /401/);
   } finally {
-    stop = true; // clients stop even when an assertion failed
+    await load.stop(); // clients stop even when an assertion failed
     await c.stop();
   }
 });
 
 test('scale-down under load: the leaving shard\'s experts move first, zero failed requests, it exits 0', async () => {
   const c = await startCluster(checkpoint, ['spread:0/3', 'spread:1/3', 'spread:2/3'], [[]], { SWITCHYARD_ADMIN_TOKEN: TOKEN });
-  let stop = false;
+  const load = startLoad(c.routers[0].base, 4, body);
   try {
-    const load = hammer(c.routers[0].base, 4, () => stop, body);
-    await sleep(1_500);
+    await load.answers(10, 'answers before the drain');
     const leaving = c.shards[1];
     const exit = new Promise<number | null>((resolve) => leaving.child.once('exit', (code) => resolve(code)));
     leaving.child.kill('SIGTERM');
     assert.equal(await exit, 0, leaving.stderr());
-    await sleep(1_500);
-    stop = true;
-    assertAllServed(await load);
+    await load.answers(20, 'answers after the shard left');
+    assertAllServed(await load.stop());
     const p = await placement(c);
     assert.deepEqual(p.shards.map((s) => s.shard_id).sort(), ['shard-0', 'shard-2']);
     const served = new Set(p.shards.flatMap((s) => s.serving.split(' ')));
     assert.deepEqual([...served].sort(), ['0/0', '0/1', '0/2', '0/3'], 'every expert still served');
   } finally {
-    stop = true; // clients stop even when an assertion failed
+    await load.stop(); // clients stop even when an assertion failed
     await c.stop();
   }
 });

@@ -4,6 +4,7 @@
 import { createServer } from 'node:net';
 import { startService, type RunningService } from './services.js';
 import { waitReady } from '../../services/cli/cluster.js';
+import { until } from './until.js';
 
 export { waitReady };
 
@@ -102,11 +103,65 @@ export async function complete(base: string, body: Record<string, unknown>, head
   }
 }
 
-/** `concurrency` clients sending completions back to back until `until()` says stop. */
-export async function hammer(base: string, concurrency: number, until: () => boolean, body: Record<string, unknown>, headers: Record<string, string> = {}): Promise<Outcome[]> {
+/** Clients sending completions back to back; tests wait on answers (events), never on sleeps. */
+export interface Load {
+  /** Every answer so far, in arrival order (grows while the load runs). */
+  readonly outcomes: Outcome[];
+  /** Resolves once `n` more answers than now have arrived; rejects if the load ends first. */
+  answers(n: number, what?: string): Promise<void>;
+  /** Stops the clients (each finishes its current request) and resolves with every outcome. */
+  stop(): Promise<Outcome[]>;
+  /** Resolves with every outcome once the load has ended (stopped, or its time or request cap reached). */
+  ended: Promise<Outcome[]>;
+}
+
+/**
+ * `concurrency` clients sending completions back to back until `stop()`, or at the latest after
+ * `maxMs` or `maxRequests` (the loops are bounded even when a test fails before it stops them).
+ */
+export function startLoad(
+  base: string, concurrency: number, body: Record<string, unknown>, headers: Record<string, string> = {}, maxMs = 120_000, maxRequests = 100_000,
+): Load {
   const outcomes: Outcome[] = [];
-  await Promise.all(Array.from({ length: concurrency }, async (_, w) => {
-    for (let i = 0; !until(); i++) outcomes.push(await complete(base, { ...body, seed: w * 10_000 + i }, headers));
-  }));
-  return outcomes;
+  let stopped = false;
+  const cap = setTimeout(() => { stopped = true; }, maxMs);
+  const done = Promise.all(Array.from({ length: concurrency }, async (_, w) => {
+    for (let i = 0; !stopped && outcomes.length < maxRequests; i++) outcomes.push(await complete(base, { ...body, seed: w * 10_000 + i }, headers));
+  })).then(() => {
+    stopped = true;
+    clearTimeout(cap);
+    return outcomes;
+  });
+  return {
+    outcomes,
+    answers: async (n, what = `${n} more answers`) => {
+      const target = outcomes.length + n;
+      const reached = await until(what, async () => (outcomes.length >= target ? true : stopped ? false : undefined), maxMs);
+      if (!reached) throw new Error(`the load ended before ${what} (${outcomes.length} answers)`);
+    },
+    stop: () => {
+      stopped = true;
+      return done;
+    },
+    ended: done,
+  };
+}
+
+/** The value of an unlabelled series in a Prometheus text page (e.g. the router's switchyard_http_requests_in_flight). */
+export async function metricValue(metricsUrl: string, name: string): Promise<number> {
+  const text = await (await fetch(metricsUrl)).text();
+  const m = text.match(new RegExp(`^${name.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')} (\\S+)$`, 'm'));
+  if (!m) throw new Error(`${metricsUrl} has no ${name}`);
+  return Number(m[1]);
+}
+
+/** The coordinator's HTTP origin (its /metrics and /admin/placement), from its ready line. */
+export function coordinatorHttp(c: TestCluster): string {
+  return c.coordinator.ready.input!.match(/\(metrics (http:\/\/[^/\s]+)\/metrics\)/)![1];
+}
+
+/** Resolves once the router at `base` is answering at least `n` requests at once, by its own gauge. */
+export async function untilInFlight(base: string, n: number): Promise<void> {
+  // The scrape is in flight too while the gauge is read.
+  await until(`${n} requests in flight at ${base}`, async () => ((await metricValue(`${base}/metrics`, 'switchyard_http_requests_in_flight')) >= n + 1 ? true : undefined), 60_000);
 }
