@@ -200,6 +200,15 @@ test('Ctrl-C stops a distributed run at once: every shard ends its step protocol
   }
 });
 
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 test('a crash while a checkpoint is written leaves the previous one loadable, and --resume finishes the run exactly', async () => {
   const settings = { ...tiny.train, steps: 12, checkpoint_interval: 4 };
   const ref = await reference(settings);
@@ -225,8 +234,9 @@ test('a crash while a checkpoint is written leaves the previous one loadable, an
   (await loadModel(ckpt)).dispose();
   const staged = (await readdir(out)).filter((f) => /^checkpoint\.tmp-g\d+-s8$/.test(f));
   assert.equal(staged.length, 1, 'the half-written checkpoint was left in its staging folder');
-  // Let the killed children (they poll for their parent) exit before the run restarts.
-  await new Promise((r) => setTimeout(r, 1_000));
+  // The killed run's children (they poll for their parent) are gone before the run restarts.
+  const orphans = Object.values(JSON.parse(await readFile(join(out, 'logs', 'processes.json'), 'utf8')) as Record<string, number>);
+  await until('the killed run\'s services exited', async () => (orphans.every((pid) => !isAlive(pid)) ? true : undefined), 30_000, 50);
   const resumed = await runCli(['train', '--config', config, '--routers', '2', '--shards', '2', '--out', out, '--resume']);
   assert.equal(resumed.code, 0, resumed.stderr);
   assertLossesEqual(await metrics(out), await metrics(ref), 5);

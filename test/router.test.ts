@@ -12,6 +12,8 @@ import { MixtralModel } from '../services/core/model/model.js';
 import { saveModel } from '../services/core/checkpoint/model.js';
 import { assignmentSpec, spreadExperts } from '../services/core/placement.js';
 import { startService, type RunningService } from './support/services.js';
+import { metricValue } from './support/cluster.js';
+import { until } from './support/until.js';
 import { RouterEngine } from '../services/router/engine.js';
 import { CoordinatorLink } from '../services/core/wire/coordinator-link.js';
 
@@ -22,6 +24,7 @@ let reference: MixtralModel;
 let base: string;
 let coordinatorAddress: string;
 let checkpointDir: string;
+let coordinatorMetrics: string;
 const services: RunningService[] = [];
 
 async function start(args: string[], ready: RegExp): Promise<RunningService> {
@@ -35,8 +38,9 @@ before(async () => {
   const checkpoint = join(root, 'tiny-moe');
   reference = MixtralModel.initialize(tiny.model, 21);
   await saveModel(checkpoint, reference);
-  const coordinator = await start(['serve', 'coordinator', '--port', '0', '--lease-ttl-ms', '2000'], /listening on (\S+)/);
+  const coordinator = await start(['serve', 'coordinator', '--port', '0', '--lease-ttl-ms', '2000'], /listening on (\S+) \(metrics (\S+)\)/);
   const address = coordinator.ready[1];
+  coordinatorMetrics = coordinator.ready[2];
   coordinatorAddress = address;
   checkpointDir = checkpoint;
   for (const [i, keys] of spreadExperts(tiny.model.num_hidden_layers, tiny.model.num_local_experts, 2).entries())
@@ -218,8 +222,9 @@ test('a shard that dies mid-service: answers go on, flagged degraded (drop polic
   const events = (await res.text()).split('\n\n').filter(Boolean);
   assert.equal(events.at(-1), 'data: [DONE]');
   assert.ok(events.some((e) => /"degraded":\{"reasons":\[".*no live shard holds expert/.test(e)), 'a degraded event names the lost experts');
-  // The router remembers the shard's experts after its lease ran out, and keeps answering, degraded.
-  for (let i = 0; i < 30; i++) await new Promise((r) => setTimeout(r, 100));
+  // The router remembers the shard's experts after its lease ran out (the coordinator lists one shard), and keeps answering, degraded.
+  await until('shard-1\'s lease to run out', async () => (
+    (await metricValue(`${coordinatorMetrics}`, 'switchyard_coordinator_members{role="expert-shard"}')) === 1 ? true : undefined), 30_000, 100);
   const plain = await post('/v1/completions', { prompt: 'x', max_tokens: 2 });
   assert.equal(plain.status, 200);
   assert.equal(plain.headers.get('x-switchyard-degraded'), 'true');
