@@ -296,6 +296,7 @@ test('unsupported DeepSeek-MoE values are refused by name, and training is refus
     [{ num_experts_per_tok: 7 }, /num_experts_per_tok.*n_routed_experts/],
     [{ moe_intermediate_size: 0 }, /moe_intermediate_size/],
     [{ switchyard_gate: { policy: 'gshard' } }, /switchyard_gate.*'mixtral'/],
+    [{ switchyard_gate: { aux_loss_scope: 'batch' } }, /aux_loss_scope/],
   ];
   for (const [change, message] of refused) {
     assert.throws(() => parseModelConfig({ ...rawConfig, ...change }), (err: Error) => err instanceof ConfigError && message.test(err.message), JSON.stringify(change));

@@ -127,6 +127,27 @@ test('2 routers × 2 shards train exactly like one process: every loss and the f
   (await loadModel(checkpointDirOf(out))).dispose();
 });
 
+test('switch with Random Token Selection and capacity drops: 2 routers keep exactly the tokens one process keeps', async () => {
+  // the counter-based selection stream is keyed by global token index, so each replica draws the
+  // single-process uniforms of its half of the batch
+  const gate = { ...tiny.model.switchyard_gate, policy: 'switch' as const, capacity_factor: 0.5 };
+  const model = { ...tiny.model, num_experts_per_tok: 1, switchyard_gate: gate };
+  const settings = { ...tiny.train, steps: 5, checkpoint_interval: 5, eval_interval: 5 };
+  const ref = join(root, 'rts-reference');
+  await train({ model, train: settings, outDir: ref });
+  const config = join(root, 'rts.json');
+  await writeFile(config, JSON.stringify({ base: 'tiny', model: { num_experts_per_tok: 1, switchyard_gate: gate }, train: { steps: 5, checkpoint_interval: 5, eval_interval: 5 } }));
+  const out = join(root, 'rts-dist');
+  const run = await runCli(['train', '--config', config, '--routers', '2', '--shards', '2', '--out', out]);
+  assert.equal(run.code, 0, run.stderr);
+  const [got, want] = [await metrics(out), await metrics(ref)];
+  assert.ok(want.every((r) => r.dropped_fraction > 0), 'every step drops tokens');
+  assert.deepEqual(got.map((r) => r.dropped_fraction), want.map((r) => r.dropped_fraction));
+  assertLossesEqual(got, want);
+  const { worst } = await weightsDifference(checkpointDirOf(out), checkpointDirOf(ref));
+  assert.ok(worst <= 1e-4, `final weights differ by ${worst} (relative)`);
+});
+
 test('a replicated expert: rows split over both holders, replicas identical after every step, losses still equal', async () => {
   const ref = await reference(tiny.train);
   const out = join(root, 'replicated');

@@ -9,7 +9,10 @@ import {
   gumbelNoise,
   multiplicativeJitter,
   policyFromSettings,
+  pooledAuxLoss,
+  pooledAuxTotals,
   routeTokens,
+  rtsUniforms,
   updateBalanceBias,
   zLoss,
   type GatePolicy,
@@ -118,7 +121,8 @@ function policyForRun(run: VectorRun, c: VectorCase, logits: Float32Array): Gate
     assert.ok(KNOWN_PARAMS.has(key), `${c.id}: unhandled DeepSpeed parameter ${key}`);
   }
   // parameters this gate does not implement must be at their neutral values
-  assert.ok(params.use_rts === undefined || params.use_rts === false, `${c.id}: use_rts is not supported`);
+  // (an RTS run would need DeepSpeed's uniforms, which the vectors do not record; RTS is tested below)
+  assert.ok(params.use_rts === undefined || params.use_rts === false, `${c.id}: use_rts run without its uniforms`);
   assert.ok(params.noisy_gate_policy == null, `${c.id}: noisy_gate_policy is not supported`);
   assert.ok(params.used_token == null, `${c.id}: used_token is not supported`);
   assert.equal(typeof params.capacity_factor, 'number');
@@ -388,10 +392,12 @@ function checkPlan(logits: Float32Array, S: number, E: number, policy: GatePolic
     else if (sum32 >= EPS32) assert.ok(Math.abs(total - 1) <= 1e-6, `${where}: kept weights sum ${total}`);
   }
 
-  // aux loss
+  // aux loss: top1/top2gating count first choices (me·ce summed, ·E); DeepSpeed topkgating (k > 2) takes ce
+  // from the k-hot mask and l_aux = mean_e(me·ce)·E·E/k; HF Mixtral sums the k one-hot fractions (·E)
+  const kHot = policy.kind === 'mixtral' || (policy.kind === 'topk' && k > 2);
   const n = new Float64Array(E);
   for (let s = 0; s < S; s++) {
-    if (policy.kind === 'mixtral') for (let c = 0; c < k; c++) n[plan.expert[s * k + c]]++;
+    if (kHot) for (let c = 0; c < k; c++) n[plan.expert[s * k + c]]++;
     else n[plan.expert[s * k]]++;
   }
   const meanP = new Float64Array(E);
@@ -400,8 +406,13 @@ function checkPlan(logits: Float32Array, S: number, E: number, policy: GatePolic
     for (let e = 0; e < E; e++) meanP[e] += p[e] / S;
   }
   let aux = 0;
-  for (let e = 0; e < E; e++) aux += meanP[e] * (n[e] / S);
-  aux *= E;
+  if (policy.kind === 'topk' && k > 2) {
+    for (let e = 0; e < E; e++) aux += (meanP[e] * (n[e] / S)) / E;
+    aux = (aux * E * E) / k;
+  } else {
+    for (let e = 0; e < E; e++) aux += meanP[e] * (n[e] / S);
+    aux *= E;
+  }
   assert.ok(Math.abs(plan.auxLoss - aux) <= 1e-6 * Math.max(1, aux), `${where}: aux ${plan.auxLoss} vs ${aux}`);
 }
 
@@ -565,9 +576,10 @@ function referenceLoss(
   clamped: boolean[],
 ): number {
   const { tokens: S, experts: E, k } = plan;
+  const topkgating = plan.kind === 'topk' && k > 2; // DeepSpeed topkgating: k-hot ce, l_aux·1/k
   const n = new Float64Array(E);
   for (let s = 0; s < S; s++) {
-    if (plan.kind === 'mixtral') for (let c = 0; c < k; c++) n[plan.expert[s * k + c]]++;
+    if (plan.kind === 'mixtral' || topkgating) for (let c = 0; c < k; c++) n[plan.expert[s * k + c]]++;
     else n[plan.expert[s * k]]++;
   }
   let weighted = 0;
@@ -587,7 +599,7 @@ function referenceLoss(
       weighted += dWeight[i] * w;
     }
   }
-  return weighted + (auxCoef * E * aux) / (S * S) + (zCoef * z) / S;
+  return weighted + (auxCoef * E * aux) / (S * S * (topkgating ? k : 1)) + (zCoef * z) / S;
 }
 
 function checkGradient(logits: Float32Array, S: number, E: number, policy: GatePolicy, random: () => number): void {
@@ -660,6 +672,8 @@ test('gateBackward matches finite differences for every policy', () => {
       { kind: 'gshard', dropTokens: false, selectionBias: bias },
       { kind: 'topk', k: 1, capacityFactor: 0.75, minCapacity: 0 },
       { kind: 'topk', k: 3, capacityFactor: 0.5, minCapacity: 0 },
+      { kind: 'topk', k: 4, capacityFactor: 1, minCapacity: 0 },
+      { kind: 'switch', capacityFactor: 0.5, minCapacity: 0, selectionUniform: Float64Array.from({ length: S * E }, random) },
       { kind: 'mixtral', k: 1 },
       { kind: 'mixtral', k: 2 },
       { kind: 'mixtral', k: 3, selectionBias: bias },
@@ -812,4 +826,202 @@ test('bad inputs throw RangeError', () => {
   assert.throws(() => gateBackward(plan, logits, new Float32Array(5), 0, 0), RangeError);
   assert.throws(() => gateBackward(plan, new Float32Array(8), new Float32Array(6), 0, 0), RangeError);
   assert.throws(() => zLoss(new Float32Array(5), 2, 3), RangeError);
+});
+
+// ---------------------------------------------------------------------------------------------------
+// 4. Random Token Selection (DeepSpeed top1gating, use_rts=True)
+
+/**
+ * DeepSpeed top1gating's dropping with use_rts, in float64 tensor form: mask1 = one_hot(argmax probs);
+ * mask1_rand = mask1·uniform; top_idx = topk(mask1_rand, capacity, dim=0) (equal values: lower row
+ * first); new_mask1 = mask1 · scatter(top_idx); locations1 = cumsum(new_mask1, dim=0) − 1.
+ * Returns each token's slot (−1 = dropped).
+ */
+function deepspeedRtsSlots(probs: Float32Array, uniform: ArrayLike<number>, S: number, E: number, capacity: number): number[] {
+  const mask1: number[][] = [];
+  for (let s = 0; s < S; s++) {
+    let best = 0;
+    for (let e = 1; e < E; e++) if (probs[s * E + e] > probs[s * E + best]) best = e;
+    mask1.push(Array.from({ length: E }, (_, e) => (e === best ? 1 : 0)));
+  }
+  const newMask = mask1.map((row) => row.map(() => 0));
+  const selected = Math.min(capacity, S);
+  for (let e = 0; e < E; e++) {
+    const column = mask1.map((row, s) => ({ s, v: row[e] * uniform[s * E + e] }));
+    column.sort((a, b) => b.v - a.v || a.s - b.s);
+    for (const { s } of column.slice(0, selected)) newMask[s][e] = mask1[s][e];
+  }
+  const slots = new Array<number>(S).fill(-1);
+  const cumsum = new Array<number>(E).fill(0);
+  for (let s = 0; s < S; s++) {
+    for (let e = 0; e < E; e++) {
+      cumsum[e] += newMask[s][e];
+      if (newMask[s][e]) slots[s] = cumsum[e] - 1;
+    }
+  }
+  return slots;
+}
+
+test('Random Token Selection: a hand-computed DeepSpeed top1gating (use_rts) vector', () => {
+  // tokens 0..4 choose expert 0, token 5 expert 1; capacity = ceil(6/2 · 0.5) = 2
+  const logits = Float32Array.from([2, 0, 2, 0, 2, 0, 2, 0, 2, 0, 0, 2]);
+  const uniform = Float64Array.from([0.1, 0.7, 0.9, 0.6, 0.3, 0.5, 0.8, 0.4, 0.2, 0.3, 0.95, 0.5]);
+  const policy: GatePolicy = { kind: 'switch', capacityFactor: 0.5, minCapacity: 0 };
+  const first = routeTokens(logits, 6, 2, policy);
+  const rts = routeTokens(logits, 6, 2, { ...policy, selectionUniform: uniform });
+  assert.equal(rts.capacity, 2);
+  // without RTS the first two tokens of expert 0 stay; with it the two largest uniforms (tokens 1: 0.9, 3: 0.8),
+  // numbered in token order
+  assert.deepEqual(Array.from(first.slot), [0, 1, -1, -1, -1, 0]);
+  assert.deepEqual(Array.from(rts.slot), [-1, 0, -1, 1, -1, 0]);
+  assert.deepEqual(Array.from(rts.expert), [0, 0, 0, 0, 0, 1]);
+  const p = fround(Math.exp(2) / (Math.exp(2) + 1));
+  for (const [s, w] of [0, p, 0, p, 0, p].entries()) closeTo(rts.weight[s], w, `weight ${s}`);
+  assert.deepEqual(Array.from(rts.countsBeforeDrop), [5, 1]);
+  assert.deepEqual(Array.from(rts.countsAfterDrop), [2, 1]);
+  assert.equal(rts.auxLoss, first.auxLoss, 'l_aux is computed before dropping');
+  // equal uniforms: the lower token index wins
+  const tied = routeTokens(logits, 6, 2, { ...policy, selectionUniform: new Float64Array(12).fill(0.5) });
+  assert.deepEqual(Array.from(tied.slot), [0, 1, -1, -1, -1, 0]);
+  // dropless: every token stays, in token order, whatever the uniforms
+  const dropless = routeTokens(logits, 6, 2, { kind: 'switch', dropTokens: false, selectionUniform: uniform });
+  assert.deepEqual(Array.from(dropless.slot), [0, 1, 2, 3, 4, 0]);
+});
+
+test('Random Token Selection matches the DeepSpeed tensor formulation on random logits and uniforms', () => {
+  const random = seeded(777);
+  let dropping = 0;
+  for (const [S, E, cf] of [[40, 4, 0.5], [100, 8, 1], [64, 16, 0.25], [9, 3, 2]] as const) {
+    const logits = randomLogits(S, E, random, 2);
+    const uniform = Float32Array.from({ length: S * E }, random);
+    const plan = routeTokens(logits, S, E, { kind: 'switch', capacityFactor: cf, minCapacity: 1, selectionUniform: uniform });
+    const want = deepspeedRtsSlots(plan.probs, uniform, S, E, plan.capacity);
+    assert.deepEqual(Array.from(plan.slot), want, `S=${S} E=${E} cf=${cf}`);
+    for (let s = 0; s < S; s++) assert.equal(plan.weight[s], want[s] >= 0 ? plan.probs[s * E + plan.expert[s]] : 0);
+    if (plan.slot.some((x) => x < 0)) dropping++;
+    // the RTS plan differs from first-come only in which tokens are kept
+    const plain = routeTokens(logits, S, E, { kind: 'switch', capacityFactor: cf, minCapacity: 1 });
+    assert.deepEqual(plan.expert, plain.expert);
+    assert.deepEqual(plan.countsAfterDrop, plain.countsAfterDrop);
+    assert.equal(plan.auxLoss, plain.auxLoss);
+  }
+  assert.ok(dropping >= 3, 'the cases drop tokens');
+});
+
+test('rtsUniforms: a counter-based stream keyed by (seed, step, layer, token, expert)', () => {
+  const key = { seed: 1234, step: 7, layer: 2 };
+  const S = 64;
+  const E = 4;
+  const all = rtsUniforms(key, 0, S, E);
+  assert.deepEqual(rtsUniforms(key, 0, S, E), all, 'same key, same uniforms');
+  // a replica holding tokens 40.. of the batch draws the single-process uniforms of those tokens
+  assert.deepEqual(rtsUniforms(key, 40, 24, E), all.subarray(40 * E));
+  let sum = 0;
+  for (const u of all) {
+    assert.ok(u > 0 && u < 1);
+    sum += u;
+  }
+  assert.ok(Math.abs(sum / all.length - 0.5) < 0.05, `mean ${sum / all.length}`);
+  for (const other of [{ ...key, seed: 1235 }, { ...key, step: 8 }, { ...key, layer: 3 }, { ...key, seed: 1234 + 2 ** 32 }]) {
+    assert.notDeepEqual(rtsUniforms(other, 0, S, E), all, JSON.stringify(other));
+  }
+  // same seed ⇒ same routing; different seed ⇒ a different kept set
+  const logits = randomLogits(S, E, seeded(5), 2);
+  const route = (seed: number) =>
+    routeTokens(logits, S, E, { kind: 'switch', capacityFactor: 0.5, minCapacity: 0, selectionUniform: rtsUniforms({ ...key, seed }, 0, S, E) });
+  const a = route(1);
+  assert.ok(a.slot.some((x) => x < 0), 'the case drops tokens');
+  assert.deepEqual(route(1).slot, a.slot);
+  assert.notDeepEqual(Array.from(route(2).slot).map((x) => x >= 0), Array.from(a.slot).map((x) => x >= 0));
+  assert.throws(() => rtsUniforms({ ...key, step: -1 }, 0, 1, 1), RangeError);
+  assert.throws(() => routeTokens(logits, S, E, { kind: 'gshard', selectionUniform: all }), /switch/);
+  assert.throws(() => routeTokens(logits, S, E, { kind: 'switch', selectionUniform: new Float64Array(S * E).fill(1) }), /\[0, 1\)/);
+});
+
+// ---------------------------------------------------------------------------------------------------
+// 5. DeepSpeed topkgating's aux loss (k > 2) and Hugging Face's whole-batch Mixtral aux loss
+
+test('topk with k > 2: l_aux = mean(me·ce)·E·E/k with ce the mean k-hot mask (DeepSpeed topkgating)', () => {
+  // hand-computable: E = 4, k = 3, two tokens; token 0 logits [3,2,1,0] → experts 0,1,2; token 1
+  // [0,1,2,3] → experts 3,2,1. ce = [1,2,2,1]/2, me = mean of the two softmax rows = [q0+q3, q1+q2, ...]/2
+  const logits = Float32Array.from([3, 2, 1, 0, 0, 1, 2, 3]);
+  const plan = routeTokens(logits, 2, 4, { kind: 'topk', k: 3, dropTokens: false });
+  const z = Math.exp(3) + Math.exp(2) + Math.exp(1) + 1;
+  const q = [Math.exp(3) / z, Math.exp(2) / z, Math.exp(1) / z, 1 / z];
+  const me = [q[0] + q[3], q[1] + q[2], q[2] + q[1], q[3] + q[0]].map((v) => v / 2);
+  const ce = [1, 2, 2, 1].map((v) => v / 2);
+  const want = (me.reduce((acc, m, e) => acc + m * ce[e], 0) / 4) * 16 / 3;
+  assert.ok(Math.abs(plan.auxLoss - want) < 1e-7, `${plan.auxLoss} vs ${want}`);
+  // first-choice counting (top2gating's) would give 4·(me0·½ + me3·½) instead
+  assert.ok(Math.abs(plan.auxLoss - 4 * (me[0] / 2 + me[3] / 2)) > 1e-3);
+});
+
+/**
+ * Hugging Face modeling_mixtral `load_balancing_loss_func(gate_logits, num_experts, top_k)` with no
+ * attention mask, float64: the layers' logits concatenated, softmax, top-k (or the given choices),
+ * tokens_per_expert = mean one_hot [k, E], router_prob_per_expert = mean softmax [E],
+ * loss = Σ tokens_per_expert · router_prob_per_expert · E.
+ */
+function hfLoadBalancingLoss(layers: Float64Array[], E: number, k: number, choices?: number[][]): { loss: number; choices: number[][] } {
+  const rows: Float64Array[] = [];
+  for (const x of layers) for (let s = 0; s < x.length / E; s++) rows.push(x.subarray(s * E, (s + 1) * E));
+  const N = rows.length;
+  const routing = rows.map((r) => softmax64(r, 0, E).p);
+  const selected = choices ?? routing.map((p) => [...Array(E).keys()].sort((a, b) => p[b] - p[a] || a - b).slice(0, k));
+  const tokensPerExpert = Array.from({ length: k }, () => new Float64Array(E));
+  const routerProb = new Float64Array(E);
+  for (let t = 0; t < N; t++) {
+    for (let c = 0; c < k; c++) tokensPerExpert[c][selected[t][c]] += 1 / N;
+    for (let e = 0; e < E; e++) routerProb[e] += routing[t][e] / N;
+  }
+  let loss = 0;
+  for (let c = 0; c < k; c++) for (let e = 0; e < E; e++) loss += tokensPerExpert[c][e] * routerProb[e];
+  return { loss: loss * E, choices: selected };
+}
+
+test("aux_loss_scope 'batch': pooled totals give HF load_balancing_loss_func over every layer, with its exact gradient", () => {
+  const random = seeded(2024);
+  const E = 5;
+  const k = 2;
+  const groupTokens = [7, 7, 3]; // three groups per layer
+  const layers = 3;
+  const logits: Float32Array[] = []; // one per (layer, group)
+  for (let l = 0; l < layers; l++) for (const S of groupTokens) logits.push(randomLogits(S, E, random, 1.5));
+  const plans = logits.map((x, i) => routeTokens(x, groupTokens[i % groupTokens.length], E, { kind: 'mixtral', k }));
+  const pooled = pooledAuxTotals(plans, E);
+  const layerLogits = Array.from({ length: layers }, (_, l) => {
+    const parts = logits.slice(l * groupTokens.length, (l + 1) * groupTokens.length);
+    return Float64Array.from(parts.flatMap((p) => Array.from(p)));
+  });
+  const hf = hfLoadBalancingLoss(layerLogits, E, k);
+  // the gate's choices are HF's top-k
+  assert.deepEqual(plans.flatMap((p) => Array.from(p.expert)), hf.choices.flat());
+  const got = pooledAuxLoss(pooled);
+  assert.ok(Math.abs(got - hf.loss) <= 1e-6 * hf.loss, `${got} vs ${hf.loss}`);
+  // differs from the per-group losses (their mean over groups, summed over layers, the 'group' scope)
+  const perGroup = plans.reduce((acc, p) => acc + p.auxLoss, 0) / groupTokens.length;
+  assert.ok(Math.abs(perGroup - got) > 1e-3, 'pooled and per-group losses coincide: the test proves nothing');
+
+  // gradient: gateBackward of each group with the pooled totals vs central differences of the HF loss
+  const coef = 0.7;
+  const h = 1e-6;
+  let worst = 0;
+  logits.forEach((x, i) => {
+    const S = plans[i].tokens;
+    const grad = gateBackward(plans[i], x, new Float32Array(S * k), coef, 0, pooled);
+    const l = Math.floor(i / groupTokens.length);
+    const offset = groupTokens.slice(0, i % groupTokens.length).reduce((a, b) => a + b, 0) * E;
+    for (let j = 0; j < S * E; j++) {
+      const at = layerLogits[l][offset + j];
+      layerLogits[l][offset + j] = at + h;
+      const up = hfLoadBalancingLoss(layerLogits, E, k, hf.choices).loss;
+      layerLogits[l][offset + j] = at - h;
+      const down = hfLoadBalancingLoss(layerLogits, E, k, hf.choices).loss;
+      layerLogits[l][offset + j] = at;
+      const fd = (coef * (up - down)) / (2 * h);
+      worst = Math.max(worst, Math.abs(grad[j] - fd));
+      assert.ok(Math.abs(grad[j] - fd) <= 1e-6 + 1e-4 * Math.abs(fd), `group ${i} d/dlogit[${j}] ${grad[j]} vs ${fd}`);
+    }
+  });
+  assert.throws(() => pooledAuxTotals([routeTokens(logits[0], 7, E, { kind: 'gshard' })], E), /Mixtral/);
 });

@@ -200,6 +200,36 @@ describe('MixtralModel (tiny preset) against the float64 reference', () => {
     });
   }
 
+  test("aux_loss_scope 'batch' (HF's loss pooled over layers and groups): loss and gate/norm gradients vs float64 central differences", async (t) => {
+    // two routing groups per layer, so pooling over groups and over layers both matter
+    const batchScope = parseModelConfig({ ...config, switchyard_gate: { ...config.switchyard_gate, aux_loss_coef: 1, aux_loss_scope: 'batch' } });
+    const model = MixtralModel.initialize(batchScope, 31);
+    randomizeParameters(model, 32);
+    const rng = new Rng(33);
+    const ids = randomIds(rng, BATCH * TOKENS, batchScope.vocab_size);
+    const targets = randomIds(rng, BATCH * TOKENS, batchScope.vocab_size);
+    for (const table of tables(model)) table.clearGrads();
+    const res = await model.lossAndGradients(ids, targets, BATCH, TOKENS, { passId: 'gc-batch', train: true, groupTokens: TOKENS });
+    const forced = choicesOf(res.layerStats);
+    const p64 = params64Of(model);
+    const L = () => referenceLoss(p64, batchScope, ids, targets, BATCH, TOKENS, forced, { groupTokens: TOKENS });
+    const grouped = referenceLoss(p64, { ...batchScope, switchyard_gate: { ...batchScope.switchyard_gate, aux_loss_scope: 'group' } }, ids, targets, BATCH, TOKENS, forced, { groupTokens: TOKENS });
+    const refLoss = L();
+    t.diagnostic(`loss ${res.loss} (aux ${res.auxLoss}); reference ${refLoss}, with per-group aux ${grouped}`);
+    assert.ok(Math.abs(res.loss - refLoss) <= 1e-5 * refLoss, `loss ${res.loss} vs reference ${refLoss}`);
+    assert.ok(Math.abs(grouped - refLoss) > 1e-3, 'pooled and per-group aux coincide: the check proves nothing');
+    for (const name of model.dense.names().filter((n) => n.endsWith('.gate') || n.endsWith('_norm'))) {
+      const analytic = gradOf(model.dense, name);
+      const x64 = p64.get(name)!;
+      const idx = sampleIndices(() => rng.next(), x64.length, SUBSET);
+      const err = relErr(idx.map((i) => analytic[i]), idx.map((i) => centralDiff(L, x64, i)));
+      t.diagnostic(`${name}: rel err ${err.toExponential(2)}`);
+      assert.ok(err <= GRAD_TOL, `${name}: gradient relative error ${err} > ${GRAD_TOL}`);
+    }
+    for (const table of tables(model)) table.clearGrads();
+    model.dispose();
+  });
+
   test('KV-cache decoding equals full recomputation (prefill 5, decode 6)', async (t) => {
     for (const weights of ['preset init', 'randomized'] as const) {
       const model = MixtralModel.initialize(config, 31);

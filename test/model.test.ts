@@ -20,7 +20,7 @@ async function trainSteps(config: ReturnType<typeof parseModelConfig>, steps: nu
   const losses: number[] = [];
   let stats;
   for (let s = 0; s < steps; s++) {
-    const r = await model.lossAndGradients(ids, targets, B, T, { passId: `s${s}`, train: true });
+    const r = await model.lossAndGradients(ids, targets, B, T, { passId: `s${s}`, train: true, rts: { seed: 9, step: s + 1, firstToken: 0 } });
     losses.push(r.crossEntropy);
     stats = r.layerStats;
     for (const o of optimizers) o.apply(3e-3);
@@ -102,5 +102,53 @@ test('an expert that got no tokens still steps: zero gradient, weight decay appl
   for (const name of used) assert.ok(!decayedOnly(name), `${name}: an expert that got tokens moves by its gradient too`);
   assert.equal(opt.step, 1);
   opt.dispose();
+  model.dispose();
+});
+
+test('Random Token Selection (switch, use_rts): keyed by (seed, step), data-parallel halves route like the whole batch, evaluation keeps the first tokens', async () => {
+  const config = parseModelConfig({
+    ...tiny.model, num_experts_per_tok: 1,
+    switchyard_gate: { ...tiny.model.switchyard_gate, policy: 'switch', capacity_factor: 0.5, eval_capacity_factor: 0.5, min_capacity: 1 },
+  });
+  const model = MixtralModel.initialize(config, 5);
+  const B = 4;
+  const T = 16;
+  const ids = Int32Array.from({ length: B * T }, (_, i) => (i * 53 + 11) % 256);
+  const targets = Int32Array.from(ids, (v) => (v + 3) % 256);
+  /** per layer, every group's slots end to end (−1 = dropped) */
+  const route = async (from: number, sequences: number, rts?: { seed: number; step: number }, m = model) => {
+    const r = await m.lossAndGradients(ids.subarray(from * T, (from + sequences) * T), targets.subarray(from * T, (from + sequences) * T), sequences, T, {
+      passId: 'rts', train: true, groupTokens: T, ...(rts ? { rts: { ...rts, firstToken: from * T } } : {}),
+    });
+    m.dense.clearGrads();
+    m.localExperts!.params.clearGrads();
+    return r.layerStats.map((s) => s.plans.flatMap((p) => Array.from(p.slot)));
+  };
+  await assert.rejects(route(0, B), /use_rts/);
+  const whole = await route(0, B, { seed: 1, step: 3 });
+  assert.ok(whole.every((slots) => slots.some((x) => x < 0)), 'every layer drops tokens');
+  assert.deepEqual(await route(0, B, { seed: 1, step: 3 }), whole, 'same key, same routing');
+  // two replicas holding sequences 0–1 and 2–3 route exactly as one process
+  const [a, b] = [await route(0, 2, { seed: 1, step: 3 }), await route(2, 2, { seed: 1, step: 3 })];
+  assert.deepEqual(a.map((slots, l) => [...slots, ...b[l]]), whole);
+  const kept = (r: number[][]) => r.map((slots) => slots.map((x) => x >= 0));
+  assert.notDeepEqual(kept(await route(0, B, { seed: 2, step: 3 })), kept(whole), 'another seed keeps other tokens');
+  assert.notDeepEqual(kept(await route(0, B, { seed: 1, step: 4 })), kept(whole), 'another step keeps other tokens');
+  // use_rts false: the first tokens of each expert, no key needed (today's behaviour)
+  const firstOnes = MixtralModel.initialize(parseModelConfig({ ...config, switchyard_gate: { ...config.switchyard_gate, use_rts: false } }), 5);
+  const first = await route(0, B, undefined, firstOnes);
+  assert.notDeepEqual(kept(first), kept(whole), 'RTS changed the kept set');
+  // evaluation never draws: a train:false pass keeps the first tokens, exactly as use_rts false
+  const evalSlots = async (m: MixtralModel) => {
+    const out = await m.forward(ids, B, T, { passId: 'eval', train: false, groupTokens: T });
+    out.logits.dispose();
+    out.hidden.dispose();
+    out.kv.forEach((c) => tf.dispose([c.k, c.v]));
+    return out.stats.map((s) => s.plans.flatMap((p) => Array.from(p.slot)));
+  };
+  const evaluated = await evalSlots(model);
+  assert.ok(evaluated.some((slots) => slots.some((x) => x < 0)), 'evaluation drops tokens');
+  assert.deepEqual(evaluated, await evalSlots(firstOnes));
+  firstOnes.dispose();
   model.dispose();
 });

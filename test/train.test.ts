@@ -10,6 +10,7 @@ import { MixtralModel } from '../services/core/model/model.js';
 import { loadModel, saveModel } from '../services/core/checkpoint/model.js';
 import { checkpointDirOf, metricsFileOf, train } from '../services/core/train/trainer.js';
 import { learningRate } from '../services/core/optim/schedule.js';
+import { checkDataParallel } from '../services/router/trainer.js';
 
 await initBackend();
 const root = await mkdtemp(join(tmpdir(), 'switchyard-train-'));
@@ -49,6 +50,21 @@ test('resume from step N reproduces every later step of an uninterrupted run', a
   const extended = await train({ model: tiny.model, train: { ...settings, steps: 18 }, outDir: resumed, resume: true });
   assert.equal(extended.steps, 18);
   assert.deepEqual((await metrics(resumed)).map((r) => r.step), Array.from({ length: 18 }, (_, i) => i + 1));
+});
+
+test('switch with Random Token Selection: a resumed run keeps exactly the tokens the uninterrupted run keeps', async () => {
+  const model = parseModelConfig({
+    ...tiny.model, num_experts_per_tok: 1, switchyard_gate: { ...tiny.model.switchyard_gate, policy: 'switch', capacity_factor: 0.5 },
+  });
+  const settings = { ...tiny.train, steps: 4, batch_sequences: 2, checkpoint_interval: 2, eval_interval: 4 };
+  const straight = join(root, 'rts-straight');
+  const resumed = join(root, 'rts-resumed');
+  await train({ model, train: settings, outDir: straight });
+  await train({ model, train: settings, outDir: resumed, stopAfterStep: 3 });
+  await train({ model, train: settings, outDir: resumed, resume: true });
+  const [a, b] = [await metrics(straight), await metrics(resumed)];
+  assert.ok(a.every((r) => r.dropped_fraction > 0), 'every step drops tokens');
+  assert.deepEqual(b.map((r) => [r.loss, r.dropped_fraction, r.grad_norm]), a.map((r) => [r.loss, r.dropped_fraction, r.grad_norm]));
 });
 
 test('checkpoint round trip gives identical logits', async () => {
@@ -100,6 +116,19 @@ test('invalid configs are refused with the reason', () => {
   assert.throws(() => parseModelConfig({ ...base, switchyard_gate: { ...tiny.model.switchyard_gate, second_expert_sampling: true } }), /needs policy 'gshard' or 'topk'/);
   assert.throws(() => parseModelConfig({ ...base, num_attention_heads: 4, num_key_value_heads: 3 }), /not a multiple of num_key_value_heads/);
   assert.throws(() => parseModelConfig({ ...base, hidden_size: 'big' }), /hidden_size/);
+  // Random Token Selection is DeepSpeed's top-1 option; the pooled aux loss is Mixtral's
+  const gate = (g: Record<string, unknown>, k = 2) => parseModelConfig({ ...base, num_experts_per_tok: k, switchyard_gate: { ...tiny.model.switchyard_gate, ...g } });
+  assert.throws(() => gate({ policy: 'gshard', use_rts: true }), /switchyard_gate: use_rts .*needs policy 'switch', not 'gshard'/);
+  assert.throws(() => gate({ use_rts: 'yes' }), /use_rts/);
+  assert.throws(() => gate({ policy: 'switch', aux_loss_scope: 'batch' }, 1), /aux_loss_scope 'batch' .*needs policy 'mixtral'/);
+  assert.throws(() => gate({ aux_loss_scope: 'layer' }), /aux_loss_scope/);
+  assert.equal(gate({ policy: 'switch' }, 1).switchyard_gate.use_rts, undefined, 'unset: DeepSpeed default (on for switch)');
+  assert.equal(gate({}).switchyard_gate.aux_loss_scope, 'group');
+  // several router replicas each hold part of the batch: the pooled loss is refused, naming the key
+  const batchScope = gate({ aux_loss_scope: 'batch' });
+  assert.throws(() => checkDataParallel(tiny.train, 2, batchScope), (e: Error) => e instanceof ConfigError && /model\.switchyard_gate\.aux_loss_scope 'batch'/.test(e.message));
+  checkDataParallel(tiny.train, 1, batchScope);
+  checkDataParallel(tiny.train, 2, tiny.model);
 });
 
 test('an empty corpus is refused before anything is written', async () => {

@@ -63,7 +63,7 @@ export async function trainDistributed(o: DistributedTrainOptions): Promise<Trai
   checkTrainRun(o.model, t);
   const L = o.model.num_hidden_layers;
   const E = familyOf(o.model).experts;
-  checkDataParallel(t, o.routers);
+  checkDataParallel(t, o.routers, o.model);
   if (o.shards > L * E) throw new ConfigError(`--shards ${o.shards}: the model has only ${L * E} experts to place`);
   const ckpt = checkpointDirOf(o.outDir);
   if (o.resume) {

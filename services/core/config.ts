@@ -21,6 +21,13 @@ export const gateSettingsSchema = z
     second_expert_sampling: z.boolean().default(false),
     // DeepSeek-V3 aux-loss-free balancing: per-expert selection bias moved by this rate per step (0 = off).
     balance_bias_rate: z.number().nonnegative().default(0),
+    // DeepSpeed top1gating's use_rts (Random Token Selection) for policy 'switch': an over-full expert keeps
+    // a seeded random subset of its tokens in training instead of the first ones. Unset = true for switch
+    // (DeepSpeed's default); only switch accepts true.
+    use_rts: z.boolean().optional(),
+    // Mixtral aux loss per routing group (default) or, as Hugging Face's load_balancing_loss_func, once over
+    // the whole batch and every layer pooled ('batch'; policy 'mixtral', single-process training only).
+    aux_loss_scope: z.enum(['group', 'batch']).default('group'),
   })
   .strict();
 export type GateSettings = z.infer<typeof gateSettingsSchema>;
@@ -96,6 +103,10 @@ export const modelConfigSchema = z
       issue('switchyard_gate', `second_expert_sampling needs policy 'gshard' or 'topk' with k ≥ 2, not '${policy}'`);
     if (gate.second_expert_sampling && gate.balance_bias_rate > 0)
       issue('switchyard_gate', 'second_expert_sampling and balance_bias_rate cannot be combined (both choose the experts)');
+    if (gate.use_rts === true && policy !== 'switch')
+      issue('switchyard_gate', `use_rts (Random Token Selection) is DeepSpeed's top-1 option: it needs policy 'switch', not '${policy}'`);
+    if (gate.aux_loss_scope === 'batch' && policy !== 'mixtral')
+      issue('switchyard_gate', `aux_loss_scope 'batch' is Hugging Face Mixtral's whole-batch load_balancing_loss_func: it needs policy 'mixtral', not '${policy}'`);
   });
 
 export type MixtralConfig = z.infer<typeof modelConfigSchema>;
@@ -138,7 +149,8 @@ export const deepseekConfigSchema = z
     torch_dtype: z.enum(TORCH_DTYPES).default('float32'),
     // DeepSeek's gate is the softmax top-k without dropping: Switchyard's 'mixtral' policy (renormalised or not per norm_topk_prob).
     switchyard_gate: gateSettingsSchema.default(gateSettingsSchema.parse({}))
-      .refine((g) => g.policy === 'mixtral', { message: "policy must be 'mixtral' (DeepSeek-MoE routes by the softmax top-k, dropless)" }),
+      .refine((g) => g.policy === 'mixtral', { message: "policy must be 'mixtral' (DeepSeek-MoE routes by the softmax top-k, dropless)" })
+      .refine((g) => g.aux_loss_scope === 'group', { message: "aux_loss_scope must be 'group' ('batch' is Hugging Face Mixtral's loss, not DeepSeek-MoE's)" }),
   })
   .passthrough()
   .superRefine((c, ctx) => checkShapes(c, { key: 'n_routed_experts', count: c.n_routed_experts }, ctx));

@@ -50,8 +50,14 @@ export function replicaSlice(batch: Batch, t: TrainSettings, index: number, rout
   return { inputs: batch.inputs.subarray(from, to), targets: batch.targets.subarray(from, to), sequences };
 }
 
-/** Checks that the global batch and its routing groups split evenly over the replicas. */
-export function checkDataParallel(t: TrainSettings, routers: number): void {
+/**
+ * Checks that the global batch and its routing groups split evenly over the replicas, and that the gate's
+ * losses are sums of per-replica terms.
+ */
+export function checkDataParallel(t: TrainSettings, routers: number, model: ModelConfig): void {
+  // The whole-batch aux loss would need the per-expert totals of every replica before any backward.
+  if (routers > 1 && model.switchyard_gate.aux_loss_scope === 'batch')
+    throw new ConfigError(`model.switchyard_gate.aux_loss_scope 'batch' pools the whole batch, which ${routers} router replicas each hold only part of; use 'group' or train with one router`);
   if (t.batch_sequences % routers !== 0)
     throw new ConfigError(`batch_sequences ${t.batch_sequences} does not split over ${routers} routers; choose a multiple`);
   const sliceTokens = (t.batch_sequences / routers) * t.seq_len;
@@ -78,7 +84,7 @@ function statsVector(c: ModelConfig, r: { crossEntropy: number; auxLoss: number;
 export async function runRouterTraining(o: RouterTrainingOptions): Promise<RouterTrainingSummary> {
   const t = o.train;
   const c = o.model;
-  checkDataParallel(t, o.routers);
+  checkDataParallel(t, o.routers, c);
   const corpus = await loadCorpus(o.dataPath);
   const { train: trainBytes, validation } = splitCorpus(corpus.bytes, t.validation_fraction);
   const evalBatches = o.index === 0 ? validationBatches(validation, t) : [];
@@ -149,6 +155,8 @@ export async function runRouterTraining(o: RouterTrainingOptions): Promise<Route
           transport.training = { generation, weightsStep: step - 1 };
           const result = await model.lossAndGradients(batch.inputs, batch.targets, batch.sequences, t.seq_len, {
             passId: `g${generation}/r${o.index}/s${step}`, train: true, groupTokens: t.routing_group_tokens, random: () => noise.next(),
+            // this replica's tokens start at index·(its slice) of the global batch: the single-process uniforms
+            rts: { seed: t.seed, step, firstToken: o.index * batch.sequences * t.seq_len },
           }, 1 / o.routers).catch((err: Error) => { throw new StepAborted(`step ${step}: ${err.message}`); });
           await o.link.barrier(generation, step, 'TRAIN_PHASE_BACKWARD_DONE');
 

@@ -218,8 +218,9 @@ export function capacity64(S: number, E: number, k: number, cf: number, minCapac
  * Sparse MoE block. logits = h·gate; per routing group: p = softmax(logits); choices = top-k of p (or
  * `forced`, [tokens·k]); capacity dropping (choice-major, token order) for switch/gshard/topk; combine
  * weights: switch p[e]; others p[e] / max(Σ_kept p, 2^-23); output Σ_kept w·expert_e(h).
- * auxLoss per group: E·Σ_e (n_e/S)·mean_s p[s,e] with n = first-choice counts (switch, gshard, topk) or
- * counts over all k choices (mixtral, HF load_balancing_loss_func); zLoss per group: mean_s lse(logits_s)².
+ * auxLoss per group: E·Σ_e (n_e/S)·mean_s p[s,e] with n = first-choice counts (switch, gshard, topk k ≤ 2) or
+ * counts over all k choices (mixtral, HF load_balancing_loss_func; topk k > 2 as DeepSpeed topkgating, then
+ * divided by k); zLoss per group: mean_s lse(logits_s)².
  */
 export function moe64(
   h: Float64Array, tokens: number, gate: Float64Array, experts: (e: number) => Expert64,
@@ -272,9 +273,11 @@ export function moe64(
         if (used[e]++ < cap) kept[s * k + c] = 1;
       }
     // aux loss with counts held constant
+    // (DeepSpeed topkgating, topk k > 2: counts over the k-hot mask and l_aux·1/k)
+    const topkgating = o.policy === 'topk' && k > 2;
     const counts = new Float64Array(E);
     for (let s = start; s < start + S; s++) {
-      if (o.policy === 'mixtral') for (let c = 0; c < k; c++) counts[choices[s * k + c]]++;
+      if (o.policy === 'mixtral' || topkgating) for (let c = 0; c < k; c++) counts[choices[s * k + c]]++;
       else counts[choices[s * k]]++;
     }
     let aux = 0;
@@ -283,7 +286,7 @@ export function moe64(
       for (let s = start; s < start + S; s++) meanP += p[s * E + e];
       aux += (counts[e] / S) * (meanP / S);
     }
-    auxSum += E * aux;
+    auxSum += (E * aux) / (topkgating ? k : 1);
     // combine weights
     for (let s = start; s < start + S; s++) {
       if (o.policy === 'switch') {
@@ -344,7 +347,10 @@ export interface ModelRunOptions64 {
 
 export interface ModelResult64 {
   logits: Float64Array;
-  /** Σ over layers of the per-layer aux loss (mean over groups) */
+  /**
+   * Σ over layers of the per-layer aux loss (mean over groups); with aux_loss_scope 'batch', HF's
+   * load_balancing_loss_func over every layer's tokens concatenated
+   */
   auxLoss: number;
   zLoss: number;
   /** per layer: the routing decisions taken */
@@ -380,6 +386,7 @@ export function referenceForward(
   let auxLoss = 0;
   let zLoss = 0;
   const choices: Int32Array[] = [];
+  const layerLogits: Float64Array[] = [];
   const rowsPerExpert: Int32Array[] = [];
   for (let l = 0; l < config.num_hidden_layers; l++) {
     const n1 = rmsNorm64(x, rows, D, need(params, `layers.${l}.attn_norm`), eps);
@@ -406,10 +413,31 @@ export function referenceForward(
     );
     auxLoss += m.auxLoss;
     zLoss += m.zLoss;
+    layerLogits.push(m.logits);
     choices.push(m.choices);
     rowsPerExpert.push(m.rowsPerExpert);
     x = new Float64Array(rows * D);
     for (let i = 0; i < x.length; i++) x[i] = x1[i] + m.y[i];
+  }
+  if (g.aux_loss_scope === 'batch') {
+    // HF: tokens_per_expert = mean one_hot(top-k) [k, E], router_prob_per_expert = mean softmax [E], over
+    // all layers' rows; loss = E·Σ tokens_per_expert·router_prob_per_expert
+    const N = rows * layerLogits.length;
+    const chosen = new Float64Array(E);
+    const probSum = new Float64Array(E);
+    layerLogits.forEach((lg, l) => {
+      for (const e of choices[l]) chosen[e]++;
+      for (let r = 0; r < rows; r++) {
+        let max = -Infinity;
+        for (let e = 0; e < E; e++) max = Math.max(max, lg[r * E + e]);
+        let sum = 0;
+        for (let e = 0; e < E; e++) sum += Math.exp(lg[r * E + e] - max);
+        for (let e = 0; e < E; e++) probSum[e] += Math.exp(lg[r * E + e] - max) / sum;
+      }
+    });
+    auxLoss = 0;
+    for (let e = 0; e < E; e++) auxLoss += (chosen[e] / N) * (probSum[e] / N);
+    auxLoss *= E;
   }
   const nf = rmsNorm64(x, rows, D, need(params, 'norm'), eps);
   const logits = matmul64(nf, need(params, 'lm_head'), rows, D, V);

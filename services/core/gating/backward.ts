@@ -2,7 +2,7 @@
 // the renormalisation and the counts in the aux loss) are constants of the plan; everything else is
 // differentiated exactly, in float64.
 
-import { keptProbSum, RENORM_EPS, type RoutingPlan } from './plan.js';
+import { auxCountsAllChoices, auxDivisor, keptProbSum, RENORM_EPS, type PooledAuxTotals, type RoutingPlan } from './plan.js';
 
 /** Router z-loss (ST-MoE): mean_s logsumexp(logits[s, :])², in float64; 0 for an empty group. */
 export function zLoss(logits: Float32Array, tokens: number, experts: number): number {
@@ -24,8 +24,11 @@ export function zLoss(logits: Float32Array, tokens: number, experts: number): nu
  * - weights, gshard/topk/mixtral: over the kept set K with D = Σ_{j∈K} p[e_j], w_i = p[e_i]/max(D, eps).
  *   Unclamped (float32 D ≥ eps, as in the forward): ∂L/∂p[e_j] += (dW_j − Σ_{i∈K} dW_i·w_i)/D.
  *   Clamped (D < eps): ∂L/∂p[e_j] += dW_j/eps. Dropped choices contribute nothing.
- * - aux loss with the counts n (first choices, or all choices for mixtral) held constant:
- *   ∂auxLoss/∂p[s,e] = E·n[e]/S².
+ * - aux loss with the counts n (first choices; all choices for mixtral and topk k > 2) held constant:
+ *   ∂auxLoss/∂p[s,e] = E·n[e]/(S²·d), d = k for topk k > 2 (topkgating's /k), else 1.
+ *   With `pooled` (mixtral, Hugging Face's whole-batch loss over N pooled tokens) the loss is
+ *   E·Σ_e chosen[e]·probSum[e]/N², so ∂/∂p[s,e] = E·chosen[e]/N² with the pooled counts; auxCoef is then
+ *   the coefficient of that one pooled loss (not divided among groups).
  * - through the softmax: ∂L/∂x[e] = p[e]·(g[e] − Σ_j p[j]·g[j]).
  * - z-loss: ∂zLoss/∂x[s,e] = 2·lse_s·p[e]/S.
  */
@@ -35,6 +38,7 @@ export function gateBackward(
   dWeight: Float32Array,
   auxCoef: number,
   zCoef: number,
+  pooled?: PooledAuxTotals,
 ): Float32Array {
   const { tokens: S, experts: E, k, expert, slot, probs, kind, renormalized } = plan;
   checkShape(logits, S, E);
@@ -49,9 +53,15 @@ export function gateBackward(
 
   // ∂(auxCoef·auxLoss)/∂p[s,e], the same for every token
   const auxGrad = new Float64Array(E);
-  if (auxCoef !== 0) {
-    const scale = (auxCoef * E) / (S * S);
-    if (kind === 'mixtral') {
+  if (pooled) {
+    if (kind !== 'mixtral') throw new RangeError(`the pooled (batch-scope) aux loss is Mixtral's; got a '${kind}' plan`);
+    if (pooled.chosen.length !== E) throw new RangeError(`pooled totals have ${pooled.chosen.length} experts, the plan ${E}`);
+    if (pooled.tokens < S) throw new RangeError(`pooled totals cover ${pooled.tokens} tokens, fewer than this plan's ${S}`);
+    const scale = (auxCoef * E) / (pooled.tokens * pooled.tokens);
+    for (let e = 0; e < E; e++) auxGrad[e] = scale * pooled.chosen[e];
+  } else if (auxCoef !== 0) {
+    const scale = (auxCoef * E) / (S * S * auxDivisor(kind, k));
+    if (auxCountsAllChoices(kind, k)) {
       for (let i = 0; i < S * k; i++) auxGrad[expert[i]] += scale;
     } else {
       for (let s = 0; s < S; s++) auxGrad[expert[s * k]] += scale;

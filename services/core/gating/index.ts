@@ -3,15 +3,24 @@
 //
 //   plan.ts      routeTokens, capacityFor: selection, capacity, slots, weights, aux loss
 //   backward.ts  gateBackward, zLoss
-//   noise.ts     gumbelNoise, multiplicativeJitter, updateBalanceBias
+//   noise.ts     gumbelNoise, multiplicativeJitter, updateBalanceBias, rtsUniforms
 
 import type { GateSettings } from '../config.js';
 import type { GatePolicy } from './plan.js';
 
-export { capacityFor, routeTokens, RENORM_EPS } from './plan.js';
-export type { GatePolicy, PolicyKind, RoutingPlan } from './plan.js';
+export { capacityFor, pooledAuxLoss, pooledAuxTotals, routeTokens, RENORM_EPS } from './plan.js';
+export type { GatePolicy, PolicyKind, PooledAuxTotals, RoutingPlan } from './plan.js';
 export { gateBackward, zLoss } from './backward.js';
-export { gumbelNoise, multiplicativeJitter, updateBalanceBias } from './noise.js';
+export { gumbelNoise, multiplicativeJitter, rtsUniforms, updateBalanceBias } from './noise.js';
+export type { SelectionKey } from './noise.js';
+
+/**
+ * Whether training routes with Random Token Selection: DeepSpeed's use_rts, default true, top-1 (switch)
+ * only. Evaluation and serving never do (see docs/decisions.md).
+ */
+export function rtsEnabled(settings: GateSettings): boolean {
+  return settings.policy === 'switch' && (settings.use_rts ?? true);
+}
 
 /**
  * The policy for one phase from the model configuration's gate settings: training uses

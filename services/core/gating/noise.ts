@@ -58,3 +58,51 @@ export function updateBalanceBias(bias: Float32Array, countsBeforeDrop: Int32Arr
     bias[e] += rate * sign;
   }
 }
+
+/**
+ * What a Random Token Selection uniform is a function of, besides the (token, expert) it belongs to. The
+ * stream is counter-based (a hash, no state), so a uniform depends only on (seed, step, layer, token,
+ * expert): a resumed run, and a data-parallel replica that routes tokens firstToken.. of the same global
+ * batch, draw exactly the uniforms of the uninterrupted single-process run.
+ */
+export interface SelectionKey {
+  /** the training seed (any safe integer) */
+  seed: number;
+  /** optimizer step (≥ 0) */
+  step: number;
+  /** model layer (≥ 0) */
+  layer: number;
+}
+
+/**
+ * Uniforms in (0, 1) for Random Token Selection, [tokens·experts] token-major, for the global token
+ * indices firstToken..firstToken+tokens−1 of the step's batch. 32 random bits each (+½ so never 0, which
+ * would tie with the unchosen experts' zeros in DeepSpeed's mask1·uniform). Not cryptographic.
+ */
+export function rtsUniforms(key: SelectionKey, firstToken: number, tokens: number, experts: number): Float64Array {
+  if (!Number.isSafeInteger(key.seed)) throw new RangeError(`seed must be a safe integer, got ${key.seed}`);
+  for (const [name, v] of [['step', key.step], ['layer', key.layer], ['firstToken', firstToken], ['tokens', tokens], ['experts', experts]] as const) {
+    if (!Number.isInteger(v) || v < 0 || v >= 2 ** 32) throw new RangeError(`${name} must be an integer in [0, 2^32), got ${v}`);
+  }
+  let h = absorb(0x5eed5eed, key.seed >>> 0);
+  h = absorb(h, Math.floor(key.seed / 2 ** 32) >>> 0);
+  h = absorb(h, key.step);
+  h = absorb(h, key.layer);
+  const out = new Float64Array(tokens * experts);
+  for (let s = 0; s < tokens; s++) {
+    const ht = absorb(h, firstToken + s);
+    for (let e = 0; e < experts; e++) out[s * experts + e] = (absorb(ht, e) + 0.5) / 2 ** 32;
+  }
+  return out;
+}
+
+/** One word into a 32-bit hash state: odd-multiplier spread, then murmur3's fmix32 finaliser (a bijection). */
+function absorb(h: number, word: number): number {
+  let x = ((h ^ Math.imul(word | 0, 0x9e3779b1)) + 0x7f4a7c15) | 0;
+  x ^= x >>> 16;
+  x = Math.imul(x, 0x85ebca6b);
+  x ^= x >>> 13;
+  x = Math.imul(x, 0xc2b2ae35);
+  x ^= x >>> 16;
+  return x >>> 0;
+}

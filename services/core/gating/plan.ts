@@ -18,6 +18,10 @@
 //   choice-1 row, … . A choice's slot is its position in that order counted BEFORE dropping (DeepSpeed's
 //   `locations2 += sum(mask1)`); it is dropped when that position is ≥ capacity. Hence the first C rows
 //   of the order survive, and the survivors' slots are exactly 0..kept−1.
+// - Exception, switch with selectionUniform (DeepSpeed top1gating's use_rts, Random Token Selection): an
+//   expert with more first choices than capacity keeps the `capacity` tokens with the largest uniform
+//   (torch.topk(mask1 · uniform, capacity, dim=0)); slots are ranks among the kept tokens in token order
+//   (cumsum(kept mask) − 1). Equal uniforms go to the lower token index (torch.topk leaves ties unspecified).
 
 export type PolicyKind = 'switch' | 'gshard' | 'mixtral' | 'topk';
 
@@ -42,6 +46,12 @@ export interface GatePolicy {
    * Cannot be combined with selectionBias.
    */
   secondChoiceNoise?: Float32Array;
+  /**
+   * Optional uniforms in [0, 1) per (token, expert) [S·E] for Random Token Selection, switch only
+   * (DeepSpeed top1gating with use_rts: mask1_rand = mask1 · uniform). Only the entries of each token's
+   * chosen expert are read. Typically rtsUniforms(); without it the first tokens in token order are kept.
+   */
+  selectionUniform?: Float32Array | Float64Array;
   /**
    * Default true. false keeps the kept choices' softmax probabilities as combine weights (DeepSeek-MoE with
    * norm_topk_prob = false); switch never renormalises.
@@ -117,6 +127,7 @@ interface ResolvedPolicy {
   dropTokens: boolean;
   bias: Float32Array | undefined;
   noise: Float32Array | undefined;
+  uniform: Float32Array | Float64Array | undefined;
   renormalize: boolean;
 }
 
@@ -231,7 +242,7 @@ export function routeTokens(
   const capacity = dropless ? maxCount : capacityFor(S, E, k, p.capacityFactor, p.minCapacity);
 
   // ---- aux loss (before choiceCounts is turned into slot cursors) -------------------------------
-  const auxLoss = auxLossOf(kind, probs, S, E, choiceCounts, countsBeforeDrop);
+  const auxLoss = auxLossOf(kind, k, probs, S, E, choiceCounts, countsBeforeDrop);
 
   // ---- slots -----------------------------------------------------------------------------------
   // cursor[c][e] = Σ_{c'<c} choiceCounts[c'][e]: where choice c's rows start in expert e's order
@@ -246,16 +257,21 @@ export function routeTokens(
   }
   const slot = new Int32Array(S * k);
   const countsAfterDrop = new Int32Array(E);
-  for (let s = 0; s < S; s++) {
-    for (let c = 0; c < k; c++) {
-      const i = s * k + c;
-      const e = expert[i];
-      const location = cursor[c * E + e]++;
-      if (location < capacity) {
-        slot[i] = location;
-        countsAfterDrop[e]++;
-      } else {
-        slot[i] = -1;
+  if (p.uniform && !dropless) {
+    // (dropless: every token is kept, so the uniforms cannot matter)
+    keepByUniform(expert, p.uniform, countsBeforeDrop, S, E, capacity, slot, countsAfterDrop);
+  } else {
+    for (let s = 0; s < S; s++) {
+      for (let c = 0; c < k; c++) {
+        const i = s * k + c;
+        const e = expert[i];
+        const location = cursor[c * E + e]++;
+        if (location < capacity) {
+          slot[i] = location;
+          countsAfterDrop[e]++;
+        } else {
+          slot[i] = -1;
+        }
       }
     }
   }
@@ -329,21 +345,26 @@ export function keptProbSum(
 
 /**
  * Auxiliary load-balancing loss of one routing group (S tokens), computed in float64:
- * - switch / gshard / topk (DeepSpeed top1gating/top2gating, GShard, Switch Transformer):
+ * - switch / gshard / topk with k ≤ 2 (DeepSpeed top1gating/top2gating, GShard, Switch Transformer):
  *     l_aux = E · Σ_e mean_s(probs[s,e]) · count1[e]/S
  *   where count1[e] counts the tokens whose FIRST choice is e, before dropping (top2gating's
  *   mean(me·ce)·E·E is the same quantity). Balanced routing gives 1.
+ * - topk with k > 2 (DeepSpeed topkgating): ce is the mean of the k-hot mask, so every choice counts:
+ *     l_aux = mean_e(me·ce)·E·E/k = (E/k) · Σ_e mean_s(probs[s,e]) · countAllChoices[e]/S
+ *   Balanced routing gives 1.
  * - mixtral (Hugging Face `load_balancing_loss_func` for one group, no attention mask):
  *     tokens_per_expert[c,e] = mean_s one_hot(choice c of s)[e]            shape [k, E]
  *     router_prob_per_expert[e] = mean_s probs[s,e]
  *     l_aux = E · Σ_c Σ_e tokens_per_expert[c,e] · router_prob_per_expert[e]
  *           = E · Σ_e (countAllChoices[e]/S) · mean_s probs[s,e]
  *   i.e. the fraction of tokens per expert is taken per choice and summed over the k choices, so balanced
- *   routing gives k, not 1. (HF concatenates all layers into one group; we apply it per routing group.)
+ *   routing gives k, not 1. HF pools every layer and the whole batch into one group: see pooledAuxTotals
+ *   for that scope; this function is the per-routing-group one.
  * The probabilities are always the unbiased softmax; an empty group has loss 0.
  */
 function auxLossOf(
   kind: PolicyKind,
+  k: number,
   probs: Float32Array,
   S: number,
   E: number,
@@ -351,14 +372,105 @@ function auxLossOf(
   countsAllChoices: Int32Array,
 ): number {
   if (S === 0) return 0;
-  const counts = kind === 'mixtral' ? countsAllChoices : choiceCounts.subarray(0, E);
+  const counts = auxCountsAllChoices(kind, k) ? countsAllChoices : choiceCounts.subarray(0, E);
   // Σ_e count[e] · Σ_s probs[s,e], accumulated over tokens without a per-expert temporary
   let total = 0;
   for (let s = 0; s < S; s++) {
     const row = s * E;
     for (let e = 0; e < E; e++) total += counts[e] * probs[row + e];
   }
-  return (E * total) / (S * S);
+  return (E * total) / (S * S * auxDivisor(kind, k));
+}
+
+/** Whether the aux loss counts every choice (mixtral, topkgating) or first choices only (top1/top2gating). */
+export function auxCountsAllChoices(kind: PolicyKind, k: number): boolean {
+  return kind === 'mixtral' || (kind === 'topk' && k > 2);
+}
+
+/** The 1/k of DeepSpeed topkgating's l_aux (k > 2); 1 for every other policy. */
+export function auxDivisor(kind: PolicyKind, k: number): number {
+  return kind === 'topk' && k > 2 ? k : 1;
+}
+
+/**
+ * Per-expert totals of the Mixtral aux loss over any set of plans (routing groups, layers): rows chosen
+ * (all k choices, before dropping), Σ_s probs[s,e] in float64, and the number of tokens.
+ */
+export interface PooledAuxTotals {
+  tokens: number;
+  chosen: Float64Array;
+  probSum: Float64Array;
+}
+
+/**
+ * Hugging Face `load_balancing_loss_func` pools the router logits of every layer and every token of the
+ * batch (torch.cat over layers, no attention mask) before taking the means; these are its sufficient
+ * statistics. Only for mixtral plans of one expert count.
+ */
+export function pooledAuxTotals(plans: readonly RoutingPlan[], experts: number): PooledAuxTotals {
+  checkCount('experts', experts, 1);
+  const chosen = new Float64Array(experts);
+  const probSum = new Float64Array(experts);
+  let tokens = 0;
+  for (const plan of plans) {
+    if (plan.kind !== 'mixtral') throw new RangeError(`the pooled (batch-scope) aux loss is Mixtral's; got a '${plan.kind}' plan`);
+    if (plan.experts !== experts) throw new RangeError(`plan has ${plan.experts} experts, expected ${experts}`);
+    tokens += plan.tokens;
+    for (let i = 0; i < plan.expert.length; i++) chosen[plan.expert[i]]++;
+    for (let s = 0; s < plan.tokens; s++) {
+      const row = s * experts;
+      for (let e = 0; e < experts; e++) probSum[e] += plan.probs[row + e];
+    }
+  }
+  return { tokens, chosen, probSum };
+}
+
+/** HF's loss from the pooled totals: E · Σ_e (chosen[e]/N) · (probSum[e]/N); 0 with no tokens. */
+export function pooledAuxLoss(totals: PooledAuxTotals): number {
+  const { tokens: N, chosen, probSum } = totals;
+  if (N === 0) return 0;
+  let total = 0;
+  for (let e = 0; e < chosen.length; e++) total += chosen[e] * probSum[e];
+  return (chosen.length * total) / (N * N);
+}
+
+/**
+ * Random Token Selection (switch, dropping): per expert, keep the `capacity` first-choice tokens with the
+ * largest uniform (ties to the lower token index), then number the kept tokens in token order.
+ */
+function keepByUniform(
+  expert: Int32Array,
+  uniform: Float32Array | Float64Array,
+  counts: Int32Array,
+  S: number,
+  E: number,
+  capacity: number,
+  slot: Int32Array,
+  countsAfterDrop: Int32Array,
+): void {
+  const kept = new Uint8Array(S);
+  // tokens bucketed by expert, token order within a bucket
+  const start = new Int32Array(E + 1);
+  for (let e = 0; e < E; e++) start[e + 1] = start[e] + counts[e];
+  const fill = start.slice(0, E);
+  const order = new Int32Array(S);
+  for (let s = 0; s < S; s++) order[fill[expert[s]]++] = s;
+  for (let e = 0; e < E; e++) {
+    const bucket = order.subarray(start[e], start[e + 1]);
+    if (bucket.length <= capacity) {
+      for (const s of bucket) kept[s] = 1;
+      continue;
+    }
+    const ranked = Array.from(bucket).sort((a, b) => uniform[b * E + e] - uniform[a * E + e] || a - b);
+    for (let j = 0; j < capacity; j++) kept[ranked[j]] = 1;
+  }
+  for (let s = 0; s < S; s++) {
+    if (kept[s]) {
+      slot[s] = countsAfterDrop[expert[s]]++;
+    } else {
+      slot[s] = -1;
+    }
+  }
 }
 
 /** Row-wise float32 softmax; throws RangeError on a non-finite logit. */
@@ -444,7 +556,19 @@ function resolvePolicy(policy: GatePolicy, tokens: number, experts: number): Res
       if (!Number.isFinite(noise[i])) throw new RangeError(`secondChoiceNoise[${i}] is ${noise[i]}: must be finite`);
     }
   }
-  return { kind, k, capacityFactor, minCapacity, dropTokens, bias, noise, renormalize };
+  const uniform = policy.selectionUniform;
+  if (uniform !== undefined) {
+    if (kind !== 'switch') {
+      throw new RangeError(`selectionUniform (Random Token Selection) applies to policy 'switch' only, not to '${kind}'`);
+    }
+    if (!(uniform instanceof Float32Array || uniform instanceof Float64Array) || uniform.length !== tokens * experts) {
+      throw new RangeError(`selectionUniform must be a Float32Array or Float64Array of length tokens·experts = ${tokens * experts}`);
+    }
+    for (let i = 0; i < uniform.length; i++) {
+      if (!(uniform[i] >= 0 && uniform[i] < 1)) throw new RangeError(`selectionUniform[${i}] is ${uniform[i]}: must be in [0, 1)`);
+    }
+  }
+  return { kind, k, capacityFactor, minCapacity, dropTokens, bias, noise, uniform, renormalize };
 }
 
 function checkCount(name: string, value: number, min: number): void {

@@ -7,13 +7,13 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { attentionWindow, headDim, type ModelConfig } from '../config.js';
 import { Rng } from '../data/random.js';
-import { updateBalanceBias } from '../gating/index.js';
+import { pooledAuxLoss, pooledAuxTotals, updateBalanceBias } from '../gating/index.js';
 import { attentionBackward, attentionForward, stepMask, type AttentionCache, type KvCache } from './attention.js';
 import { expertForward, type ExpertWeights } from './expert.js';
 import { ExpertSet, InProcessTransport, type ExpertTransport } from './experts.js';
 import { assertTrainable, familyOf, type ModelFamily } from './family.js';
 import { denseFromHf, denseNames, denseToHf, expertToHf, type HostTensor } from './hf.js';
-import { MoeLayer, type MoeCache, type MoeCallOptions, type MoeStats } from './moe.js';
+import { MoeLayer, type MoeCache, type MoeCallOptions, type MoeStats, type RtsPosition } from './moe.js';
 import { ParameterTable } from './parameters.js';
 import { rmsNormBackward, rmsNormForward, type RmsNormCache } from './rmsnorm.js';
 import { Rope } from './rope.js';
@@ -26,6 +26,8 @@ export interface PassOptions {
   groupTokens?: number;
   /** Source of opt-in training noise (jitter, second-expert sampling). */
   random?: () => number;
+  /** Training with Random Token Selection (switch, use_rts): seed, step and the first token's global index. */
+  rts?: RtsPosition;
   /** Client requests served by this pass (x-request-id), for the experts' holders' logs. */
   requestIds?: string[];
   /** Epoch ms after which nobody waits for this pass (inference). */
@@ -250,7 +252,7 @@ export class MixtralModel {
       if (!opt.train) newKv.push(attn.kv);
       const n2 = rmsNormForward(x1, this.dense.get(denseNames.moeNorm(l)), eps);
       const ffn = await this.feedForward(l, n2.y, {
-        passId: `${opt.passId}/L${l}`, train: opt.train, groupTokens: opt.groupTokens ?? 0, random: opt.random,
+        passId: `${opt.passId}/L${l}`, train: opt.train, groupTokens: opt.groupTokens ?? 0, random: opt.random, rts: opt.rts,
         selectionBias: this.balanceBias?.[l], requestIds: opt.requestIds, deadline: opt.deadline,
       }).catch((err: unknown) => {
         // Experts unreachable, deadline, overload: free what this pass built so far, then fail.
@@ -388,6 +390,8 @@ export class MixtralModel {
     assertTrainable(c);
     const out = await this.forward(ids, batch, tokens, { ...opt, train: true });
     const caches = out.caches!;
+    // aux_loss_scope 'batch': one Mixtral aux loss over every layer's and group's tokens (HF), else per group
+    const pooledAux = gate.aux_loss_scope === 'batch' ? pooledAuxTotals(out.stats.flatMap((s) => s.plans), this.family.experts) : undefined;
     const { loss: ceT, dLogits } = crossEntropy(out.logits, targets, gradScale);
     const crossEntropyValue = ceT.dataSync()[0];
     ceT.dispose();
@@ -404,7 +408,7 @@ export class MixtralModel {
     let dx = nf.dx;
     for (let l = c.num_hidden_layers - 1; l >= 0; l--) {
       const lc = caches[l];
-      const moe = await this.moe[l]!.backward(dx, lc.moe, this.weightT(denseNames.gate(l)), gate.aux_loss_coef * gradScale, gate.z_loss_coef * gradScale);
+      const moe = await this.moe[l]!.backward(dx, lc.moe, this.weightT(denseNames.gate(l)), gate.aux_loss_coef * gradScale, gate.z_loss_coef * gradScale, pooledAux);
       this.dense.accumulate(denseNames.gate(l), moe.dGate);
       const n2 = rmsNormBackward(moe.dh, lc.n2, this.dense.get(denseNames.moeNorm(l)));
       moe.dh.dispose();
@@ -431,6 +435,7 @@ export class MixtralModel {
       aux += s.auxLoss;
       z += s.zLoss;
     }
+    if (pooledAux) aux = pooledAuxLoss(pooledAux);
     return {
       loss: crossEntropyValue + gate.aux_loss_coef * aux + gate.z_loss_coef * z,
       crossEntropy: crossEntropyValue, auxLoss: aux, zLoss: z, layerStats: out.stats,

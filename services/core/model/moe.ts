@@ -1,7 +1,7 @@
 // The router side of a sparse MoE block: gate → routing plan → one row batch per expert → combine, and
 // the backward through combine weights, experts and gate. Experts are reached only via ExpertTransport.
 import * as tf from '@tensorflow/tfjs-core';
-import { gateBackward, gumbelNoise, multiplicativeJitter, policyFromSettings, routeTokens, zLoss, type GatePolicy, type RoutingPlan } from '../gating/index.js';
+import { gateBackward, gumbelNoise, multiplicativeJitter, policyFromSettings, routeTokens, rtsEnabled, rtsUniforms, zLoss, type GatePolicy, type PooledAuxTotals, type RoutingPlan } from '../gating/index.js';
 import type { GateSettings } from '../config.js';
 import type { ExpertTransport, RowBatch } from './experts.js';
 import { isUnserved, OverloadError, type Unserved } from '../overload.js';
@@ -14,12 +14,24 @@ export interface MoeCallOptions {
   groupTokens: number;
   /** Uniform [0,1) source for opt-in training noise. */
   random?: () => number;
+  /** Training with Random Token Selection (use_rts): where this call's tokens sit in the stream. */
+  rts?: RtsPosition;
   /** Per-expert selection bias (aux-loss-free balancing). */
   selectionBias?: Float32Array;
   /** Client requests whose tokens this call carries (x-request-id), passed on to the experts' holders. */
   requestIds?: string[];
   /** Epoch ms after which nobody waits for this call's answer. */
   deadline?: number;
+}
+
+/**
+ * Random Token Selection's position in its counter-based stream: the training seed, the step, and the
+ * global index (in the step's whole batch) of the call's first token. The layer is the MoE layer's own.
+ */
+export interface RtsPosition {
+  seed: number;
+  step: number;
+  firstToken: number;
 }
 
 /** Per-call routing statistics (summed over groups). */
@@ -106,15 +118,21 @@ export class MoeLayer {
     const E = this.experts;
     const groupSize = opt.groupTokens > 0 ? opt.groupTokens : Math.max(tokens, 1);
     const policy = policyFromSettings(this.gate, this.k, opt.train ? 'train' : 'eval', opt.selectionBias, this.renormalize);
+    // Random Token Selection in training only (evaluation and serving keep the first tokens: deterministic);
+    // without dropping it cannot change anything.
+    const rts = opt.train && rtsEnabled(this.gate) && this.gate.drop_tokens ? opt.rts : undefined;
+    if (opt.train && rtsEnabled(this.gate) && this.gate.drop_tokens && !rts)
+      throw new RangeError(`MoE layer ${this.layer}: use_rts (Random Token Selection, on by default for policy 'switch') needs the step's selection position (options.rts); pass it, or set switchyard_gate.use_rts: false`);
     const plans: RoutingPlan[] = [];
     const groupStarts: number[] = [];
     let zSum = 0;
     for (let start = 0; start < tokens; start += groupSize) {
       const len = Math.min(groupSize, tokens - start);
       const groupLogits = logits.subarray(start * E, (start + len) * E);
-      const p: GatePolicy = noisy && this.gate.second_expert_sampling && this.k >= 2
+      let p: GatePolicy = noisy && this.gate.second_expert_sampling && this.k >= 2
         ? { ...policy, secondChoiceNoise: gumbelNoise(len * E, opt.random!) }
         : policy;
+      if (rts) p = { ...p, selectionUniform: rtsUniforms({ seed: rts.seed, step: rts.step, layer: this.layer }, rts.firstToken + start, len, E) };
       plans.push(routeTokens(groupLogits, len, E, p));
       groupStarts.push(start);
       zSum += zLoss(groupLogits, len, E);
@@ -253,9 +271,10 @@ export class MoeLayer {
   /**
    * dy: gradient of the block output. Returns the gradients of the block input and of the gate weight;
    * expert weight gradients accumulate at the experts' holder. Loss terms:
-   * auxCoef·mean_groups(aux) + zCoef·mean_groups(z).
+   * auxCoef·mean_groups(aux) + zCoef·mean_groups(z); with `pooledAux` (aux_loss_scope 'batch') the aux term
+   * is auxCoef·pooledAuxLoss(pooledAux), the one loss of every layer and group pooled.
    */
-  async backward(dy: T2, cache: MoeCache, gateWT: T2, auxCoef: number, zCoef: number): Promise<{ dh: T2; dGate: T2 }> {
+  async backward(dy: T2, cache: MoeCache, gateWT: T2, auxCoef: number, zCoef: number, pooledAux?: PooledAuxTotals): Promise<{ dh: T2; dGate: T2 }> {
     const D = this.hidden;
     const E = this.experts;
     const k = this.k;
@@ -296,7 +315,7 @@ export class MoeLayer {
     dispatch.plans.forEach((plan, g) => {
       const start = dispatch.groupStarts[g];
       const end = start + plan.tokens;
-      const grad = gateBackward(plan, cache.logits.subarray(start * E, end * E), dWeight.subarray(start * k, end * k), auxCoef / groups, zCoef / groups);
+      const grad = gateBackward(plan, cache.logits.subarray(start * E, end * E), dWeight.subarray(start * k, end * k), pooledAux ? auxCoef : auxCoef / groups, zCoef / groups, pooledAux);
       dLogits.set(grad, start * E);
     });
     const result = tf.tidy(() => {

@@ -187,6 +187,8 @@ export async function train(opts: TrainRunOptions): Promise<TrainSummary> {
       const batch = sampler.next();
       const result = await model.lossAndGradients(batch.inputs, batch.targets, t.batch_sequences, t.seq_len, {
         passId: `step${step}`, train: true, groupTokens: t.routing_group_tokens, random,
+        // counter-based, keyed by (seed, step): resume needs no extra state
+        rts: { seed: t.seed, step, firstToken: 0 },
       });
       if (!Number.isFinite(result.loss)) throw new Error(`loss became ${result.loss} at step ${step}; lower the learning rate`);
       const gradNorm = Math.sqrt(gradSquareSum(model.dense) + gradSquareSum(model.localExperts!.params));
