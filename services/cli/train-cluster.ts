@@ -5,7 +5,7 @@
 import { existsSync } from 'node:fs';
 import { readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { ConfigError, type ModelConfig, type TrainSettings } from '../core/config.js';
+import { ConfigError, parseModelConfig, type ModelConfig, type TrainSettings } from '../core/config.js';
 import { saveModel } from '../core/checkpoint/model.js';
 import { BatchSampler, loadCorpus, splitCorpus } from '../core/data/corpus.js';
 import { Rng } from '../core/data/random.js';
@@ -68,7 +68,8 @@ export async function trainDistributed(o: DistributedTrainOptions): Promise<Trai
   const ckpt = checkpointDirOf(o.outDir);
   if (o.resume) {
     if (!existsSync(join(ckpt, 'config.json'))) throw new ConfigError(`--resume: no checkpoint in ${ckpt}`);
-    const saved = JSON.parse(await readFile(join(ckpt, 'config.json'), 'utf8')) as unknown;
+    // Parsed, so keys added since the checkpoint was written take their defaults, as loading it does.
+    const saved = parseModelConfig(JSON.parse(await readFile(join(ckpt, 'config.json'), 'utf8')) as unknown);
     if (JSON.stringify(saved) !== JSON.stringify(o.model))
       throw new ConfigError(`--resume: the checkpoint in ${ckpt} has a different model configuration than requested (same --config as the run it continues?)`);
   } else {
