@@ -14,6 +14,8 @@ import { loadDenseModel, saveModel } from '../services/core/checkpoint/model.js'
 import { GrpcExpertTransport } from '../services/core/wire/grpc-transport.js';
 import { toWireTensor } from '../services/core/wire/tensor.js';
 import { ExpertShard } from '../services/expert/shard.js';
+import { runShardTraining } from '../services/expert/trainer.js';
+import { StepAborted, trainingPassId, type TrainLink } from '../services/core/wire/train-link.js';
 import { startExpertServer } from '../services/expert/server.js';
 import { registry } from '../services/core/metrics/registry.js';
 import { parseAssignment } from '../services/expert/assignment.js';
@@ -212,6 +214,53 @@ test('the shard refuses malformed requests with the right status codes', () => {
   assert.deepEqual(reply.credits, [{ layer: 0, expert: 0, rows: 2 }], 'credits come back with the reply');
   assert.equal(code({ kind: 'ROW_KIND_BACKWARD', passId: 't' }), undefined);
   experts.dispose();
+});
+
+test('an aborted training attempt frees the activations its passes saved at the shard, before the next attempt starts', async () => {
+  const dir = join(root, 'training-ckpt');
+  await saveModel(dir, reference, { state: { step: 0 }, optimizers: {} });
+  const D = tiny.model.hidden_size;
+  const shardHandler = new ExpertShard(new ExpertSet(D, tiny.model.intermediate_size));
+  const generation = 5;
+  let arrived!: () => void;
+  const atBarrier = new Promise<void>((resolve) => { arrived = resolve; });
+  let abort!: (err: Error) => void;
+  const aborted = new Promise<never>((_, reject) => { abort = reject; });
+  let rejoinedHolding!: (numTensors: number) => void;
+  const rejoined = new Promise<number>((resolve) => { rejoinedHolding = resolve; });
+  let joins = 0;
+  // The coordinator's side of the step protocol: one attempt that aborts while the shard waits for the
+  // routers' backward, then a JOIN of the next attempt, which may wait long for a restarted member.
+  const link = {
+    sync: async (request: { phase: string }) => {
+      assert.equal(request.phase, 'TRAIN_PHASE_JOIN');
+      if (joins++ === 0) return { generation: String(generation), resumeStep: '0', checkpointDir: dir, trainSettingsJson: JSON.stringify(tiny.train), replicas: [] };
+      rejoinedHolding(tf.memory().numTensors);
+      throw new Error('end of test');
+    },
+    barrier: async () => {
+      arrived();
+      return aborted;
+    },
+  } as unknown as TrainLink;
+  const training = runShardTraining({ link, memberId: 'shard-0', shard: shardHandler, keys: parseAssignment('all', 2, 4), log: () => undefined });
+  await atBarrier;
+  const before = tf.memory().numTensors;
+  // A router's step 1 forwards every layer's rows for training, then the router is lost before its backward.
+  const pass = trainingPassId(generation, 0, 1);
+  for (const layer of [0, 1]) {
+    const reply = await shardHandler.submit({
+      messageId: String(layer + 1), passId: `${pass}/L${layer}`, kind: 'ROW_KIND_FORWARD_TRAIN', requestIds: [],
+      trainGeneration: String(generation), weightsStep: '0',
+      batches: [0, 1, 2, 3].map((expert) => ({ layer, expert, rows: toWireTensor(new Float32Array(3 * D).fill(0.1 * (expert + 1)), [3, D]) })),
+    } as never);
+    assert.ok(!reply.error, reply.error?.message);
+  }
+  assert.ok(tf.memory().numTensors > before, 'the training forwards saved their activations');
+  abort(new StepAborted('step 1 aborted: router-0 stopped answering (lease expired)'));
+  assert.equal(await rejoined, before, "the aborted attempt's activations are freed when the shard rejoins, not at the next attempt's reload");
+  await assert.rejects(training, /end of test/);
+  shardHandler.experts.dispose();
 });
 
 test('switchyard_expert_held counts the experts of any shard (no coordinator, no follower needed)', async () => {

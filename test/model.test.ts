@@ -5,6 +5,8 @@ import { initBackend } from '../services/core/backend.js';
 import { parseModelConfig, preset } from '../services/core/config.js';
 import { MixtralModel } from '../services/core/model/model.js';
 import { AdamW } from '../services/core/optim/adamw.js';
+import { InProcessTransport, type RowBatch } from '../services/core/model/experts.js';
+import { Rng } from '../services/core/data/random.js';
 
 await initBackend();
 const tiny = preset('tiny');
@@ -151,4 +153,53 @@ test('Random Token Selection (switch, use_rts): keyed by (seed, step), data-para
   assert.deepEqual(evaluated, await evalSlots(firstOnes));
   firstOnes.dispose();
   model.dispose();
+});
+
+test('a training step whose experts fail at any layer, in its forward or its backward, leaves no tensors behind', async () => {
+  // Three layers (the failure comes first, in the middle, last) and gate jitter (noise tensors per layer).
+  const config = parseModelConfig({ ...tiny.model, num_hidden_layers: 3, switchyard_gate: { ...tiny.model.switchyard_gate, jitter_eps: 0.1 } });
+  const reference = MixtralModel.initialize(config, 5);
+  const experts = reference.localExperts!;
+  let failing: { kind: 'forward' | 'backward'; layer: number } | undefined;
+  const lost = (kind: 'forward' | 'backward', batches: RowBatch[]) => failing?.kind === kind && batches.some((b) => b.layer === failing!.layer);
+  // The real expert set, behind a transport whose holder of one layer is lost.
+  class LosingTransport extends InProcessTransport {
+    override forward(passId: string, batches: RowBatch[], train: boolean): Promise<Float32Array[]> {
+      return lost('forward', batches) ? Promise.reject(new Error('shard lost')) : super.forward(passId, batches, train);
+    }
+    override backward(passId: string, batches: RowBatch[]): Promise<Float32Array[]> {
+      return lost('backward', batches) ? Promise.reject(new Error('shard lost')) : super.backward(passId, batches);
+    }
+  }
+  const model = new MixtralModel(config, new LosingTransport(experts));
+  model.loadDense(reference.toHf());
+  const B = 2;
+  const T = 8;
+  const ids = Int32Array.from({ length: B * T }, (_, i) => (i * 37 + 5) % 256);
+  const targets = Int32Array.from(ids, (v) => (v + 3) % 256);
+  // The same noise every step, so every step routes alike (and the transposed weights it uses exist from the first).
+  const step = (passId: string) => {
+    const noise = new Rng(13);
+    return model.lossAndGradients(ids, targets, B, T, { passId, train: true, random: () => noise.next() });
+  };
+  // A lost step's gradients that reached the tables are the caller's to discard (the trainers do).
+  const discardGradients = () => {
+    model.dense.clearGrads();
+    experts.params.clearGrads();
+  };
+  const { loss } = await step('warm-up');
+  discardGradients();
+  for (const kind of ['forward', 'backward'] as const)
+    for (let layer = 0; layer < config.num_hidden_layers; layer++) {
+      const before = tf.memory().numTensors;
+      failing = { kind, layer };
+      await assert.rejects(step(`lost-${kind}-${layer}`), /shard lost/);
+      discardGradients();
+      assert.equal(tf.memory().numTensors, before, `experts lost in the ${kind} of layer ${layer}: tensors leaked`);
+    }
+  failing = undefined;
+  assert.equal((await step('after')).loss, loss, 'the failed steps left nothing that changes the next one');
+  discardGradients();
+  model.dispose();
+  reference.dispose();
 });

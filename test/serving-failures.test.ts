@@ -4,11 +4,13 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import * as tf from '@tensorflow/tfjs-core';
 import { initBackend } from '../services/core/backend.js';
-import { preset } from '../services/core/config.js';
+import { parseModelConfig, preset } from '../services/core/config.js';
 import { ContinuousBatcher } from '../services/core/generate.js';
 import { InProcessTransport, type ExpertTransport, type RowBatch } from '../services/core/model/experts.js';
 import { MixtralModel } from '../services/core/model/model.js';
 import { MoeLayer } from '../services/core/model/moe.js';
+import { familyOf } from '../services/core/model/family.js';
+import { disposeAll } from '../services/core/model/tensors.js';
 import type { Unserved } from '../services/core/overload.js';
 
 await initBackend();
@@ -44,28 +46,47 @@ test("reroute sends a token's two lost choices to two different experts, the nex
   tf.dispose([h, gateW, y]);
 });
 
-test('a transport that fails leaves no tensors behind, in a forward and in a decode step', async () => {
-  const reference = MixtralModel.initialize(tiny, 7);
-  const last = tiny.num_hidden_layers - 1;
-  // Serves every layer but the last, so the pass has built caches and activations when it fails.
+test('a transport that fails at any MoE layer leaves no tensors behind, in a forward and in decode steps', async () => {
+  // Three layers: the failure comes with nothing, some or all of the pass's layers done before it.
+  const config = parseModelConfig({ ...tiny, num_hidden_layers: 3 });
+  const reference = MixtralModel.initialize(config, 7);
   const local = new InProcessTransport(reference.localExperts!);
-  const failing: ExpertTransport = {
-    forward: (passId, batches, train) =>
-      batches.some((b) => b.layer === last) ? Promise.reject(new Error('experts unreachable')) : local.forward(passId, batches, train),
+  let failing = -1;
+  const lost = (batches: RowBatch[]) => batches.some((b) => b.layer === failing);
+  // The experts' two ways to fail a serving call: the call rejects, or it comes back with rows nobody
+  // served and the overflow policy refuses to answer without them.
+  const rejecting: ExpertTransport = {
+    forward: (passId, batches, train) => (lost(batches) ? Promise.reject(new Error('experts unreachable')) : local.forward(passId, batches, train)),
     backward: () => Promise.reject(new Error('no training here')),
   };
-  const model = new MixtralModel(tiny, failing);
-  model.loadDense(reference.toHf());
-  const ids = Int32Array.from([72, 101, 108, 108]);
-  const fails = async () => {
-    await assert.rejects(model.logits(ids, 1, ids.length), /experts unreachable/);
-    await assert.rejects(model.decodeBatch([{ ids, past: 0 }, { ids: ids.subarray(0, 2), past: 0 }], 'step'), /experts unreachable/);
+  const refusing: ExpertTransport = {
+    overflow: 'reject',
+    forward: () => Promise.reject(new Error('serving goes through serve')),
+    backward: () => Promise.reject(new Error('no training here')),
+    serve: async (passId, batches) => (lost(batches) ? batches.map(() => ({ unserved: 'no live shard' })) : local.forward(passId, batches, false)),
   };
-  await fails(); // anything built once and kept (e.g. tables) is made by the first call
-  const before = tf.memory().numTensors;
-  await fails();
-  assert.equal(tf.memory().numTensors, before, 'tensors leaked by a failed forward or decode step');
-  model.dispose();
+  const ids = Int32Array.from([72, 101, 108, 108]);
+  for (const [name, transport, error] of [['rejects', rejecting, /experts unreachable/], ['leaves rows unserved', refusing, /experts out of reach/]] as const) {
+    const model = new MixtralModel(config, transport);
+    model.loadDense(reference.toHf());
+    failing = -1;
+    // Caches to extend: a decode step with past > 0 builds its masks and longer caches.
+    const [a, b] = await model.decodeBatch([{ ids, past: 0 }, { ids: ids.subarray(0, 3), past: 0 }], 'prefill');
+    const fails = async () => {
+      await assert.rejects(model.logits(ids, 1, ids.length), error);
+      await assert.rejects(model.decodeBatch([{ ids, past: 0 }, { ids: ids.subarray(0, 2), past: 0 }], 'step'), error);
+      await assert.rejects(model.decodeBatch([{ ids: ids.subarray(0, 1), kv: a.kv, past: 4 }, { ids: ids.subarray(1, 3), kv: b.kv, past: 3 }], 'next'), error);
+    };
+    for (const layer of familyOf(config).moeLayers) {
+      failing = layer;
+      await fails(); // anything built once and kept (e.g. tables) is made by the first call
+      const before = tf.memory().numTensors;
+      await fails();
+      assert.equal(tf.memory().numTensors, before, `the transport ${name} at layer ${layer}: tensors leaked by a failed forward or decode step`);
+    }
+    disposeAll([a.kv, b.kv]);
+    model.dispose();
+  }
   reference.dispose();
 });
 

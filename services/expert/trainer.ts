@@ -11,7 +11,7 @@ import { adamWSettings, AdamW, clipFactor, gradSquareSum } from '../core/optim/a
 import { learningRate } from '../core/optim/schedule.js';
 import { recordAllReduce, trainingMetrics } from '../core/metrics/training.js';
 import { expertKeyText, type ExpertKey } from '../core/placement.js';
-import { StepAborted, type TrainLink } from '../core/wire/train-link.js';
+import { attemptPasses, StepAborted, type TrainLink } from '../core/wire/train-link.js';
 import { fromWirePlacement } from '../core/wire/coordinator-link.js';
 import type { ExpertShard } from './shard.js';
 import { StepGate } from './shard.js';
@@ -45,7 +45,10 @@ export async function runShardTraining(o: ShardTrainingOptions): Promise<void> {
   let generation = 0;
   let optimizer: AdamW | undefined;
   for (;;) {
-    gate.begin(generation + 1); // rows of the next attempt wait for its weights
+    gate.begin(generation + 1); // rows of the next attempt wait for its weights; the ended attempt's are refused
+    // The ended attempt's passes get no backward: free what their training forwards saved here now, not
+    // at the reload, which waits until every member has rejoined (a restarted one may take minutes).
+    o.shard.experts.dropPass(attemptPasses(generation));
     const join = await o.link.sync({ phase: 'TRAIN_PHASE_JOIN', generation: String(generation) });
     if (join.aborted) {
       o.log({ msg: 'cannot join yet', reason: join.abortReason });

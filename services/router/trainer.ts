@@ -17,7 +17,7 @@ import { recordAllReduce, recordExpertLoad, trainingMetrics } from '../core/metr
 import { expertKeyText, ownerAddresses, unplaced } from '../core/placement.js';
 import { fromWirePlacement } from '../core/wire/coordinator-link.js';
 import { GrpcExpertTransport } from '../core/wire/grpc-transport.js';
-import { StepAborted, type TrainLink } from '../core/wire/train-link.js';
+import { StepAborted, trainingPassId, type TrainLink } from '../core/wire/train-link.js';
 import { checkTrainRun,
   metricsFileOf, metricsRecord, truncateMetrics, validationBatches, validationLoss, type TrainerState,
 } from '../core/train/trainer.js';
@@ -154,7 +154,7 @@ export async function runRouterTraining(o: RouterTrainingOptions): Promise<Route
           const noise = new Rng((t.seed * 1_000_003 + o.index * 7_919 + step) >>> 0);
           transport.training = { generation, weightsStep: step - 1 };
           const result = await model.lossAndGradients(batch.inputs, batch.targets, batch.sequences, t.seq_len, {
-            passId: `g${generation}/r${o.index}/s${step}`, train: true, groupTokens: t.routing_group_tokens, random: () => noise.next(),
+            passId: trainingPassId(generation, o.index, step), train: true, groupTokens: t.routing_group_tokens, random: () => noise.next(),
             // this replica's tokens start at index·(its slice) of the global batch: the single-process uniforms
             rts: { seed: t.seed, step, firstToken: o.index * batch.sequences * t.seq_len },
           }, 1 / o.routers).catch((err: Error) => { throw new StepAborted(`step ${step}: ${err.message}`); });

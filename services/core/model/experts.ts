@@ -31,6 +31,11 @@ export interface ExpertTransport {
   /** Input-row gradients for output-row gradients of batches forwarded earlier under `passId`; weight gradients accumulate at the holder. */
   backward(passId: string, batches: RowBatch[], context?: CallContext): Promise<Float32Array[]>;
   /**
+   * The pass `passId` and its sub-passes (`passId/…`) will get no backward (their step failed): forget
+   * what their training forwards kept. Remote holders learn it from the training protocol instead.
+   */
+  dropPass?(passId: string): void;
+  /**
    * Inference forward that may leave batches unserved (no live holder, out of credits) instead of
    * failing the call; transports that cannot lose holders need not implement it.
    */
@@ -43,6 +48,9 @@ export interface ExpertTransport {
 export class MissingPassError extends Error {
   override name = 'MissingPassError';
 }
+
+/** Whether `passId` is the pass `scope` or one of its sub-passes (a model's layers call theirs `scope/L<l>`). */
+export const withinPass = (passId: string, scope: string): boolean => passId === scope || passId.startsWith(`${scope}/`);
 
 export const expertParamName = (layer: number, expert: number, part: 'w1t' | 'w3t' | 'w2t'): string =>
   `layers.${layer}.experts.${expert}.${part}`;
@@ -173,10 +181,13 @@ export class ExpertSet {
     return out;
   }
 
-  /** Forgets saved activations of a pass that will get no backward (evaluation, aborted step). */
+  /**
+   * Frees the activations saved for a pass and its sub-passes (`passId/…`) that will get no backward:
+   * its step failed, or its training attempt ended.
+   */
   dropPass(passId: string): void {
     for (const [key, cache] of this.caches)
-      if (key.startsWith(`${passId}|`)) {
+      if (withinPass(key.slice(0, key.lastIndexOf('|')), passId)) {
         disposeAll(cache);
         this.caches.delete(key);
       }
@@ -200,6 +211,10 @@ export class InProcessTransport implements ExpertTransport {
 
   async backward(passId: string, batches: RowBatch[]): Promise<Float32Array[]> {
     return batches.map((b) => this.experts.backwardRows(passId, b));
+  }
+
+  dropPass(passId: string): void {
+    this.experts.dropPass(passId);
   }
 }
 

@@ -375,71 +375,97 @@ export class MixtralModel {
   /** Mean cross-entropy (nats per token) without gradients. */
   async evalLoss(ids: Int32Array, targets: Int32Array, batch: number, tokens: number, passId = 'eval'): Promise<number> {
     const out = await this.forward(ids, batch, tokens, { passId, train: false });
-    const ce = tf.tidy(() => crossEntropy(out.logits, targets).loss.dataSync()[0]);
-    disposeAll([out.logits, out.hidden, out.kv]);
-    return ce;
+    try {
+      return tf.tidy(() => crossEntropy(out.logits, targets).loss.dataSync()[0]);
+    } finally {
+      disposeAll([out.logits, out.hidden, out.kv]); // also when the targets do not fit
+    }
   }
 
   /**
    * Forward and backward of one micro-batch; gradients accumulate in `dense` and at the experts' holders.
-   * `gradScale` weights this micro-batch's share of the global objective.
+   * `gradScale` weights this micro-batch's share of the global objective. When it fails (an expert
+   * holder lost mid-step), every tensor of the pass is freed and its holders are told to drop what they
+   * kept for it; gradients that reached the tables before the failure stay there, for the caller to
+   * discard with the step.
    */
   async lossAndGradients(ids: Int32Array, targets: Int32Array, batch: number, tokens: number, opt: PassOptions, gradScale = 1): Promise<LossResult> {
+    assertTrainable(this.config);
+    try {
+      // A failing forward frees its own tensors.
+      const out = await this.forward(ids, batch, tokens, { ...opt, train: true });
+      return await this.backward(out, ids, targets, gradScale);
+    } catch (err) {
+      // No complete backward will come: holders free the activations saved for the pass's layers.
+      this.transport.dropPass?.(opt.passId);
+      throw err;
+    }
+  }
+
+  /** The backward of a training forward; frees every tensor of `out`, also when it fails. */
+  private async backward(out: Awaited<ReturnType<MixtralModel['forward']>>, ids: Int32Array, targets: Int32Array, gradScale: number): Promise<LossResult> {
     const c = this.config;
     const gate = c.switchyard_gate;
-    assertTrainable(c);
-    const out = await this.forward(ids, batch, tokens, { ...opt, train: true });
     const caches = out.caches!;
     // aux_loss_scope 'batch': one Mixtral aux loss over every layer's and group's tokens (HF), else per group
     const pooledAux = gate.aux_loss_scope === 'batch' ? pooledAuxTotals(out.stats.flatMap((s) => s.plans), this.family.experts) : undefined;
-    const { loss: ceT, dLogits } = crossEntropy(out.logits, targets, gradScale);
-    const crossEntropyValue = ceT.dataSync()[0];
-    ceT.dispose();
-    out.logits.dispose();
-    const dLm = mmTA(out.hidden, dLogits);
-    this.dense.accumulate(denseNames.lmHead, dLm);
-    const dHidden = mm(dLogits, this.weightT(denseNames.lmHead));
-    dLogits.dispose();
-    out.hidden.dispose();
-    const nf = rmsNormBackward(dHidden, out.finalNorm!, this.dense.get(denseNames.norm));
-    dHidden.dispose();
-    disposeAll(out.finalNorm);
-    this.dense.accumulate(denseNames.norm, nf.dWeight);
-    let dx = nf.dx;
-    for (let l = c.num_hidden_layers - 1; l >= 0; l--) {
-      const lc = caches[l];
-      const moe = await this.moe[l]!.backward(dx, lc.moe, this.weightT(denseNames.gate(l)), gate.aux_loss_coef * gradScale, gate.z_loss_coef * gradScale, pooledAux);
-      this.dense.accumulate(denseNames.gate(l), moe.dGate);
-      const n2 = rmsNormBackward(moe.dh, lc.n2, this.dense.get(denseNames.moeNorm(l)));
-      moe.dh.dispose();
-      this.dense.accumulate(denseNames.moeNorm(l), n2.dWeight);
-      const dx1 = tf.add(dx, n2.dx) as T2;
+    // The gradient flowing down the layers, freed with the layers' caches the backward has not reached
+    // when it fails (experts unreachable, bad targets).
+    let dx: T2 | undefined;
+    try {
+      const { loss: ceT, dLogits } = crossEntropy(out.logits, targets, gradScale);
+      const crossEntropyValue = ceT.dataSync()[0];
+      ceT.dispose();
+      out.logits.dispose();
+      const dLm = mmTA(out.hidden, dLogits);
+      this.dense.accumulate(denseNames.lmHead, dLm);
+      const dHidden = mm(dLogits, this.weightT(denseNames.lmHead));
+      dLogits.dispose();
+      out.hidden.dispose();
+      const nf = rmsNormBackward(dHidden, out.finalNorm!, this.dense.get(denseNames.norm));
+      dHidden.dispose();
+      disposeAll(out.finalNorm);
+      this.dense.accumulate(denseNames.norm, nf.dWeight);
+      dx = nf.dx;
+      for (let l = c.num_hidden_layers - 1; l >= 0; l--) {
+        const lc = caches[l];
+        const moe = await this.moe[l]!.backward(dx, lc.moe, this.weightT(denseNames.gate(l)), gate.aux_loss_coef * gradScale, gate.z_loss_coef * gradScale, pooledAux);
+        this.dense.accumulate(denseNames.gate(l), moe.dGate);
+        const n2 = rmsNormBackward(moe.dh, lc.n2, this.dense.get(denseNames.moeNorm(l)));
+        moe.dh.dispose();
+        this.dense.accumulate(denseNames.moeNorm(l), n2.dWeight);
+        const dx1 = tf.add(dx, n2.dx) as T2;
+        dx.dispose();
+        n2.dx.dispose();
+        const attn = attentionBackward(dx1, lc.attn, { wqkvT: this.weightT(denseNames.wqkv(l)), woT: this.weightT(denseNames.wo(l)) }, this.rope);
+        this.dense.accumulate(denseNames.wqkv(l), attn.dWqkv);
+        this.dense.accumulate(denseNames.wo(l), attn.dWo);
+        const n1 = rmsNormBackward(attn.dh, lc.n1, this.dense.get(denseNames.attnNorm(l)));
+        attn.dh.dispose();
+        this.dense.accumulate(denseNames.attnNorm(l), n1.dWeight);
+        dx = tf.add(dx1, n1.dx) as T2;
+        dx1.dispose();
+        n1.dx.dispose();
+        disposeAll([lc.n1, lc.attn, lc.n2]);
+      }
+      this.accumulateEmbedding(ids, dx);
       dx.dispose();
-      n2.dx.dispose();
-      const attn = attentionBackward(dx1, lc.attn, { wqkvT: this.weightT(denseNames.wqkv(l)), woT: this.weightT(denseNames.wo(l)) }, this.rope);
-      this.dense.accumulate(denseNames.wqkv(l), attn.dWqkv);
-      this.dense.accumulate(denseNames.wo(l), attn.dWo);
-      const n1 = rmsNormBackward(attn.dh, lc.n1, this.dense.get(denseNames.attnNorm(l)));
-      attn.dh.dispose();
-      this.dense.accumulate(denseNames.attnNorm(l), n1.dWeight);
-      dx = tf.add(dx1, n1.dx) as T2;
-      dx1.dispose();
-      n1.dx.dispose();
-      disposeAll([lc.n1, lc.attn, lc.n2]);
+      let aux = 0;
+      let z = 0;
+      for (const s of out.stats) {
+        aux += s.auxLoss;
+        z += s.zLoss;
+      }
+      if (pooledAux) aux = pooledAuxLoss(pooledAux);
+      return {
+        loss: crossEntropyValue + gate.aux_loss_coef * aux + gate.z_loss_coef * z,
+        crossEntropy: crossEntropyValue, auxLoss: aux, zLoss: z, layerStats: out.stats,
+      };
+    } catch (err) {
+      // Tensors already freed on the way down are skipped (disposing twice is harmless).
+      disposeAll([out.logits, out.hidden, out.finalNorm, caches, dx]);
+      throw err;
     }
-    this.accumulateEmbedding(ids, dx);
-    dx.dispose();
-    let aux = 0;
-    let z = 0;
-    for (const s of out.stats) {
-      aux += s.auxLoss;
-      z += s.zLoss;
-    }
-    if (pooledAux) aux = pooledAuxLoss(pooledAux);
-    return {
-      loss: crossEntropyValue + gate.aux_loss_coef * aux + gate.z_loss_coef * z,
-      crossEntropy: crossEntropyValue, auxLoss: aux, zLoss: z, layerStats: out.stats,
-    };
   }
 
   private accumulateEmbedding(ids: Int32Array, dx: T2): void {

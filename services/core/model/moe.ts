@@ -152,67 +152,74 @@ export class MoeLayer {
       jitter = tf.tensor2d(multiplicativeJitter(new Float32Array(tokens * D), this.gate.jitter_eps, opt.random!), [tokens, D]);
       hGate = tf.mul(h, jitter);
     }
-    const logitsT = mm(hGate, gateW);
-    const logits = logitsT.dataSync() as Float32Array;
-    logitsT.dispose();
-    const routed = this.route(logits, tokens, opt, noisy);
-    const dispatch = dispatchOf(routed.plans, routed.groupStarts, tokens, E, k);
+    // Until the cache takes them, the gate input this call made is freed on any failure (experts
+    // unreachable, overload, deadline).
+    try {
+      const logitsT = mm(hGate, gateW);
+      const logits = logitsT.dataSync() as Float32Array;
+      logitsT.dispose();
+      const routed = this.route(logits, tokens, opt, noisy);
+      const dispatch = dispatchOf(routed.plans, routed.groupStarts, tokens, E, k);
 
-    const hRows = h.dataSync() as Float32Array;
-    const { batches, batchOf } = emptyBatches(this.layer, dispatch.rowCounts, D);
-    for (let i = 0; i < tokens * k; i++) {
-      const row = dispatch.row[i];
-      if (row < 0) continue;
-      const t = (i / k) | 0;
-      batches[batchOf[dispatch.expert[i]]].rows.set(hRows.subarray(t * D, t * D + D), row * D);
-    }
-    const context = { requestIds: opt.requestIds, deadline: opt.deadline };
-    const outputs: Array<Float32Array | Unserved> = !opt.train && this.transport.serve
-      ? await this.transport.serve(opt.passId, batches, context)
-      : await this.transport.forward(opt.passId, batches, opt.train, context);
-    const combined = new Float32Array(tokens * D);
-    const lost = outputs.some(isUnserved) ? await this.overflow(outputs, batches, logits, dispatch, hRows, tokens, opt) : undefined;
-    for (let i = 0; i < tokens * k; i++) {
-      const row = dispatch.row[i];
-      if (row < 0) continue;
-      const w = dispatch.weight[i];
-      const served = outputs[batchOf[dispatch.expert[i]]];
-      let out: Float32Array;
-      let o = row * D;
-      if (isUnserved(served)) {
-        // Rerouted to another expert, or dropped to the residual path (contributes nothing).
-        const moved = lost?.moved.get(i);
-        if (!moved) continue;
-        out = moved.values;
-        o = moved.row * D;
-      } else out = served;
-      const c = ((i / k) | 0) * D;
-      for (let d = 0; d < D; d++) combined[c + d] += w * out[o + d];
-    }
-    const y = tf.tensor2d(combined, [tokens, D]);
+      const hRows = h.dataSync() as Float32Array;
+      const { batches, batchOf } = emptyBatches(this.layer, dispatch.rowCounts, D);
+      for (let i = 0; i < tokens * k; i++) {
+        const row = dispatch.row[i];
+        if (row < 0) continue;
+        const t = (i / k) | 0;
+        batches[batchOf[dispatch.expert[i]]].rows.set(hRows.subarray(t * D, t * D + D), row * D);
+      }
+      const context = { requestIds: opt.requestIds, deadline: opt.deadline };
+      const outputs: Array<Float32Array | Unserved> = !opt.train && this.transport.serve
+        ? await this.transport.serve(opt.passId, batches, context)
+        : await this.transport.forward(opt.passId, batches, opt.train, context);
+      const combined = new Float32Array(tokens * D);
+      const lost = outputs.some(isUnserved) ? await this.overflow(outputs, batches, logits, dispatch, hRows, tokens, opt) : undefined;
+      for (let i = 0; i < tokens * k; i++) {
+        const row = dispatch.row[i];
+        if (row < 0) continue;
+        const w = dispatch.weight[i];
+        const served = outputs[batchOf[dispatch.expert[i]]];
+        let out: Float32Array;
+        let o = row * D;
+        if (isUnserved(served)) {
+          // Rerouted to another expert, or dropped to the residual path (contributes nothing).
+          const moved = lost?.moved.get(i);
+          if (!moved) continue;
+          out = moved.values;
+          o = moved.row * D;
+        } else out = served;
+        const c = ((i / k) | 0) * D;
+        for (let d = 0; d < D; d++) combined[c + d] += w * out[o + d];
+      }
+      const y = tf.tensor2d(combined, [tokens, D]);
 
-    const countsBeforeDrop = new Int32Array(E);
-    let auxSum = 0;
-    let capacity = 0;
-    for (const plan of routed.plans) {
-      for (let e = 0; e < E; e++) countsBeforeDrop[e] += plan.countsBeforeDrop[e];
-      auxSum += plan.auxLoss;
-      capacity = Math.max(capacity, plan.capacity);
-    }
-    const kept = dispatch.rowCounts.reduce((s, n) => s + n, 0);
-    const stats: MoeStats = {
-      countsBeforeDrop, countsAfterDrop: dispatch.rowCounts, droppedChoices: tokens * k - kept, capacity,
-      plans: routed.plans, auxLoss: routed.plans.length ? auxSum / routed.plans.length : 0, zLoss: routed.zLoss,
-      ...(lost ? { degradedTokens: lost.tokens, degradedReasons: lost.reasons } : {}),
-    };
-    if (!opt.train) {
+      const countsBeforeDrop = new Int32Array(E);
+      let auxSum = 0;
+      let capacity = 0;
+      for (const plan of routed.plans) {
+        for (let e = 0; e < E; e++) countsBeforeDrop[e] += plan.countsBeforeDrop[e];
+        auxSum += plan.auxLoss;
+        capacity = Math.max(capacity, plan.capacity);
+      }
+      const kept = dispatch.rowCounts.reduce((s, n) => s + n, 0);
+      const stats: MoeStats = {
+        countsBeforeDrop, countsAfterDrop: dispatch.rowCounts, droppedChoices: tokens * k - kept, capacity,
+        plans: routed.plans, auxLoss: routed.plans.length ? auxSum / routed.plans.length : 0, zLoss: routed.zLoss,
+        ...(lost ? { degradedTokens: lost.tokens, degradedReasons: lost.reasons } : {}),
+      };
+      if (!opt.train) {
+        if (jitter) tf.dispose([jitter, hGate]);
+        return { y, stats };
+      }
+      const expertOutputs = new Map<number, Float32Array>();
+      batches.forEach((b, j) => expertOutputs.set(b.expert, outputs[j] as Float32Array)); // training never leaves rows unserved
+      const cache: MoeCache = { dispatch, logits, expertOutputs, hGate: hGate === h ? h.clone() : hGate, jitter, passId: opt.passId };
+      return { y, stats, cache };
+    } catch (err) {
       if (jitter) tf.dispose([jitter, hGate]);
-      return { y, stats };
+      throw err;
     }
-    const expertOutputs = new Map<number, Float32Array>();
-    batches.forEach((b, j) => expertOutputs.set(b.expert, outputs[j] as Float32Array)); // training never leaves rows unserved
-    const cache: MoeCache = { dispatch, logits, expertOutputs, hGate: hGate === h ? h.clone() : hGate, jitter, passId: opt.passId };
-    return { y, stats, cache };
   }
 
   /**
@@ -272,60 +279,65 @@ export class MoeLayer {
    * dy: gradient of the block output. Returns the gradients of the block input and of the gate weight;
    * expert weight gradients accumulate at the experts' holder. Loss terms:
    * auxCoef·mean_groups(aux) + zCoef·mean_groups(z); with `pooledAux` (aux_loss_scope 'batch') the aux term
-   * is auxCoef·pooledAuxLoss(pooledAux), the one loss of every layer and group pooled.
+   * is auxCoef·pooledAuxLoss(pooledAux), the one loss of every layer and group pooled. Frees the cache's
+   * tensors, also when it fails.
    */
   async backward(dy: T2, cache: MoeCache, gateWT: T2, auxCoef: number, zCoef: number, pooledAux?: PooledAuxTotals): Promise<{ dh: T2; dGate: T2 }> {
-    const D = this.hidden;
-    const E = this.experts;
-    const k = this.k;
-    const tokens = dy.shape[0];
-    const { dispatch } = cache;
-    const dyRows = dy.dataSync() as Float32Array;
-    const { batches: dBatches, batchOf } = emptyBatches(this.layer, dispatch.rowCounts, D);
-    // d(combine weight) = dy · expert output; d(expert output) = weight · dy.
-    const dWeight = new Float32Array(tokens * k);
-    for (let i = 0; i < tokens * k; i++) {
-      const row = dispatch.row[i];
-      if (row < 0) continue;
-      const e = dispatch.expert[i];
-      const w = dispatch.weight[i];
-      const out = cache.expertOutputs.get(e)!;
-      const dRows = dBatches[batchOf[e]].rows;
-      const o = row * D;
-      const c = ((i / k) | 0) * D;
-      let dot = 0;
-      for (let d = 0; d < D; d++) {
-        dRows[o + d] = w * dyRows[c + d];
-        dot += dyRows[c + d] * out[o + d];
+    try {
+      const D = this.hidden;
+      const E = this.experts;
+      const k = this.k;
+      const tokens = dy.shape[0];
+      const { dispatch } = cache;
+      const dyRows = dy.dataSync() as Float32Array;
+      const { batches: dBatches, batchOf } = emptyBatches(this.layer, dispatch.rowCounts, D);
+      // d(combine weight) = dy · expert output; d(expert output) = weight · dy.
+      const dWeight = new Float32Array(tokens * k);
+      for (let i = 0; i < tokens * k; i++) {
+        const row = dispatch.row[i];
+        if (row < 0) continue;
+        const e = dispatch.expert[i];
+        const w = dispatch.weight[i];
+        const out = cache.expertOutputs.get(e)!;
+        const dRows = dBatches[batchOf[e]].rows;
+        const o = row * D;
+        const c = ((i / k) | 0) * D;
+        let dot = 0;
+        for (let d = 0; d < D; d++) {
+          dRows[o + d] = w * dyRows[c + d];
+          dot += dyRows[c + d] * out[o + d];
+        }
+        dWeight[i] = dot;
       }
-      dWeight[i] = dot;
+      const dxRows = await this.transport.backward(cache.passId, dBatches);
+      const dh = new Float32Array(tokens * D);
+      for (let i = 0; i < tokens * k; i++) {
+        const row = dispatch.row[i];
+        if (row < 0) continue;
+        const dx = dxRows[batchOf[dispatch.expert[i]]];
+        const o = row * D;
+        const c = ((i / k) | 0) * D;
+        for (let d = 0; d < D; d++) dh[c + d] += dx[o + d];
+      }
+      const groups = dispatch.plans.length;
+      const dLogits = new Float32Array(tokens * E);
+      dispatch.plans.forEach((plan, g) => {
+        const start = dispatch.groupStarts[g];
+        const end = start + plan.tokens;
+        const grad = gateBackward(plan, cache.logits.subarray(start * E, end * E), dWeight.subarray(start * k, end * k), pooledAux ? auxCoef : auxCoef / groups, zCoef / groups, pooledAux);
+        dLogits.set(grad, start * E);
+      });
+      const result = tf.tidy(() => {
+        const dL = tf.tensor2d(dLogits, [tokens, E]);
+        const dGate = mmTA(cache.hGate, dL);
+        let dhGate: tf.Tensor = mm(dL, gateWT);
+        if (cache.jitter) dhGate = tf.mul(dhGate, cache.jitter);
+        return { dh: tf.add(tf.tensor2d(dh, [tokens, D]), dhGate) as T2, dGate };
+      });
+      return result;
+    } finally {
+      // The cache is consumed whether the backward completes or its experts fail.
+      tf.dispose([cache.hGate, cache.jitter ?? []]);
     }
-    const dxRows = await this.transport.backward(cache.passId, dBatches);
-    const dh = new Float32Array(tokens * D);
-    for (let i = 0; i < tokens * k; i++) {
-      const row = dispatch.row[i];
-      if (row < 0) continue;
-      const dx = dxRows[batchOf[dispatch.expert[i]]];
-      const o = row * D;
-      const c = ((i / k) | 0) * D;
-      for (let d = 0; d < D; d++) dh[c + d] += dx[o + d];
-    }
-    const groups = dispatch.plans.length;
-    const dLogits = new Float32Array(tokens * E);
-    dispatch.plans.forEach((plan, g) => {
-      const start = dispatch.groupStarts[g];
-      const end = start + plan.tokens;
-      const grad = gateBackward(plan, cache.logits.subarray(start * E, end * E), dWeight.subarray(start * k, end * k), pooledAux ? auxCoef : auxCoef / groups, zCoef / groups, pooledAux);
-      dLogits.set(grad, start * E);
-    });
-    const result = tf.tidy(() => {
-      const dL = tf.tensor2d(dLogits, [tokens, E]);
-      const dGate = mmTA(cache.hGate, dL);
-      let dhGate: tf.Tensor = mm(dL, gateWT);
-      if (cache.jitter) dhGate = tf.mul(dhGate, cache.jitter);
-      return { dh: tf.add(tf.tensor2d(dh, [tokens, D]), dhGate) as T2, dGate };
-    });
-    tf.dispose([cache.hGate, cache.jitter ?? []]);
-    return result;
   }
 }

@@ -27,9 +27,11 @@ export function mmTA(a: tf.Tensor, b: tf.Tensor): T2 {
   return out;
 }
 
-/** Disposes every tensor reachable in a (possibly nested) container. */
+/** Disposes every tensor reachable in a (possibly nested) container; disposing a tensor twice is harmless. */
 export function disposeAll(container: unknown): void {
   if (container instanceof tf.Tensor) container.dispose();
+  // Host rows (routing logits, expert outputs) hold no tensors: not walked value by value.
+  else if (ArrayBuffer.isView(container)) return;
   else if (Array.isArray(container)) for (const c of container) disposeAll(c);
   else if (container instanceof Map) for (const c of container.values()) disposeAll(c);
   else if (container && typeof container === 'object') for (const c of Object.values(container)) disposeAll(c);

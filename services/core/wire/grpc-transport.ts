@@ -3,7 +3,7 @@
 // keeps per-shard health (a broken stream marks a shard down at once; a health probe brings it back),
 // spends credits per row in flight, and moves rows of a lost shard to the expert's other replicas.
 import * as grpc from '@grpc/grpc-js';
-import type { CallContext, ExpertTransport, RowBatch } from '../model/experts.js';
+import { withinPass, type CallContext, type ExpertTransport, type RowBatch } from '../model/experts.js';
 import { Credits } from '../credits.js';
 import { OverloadError, type OverflowPolicy, type Unserved } from '../overload.js';
 import { HealthProbe } from './health-probe.js';
@@ -319,6 +319,14 @@ export class GrpcExpertTransport implements ExpertTransport {
       else for (const p of taken) this.credits.give(creditKey(p.address, batches[i]), p.rowCount);
     }));
     return granted;
+  }
+
+  /**
+   * A failed training step: forgets its row splits. The shards free the pass's activations when the
+   * attempt aborts (the router's failure aborts it), so nothing is sent.
+   */
+  dropPass(passId: string): void {
+    for (const key of this.trainSplits.keys()) if (withinPass(key, passId)) this.trainSplits.delete(key);
   }
 
   /** Forgets the row splits of passes that will get no backward (an aborted training step). */

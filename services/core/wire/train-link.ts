@@ -30,6 +30,12 @@ export class AllReduceError extends Error {
   override name = 'AllReduceError';
 }
 
+/** Scope of every training pass of an attempt: a shard drops the whole attempt's passes when it aborts. */
+export const attemptPasses = (generation: number): string => `g${generation}`;
+
+/** The pass of one router's step (its layers are sub-passes `…/L<l>`, within attemptPasses(generation)). */
+export const trainingPassId = (generation: number, router: number, step: number): string => `${attemptPasses(generation)}/r${router}/s${step}`;
+
 /** The run aborted the step in flight (a member failed): rejoin and resume from the last checkpoint. */
 export class StepAborted extends Error {
   override name = 'StepAborted';
