@@ -285,3 +285,52 @@ test('expert assignments parse ranges and lists and refuse nonsense', () => {
   assert.throws(() => parseAssignment('0:x', 2, 4), /not a non-negative integer/);
   assert.throws(() => parseAssignment('0-1', 2, 4), /expected LAYER:EXPERTS/);
 });
+
+test('1 000 dispatches on one long-lived stream add no listeners to it, even under backpressure (no MaxListenersExceededWarning)', async () => {
+  const H = 64;
+  const ROWS = 256; // 64 KiB a message: with 64 in flight, writes back up and senders wait for 'drain'
+  const experts = new ExpertSet(H, 8);
+  experts.add(0, 0, { w1t: tf.ones([H, 8]), w3t: tf.ones([H, 8]), w2t: tf.ones([8, H]) });
+  const server = await startExpertServer(experts, '127.0.0.1', 0);
+  const address = `127.0.0.1:${server.port}`;
+  const transport = new GrpcExpertTransport(() => [address], H);
+  const warnings: Error[] = [];
+  const onWarning = (w: Error) => warnings.push(w);
+  process.on('warning', onWarning);
+  const dispatch = (i: number) => transport.serve(`p${i}`, [{ layer: 0, expert: 0, rowCount: ROWS, rows: new Float32Array(ROWS * H).fill(0.01) }]);
+  try {
+    await dispatch(0);
+    const stream = transport.streamTo(address)!;
+    assert.ok(stream, 'the stream is open after the first dispatch');
+    const counts = () => Object.fromEntries(stream.eventNames().map((e) => [String(e), stream.listenerCount(e)]));
+    const baseline = counts();
+    // Count writes the stream refused (backpressure), so the test cannot pass without exercising it.
+    let refused = 0;
+    const write = stream.write.bind(stream) as (...args: unknown[]) => boolean;
+    (stream as unknown as { write: (...args: unknown[]) => boolean }).write = (...args) => {
+      const ok = write(...args);
+      if (!ok) refused++;
+      return ok;
+    };
+    const seen: Array<Record<string, number>> = [];
+    let next = 1;
+    await Promise.all(Array.from({ length: 64 }, async () => {
+      while (next < 1000) {
+        const out = await dispatch(next++);
+        assert.ok(out[0] instanceof Float32Array);
+        seen.push(counts());
+      }
+    }));
+    assert.equal(seen.length, 999);
+    assert.ok(refused > 0, 'some writes met backpressure');
+    assert.equal(transport.streamTo(address), stream, 'all on one stream');
+    for (const [i, c] of seen.entries()) assert.deepEqual(c, baseline, `listeners after dispatch ${i + 2} (${refused} writes waited for drain)`);
+    await new Promise((resolve) => setImmediate(resolve)); // warnings are emitted on the next tick
+    assert.deepEqual(warnings.filter((w) => w.name === 'MaxListenersExceededWarning').map((w) => w.message), []);
+  } finally {
+    process.off('warning', onWarning);
+    transport.close();
+    await server.close();
+    experts.dispose();
+  }
+});

@@ -9,15 +9,8 @@ import { join } from 'node:path';
 import { metricNamesInConfig, metricNamesInExpr } from './support/config-names.js';
 import { repoRoot } from './support/paths.js';
 import { registry, setBuildInfo } from '../services/core/metrics/registry.js';
-import { registerCoordinatorTrainingMetrics } from '../services/core/metrics/training.js';
-// Every module that registers metrics when loaded.
-import '../services/core/metrics/serving.js';
-import '../services/router/engine.js';
-import '../services/router/routing-stats.js';
-import '../services/expert/shard.js';
-import '../services/expert/follower.js';
-import '../services/coordinator/server.js';
-import '../services/coordinator/rebalancer.js';
+// Loading a module registers nothing: each service registers its own groups when it starts.
+import { ALL_GROUPS, ROLE_GROUPS, type Role } from './support/role-metrics.js';
 
 const prometheusDir = join(repoRoot, 'deploy', 'prometheus');
 const dashboardPath = join(repoRoot, 'deploy', 'grafana', 'dashboards', 'switchyard.json');
@@ -109,12 +102,12 @@ test('metricNamesInExpr keeps metrics and recording rules, drops functions, keyw
 });
 
 /**
- * The names the services' registries export, read from the registry after loading every module that
- * registers metrics (the router, shard and coordinator ones included); histograms by their base name.
- * Metrics registered by a function at service start are registered here the same way.
+ * The names the services' registries export, read from the registry after registering every role's
+ * metric groups (router, shards serving and training, coordinators with and without a training job,
+ * training replicas), as each service does when it starts; histograms by their base name.
  */
 function exportedNames(): Set<string> {
-  registerCoordinatorTrainingMetrics({ generation: () => 0, committedStep: () => 0, reduceBytesIn: () => 0, reduceBytesOut: () => 0, pendingChunks: () => 0 });
+  for (const role of Object.keys(ROLE_GROUPS) as Role[]) for (const group of ROLE_GROUPS[role]) ALL_GROUPS[group].register();
   setBuildInfo('test', 'none', 'test');
   // `up` is Prometheus' own, per scraped target.
   return new Set([...registry.getMetricsAsArray().map((m) => m.name), 'up']);

@@ -14,7 +14,7 @@ import { MixtralModel } from '../services/core/model/model.js';
 import { saveModel } from '../services/core/checkpoint/model.js';
 import { assignmentSpec, spreadExperts } from '../services/core/placement.js';
 import { metricNamesInConfig, metricNamesInExpr } from './support/config-names.js';
-import { freePort, startCluster, type TestCluster } from './support/cluster.js';
+import { freePort, startCluster, startIdleTrainingRun, type IdleTrainingRun, type TestCluster } from './support/cluster.js';
 import { repoRoot } from './support/paths.js';
 import { kubectlGate, renderKustomization } from './support/kubectl.js';
 import { spawnTracked } from './support/services.js';
@@ -32,6 +32,8 @@ let root: string;
 let cluster: TestCluster;
 let base: string;
 const metricUrls: string[] = [];
+/** The training services (each exports the training series only it has), beside the serving cluster Prometheus scrapes. */
+let training: IdleTrainingRun | undefined;
 
 before(async () => {
   root = await mkdtemp(join(tmpdir(), 'switchyard-observability-'));
@@ -43,10 +45,14 @@ before(async () => {
   base = cluster.routers[0].base;
   metricUrls.push(`${base}/metrics`);
   for (const s of [cluster.coordinator, ...cluster.shards]) metricUrls.push(s.ready.input!.match(/metrics (http:\/\/\S+\/metrics)/)![1]);
+  const runDir = join(root, 'run');
+  await mkdir(runDir);
+  training = await startIdleTrainingRun(checkpoint, runDir, { model: config, train: preset('tiny').train });
 });
 
 after(async () => {
   await cluster?.stop();
+  await training?.stop();
   await rm(root, { recursive: true, force: true });
 });
 
@@ -176,11 +182,11 @@ function scaledObjectMetricNames(): string[] {
   return [...names];
 }
 
-/** Metric names the local cluster's services export (and `up`, which Prometheus adds). */
+/** Metric names the local serving cluster's and training run's services export (and `up`, which Prometheus adds). */
 async function exportedMetricNames(): Promise<Set<string>> {
   await infer(Array.from({ length: 16 }, (_, i) => i), 1); // labelled series appear with their first sample
   const exported = new Set<string>(['up']);
-  for (const url of metricUrls) {
+  for (const url of [...metricUrls, ...Object.values(training!.metricsUrls)]) {
     const text = await (await fetch(url)).text();
     for (const line of text.split('\n')) {
       const m = line.match(/^([a-zA-Z_:][a-zA-Z0-9_:]*)[{ ]/);

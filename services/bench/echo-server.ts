@@ -8,6 +8,7 @@ import { createInterface } from 'node:readline';
 import type { Writable } from 'node:stream';
 import { fileURLToPath } from 'node:url';
 import { CHANNEL_OPTIONS } from '../core/wire/protos.js';
+import { writableAgain } from '../core/wire/backpressure.js';
 
 const identity = (b: Buffer): Buffer => b;
 
@@ -42,14 +43,7 @@ function writeChunks(stream: Writable, payload: Buffer, chunks: number): void {
   stream.once('close', stop);
   void (async () => {
     for (let c = 0; c < chunks && !stopped; c++) {
-      if (stream.write(payload)) continue;
-      await new Promise<void>((resolve) => {
-        const wake = () => {
-          for (const event of ['drain', 'error', 'close']) stream.off(event, wake);
-          resolve();
-        };
-        for (const event of ['drain', 'error', 'close']) stream.on(event, wake);
-      });
+      if (!stream.write(payload)) await writableAgain(stream);
     }
   })();
 }

@@ -33,7 +33,6 @@ import { runBench } from '../bench/index.js';
 import { trainingProgress } from './progress.js';
 import { RUN_FILE, trainDistributed, type RunFile } from './train-cluster.js';
 import { setBuildInfo, startMetricsServer } from '../core/metrics/registry.js';
-import { registerCoordinatorTrainingMetrics } from '../core/metrics/training.js';
 import { TrainLink } from '../core/wire/train-link.js';
 import { runRouterTraining } from '../router/trainer.js';
 import { runShardTraining } from '../expert/trainer.js';
@@ -315,10 +314,6 @@ async function serveCoordinator(flags: ServeFlags): Promise<void> {
     routers: flags.trainRouters!, shards: flags.trainShards!, checkpointDir: resolve(flags.trainCheckpoint), log: jsonLog('coordinator'),
   }, { intervalMs: flags.rebalanceIntervalMs, log: jsonLog('coordinator') });
   setBuildInfo(packageVersion(), 'none', 'coordinator');
-  registerCoordinatorTrainingMetrics({
-    generation: () => coordinator.training?.generation ?? 0, committedStep: () => coordinator.training?.committedStep ?? 0,
-    reduceBytesIn: () => coordinator.reduceHub.bytesIn, reduceBytesOut: () => coordinator.reduceHub.bytesOut, pendingChunks: () => coordinator.reduceHub.pendingChunks,
-  });
   // One HTTP port: /metrics for scrapers, /admin/placement for operators (bearer token).
   const admin = buildAdminApp(coordinator.membership, coordinator.rebalancer, { token: adminToken });
   const adminAddress = await admin.listen({ host: flags.host, port: flags.metricsPort });

@@ -4,7 +4,7 @@
 // migration runs at a time. Triggers: a shard that registers holding nothing (scale-up), a shard that asks
 // to drain (scale-down), the interval (with hysteresis) and operators (`switchyard placement apply`).
 import { Gauge, Histogram } from 'prom-client';
-import { registry } from '../core/metrics/registry.js';
+import { MetricGroup } from '../core/metrics/registry.js';
 import { expertKeyText, expertKeys, type ExpertKey } from '../core/placement.js';
 import type { Member, Membership, ModelShape } from './membership.js';
 import { maxOverMean, PlacementInfeasible, placementLoad, planPlacement, type Plan } from './planner.js';
@@ -48,25 +48,29 @@ export interface PlanSummary {
 const STOPPING = 'the coordinator is stopping';
 let current: Rebalancer | undefined;
 const migrationSeconds = new Histogram({
-  name: 'switchyard_placement_migration_seconds', help: 'Time from a plan to the placement that applies it (shards loaded the experts they gained)', registers: [registry],
+  name: 'switchyard_placement_migration_seconds', help: 'Time from a plan to the placement that applies it (shards loaded the experts they gained)', registers: [],
   buckets: [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120],
 });
 const readySeconds = new Histogram({
-  name: 'switchyard_shard_ready_seconds', help: 'Time from an empty shard\'s registration to the placement that lists it', registers: [registry],
+  name: 'switchyard_shard_ready_seconds', help: 'Time from an empty shard\'s registration to the placement that lists it', registers: [],
   buckets: [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120],
 });
-new Gauge({ name: 'switchyard_placement_generation', help: 'Placement migrations applied by this coordinator', registers: [registry], collect() { this.set(current?.generation ?? 0); } });
-new Gauge({ name: 'switchyard_expert_replicas', help: 'Shards serving each expert', labelNames: ['layer', 'expert'], registers: [registry], collect() {
-  this.reset();
-  for (const e of current?.membership.placement().entries ?? []) this.set({ layer: String(e.layer), expert: String(e.expert) }, e.shardIds.length);
-} });
-new Gauge({ name: 'switchyard_placement_predicted_max_over_mean', help: 'Most loaded shard over the mean, predicted from routers\' measured demand and the current placement', registers: [registry], collect() {
-  this.set(current?.predictedImbalance() ?? 0);
-} });
-new Gauge({ name: 'switchyard_placement_measured_max_over_mean', help: 'Most loaded shard over the mean, from the rows per second shards report', registers: [registry], collect() {
-  this.set(current?.measuredImbalance() ?? 0);
-} });
-
+/** Exported once a coordinator that moves experts (a serving one) starts its Rebalancer. */
+export const placementMetricGroup = new MetricGroup([
+  migrationSeconds,
+  readySeconds,
+  new Gauge({ name: 'switchyard_placement_generation', help: 'Placement migrations applied by this coordinator', registers: [], collect() { this.set(current?.generation ?? 0); } }),
+  new Gauge({ name: 'switchyard_expert_replicas', help: 'Shards serving each expert', labelNames: ['layer', 'expert'], registers: [], collect() {
+    this.reset();
+    for (const e of current?.membership.placement().entries ?? []) this.set({ layer: String(e.layer), expert: String(e.expert) }, e.shardIds.length);
+  } }),
+  new Gauge({ name: 'switchyard_placement_predicted_max_over_mean', help: 'Most loaded shard over the mean, predicted from routers\' measured demand and the current placement', registers: [], collect() {
+    this.set(current?.predictedImbalance() ?? 0);
+  } }),
+  new Gauge({ name: 'switchyard_placement_measured_max_over_mean', help: 'Most loaded shard over the mean, from the rows per second shards report', registers: [], collect() {
+    this.set(current?.measuredImbalance() ?? 0);
+  } }),
+]);
 
 export class Rebalancer {
   generation = 0;
@@ -87,6 +91,7 @@ export class Rebalancer {
 
   constructor(readonly membership: Membership, readonly options: RebalancerOptions) {
     current = this;
+    placementMetricGroup.register();
     this.now = options.now ?? Date.now;
     this.unsubscribe.push(membership.onMemberChange((memberId, event) => {
       if (event === 'expired') return void this.joining.delete(memberId);

@@ -2,7 +2,8 @@
 // grpc.health.v1 and reflection. Soft state only: after a restart members simply register again.
 import * as grpc from '@grpc/grpc-js';
 import { Gauge } from 'prom-client';
-import { registry } from '../core/metrics/registry.js';
+import { MetricGroup } from '../core/metrics/registry.js';
+import { registerCoordinatorTrainingMetrics } from '../core/metrics/training.js';
 import { loadProtos } from '../core/wire/protos.js';
 import { isMalformed, malformedStatus, startGrpcServer, tolerant, type MalformedMessage } from '../core/wire/server.js';
 import type { DeregisterReply } from '../generated/switchyard/v1/DeregisterReply.js';
@@ -28,14 +29,16 @@ import { TrainingJob, TrainSyncError, type TrainingJobOptions } from './training
 
 export const COORDINATOR_SERVICE_NAME = 'switchyard.v1.Coordinator';
 
-/** Gauges of the newest coordinator of the process, read when Prometheus scrapes. */
+/** Gauges of the newest coordinator of the process, read when Prometheus scrapes; exported once one starts. */
 let currentMembership: Membership | undefined;
-new Gauge({ name: 'switchyard_coordinator_members', help: 'Members holding a lease, by role', labelNames: ['role'], registers: [registry], collect() {
-  for (const role of ['router', 'expert-shard'] as const) this.set({ role }, currentMembership?.list(role).length ?? 0);
-} });
-new Gauge({ name: 'switchyard_coordinator_placement_version', help: 'Version of the placement (grows with every change)', registers: [registry], collect() {
-  this.set(currentMembership?.placement().version ?? 0);
-} });
+export const coordinatorMetricGroup = new MetricGroup([
+  new Gauge({ name: 'switchyard_coordinator_members', help: 'Members holding a lease, by role', labelNames: ['role'], registers: [], collect() {
+    for (const role of ['router', 'expert-shard'] as const) this.set({ role }, currentMembership?.list(role).length ?? 0);
+  } }),
+  new Gauge({ name: 'switchyard_coordinator_placement_version', help: 'Version of the placement (grows with every change)', registers: [], collect() {
+    this.set(currentMembership?.placement().version ?? 0);
+  } }),
+]);
 
 const ROLES: Record<string, Role> = { ROLE_ROUTER: 'router', ROLE_EXPERT_SHARD: 'expert-shard' };
 
@@ -59,6 +62,12 @@ export async function startCoordinator(
   const reduceHub = new ReduceHub();
   const training = trainingOptions ? new TrainingJob(trainingOptions, membership) : undefined;
   if (training) training.onAbort = (generation, reason) => reduceHub.drop(`g${generation}/`, `training attempt ${generation} aborted: ${reason}`);
+  coordinatorMetricGroup.register();
+  // The training job's series only where there is a job (the Rebalancer registers the placement ones).
+  if (training) registerCoordinatorTrainingMetrics({
+    generation: () => training.generation, committedStep: () => training.committedStep,
+    reduceBytesIn: () => reduceHub.bytesIn, reduceBytesOut: () => reduceHub.bytesOut, pendingChunks: () => reduceHub.pendingChunks,
+  });
   const protos = loadProtos();
   const watchers = new Set<grpc.ServerWritableStream<WatchPlacementRequest__Output | MalformedMessage, Placement>>();
   const running = await startGrpcServer(host, port, COORDINATOR_SERVICE_NAME, (server) => server.addService(tolerant(protos.switchyard.v1.Coordinator.service), {

@@ -3,7 +3,7 @@
 // then), and drops the experts it lost after a grace period, so rows already on their way still land.
 import { Gauge } from 'prom-client';
 import { loadExpertSet } from '../core/checkpoint/model.js';
-import { registry } from '../core/metrics/registry.js';
+import { MetricGroup } from '../core/metrics/registry.js';
 import { expertKeyText, type ExpertKey, type PlacementTable } from '../core/placement.js';
 import type { CoordinatorLink } from '../core/wire/coordinator-link.js';
 import type { ExpertShard } from './shard.js';
@@ -19,7 +19,10 @@ export interface FollowerOptions {
 
 
 let current: AssignmentFollower | undefined;
-new Gauge({ name: 'switchyard_expert_load_seconds', help: 'Time the last set of gained experts took to load from the checkpoint store', registers: [registry], collect() { this.set(current?.lastLoadSeconds ?? 0); } });
+/** Exported once a shard follows the coordinator's assignment (serving shards; training ones take theirs from the run). */
+export const followerMetricGroup = new MetricGroup([
+  new Gauge({ name: 'switchyard_expert_load_seconds', help: 'Time the last set of gained experts took to load from the checkpoint store', registers: [], collect() { this.set(current?.lastLoadSeconds ?? 0); } }),
+]);
 
 export class AssignmentFollower {
   private wanted?: ExpertKey[];
@@ -32,6 +35,7 @@ export class AssignmentFollower {
 
   constructor(readonly o: FollowerOptions) {
     current = this;
+    followerMetricGroup.register();
   }
 
   /** Called with every placement: acts when the entry of this shard carries an assignment. */

@@ -7,25 +7,31 @@ import type { FloatDtype } from '../core/dtypes.js';
 import type { ExpertReply } from '../generated/switchyard/v1/ExpertReply.js';
 import type { ExpertRequest__Output } from '../generated/switchyard/v1/ExpertRequest.js';
 import { Counter, Gauge, Histogram } from 'prom-client';
-import { registry } from '../core/metrics/registry.js';
+import { MetricGroup } from '../core/metrics/registry.js';
 import { DecayingRates } from '../core/metrics/decaying.js';
 import { expertKeyText, type ExpertKey } from '../core/placement.js';
 
 /** The shard gauges read the newest shard of the process when Prometheus scrapes. */
 let currentShard: ExpertShard | undefined;
-new Gauge({ name: 'switchyard_expert_queue_rows', help: 'Rows waiting at this shard to be computed (the autoscaling signal)', registers: [registry], collect() { this.set(currentShard?.queuedRows ?? 0); } });
-new Gauge({ name: 'switchyard_expert_first_row_seconds', help: 'Time from this shard\'s registration with the coordinator to the first row it served (0 until then)', registers: [registry], collect() {
-  const registered = currentShard?.registeredAt?.();
-  const first = currentShard?.firstRowAt;
-  this.set(registered !== undefined && first !== undefined ? Math.max(0, first - registered) / 1000 : 0);
-} });
-new Gauge({ name: 'switchyard_expert_held', help: 'Experts this shard holds', registers: [registry], collect() { this.set(currentShard?.experts.keys().length ?? 0); } });
-new Gauge({ name: 'switchyard_expert_queue_messages', help: 'Messages waiting at this shard', registers: [registry], collect() { this.set(currentShard?.queuedMessages ?? 0); } });
 const computeSeconds = new Histogram({
-  name: 'switchyard_expert_compute_seconds', help: 'Compute time of one message (all its row batches)', registers: [registry],
+  name: 'switchyard_expert_compute_seconds', help: 'Compute time of one message (all its row batches)', registers: [],
   buckets: [0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
 });
-const rowsTotal = new Counter({ name: 'switchyard_expert_rows_total', help: 'Rows computed per (layer, expert) and kind (forward, forward_train, backward)', labelNames: ['layer', 'expert', 'kind'], registers: [registry] });
+const rowsTotal = new Counter({ name: 'switchyard_expert_rows_total', help: 'Rows computed per (layer, expert) and kind (forward, forward_train, backward)', labelNames: ['layer', 'expert', 'kind'], registers: [] });
+
+/** Exported once a shard starts (any shard: serving or training). */
+export const shardMetricGroup = new MetricGroup([
+  new Gauge({ name: 'switchyard_expert_queue_rows', help: 'Rows waiting at this shard to be computed (the autoscaling signal)', registers: [], collect() { this.set(currentShard?.queuedRows ?? 0); } }),
+  new Gauge({ name: 'switchyard_expert_first_row_seconds', help: 'Time from this shard\'s registration with the coordinator to the first row it served (0 until then)', registers: [], collect() {
+    const registered = currentShard?.registeredAt?.();
+    const first = currentShard?.firstRowAt;
+    this.set(registered !== undefined && first !== undefined ? Math.max(0, first - registered) / 1000 : 0);
+  } }),
+  new Gauge({ name: 'switchyard_expert_held', help: 'Experts this shard holds', registers: [], collect() { this.set(currentShard?.experts.keys().length ?? 0); } }),
+  new Gauge({ name: 'switchyard_expert_queue_messages', help: 'Messages waiting at this shard', registers: [], collect() { this.set(currentShard?.queuedMessages ?? 0); } }),
+  computeSeconds,
+  rowsTotal,
+]);
 
 class ShardError extends Error {
   /** NOT_FOUND: every expert of the request this shard does not hold. */
@@ -101,6 +107,7 @@ export class ExpertShard {
   /** `log` receives one record per served message (pass, kind, rows, request ids). */
   constructor(public experts: ExpertSet, private readonly log?: (record: Record<string, unknown>) => void) {
     currentShard = this;
+    shardMetricGroup.register();
   }
 
   /** Rows computed per second recently (the measured load the coordinator compares across shards). */

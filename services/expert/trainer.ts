@@ -9,7 +9,7 @@ import { expertToHf, type HostTensor } from '../core/model/hf.js';
 import { assertTrainable, familyOf, type FamilyNames } from '../core/model/family.js';
 import { adamWSettings, AdamW, clipFactor, gradSquareSum } from '../core/optim/adamw.js';
 import { learningRate } from '../core/optim/schedule.js';
-import { recordAllReduce, trainingMetrics } from '../core/metrics/training.js';
+import { recordAllReduce, trainingMetricGroup, trainingMetrics } from '../core/metrics/training.js';
 import { expertKeyText, type ExpertKey } from '../core/placement.js';
 import { attemptPasses, StepAborted, type TrainLink } from '../core/wire/train-link.js';
 import { fromWirePlacement } from '../core/wire/coordinator-link.js';
@@ -40,6 +40,7 @@ interface ReplicaInfo { key: ExpertKey; holders: string[] }
 
 /** Runs the shard's side of every training attempt until the run's last step; the shard keeps serving after. */
 export async function runShardTraining(o: ShardTrainingOptions): Promise<void> {
+  trainingMetricGroup.register(); // only training shards export the training series
   const gate = new StepGate();
   o.shard.gate = gate;
   let generation = 0;

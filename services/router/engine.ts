@@ -9,36 +9,39 @@ import type { MixtralModel } from '../core/model/model.js';
 import type { PlacementTable } from '../core/placement.js';
 import { creditsPerExpert, expertKeyText, ownerAddresses, unplaced } from '../core/placement.js';
 import type { OverflowPolicy } from '../core/overload.js';
-import { servingMetrics } from '../core/metrics/serving.js';
+import { servingMetricGroup, servingMetrics } from '../core/metrics/serving.js';
 import { Limiter } from './admission.js';
 import { RoutingStats } from './routing-stats.js';
 import { Gauge, Histogram } from 'prom-client';
-import { registry } from '../core/metrics/registry.js';
+import { MetricGroup } from '../core/metrics/registry.js';
 
-/** Engine gauges read the newest engine of the process when Prometheus scrapes. */
+/** Engine gauges read the newest engine of the process when Prometheus scrapes; exported once an engine starts. */
 let currentEngine: RouterEngine | undefined;
 const queueSeconds = new Histogram({
-  name: 'switchyard_router_queue_seconds', help: 'Time a generation waited for a place in the batch', registers: [registry],
+  name: 'switchyard_router_queue_seconds', help: 'Time a generation waited for a place in the batch', registers: [],
   buckets: [0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
 });
-new Gauge({ name: 'switchyard_router_queue_depth', help: 'Requests waiting for a place (generations and infer calls)', registers: [registry], collect() {
-  this.set(currentEngine ? currentEngine.batcher.depth.waiting + currentEngine.inferLimiter.depth.waiting : 0);
-} });
-new Gauge({ name: 'switchyard_router_running_sequences', help: 'Generations in the running batch', registers: [registry], collect() {
-  this.set(currentEngine?.batcher.depth.running ?? 0);
-} });
-new Gauge({ name: 'switchyard_router_credits_in_flight', help: 'Rows this router has in flight per shard (credits taken)', labelNames: ['shard'], registers: [registry], collect() {
-  this.reset();
-  if (!currentEngine) return;
-  const byShard = new Map<string, number>();
-  for (const [key, rows] of currentEngine.transport.credits.snapshot()) {
-    const address = key.slice(0, key.indexOf('|'));
-    const shard = currentEngine.shardName(address);
-    byShard.set(shard, (byShard.get(shard) ?? 0) + rows);
-  }
-  for (const s of currentEngine.table?.shards ?? []) this.set({ shard: s.shardId }, 0);
-  for (const [shard, rows] of byShard) this.set({ shard }, rows);
-} });
+export const engineMetricGroup = new MetricGroup([
+  queueSeconds,
+  new Gauge({ name: 'switchyard_router_queue_depth', help: 'Requests waiting for a place (generations and infer calls)', registers: [], collect() {
+    this.set(currentEngine ? currentEngine.batcher.depth.waiting + currentEngine.inferLimiter.depth.waiting : 0);
+  } }),
+  new Gauge({ name: 'switchyard_router_running_sequences', help: 'Generations in the running batch', registers: [], collect() {
+    this.set(currentEngine?.batcher.depth.running ?? 0);
+  } }),
+  new Gauge({ name: 'switchyard_router_credits_in_flight', help: 'Rows this router has in flight per shard (credits taken)', labelNames: ['shard'], registers: [], collect() {
+    this.reset();
+    if (!currentEngine) return;
+    const byShard = new Map<string, number>();
+    for (const [key, rows] of currentEngine.transport.credits.snapshot()) {
+      const address = key.slice(0, key.indexOf('|'));
+      const shard = currentEngine.shardName(address);
+      byShard.set(shard, (byShard.get(shard) ?? 0) + rows);
+    }
+    for (const s of currentEngine.table?.shards ?? []) this.set({ shard: s.shardId }, 0);
+    for (const [shard, rows] of byShard) this.set({ shard }, rows);
+  } }),
+]);
 import { GrpcExpertTransport } from '../core/wire/grpc-transport.js';
 
 export interface EngineOptions {
@@ -77,6 +80,9 @@ export class RouterEngine {
         for (const reason of ['shard_down', 'at_capacity']) servingMetrics.unservedRows.inc({ layer: String(layer), expert: String(expert), reason }, 0);
     model.onRouting = (layer, stats) => this.routing.record(layer, stats);
     currentEngine = this;
+    // A router exports its serving and engine metrics from the start (RoutingStats registers its own).
+    servingMetricGroup.register();
+    engineMetricGroup.register();
   }
 
   /** A shard's id for metrics labels (its address until the placement names it). */

@@ -6,7 +6,7 @@ import { randomUUID } from 'node:crypto';
 import { bearerMatches } from '../core/auth.js';
 import { OverloadError } from '../core/overload.js';
 import { metricsText } from '../core/metrics/registry.js';
-import { servingMetrics } from '../core/metrics/serving.js';
+import { servingMetricGroup, servingMetrics } from '../core/metrics/serving.js';
 import { HttpError } from './errors.js';
 import type { RouterEngine } from './engine.js';
 import { oipRoutes } from './oip.js';
@@ -48,6 +48,7 @@ declare module 'fastify' {
 const OPEN_PATHS = /^\/(v2\/health\/|metrics$|dashboard(\/data|\/events)?$)/;
 
 export function buildHttpApp(engine: RouterEngine, o: HttpOptions = {}): FastifyInstance {
+  servingMetricGroup.register(); // the engine did already; an app over a stand-in engine needs them too
   const logLevel = o.logLevel;
   const app = Fastify({
     bodyLimit: BODY_LIMIT_BYTES,

@@ -2,7 +2,7 @@
 // exactly with the routing plans (routed before capacity, kept, dropped by reason), and a decaying
 // window of recent load behind the imbalance and utilisation gauges and the live /dashboard.
 import { Counter, Gauge } from 'prom-client';
-import { registry } from '../core/metrics/registry.js';
+import { MetricGroup } from '../core/metrics/registry.js';
 import type { MoeStats } from '../core/model/moe.js';
 import { DecayingRates } from '../core/metrics/decaying.js';
 import { coefficientOfVariation, maxOverMean } from '../core/metrics/imbalance.js';
@@ -10,52 +10,54 @@ import { coefficientOfVariation, maxOverMean } from '../core/metrics/imbalance.j
 /** Recent load halves every this many seconds (the dashboard's and gauges' memory). */
 const HALF_LIFE_S = 20;
 
-/** The metrics read the newest RoutingStats of the process (one router engine per process in service). */
+/** The metrics read the newest RoutingStats of the process (one router engine per process in service); exported once one exists. */
 let current: RoutingStats | undefined;
 const views = (): LayerView[] => current?.view() ?? [];
 
 // The counters are kept as plain per-(layer, expert) totals and handed to prom-client at scrape time:
 // record() runs for every MoE layer of every decode step, and a labelled inc() hashes its labels each call.
 // Every series exists from the start at zero, so rules averaging over experts see the unused ones too.
-new Counter({
-  name: 'switchyard_expert_tokens_total', help: 'Routing choices per (layer, expert) in serving: routed (before capacity) and kept (after)',
-  labelNames: ['layer', 'expert', 'stage'], registers: [registry],
-  collect() {
-    this.reset();
-    for (const s of current?.layerStats() ?? [])
-      for (let e = 0; e < s.routedTotal.length; e++) {
-        const labels = { layer: String(s.layer), expert: String(e) };
-        this.inc({ ...labels, stage: 'routed' }, s.routedTotal[e]);
-        this.inc({ ...labels, stage: 'kept' }, s.keptTotal[e]);
-      }
-  },
-});
-new Counter({
-  name: 'switchyard_expert_dropped_tokens_total', help: 'Routing choices dropped per (layer, expert): over the gate\'s capacity, or unserved (no live shard / no credits, then dropped or rerouted per the overflow policy)',
-  labelNames: ['layer', 'expert', 'reason'], registers: [registry],
-  collect() {
-    this.reset();
-    for (const s of current?.layerStats() ?? [])
-      for (let e = 0; e < s.routedTotal.length; e++) {
-        const labels = { layer: String(s.layer), expert: String(e) };
-        this.inc({ ...labels, reason: 'capacity' }, s.capacityDropped[e]);
-        this.inc({ ...labels, reason: 'unserved' }, s.unservedDropped[e]);
-      }
-  },
-});
-new Gauge({
-  name: 'switchyard_layer_imbalance_cv', help: 'Coefficient of variation of recent routed load over a layer\'s experts', labelNames: ['layer'], registers: [registry],
-  collect() { for (const v of views()) this.set({ layer: String(v.layer) }, v.imbalanceCv); },
-});
-new Gauge({
-  name: 'switchyard_layer_imbalance_max_over_mean', help: 'Most loaded expert\'s recent load over the layer\'s mean', labelNames: ['layer'], registers: [registry],
-  collect() { for (const v of views()) this.set({ layer: String(v.layer) }, v.imbalanceMaxOverMean); },
-});
-new Gauge({
-  name: 'switchyard_layer_capacity_utilization', help: 'Recent kept choices over capacity slots (per routing group: capacity × experts); only layers whose gate has a capacity limit (dropless gates have none)',
-  labelNames: ['layer'], registers: [registry],
-  collect() { for (const v of views()) if (v.utilization !== null) this.set({ layer: String(v.layer) }, v.utilization); },
-});
+export const routingMetricGroup = new MetricGroup([
+  new Counter({
+    name: 'switchyard_expert_tokens_total', help: 'Routing choices per (layer, expert) in serving: routed (before capacity) and kept (after)',
+    labelNames: ['layer', 'expert', 'stage'], registers: [],
+    collect() {
+      this.reset();
+      for (const s of current?.layerStats() ?? [])
+        for (let e = 0; e < s.routedTotal.length; e++) {
+          const labels = { layer: String(s.layer), expert: String(e) };
+          this.inc({ ...labels, stage: 'routed' }, s.routedTotal[e]);
+          this.inc({ ...labels, stage: 'kept' }, s.keptTotal[e]);
+        }
+    },
+  }),
+  new Counter({
+    name: 'switchyard_expert_dropped_tokens_total', help: 'Routing choices dropped per (layer, expert): over the gate\'s capacity, or unserved (no live shard / no credits, then dropped or rerouted per the overflow policy)',
+    labelNames: ['layer', 'expert', 'reason'], registers: [],
+    collect() {
+      this.reset();
+      for (const s of current?.layerStats() ?? [])
+        for (let e = 0; e < s.routedTotal.length; e++) {
+          const labels = { layer: String(s.layer), expert: String(e) };
+          this.inc({ ...labels, reason: 'capacity' }, s.capacityDropped[e]);
+          this.inc({ ...labels, reason: 'unserved' }, s.unservedDropped[e]);
+        }
+    },
+  }),
+  new Gauge({
+    name: 'switchyard_layer_imbalance_cv', help: 'Coefficient of variation of recent routed load over a layer\'s experts', labelNames: ['layer'], registers: [],
+    collect() { for (const v of views()) this.set({ layer: String(v.layer) }, v.imbalanceCv); },
+  }),
+  new Gauge({
+    name: 'switchyard_layer_imbalance_max_over_mean', help: 'Most loaded expert\'s recent load over the layer\'s mean', labelNames: ['layer'], registers: [],
+    collect() { for (const v of views()) this.set({ layer: String(v.layer) }, v.imbalanceMaxOverMean); },
+  }),
+  new Gauge({
+    name: 'switchyard_layer_capacity_utilization', help: 'Recent kept choices over capacity slots (per routing group: capacity × experts); only layers whose gate has a capacity limit (dropless gates have none)',
+    labelNames: ['layer'], registers: [],
+    collect() { for (const v of views()) if (v.utilization !== null) this.set({ layer: String(v.layer) }, v.utilization); },
+  }),
+]);
 
 export interface LayerView {
   layer: number;
@@ -100,6 +102,7 @@ export class RoutingStats {
         unservedDropped: new Float64Array(experts),
       });
     current = this;
+    routingMetricGroup.register();
   }
 
   layerStats(): Iterable<Readonly<LayerStats>> {

@@ -13,7 +13,7 @@ import type { MixtralModel } from '../core/model/model.js';
 import { familyOf } from '../core/model/family.js';
 import { adamWSettings, AdamW, clipFactor, gradSquareSum } from '../core/optim/adamw.js';
 import { learningRate } from '../core/optim/schedule.js';
-import { recordAllReduce, recordExpertLoad, trainingMetrics } from '../core/metrics/training.js';
+import { recordAllReduce, recordExpertLoad, trainingMetricGroup, trainingMetrics } from '../core/metrics/training.js';
 import { expertKeyText, ownerAddresses, unplaced } from '../core/placement.js';
 import { fromWirePlacement } from '../core/wire/coordinator-link.js';
 import { GrpcExpertTransport } from '../core/wire/grpc-transport.js';
@@ -82,6 +82,7 @@ function statsVector(c: ModelConfig, r: { crossEntropy: number; auxLoss: number;
 }
 
 export async function runRouterTraining(o: RouterTrainingOptions): Promise<RouterTrainingSummary> {
+  trainingMetricGroup.register(); // a training replica exports the training series from its start
   const t = o.train;
   const c = o.model;
   checkDataParallel(t, o.routers, c);

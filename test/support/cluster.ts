@@ -1,10 +1,13 @@
 // A serving cluster of real processes on 127.0.0.1 for fault and load tests: a coordinator (optionally
 // on a fixed port, so it can be restarted where members look for it), shards with given expert
 // assignments and routers with given options. Everything is stopped by `stop()`.
+import { writeFile } from 'node:fs/promises';
 import { createServer } from 'node:net';
+import { join } from 'node:path';
 import { startService, type RunningService } from './services.js';
 import { waitReady } from '../../services/cli/cluster.js';
 import { until } from './until.js';
+import { RUN_FILE, type RunFile } from '../../services/cli/train-cluster.js';
 
 export { waitReady };
 
@@ -164,4 +167,42 @@ export function coordinatorHttp(c: TestCluster): string {
 export async function untilInFlight(base: string, n: number): Promise<void> {
   // The scrape is in flight too while the gauge is read.
   await until(`${n} requests in flight at ${base}`, async () => ((await metricValue(`${base}/metrics`, 'switchyard_http_requests_in_flight')) >= n + 1 ? true : undefined), 60_000);
+}
+
+/** The services of a distributed training run that never takes a step, each with its /metrics URL. */
+export interface IdleTrainingRun {
+  coordinator: RunningService;
+  shard: RunningService;
+  trainer: RunningService;
+  metricsUrls: { coordinator: string; shard: string; trainer: string };
+  stop(): Promise<void>;
+}
+
+/**
+ * A training coordinator (`--train-*`), one training shard holding every expert and one training replica
+ * (`serve trainer`, index 0 of 2): the job waits for the second replica, which never comes, so the run
+ * never starts and the three stay up until `stop()`, exporting their metrics. `runDir` receives train.json;
+ * `run.train.batch_sequences` must split over 2 replicas.
+ */
+export async function startIdleTrainingRun(checkpoint: string, runDir: string, run: RunFile, env: Record<string, string> = {}): Promise<IdleTrainingRun> {
+  await writeFile(join(runDir, RUN_FILE), JSON.stringify(run));
+  const all: RunningService[] = [];
+  const start = async (args: string[], ready: RegExp) => {
+    const s = await startService(args, ready, env);
+    all.push(s);
+    return s;
+  };
+  const stop = async () => { await Promise.all(all.map((s) => s.stop())); };
+  const metricsLine = /metrics (http:\/\/\S+\/metrics)/;
+  try {
+    const coordinator = await start(['serve', 'coordinator', '--port', '0', '--train-routers', '2', '--train-shards', '1', '--train-checkpoint', checkpoint],
+      /listening on (\S+) .*metrics (http:\/\/\S+\/metrics)/);
+    const shard = await start(['serve', 'expert', '--train', '--checkpoint', checkpoint, '--experts', 'all', '--port', '0',
+      '--coordinator', coordinator.ready[1], '--shard-id', 'shard-0'], metricsLine);
+    const trainer = await start(['serve', 'trainer', '--run', runDir, '--index', '0', '--routers', '2', '--coordinator', coordinator.ready[1]], metricsLine);
+    return { coordinator, shard, trainer, metricsUrls: { coordinator: coordinator.ready[2], shard: shard.ready[1], trainer: trainer.ready[1] }, stop };
+  } catch (err) {
+    await stop();
+    throw err;
+  }
 }

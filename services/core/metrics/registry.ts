@@ -1,10 +1,41 @@
 // One Prometheus registry per process (prom-client) and the HTTP endpoint that exposes it. Services
 // that already run an HTTP server mount `metricsText` there; the others start this small server.
+//
+// Each service exports only its own metrics: a module creates its metrics unregistered (`registers: []`)
+// as a MetricGroup, and registers the group when the component that fills it starts (the router engine,
+// the shard, the coordinator, a training loop...). Loading a module therefore exports nothing, so the one
+// CLI that holds every service exports per process only what the service it runs owns.
 import { createServer, type Server } from 'node:http';
-import { collectDefaultMetrics, Gauge, Registry } from 'prom-client';
+import { collectDefaultMetrics, Gauge, Registry, type Metric } from 'prom-client';
 
 export const registry = new Registry();
 collectDefaultMetrics({ register: registry });
+
+/** Metrics one module owns, created unregistered; `register()` exports them (idempotent per registry). */
+export class MetricGroup {
+  readonly metrics: readonly Metric[];
+
+  constructor(metrics: Iterable<Metric>) {
+    this.metrics = [...metrics];
+  }
+
+  /** Their names (histograms by their base name). */
+  get names(): string[] {
+    return this.metrics.map(metricName);
+  }
+
+  /** Adds them to `into` (the process registry by default), skipping those already there; returns this. */
+  register(into: Registry = registry): this {
+    for (const metric of this.metrics)
+      if (into.getSingleMetric(metricName(metric)) !== metric) into.registerMetric(metric);
+    return this;
+  }
+}
+
+/** prom-client keeps the name on the object but does not declare it on Metric. */
+function metricName(metric: Metric): string {
+  return (metric as unknown as { name: string }).name;
+}
 
 let buildInfo: Gauge | undefined;
 

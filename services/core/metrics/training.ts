@@ -1,28 +1,31 @@
-// Training metrics (DESIGN §11), shared by the single-process trainer, training routers and shards:
-// base units, `_total` counters, label sets bounded by the model's layers and experts.
-import { Counter, Gauge, Histogram } from 'prom-client';
-import { registry } from './registry.js';
+// Training metrics (DESIGN §11), shared by training routers and training shards: base units, `_total`
+// counters, label sets bounded by the model's layers and experts. Exported only once a training loop
+// registers them (trainingMetricGroup; the coordinator's job view: registerCoordinatorTrainingMetrics).
+import { Counter, Gauge, Histogram, type Registry } from 'prom-client';
+import { MetricGroup, registry } from './registry.js';
 
 const BYTES_BUCKETS = [1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9];
 const SECONDS_BUCKETS = [0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30];
 
 export const trainingMetrics = {
-  step: new Gauge({ name: 'switchyard_train_step', help: 'Last completed training step', registers: [registry] }),
-  loss: new Gauge({ name: 'switchyard_train_loss', help: 'Training objective of the last step (cross-entropy + auxiliary terms)', registers: [registry] }),
-  validationLoss: new Gauge({ name: 'switchyard_train_validation_loss', help: 'Last validation cross-entropy, nats per token', registers: [registry] }),
-  tokensPerSecond: new Gauge({ name: 'switchyard_train_tokens_per_second', help: 'Global-batch tokens per second of the last step', registers: [registry] }),
-  tokens: new Counter({ name: 'switchyard_train_tokens_total', help: 'Training tokens processed (global batch)', registers: [registry] }),
-  stepSeconds: new Histogram({ name: 'switchyard_train_step_seconds', help: 'Wall time of a training step', buckets: SECONDS_BUCKETS, registers: [registry] }),
+  step: new Gauge({ name: 'switchyard_train_step', help: 'Last completed training step', registers: [] }),
+  loss: new Gauge({ name: 'switchyard_train_loss', help: 'Training objective of the last step (cross-entropy + auxiliary terms)', registers: [] }),
+  validationLoss: new Gauge({ name: 'switchyard_train_validation_loss', help: 'Last validation cross-entropy, nats per token', registers: [] }),
+  tokensPerSecond: new Gauge({ name: 'switchyard_train_tokens_per_second', help: 'Global-batch tokens per second of the last step', registers: [] }),
+  tokens: new Counter({ name: 'switchyard_train_tokens_total', help: 'Training tokens processed (global batch)', registers: [] }),
+  stepSeconds: new Histogram({ name: 'switchyard_train_step_seconds', help: 'Wall time of a training step', buckets: SECONDS_BUCKETS, registers: [] }),
   expertTokens: new Counter({
     name: 'switchyard_train_expert_tokens_total', help: 'Routing choices per (layer, expert) in training, before and after capacity',
-    labelNames: ['layer', 'expert', 'stage'], registers: [registry],
+    labelNames: ['layer', 'expert', 'stage'], registers: [],
   }),
-  allReduceSeconds: new Histogram({ name: 'switchyard_allreduce_seconds', help: 'Wall time of one all-reduce (all its buckets)', labelNames: ['group'], buckets: SECONDS_BUCKETS, registers: [registry] }),
-  allReduceBytes: new Counter({ name: 'switchyard_allreduce_bytes_total', help: 'Bytes this process sent into all-reduces', labelNames: ['group'], registers: [registry] }),
-  allReduceMessageBytes: new Histogram({ name: 'switchyard_allreduce_payload_bytes', help: 'Payload of one all-reduce', labelNames: ['group'], buckets: BYTES_BUCKETS, registers: [registry] }),
-  aborts: new Counter({ name: 'switchyard_train_aborted_steps_total', help: 'Training steps aborted (a member failed); the run rolled back to its last checkpoint', registers: [registry] }),
-  checkpointSeconds: new Histogram({ name: 'switchyard_checkpoint_write_seconds', help: 'Time to write this process\'s part of a checkpoint', buckets: SECONDS_BUCKETS, registers: [registry] }),
+  allReduceSeconds: new Histogram({ name: 'switchyard_allreduce_seconds', help: 'Wall time of one all-reduce (all its buckets)', labelNames: ['group'], buckets: SECONDS_BUCKETS, registers: [] }),
+  allReduceBytes: new Counter({ name: 'switchyard_allreduce_bytes_total', help: 'Bytes this process sent into all-reduces', labelNames: ['group'], registers: [] }),
+  allReduceMessageBytes: new Histogram({ name: 'switchyard_allreduce_payload_bytes', help: 'Payload of one all-reduce', labelNames: ['group'], buckets: BYTES_BUCKETS, registers: [] }),
+  aborts: new Counter({ name: 'switchyard_train_aborted_steps_total', help: 'Training steps aborted (a member failed); the run rolled back to its last checkpoint', registers: [] }),
+  checkpointSeconds: new Histogram({ name: 'switchyard_checkpoint_write_seconds', help: 'Time to write this process\'s part of a checkpoint', buckets: SECONDS_BUCKETS, registers: [] }),
 };
+
+export const trainingMetricGroup = new MetricGroup(Object.values(trainingMetrics));
 
 // Known label values start at zero, so dashboards and rules find the series before the first event.
 for (const group of ['dense', 'experts']) {
@@ -47,12 +50,22 @@ export function recordAllReduce(group: string, seconds: number, bytesSent: numbe
 }
 
 /** The coordinator's view of a training run, read when Prometheus scrapes. */
-export function registerCoordinatorTrainingMetrics(view: {
+export interface CoordinatorTrainingView {
   generation: () => number; committedStep: () => number; reduceBytesIn: () => number; reduceBytesOut: () => number; pendingChunks: () => number;
-}): void {
-  new Gauge({ name: 'switchyard_train_generation', help: 'Current training attempt (changes on every abort)', registers: [registry], collect() { this.set(view.generation()); } });
-  new Gauge({ name: 'switchyard_train_committed_step', help: 'Step of the last committed cluster checkpoint', registers: [registry], collect() { this.set(view.committedStep()); } });
-  new Gauge({ name: 'switchyard_allreduce_pending_chunks', help: 'All-reduce chunks waiting for contributors', registers: [registry], collect() { this.set(view.pendingChunks()); } });
-  new Counter({ name: 'switchyard_allreduce_hub_received_bytes_total', help: 'Bytes the coordinator received into all-reduces', registers: [registry], collect() { this.reset(); this.inc(view.reduceBytesIn()); } });
-  new Counter({ name: 'switchyard_allreduce_hub_sent_bytes_total', help: 'Bytes of sums the coordinator sent back', registers: [registry], collect() { this.reset(); this.inc(view.reduceBytesOut()); } });
+}
+
+let coordinatorView: CoordinatorTrainingView | undefined;
+
+export const coordinatorTrainingMetricGroup = new MetricGroup([
+  new Gauge({ name: 'switchyard_train_generation', help: 'Current training attempt (changes on every abort)', registers: [], collect() { this.set(coordinatorView?.generation() ?? 0); } }),
+  new Gauge({ name: 'switchyard_train_committed_step', help: 'Step of the last committed cluster checkpoint', registers: [], collect() { this.set(coordinatorView?.committedStep() ?? 0); } }),
+  new Gauge({ name: 'switchyard_allreduce_pending_chunks', help: 'All-reduce chunks waiting for contributors', registers: [], collect() { this.set(coordinatorView?.pendingChunks() ?? 0); } }),
+  new Counter({ name: 'switchyard_allreduce_hub_received_bytes_total', help: 'Bytes the coordinator received into all-reduces', registers: [], collect() { this.reset(); this.inc(coordinatorView?.reduceBytesIn() ?? 0); } }),
+  new Counter({ name: 'switchyard_allreduce_hub_sent_bytes_total', help: 'Bytes of sums the coordinator sent back', registers: [], collect() { this.reset(); this.inc(coordinatorView?.reduceBytesOut() ?? 0); } }),
+]);
+
+/** A coordinator running a training job exports its view (the newest one registered in the process). */
+export function registerCoordinatorTrainingMetrics(view: CoordinatorTrainingView, into: Registry = registry): void {
+  coordinatorView = view;
+  coordinatorTrainingMetricGroup.register(into);
 }

@@ -45,6 +45,12 @@ class ShardStream {
   private call?: grpc.ClientDuplexStream<ExpertRequest, ExpertReply__Output>;
   private readonly pending = new Map<string, Pending>();
   private nextId = 1;
+  /**
+   * Senders waiting for the stream to take writes again. The stream carries one 'drain' listener for its
+   * whole life that wakes them all: a listener per blocked write would be left behind whenever the reply
+   * came first, piling up on the long-lived stream (MaxListenersExceededWarning).
+   */
+  private readonly blocked = new Set<() => void>();
 
   constructor(readonly address: string, private readonly timeoutMs: number) {
     const protos = loadProtos();
@@ -63,6 +69,7 @@ class ShardStream {
     });
     const fail = (err: Error) => {
       if (this.call === call) this.call = undefined;
+      this.wakeBlocked();
       for (const [id, p] of this.pending) {
         clearTimeout(p.timer);
         p.reject(new ExpertCallError(this.address, (err as grpc.ServiceError).code ?? grpc.status.UNAVAILABLE, err.message));
@@ -71,8 +78,26 @@ class ShardStream {
     };
     call.on('error', fail);
     call.on('end', () => fail(new Error('stream ended')));
+    call.on('drain', () => this.wakeBlocked());
     this.call = call;
     return call;
+  }
+
+  private wakeBlocked(): void {
+    for (const wake of this.blocked) wake();
+    this.blocked.clear();
+  }
+
+  /** Until the stream takes writes again ('drain'), or `reply` settles (a failed stream never drains). */
+  private async writable(reply: Promise<unknown>): Promise<void> {
+    let wake!: () => void;
+    const woken = new Promise<void>((resolve) => { wake = resolve; });
+    this.blocked.add(wake);
+    try {
+      await Promise.race([woken, reply.then(() => undefined, () => undefined)]);
+    } finally {
+      this.blocked.delete(wake);
+    }
   }
 
   /** Sends one request; `timeoutMs` (default: the transport's) bounds the wait for its reply. */
@@ -87,9 +112,14 @@ class ShardStream {
       this.pending.set(messageId, { resolve, reject, timer });
     });
     // Honour backpressure: wait for 'drain' when the stream's buffer is full — or for the reply to settle
-    // (a stream that fails never drains, and fails every pending reply instead).
-    if (!call.write({ ...request, messageId })) await Promise.race([new Promise<void>((resolve) => call.once('drain', () => resolve())), reply.catch(() => undefined)]);
+    // (a stream that fails never drains, and fails every pending reply instead). Adds no listener to the stream.
+    if (!call.write({ ...request, messageId })) await this.writable(reply);
     return reply;
+  }
+
+  /** The open stream, if any. */
+  get current(): grpc.ClientDuplexStream<ExpertRequest, ExpertReply__Output> | undefined {
+    return this.call;
   }
 
   close(): void {
@@ -140,6 +170,11 @@ export class GrpcExpertTransport implements ExpertTransport {
     this.wireDtype = options.wireDtype ?? 'F32';
     this.overflow = options.overflow ?? 'drop';
     this.health = new HealthProbe();
+  }
+
+  /** The open stream to a shard, if any (tests watch its listeners). */
+  streamTo(address: string): grpc.ClientDuplexStream<ExpertRequest, ExpertReply__Output> | undefined {
+    return this.shards.get(address)?.current;
   }
 
   private shard(address: string): ShardStream {

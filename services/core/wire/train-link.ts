@@ -9,6 +9,7 @@ import type { TrainSyncReply__Output } from '../../generated/switchyard/v1/Train
 import { CHANNEL_OPTIONS, loadProtos } from './protos.js';
 import { channelCredentials } from './credentials.js';
 import { fromWireTensor, toWireTensor } from './tensor.js';
+import { writableAgain } from './backpressure.js';
 
 /** Default all-reduce chunk: 1 MiB of float32. */
 export const DEFAULT_CHUNK_FLOATS = 256 * 1024;
@@ -135,8 +136,8 @@ export class TrainLink {
             const part = r.values.subarray(c * chunkFloats, Math.min(r.values.length, (c + 1) * chunkFloats));
             const message: ReduceChunk = { reduction: r.name, contributors: r.contributors, chunk: c, chunks, values: toWireTensor(part, [part.length]) };
             bytesSent += part.byteLength;
-            // A failed call never drains: `settled` ends the wait too.
-            if (!call.write(message)) await new Promise<void>((r2) => { call.once('drain', () => r2()); call.once('close', () => r2()); });
+            // A failed call never drains: its close or error ends the wait too (and `settled` the loop).
+            if (!call.write(message)) await writableAgain(call);
           }
         }
       })();
