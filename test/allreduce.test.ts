@@ -19,6 +19,7 @@ import { preset } from '../services/core/config.js';
 import { MixtralModel } from '../services/core/model/model.js';
 import { saveModel } from '../services/core/checkpoint/model.js';
 import { runCli } from './support/cli.js';
+import { countRefusedWrites, watchListenerWarnings } from './support/streams.js';
 
 await initBackend();
 const root = await mkdtemp(join(tmpdir(), 'switchyard-allreduce-'));
@@ -57,22 +58,15 @@ test('all-reduce over the coordinator: multi-chunk sums reach every contributor,
 test('an all-reduce of 1 000 chunks leaves no listener behind on its stream, however often it waits for drain', async () => {
   const coordinator = await startCoordinator('127.0.0.1', 0, 5_000);
   const link = new TrainLink(`127.0.0.1:${coordinator.port}`, 'm0');
-  const warnings: Error[] = [];
-  const onWarning = (w: Error) => warnings.push(w);
-  process.on('warning', onWarning);
+  const warnings = watchListenerWarnings();
   // Watch the call allReduce opens: count its refused writes (backpressure) and read its listeners after.
   type Call = grpc.ClientDuplexStream<unknown, unknown>;
   const calls: Call[] = [];
-  let refused = 0;
+  let writes = { refused: 0 };
   const open = link.client.AllReduce.bind(link.client) as (...args: unknown[]) => Call;
   (link.client as unknown as { AllReduce: (...args: unknown[]) => Call }).AllReduce = (...args) => {
     const call = open(...args);
-    const write = call.write.bind(call) as (...a: unknown[]) => boolean;
-    (call as unknown as { write: (...a: unknown[]) => boolean }).write = (...a) => {
-      const ok = write(...a);
-      if (!ok) refused++;
-      return ok;
-    };
+    writes = countRefusedWrites(call);
     calls.push(call);
     return call;
   };
@@ -81,12 +75,11 @@ test('an all-reduce of 1 000 chunks leaves no listener behind on its stream, how
     const { sums } = await link.allReduce([{ name: 'g1/s1/dense', contributors: 1, values }], 1_024);
     assert.deepEqual(sums[0], values);
     assert.equal(calls.length, 1);
-    assert.ok(refused > 0, 'some chunk writes met backpressure');
-    for (const event of ['drain', 'close']) assert.equal(calls[0].listenerCount(event), 0, `${event} listeners left after ${refused} waits`);
-    await new Promise((resolve) => setImmediate(resolve)); // warnings are emitted on the next tick
-    assert.deepEqual(warnings.filter((w) => w.name === 'MaxListenersExceededWarning').map((w) => w.message), []);
+    assert.ok(writes.refused > 0, 'some chunk writes met backpressure');
+    for (const event of ['drain', 'close']) assert.equal(calls[0].listenerCount(event), 0, `${event} listeners left after ${writes.refused} waits`);
+    assert.deepEqual(await warnings.messages(), []);
   } finally {
-    process.off('warning', onWarning);
+    warnings.stop();
     link.close();
     await coordinator.close();
   }

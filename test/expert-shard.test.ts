@@ -21,6 +21,7 @@ import { registry } from '../services/core/metrics/registry.js';
 import { parseAssignment } from '../services/expert/assignment.js';
 import { startService, type RunningService } from './support/services.js';
 import * as tf from '@tensorflow/tfjs-core';
+import { countRefusedWrites, watchListenerWarnings } from './support/streams.js';
 
 await initBackend();
 const tiny = preset('tiny');
@@ -294,9 +295,7 @@ test('1 000 dispatches on one long-lived stream add no listeners to it, even und
   const server = await startExpertServer(experts, '127.0.0.1', 0);
   const address = `127.0.0.1:${server.port}`;
   const transport = new GrpcExpertTransport(() => [address], H);
-  const warnings: Error[] = [];
-  const onWarning = (w: Error) => warnings.push(w);
-  process.on('warning', onWarning);
+  const warnings = watchListenerWarnings();
   const dispatch = (i: number) => transport.serve(`p${i}`, [{ layer: 0, expert: 0, rowCount: ROWS, rows: new Float32Array(ROWS * H).fill(0.01) }]);
   try {
     await dispatch(0);
@@ -305,13 +304,7 @@ test('1 000 dispatches on one long-lived stream add no listeners to it, even und
     const counts = () => Object.fromEntries(stream.eventNames().map((e) => [String(e), stream.listenerCount(e)]));
     const baseline = counts();
     // Count writes the stream refused (backpressure), so the test cannot pass without exercising it.
-    let refused = 0;
-    const write = stream.write.bind(stream) as (...args: unknown[]) => boolean;
-    (stream as unknown as { write: (...args: unknown[]) => boolean }).write = (...args) => {
-      const ok = write(...args);
-      if (!ok) refused++;
-      return ok;
-    };
+    const writes = countRefusedWrites(stream);
     const seen: Array<Record<string, number>> = [];
     let next = 1;
     await Promise.all(Array.from({ length: 64 }, async () => {
@@ -322,13 +315,12 @@ test('1 000 dispatches on one long-lived stream add no listeners to it, even und
       }
     }));
     assert.equal(seen.length, 999);
-    assert.ok(refused > 0, 'some writes met backpressure');
+    assert.ok(writes.refused > 0, 'some writes met backpressure');
     assert.equal(transport.streamTo(address), stream, 'all on one stream');
-    for (const [i, c] of seen.entries()) assert.deepEqual(c, baseline, `listeners after dispatch ${i + 2} (${refused} writes waited for drain)`);
-    await new Promise((resolve) => setImmediate(resolve)); // warnings are emitted on the next tick
-    assert.deepEqual(warnings.filter((w) => w.name === 'MaxListenersExceededWarning').map((w) => w.message), []);
+    for (const [i, c] of seen.entries()) assert.deepEqual(c, baseline, `listeners after dispatch ${i + 2} (${writes.refused} writes waited for drain)`);
+    assert.deepEqual(await warnings.messages(), []);
   } finally {
-    process.off('warning', onWarning);
+    warnings.stop();
     transport.close();
     await server.close();
     experts.dispose();
