@@ -120,8 +120,9 @@ export class MoeLayer {
     const policy = policyFromSettings(this.gate, this.k, opt.train ? 'train' : 'eval', opt.selectionBias, this.renormalize);
     // Random Token Selection in training only (evaluation and serving keep the first tokens: deterministic);
     // without dropping it cannot change anything.
-    const rts = opt.train && rtsEnabled(this.gate) && this.gate.drop_tokens ? opt.rts : undefined;
-    if (opt.train && rtsEnabled(this.gate) && this.gate.drop_tokens && !rts)
+    const wantsRts = opt.train && rtsEnabled(this.gate) && this.gate.drop_tokens;
+    const rts = wantsRts ? opt.rts : undefined;
+    if (wantsRts && !rts)
       throw new RangeError(`MoE layer ${this.layer}: use_rts (Random Token Selection, on by default for policy 'switch') needs the step's selection position (options.rts); pass it, or set switchyard_gate.use_rts: false`);
     const plans: RoutingPlan[] = [];
     const groupStarts: number[] = [];
