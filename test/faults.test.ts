@@ -55,8 +55,12 @@ test('kill -9 a shard holding replicated experts under load: zero failed request
       await load.answers(10, 'answers before the kill');
       c.shards[1].child.kill('SIGKILL');
       await c.shards[1].exited;
-      // Past the lease TTL (2 s) and well past the router noticing the broken stream.
-      await load.answers(40, 'answers after the kill');
+      // Before the coordinator notices (the router's own failover), then after the lease (2 s) ran out
+      // and the placement lists only the survivor.
+      await load.answers(10, 'answers after the kill');
+      await until('shard-1\'s lease to run out', async () => (
+        (await metricValue(`${coordinatorHttp(c)}/metrics`, 'switchyard_coordinator_members{role="expert-shard"}')) === 1 ? true : undefined), 60_000);
+      await load.answers(20, 'answers after the lease ran out');
     } finally {
       await load.stop();
     }

@@ -150,7 +150,7 @@ export function startLoad(
   };
 }
 
-/** The value of an unlabelled series in a Prometheus text page (e.g. the router's switchyard_http_requests_in_flight). */
+/** The value of one series in a Prometheus text page, named exactly as printed (labels included, e.g. `x{role="router"}`). */
 export async function metricValue(metricsUrl: string, name: string): Promise<number> {
   const text = await (await fetch(metricsUrl)).text();
   const m = text.match(new RegExp(`^${name.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')} (\\S+)$`, 'm'));
