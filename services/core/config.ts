@@ -252,6 +252,17 @@ const PRESETS: Record<string, { model: Record<string, unknown>; train: Record<st
     },
     train: { steps: 600, batch_sequences: 32, seq_len: 128, lr: 3e-3, warmup_steps: 40, eval_interval: 50, eval_batches: 8, checkpoint_interval: 100 },
   },
+  // The serving benchmark's shape (issue 15): big enough that the arithmetic, not per-op overhead, should
+  // set the pace; random weights are fine there.
+  medium: {
+    model: {
+      hidden_size: 1024, intermediate_size: 2048, num_hidden_layers: 8, num_attention_heads: 16,
+      num_key_value_heads: 4, num_local_experts: 8, num_experts_per_tok: 2,
+      vocab_size: BYTE_VOCAB_SIZE, max_position_embeddings: 2048,
+      bos_token_id: BOS_ID, eos_token_id: EOS_ID,
+    },
+    train: { steps: 100, batch_sequences: 8, seq_len: 512, lr: 1e-3, warmup_steps: 10, eval_interval: 50, eval_batches: 2, checkpoint_interval: 50 },
+  },
 };
 
 export const PRESET_NAMES = Object.keys(PRESETS);
