@@ -2,6 +2,7 @@
 // experts and norm_topk_prob false, checked against a plain float64 reference, over a real cluster,
 // through its checkpoint names, and for the values it refuses.
 import { after, before, test } from 'node:test';
+import { PagedDecoder } from './support/paged.js';
 import assert from 'node:assert/strict';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -15,7 +16,6 @@ import { loadExpertSet, loadModel, saveModel } from '../services/core/checkpoint
 import { familyOf } from '../services/core/model/family.js';
 import type { HostTensor } from '../services/core/model/hf.js';
 import { MixtralModel } from '../services/core/model/model.js';
-import { disposeAll } from '../services/core/model/tensors.js';
 import { train } from '../services/core/train/trainer.js';
 import { parseAssignment } from '../services/expert/assignment.js';
 import { startCluster, type TestCluster } from './support/cluster.js';
@@ -157,11 +157,11 @@ test('expert assignments cover the MoE layers only', () => {
 test('incremental decoding (KV cache, dense and MoE layers) gives the full pass\'s last logits', async () => {
   const ids = Int32Array.from([BOS_ID, 72, 101, 108, 108, 111]);
   const full = await model.logits(ids, 1, ids.length);
-  const first = await model.decodeBatch([{ ids: ids.subarray(0, 4), past: 0 }], 'dec0');
-  const next = await model.decodeBatch([{ ids: ids.subarray(4), kv: first[0].kv, past: 4 }], 'dec1');
+  const paged = new PagedDecoder(model, 4);
+  await paged.step([{ seq: 0, ids: ids.subarray(0, 4) }], 'dec0');
+  const [next] = await paged.step([{ seq: 0, ids: ids.subarray(4) }], 'dec1');
   const want = full.subarray((ids.length - 1) * BYTE_VOCAB_SIZE);
-  assert.ok(maxDiff(next[0].logits, want) <= 1e-5 * maxAbs(want), `|Δ| ${maxDiff(next[0].logits, want)}`);
-  disposeAll([first[0].kv, next[0].kv]);
+  assert.ok(maxDiff(next, want) <= 1e-5 * maxAbs(want), `|Δ| ${maxDiff(next, want)}`);
 });
 
 test('an MoE layer equals routed + shared experts of the float64 reference; norm_topk_prob scales the routed part', async () => {

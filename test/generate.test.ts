@@ -3,7 +3,8 @@ import assert from 'node:assert/strict';
 import { initBackend } from '../services/core/backend.js';
 import { preset } from '../services/core/config.js';
 import { Rng } from '../services/core/data/random.js';
-import { generate, sampleNext } from '../services/core/generate.js';
+import { sampleNext } from '../services/core/generate.js';
+import { generate } from '../services/router/scheduler.js';
 import { MixtralModel } from '../services/core/model/model.js';
 
 await initBackend();

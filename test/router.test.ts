@@ -7,7 +7,7 @@ import { request } from 'node:http';
 import { initBackend } from '../services/core/backend.js';
 import { preset } from '../services/core/config.js';
 import { decodeIds, encodeText } from '../services/core/data/bytes.js';
-import { generate } from '../services/core/generate.js';
+import { generate } from '../services/router/scheduler.js';
 import { MixtralModel } from '../services/core/model/model.js';
 import { saveModel } from '../services/core/checkpoint/model.js';
 import { assignmentSpec, spreadExperts } from '../services/core/placement.js';
@@ -200,7 +200,7 @@ test('16 concurrent completions share expert messages and each equals generating
       assert.deepEqual(results[i].ids, alone.ids, `request ${i}`);
       assert.equal(results[i].finishReason, alone.finishReason);
     }
-    const { steps, maxSequencesPerStep } = engine.batcher.stats;
+    const { steps, maxSequencesPerStep } = engine.scheduler.stats;
     assert.equal(maxSequencesPerStep, 16, 'all requests ran in the same steps');
     const messages = [...engine.transport.messagesSent.values()].reduce((a, b) => a + b, 0);
     const layers = tiny.model.num_hidden_layers;

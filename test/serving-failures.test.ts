@@ -5,12 +5,12 @@ import assert from 'node:assert/strict';
 import * as tf from '@tensorflow/tfjs-core';
 import { initBackend } from '../services/core/backend.js';
 import { parseModelConfig, preset } from '../services/core/config.js';
-import { ContinuousBatcher } from '../services/core/generate.js';
+import { Scheduler } from '../services/router/scheduler.js';
+import { PagedDecoder } from './support/paged.js';
 import { InProcessTransport, type ExpertTransport, type RowBatch } from '../services/core/model/experts.js';
 import { MixtralModel } from '../services/core/model/model.js';
 import { MoeLayer } from '../services/core/model/moe.js';
 import { familyOf } from '../services/core/model/family.js';
-import { disposeAll } from '../services/core/model/tensors.js';
 import type { Unserved } from '../services/core/overload.js';
 
 await initBackend();
@@ -70,12 +70,14 @@ test('a transport that fails at any MoE layer leaves no tensors behind, in a for
     const model = new MixtralModel(config, transport);
     model.loadDense(reference.toHf());
     failing = -1;
-    // Caches to extend: a decode step with past > 0 builds its masks and longer caches.
-    const [a, b] = await model.decodeBatch([{ ids, past: 0 }, { ids: ids.subarray(0, 3), past: 0 }], 'prefill');
+    // Sequences to extend (past > 0), and a prefill chunk long enough for the matMul attention path.
+    const paged = new PagedDecoder(model, 4);
+    await paged.step([{ seq: 0, ids }, { seq: 1, ids: ids.subarray(0, 3) }], 'prefill');
+    const chunk = Int32Array.from({ length: 12 }, (_, i) => 65 + i);
     const fails = async () => {
       await assert.rejects(model.logits(ids, 1, ids.length), error);
-      await assert.rejects(model.decodeBatch([{ ids, past: 0 }, { ids: ids.subarray(0, 2), past: 0 }], 'step'), error);
-      await assert.rejects(model.decodeBatch([{ ids: ids.subarray(0, 1), kv: a.kv, past: 4 }, { ids: ids.subarray(1, 3), kv: b.kv, past: 3 }], 'next'), error);
+      await assert.rejects(paged.step([{ seq: 2, ids }, { seq: 3, ids: chunk }], 'step'), error);
+      await assert.rejects(paged.step([{ seq: 0, ids: ids.subarray(0, 1) }, { seq: 1, ids: ids.subarray(1, 3) }], 'next'), error);
     };
     for (const layer of familyOf(config).moeLayers) {
       failing = layer;
@@ -84,7 +86,6 @@ test('a transport that fails at any MoE layer leaves no tensors behind, in a for
       await fails();
       assert.equal(tf.memory().numTensors, before, `the transport ${name} at layer ${layer}: tensors leaked by a failed forward or decode step`);
     }
-    disposeAll([a.kv, b.kv]);
     model.dispose();
   }
   reference.dispose();
@@ -92,7 +93,7 @@ test('a transport that fails at any MoE layer leaves no tensors behind, in a for
 
 test('a request whose token callback throws fails alone; the others in its batch complete', async () => {
   const model = MixtralModel.initialize(tiny, 8);
-  const batcher = new ContinuousBatcher(model);
+  const batcher = new Scheduler(model);
   const sampling = { maxTokens: 5, temperature: 0, topP: 1, seed: 0, stopIds: [] };
   // It throws at its second token, in the step the other request joins.
   let tokens = 0;

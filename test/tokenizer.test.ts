@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import { initBackend } from '../services/core/backend.js';
 import { BOS_ID, BYTE_VOCAB_SIZE, EOS_ID, preset, type ModelConfig } from '../services/core/config.js';
 import { encodeText } from '../services/core/data/bytes.js';
-import { generate } from '../services/core/generate.js';
+import { generate } from '../services/router/scheduler.js';
 import { MixtralModel } from '../services/core/model/model.js';
 import { saveModel } from '../services/core/checkpoint/model.js';
 import { assignmentSpec, spreadExperts } from '../services/core/placement.js';

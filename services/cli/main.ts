@@ -9,7 +9,7 @@ import { randomBytes } from 'node:crypto';
 import { describeBackend, initBackend } from '../core/backend.js';
 import { ConfigError, PRESET_NAMES, parseModelConfig, parseTrainSettings, preset, resolvePreset, type Preset } from '../core/config.js';
 import { CompletionText, loadTokenizer } from '../core/tokenizer/index.js';
-import { generate } from '../core/generate.js';
+import { generate } from '../router/scheduler.js';
 import { inspectModel, loadExpertSet, loadModel } from '../core/checkpoint/model.js';
 import { atomicWriteFile } from '../core/checkpoint/index.js';
 import { assertTrainable, familyOf } from '../core/model/family.js';
@@ -235,7 +235,7 @@ interface ServeFlags {
   coordinator?: string; shardId?: string; tokenBudget: number; modelName?: string; wireDtype: string;
   train?: boolean; trainRouters?: number; trainShards?: number; trainCheckpoint?: string;
   run?: string; index?: number; routers?: number; metricsPort: number;
-  overflow: string; maxQueue: number; maxBatch: number; inferConcurrency: number; requestTimeoutMs: number; apiTokenFile?: string;
+  overflow: string; maxQueue: number; maxBatch: number; maxBatchedTokens: number; kvCacheTokens?: number; prefixCaching: boolean; inferConcurrency: number; requestTimeoutMs: number; apiTokenFile?: string;
   maxRssMb: number; drainMs: number; advertise?: string;
   maxExperts: number; dropGraceMs: number; drainTimeoutMs: number; rebalanceIntervalMs: number; adminTokenFile?: string;
 }
@@ -265,6 +265,7 @@ async function serveRouter(flags: ServeFlags): Promise<void> {
   const apiToken = await readToken(flags.apiTokenFile, '--api-token-file', 'SWITCHYARD_API_TOKEN');
   const engine = await RouterEngine.load(dir, modelNameOf(dir, flags.modelName), {
     wireDtype: wireDtypeOf(flags.wireDtype), overflow, maxSequences: flags.maxBatch, maxWaiting: flags.maxQueue,
+    maxBatchedTokens: flags.maxBatchedTokens, kvCacheTokens: flags.kvCacheTokens, prefixCaching: flags.prefixCaching,
     inferConcurrency: flags.inferConcurrency, inferQueue: flags.maxQueue,
   });
   const link = new CoordinatorLink(flags.coordinator, { memberId: `router-${process.pid}`, role: 'ROLE_ROUTER' });
@@ -511,6 +512,9 @@ export function buildProgram(): Command {
     .option('--overflow <policy>', `router: rows that cannot reach their expert (${OVERFLOW_POLICIES.join(' | ')}; reject = 503)`, 'drop')
     .option('--max-queue <n>', 'router: requests that may wait for a place before 503', integer('--max-queue', 0), 256)
     .option('--max-batch <n>', 'router: generations in one model step', integer('--max-batch', 1), 64)
+    .option('--max-batched-tokens <n>', 'router: tokens in one model step (decodes first, then prompt chunks)', integer('--max-batched-tokens', 1), 2048)
+    .option('--kv-cache-tokens <n>', 'router: tokens the paged KV cache holds (default: --max-batch sequences at full context, within a quarter of memory)', integer('--kv-cache-tokens', 1))
+    .option('--no-prefix-caching', 'router: do not reuse the K/V of prompt blocks other requests computed')
     .option('--infer-concurrency <n>', 'router: Open Inference infer calls at once', integer('--infer-concurrency', 1), 4)
     .option('--request-timeout-ms <ms>', 'router: deadline of a request without an x-request-timeout-ms header', integer('--request-timeout-ms', 1), 30_000)
     .option('--api-token-file <file>', 'router: require Authorization: Bearer <token> (also SWITCHYARD_API_TOKEN)')

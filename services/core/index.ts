@@ -12,7 +12,7 @@ export { modelTensorShapes } from './model/hf.js';
 export { familyOf, type ModelFamily } from './model/family.js';
 export { loadModel, saveModel } from './checkpoint/model.js';
 export { train, type TrainRunOptions, type TrainSummary } from './train/trainer.js';
-export { generate, sampleNext, type SamplingOptions } from './generate.js';
+export { Sampler, checkSampling, SamplingError, type SamplingOptions } from './sampling.js';
 export { encodeText, decodeIds } from './data/bytes.js';
 export { loadTokenizer, byteTokenizer, CompletionText, TokenizerError, type TextTokenizer } from './tokenizer/index.js';
 export { loadCorpus, BatchSampler, CorpusError } from './data/corpus.js';

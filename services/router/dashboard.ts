@@ -11,7 +11,7 @@ function snapshot(engine: RouterEngine) {
   return {
     model: engine.modelName,
     time: new Date().toISOString(),
-    queue: engine.batcher.depth,
+    queue: engine.scheduler.depth,
     shardsDown: engine.transport.health.downAddresses().length,
     layers: engine.routing.view(),
   };

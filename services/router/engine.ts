@@ -2,8 +2,8 @@
 // placement. Inference calls share the shards' streams; a batch for a replicated expert is split over its replicas.
 import { inspectModel, loadDenseModel } from '../core/checkpoint/model.js';
 import { loadTokenizer, type TextTokenizer } from '../core/tokenizer/index.js';
-import type { Generation, SamplingOptions } from '../core/generate.js';
-import { ContinuousBatcher } from '../core/generate.js';
+import type { SamplingOptions } from '../core/sampling.js';
+import { Scheduler, type Generation } from './scheduler.js';
 import type { FloatDtype } from '../core/dtypes.js';
 import type { MixtralModel } from '../core/model/model.js';
 import type { PlacementTable } from '../core/placement.js';
@@ -12,7 +12,7 @@ import type { OverflowPolicy } from '../core/overload.js';
 import { servingMetricGroup, servingMetrics } from '../core/metrics/serving.js';
 import { Limiter } from './admission.js';
 import { RoutingStats } from './routing-stats.js';
-import { Gauge, Histogram } from 'prom-client';
+import { Counter, Gauge, Histogram } from 'prom-client';
 import { MetricGroup } from '../core/metrics/registry.js';
 
 /** Engine gauges read the newest engine of the process when Prometheus scrapes; exported once an engine starts. */
@@ -21,14 +21,28 @@ const queueSeconds = new Histogram({
   name: 'switchyard_router_queue_seconds', help: 'Time a generation waited for a place in the batch', registers: [],
   buckets: [0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
 });
+const prefixTokens = new Counter({
+  name: 'switchyard_router_prefix_cache_tokens_total', help: 'Prompt tokens of admitted requests found in the prefix cache (hit) or computed (miss)', labelNames: ['result'], registers: [],
+});
+const preemptions = new Counter({
+  name: 'switchyard_router_preemptions_total', help: 'Running sequences that gave their KV blocks back to be recomputed later (the cache was full)', registers: [],
+});
 export const engineMetricGroup = new MetricGroup([
   queueSeconds,
   new Gauge({ name: 'switchyard_router_queue_depth', help: 'Requests waiting for a place (generations and infer calls)', registers: [], collect() {
-    this.set(currentEngine ? currentEngine.batcher.depth.waiting + currentEngine.inferLimiter.depth.waiting : 0);
+    this.set(currentEngine ? currentEngine.scheduler.depth.waiting + currentEngine.inferLimiter.depth.waiting : 0);
   } }),
   new Gauge({ name: 'switchyard_router_running_sequences', help: 'Generations in the running batch', registers: [], collect() {
-    this.set(currentEngine?.batcher.depth.running ?? 0);
+    this.set(currentEngine?.scheduler.depth.running ?? 0);
   } }),
+  new Gauge({ name: 'switchyard_router_kv_blocks', help: 'KV cache blocks: total, used (held by sequences) and cached (prefix cache, held or not)', labelNames: ['state'], registers: [], collect() {
+    const blocks = currentEngine?.scheduler.blocks;
+    this.set({ state: 'total' }, blocks?.blocks ?? 0);
+    this.set({ state: 'used' }, blocks?.used ?? 0);
+    this.set({ state: 'cached' }, blocks?.cached ?? 0);
+  } }),
+  prefixTokens,
+  preemptions,
   new Gauge({ name: 'switchyard_router_credits_in_flight', help: 'Rows this router has in flight per shard (credits taken)', labelNames: ['shard'], registers: [], collect() {
     this.reset();
     if (!currentEngine) return;
@@ -50,6 +64,11 @@ export interface EngineOptions {
   /** Generations running in one step, and waiting for a place (beyond: 503). */
   maxSequences?: number;
   maxWaiting?: number;
+  /** Tokens in one model step (decodes, then prompt chunks). */
+  maxBatchedTokens?: number;
+  /** Tokens the KV cache holds over all sequences (default: every sequence at full context, within a quarter of memory). */
+  kvCacheTokens?: number;
+  prefixCaching?: boolean;
   /** Open Inference `infer` calls at once, and waiting. */
   inferConcurrency?: number;
   inferQueue?: number;
@@ -63,16 +82,24 @@ export class RouterEngine {
   private shardIdOf = new Map<string, string>();
   private passes = 0;
 
-  readonly batcher: ContinuousBatcher;
+  readonly scheduler: Scheduler;
   readonly inferLimiter: Limiter;
   readonly routing: RoutingStats;
 
   private constructor(
     readonly model: MixtralModel, readonly tokenizer: TextTokenizer, readonly transport: GrpcExpertTransport, readonly modelName: string, options: EngineOptions,
   ) {
-    this.batcher = new ContinuousBatcher(model, {
-      maxSequences: options.maxSequences ?? 64, maxWaiting: options.maxWaiting ?? 256, onAdmit: (seconds) => queueSeconds.observe(seconds),
+    this.scheduler = new Scheduler(model, {
+      maxSequences: options.maxSequences ?? 64, maxWaiting: options.maxWaiting ?? 256, maxBatchedTokens: options.maxBatchedTokens,
+      kvCacheTokens: options.kvCacheTokens, prefixCaching: options.prefixCaching,
+      onAdmit: (seconds) => queueSeconds.observe(seconds),
+      onPrefix: (hit, miss) => {
+        prefixTokens.inc({ result: 'hit' }, hit);
+        prefixTokens.inc({ result: 'miss' }, miss);
+      },
+      onPreempt: () => preemptions.inc(),
     });
+    for (const result of ['hit', 'miss']) prefixTokens.inc({ result }, 0);
     this.inferLimiter = new Limiter(options.inferConcurrency ?? 4, options.inferQueue ?? 64);
     this.routing = new RoutingStats(model.family.moeLayers, model.family.experts);
     for (const layer of model.family.moeLayers)
@@ -149,14 +176,14 @@ export class RouterEngine {
     return this.inferLimiter.run(deadline, () => this.model.logitsWithRouting(ids, batch, tokens, `infer${this.passes++}`, requestId ? [requestId] : undefined, deadline));
   }
 
-  /** Generation through the continuous batcher: concurrent requests share every model step. */
+  /** Generation through the scheduler: concurrent requests share every model step. */
   complete(prompt: Int32Array, sampling: SamplingOptions, onToken?: (id: number) => boolean | void, requestId?: string, deadline?: number): Promise<Generation> {
-    return this.batcher.submit(prompt, sampling, onToken, requestId, deadline);
+    return this.scheduler.submit(prompt, sampling, onToken, requestId, deadline);
   }
 
   /** Graceful shutdown: refuse new work, finish what is queued and running. */
   async drain(): Promise<void> {
-    await Promise.all([this.batcher.drain(), this.inferLimiter.drain()]);
+    await Promise.all([this.scheduler.drain(), this.inferLimiter.drain()]);
   }
 
   close(): void {

@@ -102,16 +102,6 @@ function maskFor(s: AttentionShape, group: number): tf.Tensor | undefined {
   return mask;
 }
 
-/**
- * The mask of a call that extends a KV cache (past > 0), to build once per step and pass to every
- * layer's attentionForward: it depends on the shape only. Undefined when the call needs none; the caller
- * disposes it.
- */
-export function stepMask(s: AttentionShape): tf.Tensor | undefined {
-  if (s.past === 0) throw new RangeError('stepMask is for calls with a KV cache (past > 0)');
-  return maskFor(s, s.heads / s.kvHeads);
-}
-
 /** The q, k and v column blocks of wqkv (small weight slices; activations are never split). */
 function qkvBlocks(wqkv: T2, s: AttentionShape, axis: 0 | 1): T2[] {
   const qWidth = s.heads * s.headDim;
@@ -119,9 +109,8 @@ function qkvBlocks(wqkv: T2, s: AttentionShape, axis: 0 | 1): T2[] {
   return tf.split(wqkv, [qWidth, kvWidth, kvWidth], axis) as T2[];
 }
 
-/** `mask`: the call's stepMask when past > 0 (else built here, per call). */
 export function attentionForward(
-  h: T2, w: AttentionWeights, s: AttentionShape, rope: Rope, kvCache?: KvCache, keepCache = true, mask?: tf.Tensor,
+  h: T2, w: AttentionWeights, s: AttentionShape, rope: Rope, kvCache?: KvCache, keepCache = true,
 ): { y: T2; cache?: AttentionCache; kv: KvCache } {
   return scoped(() => {
     const [wq, wk, wv] = qkvBlocks(w.wqkv, s, 1);
@@ -136,7 +125,7 @@ export function attentionForward(
     const group = s.heads / s.kvHeads;
     // Only the small [.., T, headDim] operands are ever transposed; the [.., T, T] ones never are.
     const raw = batchMatMul(q, swapLast(k));
-    const scoresMask = mask ?? maskFor(s, group);
+    const scoresMask = maskFor(s, group);
     const probs = tf.softmax(scoresMask ? tf.add(raw, scoresMask) : raw) as tf.Tensor3D;
     const context = fromGrouped(batchMatMul(probs, v), s, s.heads);
     const y = mm(context, w.wo);

@@ -8,7 +8,9 @@ import * as tf from '@tensorflow/tfjs-core';
 import { attentionWindow, headDim, type ModelConfig } from '../config.js';
 import { Rng } from '../data/random.js';
 import { pooledAuxLoss, pooledAuxTotals, updateBalanceBias } from '../gating/index.js';
-import { attentionBackward, attentionForward, stepMask, type AttentionCache, type KvCache } from './attention.js';
+import { attentionBackward, attentionForward, type AttentionCache, type KvCache } from './attention.js';
+import type { KvStore } from './kv-store.js';
+import { StepAttention, type PagedSequence } from './paged-attention.js';
 import { expertForward, type ExpertWeights } from './expert.js';
 import { ExpertSet, InProcessTransport, type ExpertTransport } from './experts.js';
 import { assertTrainable, familyOf, type ModelFamily } from './family.js';
@@ -42,6 +44,24 @@ export interface LossResult {
   auxLoss: number;
   zLoss: number;
   layerStats: MoeStats[];
+}
+
+/** A sequence's part of a serving step (MixtralModel.step). */
+export interface StepSequence {
+  /** New ids: a decode token or a prefill chunk. */
+  ids: Int32Array;
+  /** Tokens already in its KV blocks. */
+  past: number;
+  /** Its block table: blocks[i] holds positions [i·B, (i+1)·B), covering past + ids.length. */
+  blocks: ArrayLike<number>;
+  /** Whether the step returns the logits of its last new id (the prompt's end, or a decode token). */
+  logits: boolean;
+}
+
+export interface StepOutput {
+  logits?: Float32Array;
+  /** Why some of its rows could not reach their experts (overflow policy drop/reroute), if any did. */
+  degraded?: string[];
 }
 
 interface LayerCache { n1: RmsNormCache; attn: AttentionCache; n2: RmsNormCache; moe: MoeCache }
@@ -280,83 +300,79 @@ export class MixtralModel {
   }
 
   /**
-   * One inference step for sequences of different lengths (continuous batching): each item brings its
-   * new ids and its KV cache. Attention runs per sequence; every MoE block runs once over the rows of
-   * all sequences, so each expert sees one batch per step. Returns each sequence's last-position logits
-   * and its extended cache (the caller disposes caches it no longer needs).
+   * One serving step over the paged KV cache (continuous batching): each sequence brings its new ids (a
+   * decode token or a prefill chunk) and its block table; K/V of the new ids are written into `store` in
+   * place. The norms, projections, gate and MoE run once over every row of the step; attention reads each
+   * sequence's own blocks. Returns the last row's logits of the sequences that ask for them.
    */
-  async decodeBatch(
-    items: Array<{ ids: Int32Array; kv?: KvCache[]; past: number }>, passId: string, opt: { requestIds?: string[]; deadline?: number } = {},
-  ): Promise<Array<{ logits: Float32Array; kv: KvCache[]; degraded?: string[] }>> {
+  async step(seqs: StepSequence[], store: KvStore, passId: string, opt: { requestIds?: string[]; deadline?: number } = {}): Promise<StepOutput[]> {
     const c = this.config;
     const eps = c.rms_norm_eps;
-    const offsets: number[] = [];
+    const paged: PagedSequence[] = [];
     let rows = 0;
-    for (const it of items) {
-      if (it.ids.length === 0) throw new RangeError('a sequence in the batch has no new ids');
-      if (it.past + it.ids.length > c.max_position_embeddings)
-        throw new RangeError(`sequence length ${it.past + it.ids.length} exceeds max_position_embeddings ${c.max_position_embeddings}`);
-      offsets.push(rows);
-      rows += it.ids.length;
+    for (const s of seqs) {
+      if (s.ids.length === 0) throw new RangeError('a sequence in the step has no new ids');
+      if (s.past + s.ids.length > c.max_position_embeddings)
+        throw new RangeError(`sequence length ${s.past + s.ids.length} exceeds max_position_embeddings ${c.max_position_embeddings}`);
+      paged.push({ row: rows, tokens: s.ids.length, past: s.past, blocks: s.blocks });
+      rows += s.ids.length;
     }
     const allIds = new Int32Array(rows);
-    items.forEach((it, i) => allIds.set(it.ids, offsets[i]));
+    seqs.forEach((s, i) => allIds.set(s.ids, paged[i].row));
+    const attention = new StepAttention(paged, store, { heads: c.num_attention_heads, kvHeads: c.num_key_value_heads, headDim: this.headDim, window: attentionWindow(c) }, this.rope);
+    const degraded: Array<Set<string> | undefined> = seqs.map(() => undefined);
+    // Capacity-limited gates route every token as its own group in serving, so a request's output does
+    // not depend on its batch-mates or on how its prompt is chunked (docs/serving.md).
+    const groupTokens = this.config.switchyard_gate.policy === 'mixtral' ? 0 : 1;
     let x = this.embed(allIds);
-    const newKv: KvCache[][] = items.map(() => []);
-    const degraded: Array<Set<string> | undefined> = items.map(() => undefined);
-    // A sequence's mask depends on its length only: built once per step, not once per layer.
-    const masks = items.map((it) => (it.past > 0 ? stepMask(this.attentionShape(1, it.ids.length, it.past)) : undefined));
     try {
       for (let l = 0; l < c.num_hidden_layers; l++) {
         const n1 = rmsNormForward(x, this.dense.get(denseNames.attnNorm(l)), eps);
-        const w = { wqkv: this.dense.get<tf.Rank.R2>(denseNames.wqkv(l)), wo: this.dense.get<tf.Rank.R2>(denseNames.wo(l)) };
-        const parts = items.map((it, i) => {
-          const h = tf.slice(n1.y, [offsets[i], 0], [it.ids.length, c.hidden_size]);
-          const a = attentionForward(h, w, this.attentionShape(1, it.ids.length, it.past), this.rope, it.kv?.[l], false, masks[i]);
-          h.dispose();
-          newKv[i].push(a.kv);
-          return a.y;
-        });
-        const attn = parts.length === 1 ? parts[0] : (tf.concat(parts, 0) as T2);
-        if (parts.length > 1) disposeAll(parts);
+        const qkv = mm(n1.y, this.dense.get(denseNames.wqkv(l)));
         disposeAll([n1.y, n1.cache]);
+        const qkvRows = qkv.dataSync() as Float32Array;
+        qkv.dispose();
+        const context = tf.tensor2d(attention.layer(l, qkvRows), [rows, c.num_attention_heads * this.headDim]);
+        const attn = mm(context, this.dense.get(denseNames.wo(l)));
+        context.dispose();
         const x1 = tf.add(x, attn) as T2;
         disposeAll([x, attn]);
+        x = x1;
         const n2 = rmsNormForward(x1, this.dense.get(denseNames.moeNorm(l)), eps);
         const ffn = await this.feedForward(l, n2.y, {
-          passId: `${passId}/L${l}`, train: false, groupTokens: 0, selectionBias: this.balanceBias?.[l], requestIds: opt.requestIds, deadline: opt.deadline,
-        }).catch((err: unknown) => {
-          // Free this step's tensors and the caches it extended: the caller only keeps the ones it passed in.
-          disposeAll([x1, n2, newKv]);
-          throw err;
-        });
-        disposeAll([n2.y, n2.cache]);
+          passId: `${passId}/L${l}`, train: false, groupTokens, selectionBias: this.balanceBias?.[l], requestIds: opt.requestIds, deadline: opt.deadline,
+        }).finally(() => disposeAll([n2.y, n2.cache]));
         const moeStats = ffn.stats;
         if (moeStats) this.onRouting?.(l, moeStats);
         const flagged = moeStats?.degradedTokens;
         if (flagged)
-          items.forEach((it, i) => {
-            if (!flagged.subarray(offsets[i], offsets[i] + it.ids.length).some((f) => f === 1)) return;
+          seqs.forEach((s, i) => {
+            const from = paged[i].row;
+            if (!flagged.subarray(from, from + s.ids.length).some((f) => f === 1)) return;
             degraded[i] ??= new Set();
             for (const r of moeStats!.degradedReasons ?? []) degraded[i]!.add(r);
           });
         x = tf.add(x1, ffn.y) as T2;
         disposeAll([x1, ffn.y]);
       }
+      const wanted = seqs.flatMap((s, i) => (s.logits ? [i] : []));
+      let values: Float32Array = new Float32Array(0);
+      if (wanted.length) {
+        const logits = tf.tidy(() => {
+          const last = tf.gather(x, tf.tensor1d(wanted.map((i) => paged[i].row + seqs[i].ids.length - 1), 'int32')) as T2;
+          const nf = rmsNormForward(last, this.dense.get(denseNames.norm), eps);
+          return mm(nf.y, this.lmHead());
+        });
+        values = logits.dataSync() as Float32Array;
+        logits.dispose();
+      }
+      const V = c.vocab_size;
+      const logitsOf = new Map(wanted.map((i, w) => [i, values.slice(w * V, (w + 1) * V)]));
+      return seqs.map((_, i) => ({ logits: logitsOf.get(i), ...(degraded[i] ? { degraded: [...degraded[i]!] } : {}) }));
     } finally {
-      disposeAll(masks);
+      x.dispose();
+      attention.dispose();
     }
-    const lastRows = items.map((it, i) => offsets[i] + it.ids.length - 1);
-    const logits = tf.tidy(() => {
-      const last = tf.gather(x, tf.tensor1d(lastRows, 'int32')) as T2;
-      const nf = rmsNormForward(last, this.dense.get(denseNames.norm), eps);
-      return mm(nf.y, this.lmHead());
-    });
-    x.dispose();
-    const values = logits.dataSync() as Float32Array;
-    logits.dispose();
-    const V = c.vocab_size;
-    return items.map((_, i) => ({ logits: values.slice(i * V, (i + 1) * V), kv: newKv[i], ...(degraded[i] ? { degraded: [...degraded[i]!] } : {}) }));
   }
 
   /** Logits for every position (evaluation, no caches kept). */

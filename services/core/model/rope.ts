@@ -41,6 +41,23 @@ export class Rope {
     return { cos: tf.tensor3d(cos, [positions.length, 1, hd]), sin: tf.tensor3d(sin, [positions.length, 1, hd]) };
   }
 
+  /**
+   * Host cos and sin tables [positions.length, headDim/2] (the two halves of a head share them), for
+   * rotating rows in JS (the serving engine's attention).
+   */
+  hostTables(positions: ArrayLike<number>): { cos: Float32Array; sin: Float32Array } {
+    const half = this.headDim / 2;
+    const cos = new Float32Array(positions.length * half);
+    const sin = new Float32Array(positions.length * half);
+    for (let r = 0; r < positions.length; r++)
+      for (let i = 0; i < half; i++) {
+        const angle = positions[r] * this.invFreq[i];
+        cos[r * half + i] = Math.cos(angle);
+        sin[r * half + i] = Math.sin(angle);
+      }
+    return { cos, sin };
+  }
+
   /** x: [rows, heads·headDim] → rotated, same shape. */
   apply(x: T2, heads: number, cos: tf.Tensor3D, sin: tf.Tensor3D): T2 {
     return scoped(() => {
