@@ -147,3 +147,27 @@ for (const policy of ['mixtral', 'switch', 'gshard', 'topk'] as const)
     }
     model.dispose();
   });
+
+test('sampling through the engine: unseeded requests draw fresh seeds, the reported seed reproduces the text; penalties and bias apply per request', async () => {
+  const model = MixtralModel.initialize(tiny, 11);
+  const scheduler = new Scheduler(model);
+  const prompt = textIds(40, 6);
+  const sampled = { maxTokens: 12, temperature: 1, topP: 1, stopIds: [] as number[] };
+  const [a, b] = await Promise.all([scheduler.submit(prompt, sampled), scheduler.submit(prompt, sampled)]);
+  assert.notEqual(a.seed, b.seed);
+  assert.notDeepEqual(a.ids, b.ids, 'two identical unseeded requests sample differently');
+  const again = await scheduler.submit(prompt, { ...sampled, seed: a.seed });
+  assert.deepEqual(again.ids, a.ids);
+  // Batch-mates with other controls do not disturb each other: a banned id never appears, a forced one always.
+  const [banned, forced, plain] = await Promise.all([
+    scheduler.submit(prompt, { ...greedy(8), logitBias: { [a.ids[0]]: -100 } }),
+    scheduler.submit(prompt, { ...sampled, seed: 3, logitBias: { 77: 100 } }),
+    scheduler.submit(prompt, greedy(8)),
+  ]);
+  assert.ok(!banned.ids.includes(a.ids[0]));
+  assert.deepEqual(forced.ids, new Array(12).fill(77));
+  assert.deepEqual(plain.ids, (await generate(model, prompt, greedy(8))).ids);
+  const repeated = await scheduler.submit(prompt, { ...greedy(12), repetitionPenalty: 1e6 });
+  assert.equal(new Set(repeated.ids).size, repeated.ids.length, 'a huge repetition penalty never repeats an id');
+  model.dispose();
+});

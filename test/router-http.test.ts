@@ -1,5 +1,6 @@
 // The router's HTTP app in process (no shards, no coordinator): shutdown with open dashboard streams,
-// request accounting of early refusals, and the routing metrics of a model whose first layer is dense.
+// request accounting of early refusals, the routing metrics of a model whose first layer is dense, and
+// the completions API's sampling fields (400s, and what reaches the engine).
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { Agent, request, type IncomingMessage } from 'node:http';
@@ -13,6 +14,7 @@ import { saveModel } from '../services/core/checkpoint/model.js';
 import { metricsText } from '../services/core/metrics/registry.js';
 import { routeTokens } from '../services/core/gating/index.js';
 import type { MoeStats } from '../services/core/model/moe.js';
+import type { SamplingOptions } from '../services/core/sampling.js';
 import { RouterEngine } from '../services/router/engine.js';
 import { buildHttpApp, BODY_LIMIT_BYTES } from '../services/router/http.js';
 import { RoutingStats } from '../services/router/routing-stats.js';
@@ -163,4 +165,79 @@ test('capacity utilisation is kept over slots for a capacity-limited gate, and a
   const gauge = await samples('switchyard_layer_capacity_utilization');
   assert.ok(gauge.has('{layer="7"}'));
   assert.ok(!gauge.has('{layer="8"}'), 'no gauge for a dropless layer (it would read mean/max load)');
+});
+
+test('completions sampling fields: out of range or outside the vocabulary is a 400 naming the field, whatever the cluster state', async () => {
+  const app = buildHttpApp(engine);
+  try {
+    const post = (body: object) => app.inject({ method: 'POST', url: '/v1/completions', payload: { prompt: 'x', ...body } });
+    const cases: Array<[object, RegExp]> = [
+      [{ top_k: 1.5 }, /top_k/],
+      [{ top_k: -2 }, /top_k/],
+      [{ min_p: 2 }, /min_p/],
+      [{ repetition_penalty: 0 }, /repetition_penalty/],
+      [{ presence_penalty: 3 }, /presence_penalty/],
+      [{ frequency_penalty: -2.5 }, /frequency_penalty/],
+      [{ logit_bias: { 5: 101 } }, /logit_bias/],
+      [{ logit_bias: { 5: 'up' } }, /logit_bias/],
+      [{ logit_bias: { x: 1 } }, /logit_bias/],
+      [{ logit_bias: { '-3': 1 } }, /logit_bias/],
+      [{ logit_bias: { 259: 1 } }, /logit_bias token id '259' is outside the vocabulary \[0, 259\)/],
+      [{ logit_bias: [1] }, /logit_bias/],
+      [{ stop_token_ids: [1.5] }, /stop_token_ids/],
+      [{ stop_token_ids: [300] }, /stop_token_ids: 300 is outside the vocabulary/],
+      [{ seed: 1.5 }, /seed/],
+      [{ seed: '7' }, /seed/],
+      [{ seed: 2 ** 60 }, /seed/],
+      [{ temperature: -1 }, /temperature/],
+      [{ top_p: 0 }, /top_p/],
+      [{ max_tokens: -1 }, /max_tokens/],
+    ];
+    for (const [body, message] of cases) {
+      const res = await post(body);
+      assert.equal(res.statusCode, 400, JSON.stringify(body));
+      const error = (res.json() as { error: { message: string; type: string } }).error;
+      assert.match(error.message, message, JSON.stringify(body));
+      assert.equal(error.type, 'invalid_request_error');
+    }
+    // Valid values of every field pass validation: this engine has no shards, so the answer is its 503.
+    const valid = await post({ top_k: -1, min_p: 1, repetition_penalty: 1.2, presence_penalty: -2, frequency_penalty: 2, logit_bias: { 0: -100, 258: 100 }, stop_token_ids: [0, 258], seed: -4 });
+    assert.equal(valid.statusCode, 503, valid.body);
+  } finally {
+    await app.close();
+  }
+});
+
+test('completions sampling fields reach the engine; a request without a seed leaves it to the sampler (engine.test.ts checks it draws a fresh one)', async () => {
+  const seen: SamplingOptions[] = [];
+  // The engine of this file, ready, recording what it is asked to generate with.
+  const recording = Object.assign(Object.create(engine) as RouterEngine, {
+    ready: () => true,
+    complete: async (_prompt: Int32Array, sampling: SamplingOptions) => {
+      seen.push(sampling);
+      return { ids: [], finishReason: 'length' as const };
+    },
+  });
+  const app = buildHttpApp(recording);
+  try {
+    const post = async (body: object) => {
+      const res = await app.inject({ method: 'POST', url: '/v1/completions', payload: { prompt: 'x', ...body } });
+      assert.equal(res.statusCode, 200, res.body);
+      return seen.at(-1)!;
+    };
+    const full = await post({ max_tokens: 3, temperature: 0.5, top_p: 0.9, top_k: 40, min_p: 0.05, repetition_penalty: 1.1, presence_penalty: 0.5, frequency_penalty: -0.5, logit_bias: { 7: 3, 12: -100 }, stop_token_ids: [10, 257], seed: 42 });
+    assert.deepEqual({ ...full, logitBias: { ...full.logitBias } }, {
+      maxTokens: 3, temperature: 0.5, topP: 0.9, topK: 40, minP: 0.05, repetitionPenalty: 1.1, presencePenalty: 0.5, frequencyPenalty: -0.5,
+      logitBias: { 7: 3, 12: -100 }, seed: 42, stopIds: [...engine.tokenizer.stopIds, 10],
+    });
+    const defaults = await post({});
+    assert.equal(defaults.topK, undefined);
+    assert.equal(defaults.logitBias, undefined);
+    assert.deepEqual([defaults.minP, defaults.repetitionPenalty, defaults.presencePenalty, defaults.frequencyPenalty], [0, 1, 0, 0]);
+    assert.deepEqual(defaults.stopIds, [...engine.tokenizer.stopIds]);
+    assert.equal(defaults.seed, undefined);
+    assert.equal((await post({ seed: 0 })).seed, 0);
+  } finally {
+    await app.close();
+  }
 });

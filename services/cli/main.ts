@@ -131,7 +131,7 @@ async function trainCommand(flags: TrainFlags): Promise<void> {
   );
 }
 
-interface GenerateFlags { model: string; prompt: string; maxTokens: number; temperature: number; topP: number; seed: number }
+interface GenerateFlags { model: string; prompt: string; maxTokens: number; temperature: number; topP: number; seed?: number }
 
 async function generateCommand(flags: GenerateFlags): Promise<void> {
   await startBackend();
@@ -453,7 +453,7 @@ export function buildProgram(): Command {
     .option('--max-tokens <n>', 'tokens to generate', integer('--max-tokens'), 200)
     .option('--temperature <t>', '0 = greedy', number('--temperature'), 0.8)
     .option('--top-p <p>', 'nucleus mass', number('--top-p'), 0.95)
-    .option('--seed <n>', 'sampling seed', integer('--seed'), 0)
+    .option('--seed <n>', 'sampling seed (default: a fresh random one)', integer('--seed'))
     .action(generateCommand);
   program.command('up').description('the whole cluster on this machine (trains the default model first when there is none)')
     .option('--model <dir>', 'checkpoint folder to serve instead of the default model')

@@ -5,6 +5,7 @@ import underPressure from '@fastify/under-pressure';
 import { randomUUID } from 'node:crypto';
 import { bearerMatches } from '../core/auth.js';
 import { OverloadError } from '../core/overload.js';
+import { SamplingError } from '../core/sampling.js';
 import { metricsText } from '../core/metrics/registry.js';
 import { servingMetricGroup, servingMetrics } from '../core/metrics/serving.js';
 import { HttpError } from './errors.js';
@@ -134,7 +135,7 @@ export function buildHttpApp(engine: RouterEngine, o: HttpOptions = {}): Fastify
       servingMetrics.rejections.inc({ reason: err.reason });
       return reply.code(503).header('retry-after', String(err.retryAfterSeconds)).send({ error: { message: err.message, type: 'overloaded', reason: err.reason } });
     }
-    const status = err instanceof HttpError ? err.statusCode : err.validation ? 400 : err.statusCode && err.statusCode < 500 ? err.statusCode : 500;
+    const status = err instanceof HttpError ? err.statusCode : err.validation || err instanceof SamplingError ? 400 : err.statusCode && err.statusCode < 500 ? err.statusCode : 500;
     const type = err instanceof HttpError ? err.type : status === 413 ? 'request_too_large' : status < 500 ? 'invalid_request_error' : 'server_error';
     const message = status === 500 ? `internal error: ${err.message}` : err.message;
     return reply.code(status).send({ error: { message, type } });

@@ -4,6 +4,7 @@ import { randomUUID } from 'node:crypto';
 import { CompletionStream } from './completion-stream.js';
 import { HttpError } from './errors.js';
 import { OverloadError } from '../core/overload.js';
+import { checkSampling, type SamplingOptions } from '../core/sampling.js';
 import { servingMetrics } from '../core/metrics/serving.js';
 import type { RouterEngine } from './engine.js';
 
@@ -19,7 +20,17 @@ const completionSchema = {
       max_tokens: { type: 'integer', minimum: 0, maximum: MAX_TOKENS_LIMIT, default: 16 },
       temperature: { type: 'number', minimum: 0, maximum: 2, default: 1 },
       top_p: { type: 'number', exclusiveMinimum: 0, maximum: 1, default: 1 },
-      seed: { type: 'integer', default: 0 },
+      // Absent: a fresh random seed, so identical unseeded requests differ.
+      seed: { type: 'integer', minimum: -Number.MAX_SAFE_INTEGER, maximum: Number.MAX_SAFE_INTEGER },
+      top_k: { type: 'integer', minimum: -1 }, // -1 or 0 (and absent): off
+      min_p: { type: 'number', minimum: 0, maximum: 1, default: 0 },
+      repetition_penalty: { type: 'number', exclusiveMinimum: 0, default: 1 },
+      presence_penalty: { type: 'number', minimum: -2, maximum: 2, default: 0 },
+      frequency_penalty: { type: 'number', minimum: -2, maximum: 2, default: 0 },
+      // Token id (a decimal string, as JSON keys are) -> bias; ids beyond the vocabulary are refused in the handler.
+      logit_bias: { type: 'object', propertyNames: { pattern: '^(0|[1-9][0-9]{0,9})$' }, additionalProperties: { type: 'number', minimum: -100, maximum: 100 } },
+      // vLLM's extension: ids that end the completion besides the tokenizer's EOS.
+      stop_token_ids: { type: 'array', items: { type: 'integer', minimum: 0 } },
       stop: { anyOf: [{ type: 'string' }, { type: 'array', items: { type: 'string' }, maxItems: 4 }] },
       stream: { type: 'boolean', default: false },
     },
@@ -32,7 +43,14 @@ interface CompletionBody {
   max_tokens: number;
   temperature: number;
   top_p: number;
-  seed: number;
+  seed?: number;
+  top_k?: number;
+  min_p: number;
+  repetition_penalty: number;
+  presence_penalty: number;
+  frequency_penalty: number;
+  logit_bias?: Record<string, number>;
+  stop_token_ids?: number[];
   stop?: string | string[];
   stream: boolean;
 }
@@ -47,8 +65,18 @@ export function openaiRoutes(app: FastifyInstance, engine: RouterEngine): void {
     const body = req.body;
     if (body.model !== undefined && body.model !== engine.modelName)
       throw new HttpError(404, `model '${body.model}' is not served here (serving '${engine.modelName}')`, 'not_found_error');
-    if (!engine.ready()) throw new OverloadError('not every expert has a shard yet', 'unavailable');
     const tokenizer = engine.tokenizer;
+    // Without a seed the request's sampler draws a fresh one.
+    const sampling: SamplingOptions = {
+      maxTokens: body.max_tokens, temperature: body.temperature, topP: body.top_p, seed: body.seed,
+      ...(body.top_k !== undefined ? { topK: body.top_k } : {}),
+      minP: body.min_p, repetitionPenalty: body.repetition_penalty, presencePenalty: body.presence_penalty, frequencyPenalty: body.frequency_penalty,
+      ...(body.logit_bias !== undefined ? { logitBias: body.logit_bias } : {}),
+      stopIds: [...new Set([...tokenizer.stopIds, ...(body.stop_token_ids ?? [])])],
+    };
+    // A bad request is a 400 whatever the state of the cluster (SamplingError: logit_bias or stop_token_ids outside the vocabulary).
+    checkSampling(sampling, engine.model.config.vocab_size);
+    if (!engine.ready()) throw new OverloadError('not every expert has a shard yet', 'unavailable');
     const prompt = tokenizer.encode(body.prompt);
     if (prompt.length === 0) throw new HttpError(400, 'the prompt encodes to no tokens');
     const context = engine.model.config.max_position_embeddings;
@@ -66,7 +94,6 @@ export function openaiRoutes(app: FastifyInstance, engine: RouterEngine): void {
     let closed = false;
     // The response closing before we end it means the client went away: stop generating.
     reply.raw.on('close', () => { closed = true; });
-    const sampling = { maxTokens: body.max_tokens, temperature: body.temperature, topP: body.top_p, seed: body.seed, stopIds: [...tokenizer.stopIds] };
     let result: Awaited<ReturnType<RouterEngine['complete']>>;
     try {
       result = await engine.complete(prompt, sampling, (next) => {
