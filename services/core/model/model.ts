@@ -58,6 +58,16 @@ export interface StepSequence {
   logits: boolean;
 }
 
+/**
+ * Where a step's time went (ms, summed over layers): waiting for the fused q|k|v projection (the dense
+ * work queued before it), the host attention, and the feed-forward block (gate, experts, combine).
+ */
+export interface StepProfile {
+  qkvMs: number;
+  attentionMs: number;
+  feedForwardMs: number;
+}
+
 export interface StepOutput {
   logits?: Float32Array;
   /** Why some of its rows could not reach their experts (overflow policy drop/reroute), if any did. */
@@ -305,7 +315,7 @@ export class MixtralModel {
    * place. The norms, projections, gate and MoE run once over every row of the step; attention reads each
    * sequence's own blocks. Returns the last row's logits of the sequences that ask for them.
    */
-  async step(seqs: StepSequence[], store: KvStore, passId: string, opt: { requestIds?: string[]; deadline?: number } = {}): Promise<StepOutput[]> {
+  async step(seqs: StepSequence[], store: KvStore, passId: string, opt: { requestIds?: string[]; deadline?: number; profile?: StepProfile } = {}): Promise<StepOutput[]> {
     const c = this.config;
     const eps = c.rms_norm_eps;
     const paged: PagedSequence[] = [];
@@ -330,18 +340,28 @@ export class MixtralModel {
         const n1 = rmsNormForward(x, this.dense.get(denseNames.attnNorm(l)), eps);
         const qkv = mm(n1.y, this.dense.get(denseNames.wqkv(l)));
         disposeAll([n1.y, n1.cache]);
+        const t0 = opt.profile ? performance.now() : 0;
         const qkvRows = qkv.dataSync() as Float32Array;
         qkv.dispose();
-        const context = tf.tensor2d(attention.layer(l, qkvRows), [rows, c.num_attention_heads * this.headDim]);
+        const t1 = opt.profile ? performance.now() : 0;
+        const contextRows = attention.layer(l, qkvRows);
+        if (opt.profile) {
+          const t2 = performance.now();
+          opt.profile.qkvMs += t1 - t0;
+          opt.profile.attentionMs += t2 - t1;
+        }
+        const context = tf.tensor2d(contextRows, [rows, c.num_attention_heads * this.headDim]);
         const attn = mm(context, this.dense.get(denseNames.wo(l)));
         context.dispose();
         const x1 = tf.add(x, attn) as T2;
         disposeAll([x, attn]);
         x = x1;
         const n2 = rmsNormForward(x1, this.dense.get(denseNames.moeNorm(l)), eps);
+        const t3 = opt.profile ? performance.now() : 0;
         const ffn = await this.feedForward(l, n2.y, {
           passId: `${passId}/L${l}`, train: false, groupTokens, selectionBias: this.balanceBias?.[l], requestIds: opt.requestIds, deadline: opt.deadline,
         }).finally(() => disposeAll([n2.y, n2.cache]));
+        if (opt.profile) opt.profile.feedForwardMs += performance.now() - t3;
         const moeStats = ffn.stats;
         if (moeStats) this.onRouting?.(l, moeStats);
         const flagged = moeStats?.degradedTokens;
