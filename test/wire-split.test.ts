@@ -25,6 +25,9 @@ import type { ExpertRequest__Output } from '../services/generated/switchyard/v1/
 import type { FloatDtype } from '../services/core/dtypes.js';
 import { startService, type RunningService } from './support/services.js';
 import { runCli } from './support/cli.js';
+import { startCluster } from './support/cluster.js';
+import { generate } from '../services/core/generate.js';
+import { decodeIds, encodeText } from '../services/core/data/bytes.js';
 
 await initBackend();
 const small = preset('small');
@@ -41,14 +44,15 @@ let shardAddress: string;
 let shardMetrics: string;
 /** The small model's experts of layers 0 and 1, in this process: the unsplit reference. */
 let referenceExperts: ExpertSet;
+/** The small model in this process (the checkpoint's weights). */
+let smallReference: MixtralModel;
 
 before(async () => {
   root = await mkdtemp(join(tmpdir(), 'switchyard-wire-split-'));
   smallCheckpoint = join(root, 'small');
   tinyCheckpoint = join(root, 'tiny');
-  const model = MixtralModel.initialize(small.model, 5);
-  await saveModel(smallCheckpoint, model);
-  model.dispose();
+  smallReference = MixtralModel.initialize(small.model, 5);
+  await saveModel(smallCheckpoint, smallReference);
   const tinyModel = MixtralModel.initialize(tiny.model, 11);
   await saveModel(tinyCheckpoint, tinyModel);
   tinyModel.dispose();
@@ -64,6 +68,7 @@ before(async () => {
 after(async () => {
   await shard?.stop();
   referenceExperts?.dispose();
+  smallReference?.dispose();
   await rm(root, { recursive: true, force: true });
 });
 
@@ -310,5 +315,31 @@ test('a dropped training pass frees the activations of all its sub-pass messages
     transport.close();
     await server.close();
     server.shard.experts.dispose();
+  }
+});
+
+test('serve router and serve expert with --max-message-bytes 64 KiB: a long prompt\'s prefill is split and completes as in one process', async () => {
+  // Prefill of this prompt (114 bytes) sends the shard 2 rows per token per layer (≈ 117 KB): two messages.
+  const prompt = 'Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my purse, and nothing';
+  const cluster = await startCluster(smallCheckpoint, ['all'], [['--max-message-bytes', String(LIMIT)], []], {}, 2_000, ['--max-message-bytes', String(LIMIT)]);
+  try {
+    const local = await generate(smallReference, encodeText(prompt), { maxTokens: 4, temperature: 0, topP: 1, seed: 0 });
+    const body = { prompt, max_tokens: 4, temperature: 0 };
+    const post = (base: string) => fetch(`${base}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+    const res = await post(cluster.routers[0].base);
+    const json = (await res.json()) as { choices: Array<{ text: string }>; error?: { message: string } };
+    assert.equal(res.status, 200, JSON.stringify(json));
+    assert.equal(json.choices[0].text, decodeIds(local.ids));
+    // The router's own dispatch counter: more messages than layers × steps means prefill was split.
+    const metrics = await (await fetch(`${cluster.routers[0].base}/metrics`)).text();
+    const dispatched = [...metrics.matchAll(/^switchyard_dispatch_duration_seconds_count\{[^}]*\} (\d+)/gm)].reduce((n, m) => n + Number(m[1]), 0);
+    const layers = small.model.num_hidden_layers;
+    assert.ok(dispatched > layers * 4, `${dispatched} messages for ${layers} layers × 4 steps`);
+    // The same request through a router with the default limit: one message per layer, refused by the shard.
+    const unsplit = await post(cluster.routers[1].base);
+    assert.equal(unsplit.status, 500);
+    assert.match(((await unsplit.json()) as { error: { message: string } }).error.message, /RESOURCE_EXHAUSTED: Received message larger than max/);
+  } finally {
+    await cluster.stop();
   }
 });
