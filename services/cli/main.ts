@@ -38,6 +38,8 @@ import { runRouterTraining } from '../router/trainer.js';
 import { runShardTraining } from '../expert/trainer.js';
 import { ExpertSet } from '../core/model/experts.js';
 import { OVERFLOW_POLICIES, type OverflowPolicy } from '../core/overload.js';
+import { MAX_MESSAGE_BYTES } from '../core/wire/protos.js';
+import { checkMaxMessageBytes } from '../core/wire/message-size.js';
 
 const DEFAULT_RUN_DIR = 'checkpoints/default';
 /** Where `up` appends each service's output (`<name>.log`, and processes.json with the pids). */
@@ -238,6 +240,7 @@ interface ServeFlags {
   overflow: string; maxQueue: number; maxBatch: number; maxBatchedTokens: number; kvCacheTokens?: number; prefixCaching: boolean; inferConcurrency: number; requestTimeoutMs: number; apiTokenFile?: string;
   maxRssMb: number; drainMs: number; advertise?: string;
   maxExperts: number; dropGraceMs: number; drainTimeoutMs: number; rebalanceIntervalMs: number; adminTokenFile?: string;
+  maxMessageBytes: number;
 }
 
 const WIRE_DTYPES: Record<string, FloatDtype> = { f32: 'F32', bf16: 'BF16', f16: 'F16' };
@@ -263,10 +266,13 @@ async function serveRouter(flags: ServeFlags): Promise<void> {
   const overflow = flags.overflow as OverflowPolicy;
   if (!OVERFLOW_POLICIES.includes(overflow)) throw new ConfigError(`--overflow ${flags.overflow}: expected one of ${OVERFLOW_POLICIES.join(', ')}`);
   const apiToken = await readToken(flags.apiTokenFile, '--api-token-file', 'SWITCHYARD_API_TOKEN');
+  const wireDtype = wireDtypeOf(flags.wireDtype);
+  // Refused before any connection: a limit below one row of the model on the wire.
+  checkMaxMessageBytes(flags.maxMessageBytes, (await inspectModel(dir)).config.hidden_size, wireDtype, '--max-message-bytes');
   const engine = await RouterEngine.load(dir, modelNameOf(dir, flags.modelName), {
-    wireDtype: wireDtypeOf(flags.wireDtype), overflow, maxSequences: flags.maxBatch, maxWaiting: flags.maxQueue,
+    wireDtype, overflow, maxSequences: flags.maxBatch, maxWaiting: flags.maxQueue,
     maxBatchedTokens: flags.maxBatchedTokens, kvCacheTokens: flags.kvCacheTokens, prefixCaching: flags.prefixCaching,
-    inferConcurrency: flags.inferConcurrency, inferQueue: flags.maxQueue,
+    inferConcurrency: flags.inferConcurrency, inferQueue: flags.maxQueue, maxMessageBytes: flags.maxMessageBytes,
   });
   const link = new CoordinatorLink(flags.coordinator, { memberId: `router-${process.pid}`, role: 'ROLE_ROUTER' });
   link.heartbeatLoad = () => ({ expertLoads: engine.routing.expertLoads() }); // the planner's demand signal
@@ -367,9 +373,11 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
   const family = familyOf(config);
   const keys = parseAssignment(flags.experts, family.moeLayers, family.experts);
   if (flags.train && (!flags.coordinator || !flags.shardId)) throw new ConfigError('serve expert --train: --coordinator and --shard-id are required');
+  // Routers may send any wire dtype, and replies use it: one float32 row must fit.
+  checkMaxMessageBytes(flags.maxMessageBytes, config.hidden_size, 'F32', '--max-message-bytes');
   // A training shard loads its experts when the run (re)starts, from the checkpoint the coordinator names.
   const experts = flags.train ? new ExpertSet(config.hidden_size, family.expertIntermediate) : await loadExpertSet(layout, keys);
-  const server = await startExpertServer(experts, flags.host, flags.port);
+  const server = await startExpertServer(experts, flags.host, flags.port, { maxMessageBytes: flags.maxMessageBytes });
   // Peers dial the registered address, so a shard bound to 0.0.0.0 (a container) names its reachable one.
   const address = flags.advertise ?? `${flags.host}:${server.port}`;
   let training: Promise<void> | undefined;
@@ -501,6 +509,7 @@ export function buildProgram(): Command {
     .option('--token-budget <rows>', 'expert: rows per expert accepted in flight', integer('--token-budget', 1), 4096)
     .option('--model-name <name>', 'router: the served model name (default: from the checkpoint folder)')
     .option('--wire-dtype <f32|bf16|f16>', 'router: dtype of row batches on the wire (bf16/f16 halve the bytes)', 'f32')
+    .option('--max-message-bytes <bytes>', 'router, expert: largest gRPC message between routers and shards; a router splits what it sends a shard to fit (give routers and shards the same value)', integer('--max-message-bytes', 1), MAX_MESSAGE_BYTES)
     .option('--lease-ttl-ms <ms>', 'coordinator: a member silent this long is removed', integer('--lease-ttl-ms', 1), 5000)
     .option('--train', 'expert: take part in the distributed training run of --coordinator')
     .option('--train-routers <n>', 'coordinator: router replicas of the training run it coordinates', integer('--train-routers', 1))

@@ -2,7 +2,7 @@
 import * as grpc from '@grpc/grpc-js';
 import type { ExpertSet } from '../core/model/experts.js';
 import { loadProtos } from '../core/wire/protos.js';
-import { isMalformed, malformedStatus, startGrpcServer, tolerant, type MalformedMessage } from '../core/wire/server.js';
+import { isMalformed, malformedStatus, startGrpcServer, tolerant, type GrpcServerOptions, type MalformedMessage } from '../core/wire/server.js';
 import type { ExpertReply } from '../generated/switchyard/v1/ExpertReply.js';
 import type { ExpertRequest__Output } from '../generated/switchyard/v1/ExpertRequest.js';
 import { ExpertShard } from './shard.js';
@@ -21,7 +21,8 @@ const debugLog = process.env.SWITCHYARD_LOG === 'debug'
   ? (record: Record<string, unknown>) => process.stderr.write(JSON.stringify({ time: Date.now(), service: 'expert', ...record }) + '\n')
   : undefined;
 
-export async function startExpertServer(experts: ExpertSet, host: string, port: number): Promise<RunningExpertServer> {
+/** `maxMessageBytes`: the largest row message accepted (and reply sent); routers must send no larger ones. */
+export async function startExpertServer(experts: ExpertSet, host: string, port: number, options: GrpcServerOptions = {}): Promise<RunningExpertServer> {
   const shard = new ExpertShard(experts, debugLog);
   const protos = loadProtos();
   const running = await startGrpcServer(host, port, EXPERT_SERVICE_NAME, (server) => server.addService(tolerant(protos.switchyard.v1.ExpertService.service), {
@@ -47,6 +48,6 @@ export async function startExpertServer(experts: ExpertSet, host: string, port: 
       });
       call.on('error', () => undefined);
     },
-  }));
+  }), options);
   return { port: running.port, shard, close: running.shutdown };
 }

@@ -60,6 +60,8 @@ import { GrpcExpertTransport } from '../core/wire/grpc-transport.js';
 
 export interface EngineOptions {
   wireDtype?: FloatDtype;
+  /** Largest gRPC message to a shard (default MAX_MESSAGE_BYTES): bigger sends are split. */
+  maxMessageBytes?: number;
   overflow?: OverflowPolicy;
   /** Generations running in one step, and waiting for a place (beyond: 503). */
   maxSequences?: number;
@@ -124,6 +126,7 @@ export class RouterEngine {
     const holder: { engine?: RouterEngine } = {};
     const transport = new GrpcExpertTransport((layer, expert) => holder.engine!.shardsFor(layer, expert), config.hidden_size, {
       wireDtype: options.wireDtype, overflow: options.overflow,
+      maxMessageBytes: options.maxMessageBytes,
       creditLimit: (address) => holder.engine!.creditsOf(address),
       onUnserved: (layer, expert, rows, reason) => {
         servingMetrics.unservedRows.inc({ layer: String(layer), expert: String(expert), reason }, rows);

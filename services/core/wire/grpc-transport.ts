@@ -1,5 +1,6 @@
 // ExpertTransport over gRPC: one long-lived Exchange stream per shard; each forward/backward call sends
-// every shard exactly one message with all of its row batches and waits for the replies. Serving also
+// every shard its row batches — in one message, or in several when one would exceed the message-size
+// limit (`maxMessageBytes`; a piece too big alone is cut into row ranges) — and waits for the replies. Serving also
 // keeps per-shard health (a broken stream marks a shard down at once; a health probe brings it back),
 // spends credits per row in flight, and moves rows of a lost shard to the expert's other replicas.
 import * as grpc from '@grpc/grpc-js';
@@ -11,17 +12,25 @@ import type { ExpertReply__Output } from '../../generated/switchyard/v1/ExpertRe
 import type { ExpertRequest } from '../../generated/switchyard/v1/ExpertRequest.js';
 import type { ExpertServiceClient } from '../../generated/switchyard/v1/ExpertService.js';
 import type { RowKind } from '../../generated/switchyard/v1/RowKind.js';
-import { CHANNEL_OPTIONS, loadProtos } from './protos.js';
+import { channelOptions, loadProtos, MAX_MESSAGE_BYTES } from './protos.js';
 import { channelCredentials } from './credentials.js';
 import { fromWireTensor, toWireTensor } from './tensor.js';
 import type { FloatDtype } from '../dtypes.js';
 import { expertKeyText, type ExpertKey } from '../placement.js';
+import { batchCapacity, checkMaxMessageBytes, fittingRequestIds, planMessages, rowBytes } from './message-size.js';
 
 /** Where each (layer, expert) is served: the addresses (host:port) of every shard holding a replica. */
 export type PlacementLookup = (layer: number, expert: number) => string[];
 
 /** Rows [rowStart, rowStart + rowCount) of batch `batch` go to `address`. */
 interface Piece { batch: number; address: string; rowStart: number; rowCount: number }
+
+/**
+ * One message to a shard: row ranges of several batches (at most one per batch). A training pass split
+ * over several messages to one shard names each message's rows as a sub-pass `<pass>/part<k>`, so the
+ * shard keeps each part's activations apart and the backward, sent as the same messages, finds them.
+ */
+interface Message { address: string; passId: string; requestIds: string[]; pieces: Piece[] }
 
 /** The training attempt and weights version the rows of the current step need (shards hold rows back until then). */
 export interface TrainingTag { generation: number; weightsStep: number }
@@ -52,9 +61,9 @@ class ShardStream {
    */
   private readonly blocked = new Set<() => void>();
 
-  constructor(readonly address: string, private readonly timeoutMs: number) {
+  constructor(readonly address: string, private readonly timeoutMs: number, maxMessageBytes: number) {
     const protos = loadProtos();
-    this.client = new protos.switchyard.v1.ExpertService(address, channelCredentials(), CHANNEL_OPTIONS);
+    this.client = new protos.switchyard.v1.ExpertService(address, channelCredentials(), channelOptions(maxMessageBytes));
   }
 
   private stream(): grpc.ClientDuplexStream<ExpertRequest, ExpertReply__Output> {
@@ -139,6 +148,11 @@ export interface ServingOptions {
   onUnserved?: (layer: number, expert: number, rows: number, reason: 'shard_down' | 'at_capacity') => void;
   /** Seen per message: shard, payload bytes and seconds to the reply. */
   onDispatch?: (address: string, bytes: number, seconds: number) => void;
+  /**
+   * Largest message to or from a shard (default MAX_MESSAGE_BYTES); shards must accept as much. What a
+   * call sends one shard is split into messages below it (their estimated size bounds the encoded one).
+   */
+  maxMessageBytes?: number;
 }
 
 /** Errors that mean the shard (not the request) is the problem: try the expert's other replicas. */
@@ -158,16 +172,19 @@ export class GrpcExpertTransport implements ExpertTransport {
   readonly overflow: OverflowPolicy;
   readonly credits = new Credits();
   readonly health: HealthProbe;
-  private readonly trainSplits = new Map<string, Piece[]>();
+  /** The messages of each training forward in flight: its backward is sent as exactly the same messages. */
+  private readonly trainSplits = new Map<string, Message[]>();
   private turn = 0;
   private readonly timeoutMs: number;
   /** `address|layer/expert` → until when the shard is not asked for that expert (NOT_FOUND). */
   private readonly notHeld = new Map<string, number>();
   readonly wireDtype: FloatDtype;
+  readonly maxMessageBytes: number;
 
   constructor(private readonly placement: PlacementLookup, readonly hidden: number, private readonly options: ServingOptions = {}) {
     this.timeoutMs = options.timeoutMs ?? 30_000;
     this.wireDtype = options.wireDtype ?? 'F32';
+    this.maxMessageBytes = checkMaxMessageBytes(options.maxMessageBytes ?? MAX_MESSAGE_BYTES, hidden, this.wireDtype);
     this.overflow = options.overflow ?? 'drop';
     this.health = new HealthProbe();
   }
@@ -180,7 +197,7 @@ export class GrpcExpertTransport implements ExpertTransport {
   private shard(address: string): ShardStream {
     let s = this.shards.get(address);
     if (!s) {
-      s = new ShardStream(address, this.timeoutMs);
+      s = new ShardStream(address, this.timeoutMs, this.maxMessageBytes);
       this.shards.set(address, s);
     }
     return s;
@@ -213,22 +230,57 @@ export class GrpcExpertTransport implements ExpertTransport {
     return pieces;
   }
 
-  /** Sends each shard its pieces in one message; fills `out` per batch. */
-  private async sendPieces(passId: string, batches: RowBatch[], kind: RowKind, pieces: Piece[], out: Array<Float32Array | undefined>, context?: CallContext): Promise<void> {
-    const D = this.hidden;
+  /**
+   * Groups pieces by shard and packs each shard's into messages under the size limit (row ranges of a
+   * piece where a message fills up). `subPasses` (training) names the messages of a shard that gets more
+   * than one `<pass>/part<k>`; inference keeps the pass id (a shard keeps nothing of it).
+   */
+  private pack(passId: string, pieces: Piece[], subPasses: boolean, requestIds: readonly string[]): Message[] {
+    const perRow = rowBytes(this.hidden, this.wireDtype);
+    const ids = fittingRequestIds(requestIds, this.maxMessageBytes, passId, perRow);
+    const capacity = batchCapacity(this.maxMessageBytes, passId, ids);
     const byShard = new Map<string, Piece[]>();
     for (const p of pieces) {
       if (!byShard.has(p.address)) byShard.set(p.address, []);
       byShard.get(p.address)!.push(p);
     }
+    const messages: Message[] = [];
+    for (const [address, mine] of byShard) {
+      let plan;
+      try {
+        plan = planMessages(mine.map((p) => p.rowCount), perRow, capacity);
+      } catch (err) {
+        throw new ExpertCallError(address, grpc.status.RESOURCE_EXHAUSTED, `pass ${passId}: ${(err as Error).message} (maxMessageBytes ${this.maxMessageBytes})`);
+      }
+      plan.forEach((chunks, k) => messages.push({
+        address, passId: subPasses && plan.length > 1 ? `${passId}/part${k}` : passId, requestIds: ids,
+        pieces: chunks.map((c) => ({ batch: mine[c.piece].batch, address, rowStart: mine[c.piece].rowStart + c.rowOffset, rowCount: c.rowCount })),
+      }));
+    }
+    return messages;
+  }
+
+  /** Sends each shard its pieces (in as many messages as the size limit needs); fills `out` per batch. */
+  private sendPieces(passId: string, batches: RowBatch[], kind: RowKind, pieces: Piece[], out: Array<Float32Array | undefined>, context?: CallContext): Promise<void> {
+    return this.sendMessages(batches, kind, this.pack(passId, pieces, false, context?.requestIds ?? []), out, context);
+  }
+
+  /**
+   * Sends the messages (all at once: each shard's stream takes them in order) and fills `out` per batch
+   * from the replies. Settles only when every message has its answer, so a failure leaves no reply still
+   * on its way to `out` and the caller's credits cover rows until they are back; then throws the first
+   * failure.
+   */
+  private async sendMessages(batches: RowBatch[], kind: RowKind, messages: Message[], out: Array<Float32Array | undefined>, context?: CallContext): Promise<void> {
+    const D = this.hidden;
     const tag = this.training;
     const timeout = context?.deadline !== undefined ? Math.max(1, Math.min(this.timeoutMs, context.deadline - Date.now())) : this.timeoutMs;
-    await Promise.all([...byShard].map(async ([address, mine]) => {
+    const results = await Promise.allSettled(messages.map(async ({ address, passId, requestIds, pieces: mine }) => {
       this.messagesSent.set(address, (this.messagesSent.get(address) ?? 0) + 1);
       const started = performance.now();
       let bytes = 0;
       const reply = await this.shard(address).send({
-        passId, kind, requestIds: context?.requestIds ?? [],
+        passId, kind, requestIds,
         trainGeneration: String(tag?.generation ?? 0), weightsStep: String(tag?.weightsStep ?? 0),
         batches: mine.map((p) => {
           const b = batches[p.batch];
@@ -249,22 +301,26 @@ export class GrpcExpertTransport implements ExpertTransport {
         }
       });
     }));
+    const failed = results.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+    if (failed) throw failed.reason;
   }
 
-  forward(passId: string, batches: RowBatch[], train: boolean, context?: CallContext): Promise<Float32Array[]> {
-    const pieces = this.split(batches);
-    // A training backward must reach the replicas that saw each row's forward.
-    if (train) this.trainSplits.set(passId, pieces);
+  async forward(passId: string, batches: RowBatch[], train: boolean, context?: CallContext): Promise<Float32Array[]> {
+    const messages = this.pack(passId, this.split(batches), train, context?.requestIds ?? []);
+    // A training backward must reach the replicas that saw each row's forward, as the same messages.
+    if (train) this.trainSplits.set(passId, messages);
     const out: Array<Float32Array | undefined> = new Array(batches.length);
-    return this.sendPieces(passId, batches, train ? 'ROW_KIND_FORWARD_TRAIN' : 'ROW_KIND_FORWARD', pieces, out, context).then(() => out as Float32Array[]);
+    await this.sendMessages(batches, train ? 'ROW_KIND_FORWARD_TRAIN' : 'ROW_KIND_FORWARD', messages, out, context);
+    return out as Float32Array[];
   }
 
-  backward(passId: string, batches: RowBatch[], context?: CallContext): Promise<Float32Array[]> {
-    const pieces = this.trainSplits.get(passId);
+  async backward(passId: string, batches: RowBatch[], context?: CallContext): Promise<Float32Array[]> {
+    const messages = this.trainSplits.get(passId);
     this.trainSplits.delete(passId);
-    if (!pieces) throw new Error(`backward of pass ${passId} without its training forward`);
+    if (!messages) throw new Error(`backward of pass ${passId} without its training forward`);
     const out: Array<Float32Array | undefined> = new Array(batches.length);
-    return this.sendPieces(passId, batches, 'ROW_KIND_BACKWARD', pieces, out, context).then(() => out as Float32Array[]);
+    await this.sendMessages(batches, 'ROW_KIND_BACKWARD', messages, out, context);
+    return out as Float32Array[];
   }
 
   /**

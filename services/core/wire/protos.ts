@@ -37,13 +37,21 @@ export function loadProtos(): SwitchyardProtos {
   return grpc.loadPackageDefinition(packageDefinition()) as unknown as SwitchyardProtos;
 }
 
-/** Largest message either end accepts: a [8192, 4096] fp32 row batch with room to spare. */
+/**
+ * Largest message either end accepts unless configured (`--max-message-bytes`): a [8192, 4096] fp32 row
+ * batch with room to spare. The router splits what it sends a shard into messages under its limit.
+ */
 export const MAX_MESSAGE_BYTES = 256 * 1024 * 1024;
 
-/** Channel options every Switchyard client and server sets explicitly (DESIGN §6). */
-export const CHANNEL_OPTIONS: grpc.ChannelOptions = {
-  'grpc.max_receive_message_length': MAX_MESSAGE_BYTES,
-  'grpc.max_send_message_length': MAX_MESSAGE_BYTES,
-  'grpc.keepalive_time_ms': 10_000,
-  'grpc.keepalive_timeout_ms': 5_000,
-};
+/** Channel options every Switchyard client and server sets explicitly (DESIGN §6), for a message-size limit. */
+export function channelOptions(maxMessageBytes = MAX_MESSAGE_BYTES): grpc.ChannelOptions {
+  return {
+    'grpc.max_receive_message_length': maxMessageBytes,
+    'grpc.max_send_message_length': maxMessageBytes,
+    'grpc.keepalive_time_ms': 10_000,
+    'grpc.keepalive_timeout_ms': 5_000,
+  };
+}
+
+/** The channel options with the default message-size limit. */
+export const CHANNEL_OPTIONS: grpc.ChannelOptions = channelOptions();

@@ -3,7 +3,7 @@
 import * as grpc from '@grpc/grpc-js';
 import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation } from 'grpc-health-check';
-import { CHANNEL_OPTIONS, packageDefinition } from './protos.js';
+import { channelOptions, packageDefinition } from './protos.js';
 import { serverCredentials } from './credentials.js';
 
 const MALFORMED = Symbol('malformed');
@@ -52,8 +52,15 @@ export interface RunningGrpcServer {
   shutdown(graceMs?: number): Promise<void>;
 }
 
-export async function startGrpcServer(host: string, port: number, serviceName: string, addServices: (server: grpc.Server) => void): Promise<RunningGrpcServer> {
-  const server = new grpc.Server(CHANNEL_OPTIONS);
+export interface GrpcServerOptions {
+  /** Largest message received or sent (default MAX_MESSAGE_BYTES); a larger one fails its call with RESOURCE_EXHAUSTED. */
+  maxMessageBytes?: number;
+}
+
+export async function startGrpcServer(
+  host: string, port: number, serviceName: string, addServices: (server: grpc.Server) => void, options: GrpcServerOptions = {},
+): Promise<RunningGrpcServer> {
+  const server = new grpc.Server(channelOptions(options.maxMessageBytes));
   addServices(server);
   const health = new HealthImplementation({ '': 'SERVING', [serviceName]: 'SERVING' });
   health.addToServer(server);
