@@ -26,7 +26,7 @@ import type { FloatDtype } from '../services/core/dtypes.js';
 import { startService, type RunningService } from './support/services.js';
 import { runCli } from './support/cli.js';
 import { startCluster } from './support/cluster.js';
-import { generate } from '../services/core/generate.js';
+import { generate } from '../services/router/scheduler.js';
 import { decodeIds, encodeText } from '../services/core/data/bytes.js';
 
 await initBackend();
