@@ -111,13 +111,20 @@ test('when blocks run out, the newest sequence is preempted and recomputed: ever
   model.dispose();
 });
 
-test('blocks come back when a request finishes, stops early, fails or passes its deadline; the window trims what it no longer sees', async () => {
+test('blocks come back when a request finishes, stops early, fails, passes its deadline or its client goes away; the window trims what it no longer sees', async () => {
   const model = MixtralModel.initialize(tiny, 8);
-  const scheduler = new Scheduler(model, { blockTokens: 4 });
+  const scheduler = new Scheduler(model, { blockTokens: 4, maxBatchedTokens: 8 });
   await scheduler.submit(textIds(1, 9), greedy(5));
   await scheduler.submit(textIds(2, 9), greedy(50), (id) => id >= 0); // stops at its first token
   await assert.rejects(scheduler.submit(textIds(3, 9), greedy(5), () => { throw new Error('client went away'); }), /client went away/);
   await assert.rejects(scheduler.submit(textIds(4, 9), greedy(50), undefined, undefined, Date.now() + 1), /deadline/);
+  // A client that goes away during a chunked prefill: the request ends there, its blocks come back.
+  const gone = new AbortController();
+  const stepsBefore = scheduler.stats.steps;
+  const long = scheduler.submit(textIds(6, 60), greedy(5), undefined, undefined, undefined, gone.signal);
+  while (scheduler.stats.steps === stepsBefore) await new Promise((r) => setImmediate(r));
+  gone.abort();
+  assert.deepEqual((await long).ids, []);
   await scheduler.drain();
   assert.equal(scheduler.blocks.used, 0);
   model.dispose();

@@ -180,8 +180,8 @@ export class RouterEngine {
   }
 
   /** Generation through the scheduler: concurrent requests share every model step. */
-  complete(prompt: Int32Array, sampling: SamplingOptions, onToken?: (id: number) => boolean | void, requestId?: string, deadline?: number): Promise<Generation> {
-    return this.scheduler.submit(prompt, sampling, onToken, requestId, deadline);
+  complete(prompt: Int32Array, sampling: SamplingOptions, onToken?: (id: number) => boolean | void, requestId?: string, deadline?: number, signal?: AbortSignal): Promise<Generation> {
+    return this.scheduler.submit(prompt, sampling, onToken, requestId, deadline, signal);
   }
 
   /** Graceful shutdown: refuse new work, finish what is queued and running. */

@@ -93,14 +93,18 @@ export function openaiRoutes(app: FastifyInstance, engine: RouterEngine): void {
     }
     let closed = false;
     // The response closing before we end it means the client went away: stop generating.
-    reply.raw.on('close', () => { closed = true; });
+    const gone = new AbortController();
+    reply.raw.on('close', () => {
+      closed = true;
+      gone.abort(); // a request still queued or in its prefill leaves too, not only at its next token
+    });
     let result: Awaited<ReturnType<RouterEngine['complete']>>;
     try {
       result = await engine.complete(prompt, sampling, (next) => {
         const piece = completion.push(next);
         if (body.stream && !closed && piece) reply.raw.write(chunk(piece, null));
         return completion.stopped || closed;
-      }, String(req.id), req.deadline);
+      }, String(req.id), req.deadline, gone.signal);
     } catch (err) {
       if (!body.stream) throw err;
       // Headers are sent: report the failure as a final event and end the stream.

@@ -129,9 +129,13 @@ export class Scheduler {
   /**
    * Queues a generation. `onToken` sees each new id and may return true to stop there (stop sequences,
    * a client that went away). `deadline` (epoch ms): if it has not finished by then it is rejected with
-   * OverloadError('deadline') at that moment and leaves at the next step.
+   * OverloadError('deadline') at that moment and leaves at the next step. `signal` (the client went away)
+   * ends it as stopped at once, also while it waits or is still in its prefill; its blocks are given back
+   * at the next step boundary.
    */
-  submit(prompt: Int32Array, sampling: SamplingOptions, onToken?: (id: number) => boolean | void, requestId?: string, deadline?: number): Promise<Generation> {
+  submit(
+    prompt: Int32Array, sampling: SamplingOptions, onToken?: (id: number) => boolean | void, requestId?: string, deadline?: number, signal?: AbortSignal,
+  ): Promise<Generation> {
     const vocab = this.model.config.vocab_size;
     try {
       checkSampling(sampling, vocab);
@@ -160,6 +164,12 @@ export class Scheduler {
           if (queued) this.waiting = this.waiting.filter((w) => w !== r);
           this.fail(r, new OverloadError(queued ? 'the request deadline passed while it waited for a place' : 'the request deadline passed during generation', 'deadline'));
         }, deadline - Date.now());
+      signal?.addEventListener('abort', () => {
+        if (r.done) return;
+        this.waiting = this.waiting.filter((w) => w !== r);
+        this.finish(r, 'stop');
+      }, { once: true });
+      if (signal?.aborted) return this.finish(r, 'stop');
       this.waiting.push(r);
       if (!this.looping) void this.loop();
     });
