@@ -157,6 +157,27 @@ test('greedy completions equal single-process generation, streamed or not', asyn
   assert.deepEqual(models.data.map((m) => m.id), ['tiny-moe']);
 });
 
+test('through the cluster: a prompt sharing full blocks with an earlier one hits the prefix cache (metrics) and gives the in-process text; sampling controls apply', async () => {
+  const metric = (series: string) => metricValue(`${base}/metrics`, series);
+  const hitsBefore = (await metric('switchyard_router_prefix_cache_tokens_total{result="hit"}')) ?? 0;
+  const shared = 'It is a way I have of driving off the spleen';
+  const greedy = { max_tokens: 6, temperature: 0 };
+  assert.equal((await post('/v1/completions', { prompt: shared, ...greedy })).status, 200);
+  const prompt = `${shared}, and regulating`;
+  const body = (await (await post('/v1/completions', { prompt, ...greedy })).json()) as { choices: Array<{ text: string }> };
+  const local = await generate(reference, encodeText(prompt), { maxTokens: 6, temperature: 0, topP: 1, seed: 0 });
+  assert.equal(body.choices[0].text, decodeIds(local.ids));
+  const hits = (await metric('switchyard_router_prefix_cache_tokens_total{result="hit"}'))! - hitsBefore;
+  assert.ok(hits >= 32, `${hits} prompt tokens came from the prefix cache (the shared text fills two 16-token blocks)`);
+  assert.equal(await metric('switchyard_router_kv_blocks{state="used"}'), 0, 'finished requests hold no blocks');
+  assert.ok((await metric('switchyard_router_kv_blocks{state="cached"}'))! >= 2);
+  // logit_bias forces a byte; without a seed two sampled answers differ.
+  const forced = (await (await post('/v1/completions', { prompt: 'x', max_tokens: 4, temperature: 1, logit_bias: { 65: 100 } })).json()) as { choices: Array<{ text: string }> };
+  assert.equal(forced.choices[0].text, 'AAAA');
+  const sampled = await Promise.all([0, 1].map(async () => ((await (await post('/v1/completions', { prompt: 'x', max_tokens: 24, temperature: 1 })).json()) as { choices: Array<{ text: string }> }).choices[0].text));
+  assert.notEqual(sampled[0], sampled[1]);
+});
+
 test('bad input gets a 4xx JSON error and the router keeps serving', async () => {
   const infer = (inputs: unknown) => post('/v2/models/tiny-moe/infer', { inputs });
   const cases: Array<[Promise<Response>, number, RegExp]> = [
