@@ -13,6 +13,8 @@ export { familyOf, type ModelFamily } from './model/family.js';
 export { loadModel, saveModel } from './checkpoint/model.js';
 export { train, type TrainRunOptions, type TrainSummary } from './train/trainer.js';
 export { Sampler, checkSampling, SamplingError, type SamplingOptions } from './sampling.js';
+// The serving engine lives with the router; in-process generation is part of the public API.
+export { generate, Scheduler, type Generation, type SchedulerOptions } from '../router/scheduler.js';
 export { encodeText, decodeIds } from './data/bytes.js';
 export { loadTokenizer, byteTokenizer, CompletionText, TokenizerError, type TextTokenizer } from './tokenizer/index.js';
 export { loadCorpus, BatchSampler, CorpusError } from './data/corpus.js';
