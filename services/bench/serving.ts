@@ -15,7 +15,7 @@
 //
 // Environment (both modes): SWITCHYARD_BENCH_CONCURRENCY=1,8 (in-process concurrency list),
 // SWITCHYARD_BENCH_ROUNDS=1 (rounds of every timed measurement), SWITCHYARD_BENCH_CONTEXTS=128,512 or
-// `none` (the context curve's L values).
+// `none` (the context curve's L values), SWITCHYARD_BENCH_PREFIX_IDS=1000 or `none` (the prefix length).
 import { backendInfo, describeBackend, initBackend } from '../core/backend.js';
 import { preset } from '../core/config.js';
 import { MixtralModel } from '../core/model/model.js';
@@ -69,6 +69,7 @@ interface Settings {
   contexts: number[];
   /** Per preset: prompt ids and new ids per in-process request. */
   shape: Record<PresetName, { promptIds: number; maxTokens: number }>;
+  /** 0 = the prefix reuse measure is skipped. */
   prefixIds: number;
   prefixExtraIds: number;
   contextConcurrency: number;
@@ -106,7 +107,9 @@ function settings(quick: boolean): Settings {
     concurrency: envInts('SWITCHYARD_BENCH_CONCURRENCY', 1, MAX_CONCURRENCY) ?? (quick ? [1, 8] : [1, 8, 32, 64]),
     contexts,
     shape: { small: { promptIds: 24, maxTokens: quick ? 8 : 32 }, medium: { promptIds: 32, maxTokens: quick ? 4 : 16 } },
-    prefixIds: quick ? 128 : 1500,
+    prefixIds: process.env.SWITCHYARD_BENCH_PREFIX_IDS?.trim() === 'none'
+      ? 0
+      : (envInts('SWITCHYARD_BENCH_PREFIX_IDS', 1, maxContext - 20)?.[0] ?? (quick ? 128 : 1500)),
     prefixExtraIds: 20,
     // Quick mode: a shape check, not a measurement (32 sequences take seconds a step on today's engine).
     contextConcurrency: quick ? 4 : 32,
@@ -182,8 +185,8 @@ function medianRow(name: string, values: number[], unit: string, scale = 1): Ben
 function checkLengths(label: string, done: Timed[], maxTokens: number): void {
   done.forEach((d, i) => {
     if (d.ids.length !== maxTokens)
-      throw new Error(`serving bench, ${label}: request ${i} returned ${d.ids.length} ids, expected exactly ${maxTokens} (stopIds: [], temperature 0)`);
-    if (!Number.isFinite(d.ttft)) throw new Error(`serving bench, ${label}: request ${i} never called onToken`);
+      throw new Error(`${label}: request ${i} returned ${d.ids.length} ids, expected exactly ${maxTokens} (stopIds: [], temperature 0)`);
+    if (!Number.isFinite(d.ttft)) throw new Error(`${label}: request ${i} never called onToken`);
   });
 }
 
@@ -193,9 +196,23 @@ function checkSameAsAlone(label: string, done: Timed[], alone: number[][]): void
     const want = alone[i];
     const at = want.findIndex((id, j) => got[j] !== id);
     if (at >= 0 || got.length !== want.length)
-      throw new Error(`serving bench, ${label}: request ${i}'s greedy output differs from the same prompt generated alone ` +
+      throw new Error(`${label}: request ${i}'s greedy output differs from the same prompt generated alone ` +
         `(first difference at token ${at >= 0 ? at : Math.min(got.length, want.length)}): batched [${got.join(',')}] vs alone [${want.join(',')}]`);
   }
+}
+
+// How a tfjs wasm kernel fails when the heap cannot grow (malloc returns 0 and the kernel writes there).
+const WASM_OUT_OF_MEMORY = /memory access out of bounds|Cannot enlarge memory|out of memory|null function or function signature mismatch/i;
+
+/** The error a failed section ends the suite with; a wasm heap exhaustion is named as such. */
+function failure(section: string, err: unknown): string {
+  const message = err instanceof Error ? err.message : String(err);
+  const hint = WASM_OUT_OF_MEMORY.test(message)
+    ? ' (this looks like the wasm backend out of its 4 GB heap: the medium model takes 1.6 GB of it, and about as much again ' +
+      'once XNNPACK has packed its weights for matMul; SWITCHYARD_BENCH_PREFIX_IDS, SWITCHYARD_BENCH_CONTEXTS and ' +
+      'SWITCHYARD_BENCH_CONCURRENCY make the runs smaller)'
+    : '';
+  return `serving bench, ${section}: ${message}${hint}`;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -203,13 +220,12 @@ function checkSameAsAlone(label: string, done: Timed[], alone: number[][]): void
 
 type Meta = Record<string, unknown>;
 const CHECKED_PROMPTS = 4;
+const maxSequencesOf = (s: Settings): number => Math.max(64, ...s.concurrency);
 
-async function inProcessSection(name: PresetName, model: MixtralModel, s: Settings, rows: BenchRow[], meta: Meta): Promise<void> {
+/** What each checked prompt gives alone (one engine, one request at a time). */
+async function aloneOutputs(name: PresetName, model: MixtralModel, s: Settings): Promise<number[][]> {
   const { promptIds: promptLength, maxTokens } = s.shape[name];
-  const maxSequences = Math.max(64, ...s.concurrency);
-  const t0 = performance.now();
-  // What each checked prompt gives alone (one engine, one request at a time).
-  const alone = await withEngine(model, maxSequences, async (engine) => {
+  return withEngine(model, maxSequencesOf(s), async (engine) => {
     const out: number[][] = [];
     for (let i = 0; i < CHECKED_PROMPTS; i++) {
       const d = await timedRequest(engine, promptIds(i, promptLength), maxTokens);
@@ -218,9 +234,14 @@ async function inProcessSection(name: PresetName, model: MixtralModel, s: Settin
     }
     return out;
   });
-  const sectionTimes: Record<string, number> = { reference: secs(t0) };
+}
+
+async function concurrencySection(name: PresetName, model: MixtralModel, s: Settings, alone: number[][], rows: BenchRow[], meta: Meta): Promise<void> {
+  const { promptIds: promptLength, maxTokens } = s.shape[name];
+  const maxSequences = maxSequencesOf(s);
+  const seconds: Record<string, number> = {};
   for (const concurrency of s.concurrency) {
-    const t1 = performance.now();
+    const t0 = performance.now();
     const label = `${name} in-process, ${concurrency} concurrent`;
     const stats: RoundStats[] = [];
     for (let r = 0; r < s.rounds; r++) {
@@ -242,17 +263,16 @@ async function inProcessSection(name: PresetName, model: MixtralModel, s: Settin
       medianRow(`${label}: TTFT p99`, stats.map((x) => x.ttftP99), 'ms', 1000),
       medianRow(`${label}: TPOT median`, stats.map((x) => x.tpotMedian), 'ms', 1000),
     );
-    sectionTimes[`${concurrency} concurrent`] = secs(t1);
+    seconds[`${concurrency} concurrent`] = secs(t0);
   }
-  meta[`${name} in-process`] = { promptIds: promptLength, maxTokens, concurrency: s.concurrency, maxSequences, checkedPrompts: CHECKED_PROMPTS, seconds: sectionTimes };
+  meta[`${name} in-process`] = { promptIds: promptLength, maxTokens, concurrency: s.concurrency, maxSequences, checkedPrompts: CHECKED_PROMPTS, seconds };
 }
 
 async function prefixSection(model: MixtralModel, s: Settings, rows: BenchRow[], meta: Meta): Promise<void> {
-  const t0 = performance.now();
   const first: number[] = [];
   const second: number[] = [];
   for (let r = 0; r < s.rounds; r++) {
-    // A different prefix each round (and a fresh engine anyway).
+    // A different prefix each round (on a fresh engine anyway); the 20 more ids come from elsewhere in the text.
     const prefix = textIds(5 + 101 * r, s.prefixIds);
     const extended = new Int32Array(s.prefixIds + s.prefixExtraIds);
     extended.set(prefix);
@@ -265,40 +285,33 @@ async function prefixSection(model: MixtralModel, s: Settings, rows: BenchRow[],
     checkLengths(`prefix reuse, round ${r + 1}`, [a, b], 1);
     first.push(a.ttft);
     second.push(b.ttft);
-    log(`medium prefix reuse, round ${r + 1}/${s.rounds}: TTFT ${a.ttft.toFixed(2)} s then ${b.ttft.toFixed(2)} s`);
+    log(`medium prefix reuse, round ${r + 1}/${s.rounds}: TTFT ${a.ttft.toFixed(2)} s, then ${b.ttft.toFixed(2)} s`);
   }
   const ratios = first.map((f, i) => f / second[i]);
   const ratio = median(ratios);
-  const label = `medium in-process, prefix reuse`;
+  const label = 'medium in-process, prefix reuse';
   rows.push(
     medianRow(`${label}: TTFT, ${s.prefixIds}-id prompt`, first, 's'),
     medianRow(`${label}: TTFT, same ${s.prefixIds} ids + ${s.prefixExtraIds}`, second, 's'),
     { ...medianRow(`${label}: first TTFT / second`, ratios, '×'), ratio, target: '>= 5', met: ratio >= 5 },
   );
-  meta['medium prefix reuse'] = { prefixIds: s.prefixIds, extraIds: s.prefixExtraIds, maxTokens: 1, seconds: secs(t0) };
+  meta['medium prefix reuse'] = { prefixIds: s.prefixIds, extraIds: s.prefixExtraIds, maxTokens: 1, order: 'the prefix alone, then prefix + 20 ids, one after the other on a fresh engine' };
 }
 
 async function contextSection(model: MixtralModel, s: Settings, rows: BenchRow[], meta: Meta): Promise<void> {
   const n = s.contextConcurrency;
-  const sectionTimes: Record<string, number> = {};
+  const seconds: Record<string, number> = {};
   for (const L of s.contexts) {
     const t0 = performance.now();
     const promptLength = L - 16;
     const label = `medium in-process, ${n} concurrent, context ${L}`;
     const stats: RoundStats[] = [];
     for (let r = 0; r < s.rounds; r++) {
-      let done: Timed[];
-      let wall: number;
-      try {
-        ({ done, wall } = await withEngine(model, n, async (engine) => {
-          const start = performance.now();
-          const done = await Promise.all(Array.from({ length: n }, (_, i) => timedRequest(engine, promptIds(i, promptLength), s.contextNewIds)));
-          return { done, wall: secs(start) };
-        }));
-      } catch (err) {
-        throw new Error(`serving bench, ${label} (${n} prompts of ${promptLength} ids) failed: ${(err as Error).message} ` +
-          '(SWITCHYARD_BENCH_CONTEXTS chooses the lengths, `none` skips the context curve)', { cause: err });
-      }
+      const { done, wall } = await withEngine(model, n, async (engine) => {
+        const start = performance.now();
+        const done = await Promise.all(Array.from({ length: n }, (_, i) => timedRequest(engine, promptIds(i, promptLength), s.contextNewIds)));
+        return { done, wall: secs(start) };
+      });
       checkLengths(`${label}, round ${r + 1}`, done, s.contextNewIds);
       stats.push(roundStats(done, wall));
       log(`${label}, round ${r + 1}/${s.rounds}: ${wall.toFixed(1)} s`);
@@ -307,17 +320,13 @@ async function contextSection(model: MixtralModel, s: Settings, rows: BenchRow[]
       medianRow(`${label}: TPOT median`, stats.map((x) => x.tpotMedian), 'ms', 1000),
       medianRow(`${label}: TTFT p50`, stats.map((x) => x.ttftP50), 's'),
     );
-    sectionTimes[`L=${L}`] = secs(t0);
+    seconds[`L=${L}`] = secs(t0);
   }
-  meta['medium context curve'] = {
-    contexts: s.contexts, promptIds: 'L - 16', newIds: s.contextNewIds, concurrency: n, ...(s.contexts.length ? {} : { skipped: 'SWITCHYARD_BENCH_CONTEXTS=none' }), seconds: sectionTimes,
-  };
+  meta['medium context curve'] = { contexts: s.contexts, promptIds: 'L - 16', newIds: s.contextNewIds, concurrency: n, seconds };
 }
 
-interface HttpResult { seconds: number; tokens: number }
-
 async function clusterRows(name: string, url: string, concurrencies: number[], promptLength: number, maxTokens: number, s: Settings, rows: BenchRow[]): Promise<Record<string, number>> {
-  const complete = async (i: number): Promise<HttpResult> => {
+  const complete = async (i: number): Promise<{ seconds: number; tokens: number }> => {
     const t0 = performance.now();
     const res = await fetch(`${url}/v1/completions`, {
       // The default 30 s deadline is too short for `medium` on today's engine.
@@ -325,49 +334,52 @@ async function clusterRows(name: string, url: string, concurrencies: number[], p
       body: JSON.stringify({ prompt: new TextDecoder().decode(Uint8Array.from(promptIds(i, promptLength))), max_tokens: maxTokens, temperature: 0, seed: 0 }),
     });
     const body = (await res.json()) as { usage?: { completion_tokens: number }; choices?: Array<{ finish_reason: string }> };
-    if (res.status !== 200) throw new Error(`serving bench, ${name}: completion failed: ${res.status} ${JSON.stringify(body)}`);
+    if (res.status !== 200) throw new Error(`${name}: completion failed: ${res.status} ${JSON.stringify(body)}`);
     const tokens = body.usage?.completion_tokens;
     const finish = body.choices?.[0]?.finish_reason;
     // The HTTP API stops at the tokenizer's stop ids, so fewer tokens are allowed, but only with 'stop'.
     if (tokens === undefined || tokens > maxTokens || (tokens < maxTokens && finish !== 'stop'))
-      throw new Error(`serving bench, ${name}: asked for ${maxTokens} tokens, got ${tokens} (finish_reason ${finish})`);
+      throw new Error(`${name}: asked for ${maxTokens} tokens, got ${tokens} (finish_reason ${finish})`);
     return { seconds: secs(t0), tokens };
   };
   await complete(MAX_CONCURRENCY - 1); // warm-up
-  const times: Record<string, number> = {};
+  const seconds: Record<string, number> = {};
   for (const concurrency of concurrencies) {
     const t0 = performance.now();
     const label = `${name}, ${concurrency} concurrent`;
     const rates: number[] = [];
+    const perRequest: number[] = [];
     const p50: number[] = [];
     const p99: number[] = [];
-    const produced: number[] = [];
     for (let r = 0; r < s.rounds; r++) {
       const start = performance.now();
       const done = await Promise.all(Array.from({ length: concurrency }, (_, i) => complete(i)));
       const wall = secs(start);
       const tokens = done.reduce((n, d) => n + d.tokens, 0);
       rates.push(tokens / wall);
-      produced.push(tokens / concurrency);
+      perRequest.push(tokens / concurrency);
       p50.push(percentile(done.map((d) => d.seconds), 50));
       p99.push(percentile(done.map((d) => d.seconds), 99));
       log(`${label}, round ${r + 1}/${s.rounds}: ${wall.toFixed(1)} s, ${rates.at(-1)!.toFixed(1)} tokens/s`);
     }
     rows.push(
       medianRow(`${label}: throughput`, rates, 'tokens/s'),
-      medianRow(`${label}: tokens per request`, produced, 'tokens'),
+      medianRow(`${label}: tokens per request`, perRequest, 'tokens'),
       medianRow(`${label}: latency p50`, p50, 's'),
       medianRow(`${label}: latency p99`, p99, 's'),
     );
-    times[`${concurrency} concurrent`] = secs(t0);
+    seconds[`${concurrency} concurrent`] = secs(t0);
   }
-  return times;
+  return seconds;
 }
 
 export async function servingSuite(quick: boolean): Promise<void> {
   await initBackend();
   const s = settings(quick);
+  // In-process rows first, then the cluster's, whatever order the sections ran in.
   const rows: BenchRow[] = [];
+  const cluster: BenchRow[] = [];
+  const sectionSeconds: Record<string, number> = {};
   const meta: Meta = {
     engine: ENGINE_NAME, backend: describeBackend(backendInfo()), quick, rounds: s.rounds, weights: 'random, MixtralModel.initialize(preset, 4)',
     prompts: `distinct slices of one English paragraph (bytes), request i starting ${PROMPT_STRIDE} × i bytes in`,
@@ -377,42 +389,65 @@ export async function servingSuite(quick: boolean): Promise<void> {
       TTFT: 'submit → first token callback', TPOT: '(latency − TTFT) / (tokens − 1), median over requests',
       rounds: 'each row is the median over rounds (range in the JSON); every round runs on a fresh, warmed-up engine',
     },
+    sectionSeconds,
+  };
+  let current = 'setup';
+  const section = async <T>(name: string, fn: () => Promise<T>): Promise<T> => {
+    current = name;
+    const t0 = performance.now();
+    const out = await fn();
+    sectionSeconds[name] = secs(t0);
+    log(`${name}: ${sectionSeconds[name].toFixed(1)} s`);
+    return out;
   };
   const t0 = performance.now();
+  // The medium model stays for the cluster and the context curve; the context curve comes last, as the
+  // slowest section and the one most likely to exhaust today's engine's wasm heap.
   let medium: MixtralModel | undefined;
   try {
     for (const name of IN_PROCESS_PRESETS) {
-      const t1 = performance.now();
-      const model = MixtralModel.initialize(preset(name).model, 4);
-      meta[`${name} initialize seconds`] = secs(t1);
-      log(`${name}: random weights in ${secs(t1).toFixed(1)} s`);
+      const model = await section(`${name} random weights`, async () => MixtralModel.initialize(preset(name).model, 4));
+      if (name === 'medium') medium = model;
       try {
-        await inProcessSection(name, model, s, rows, meta);
-        if (name === 'medium') {
-          await prefixSection(model, s, rows, meta);
-          await contextSection(model, s, rows, meta);
-          if (!quick) medium = model;
-        }
+        const alone = await section(`${name} in-process, prompts alone`, () => aloneOutputs(name, model, s));
+        // Before the concurrent rounds: today's engine runs close to the wasm heap's limit on long prompts.
+        if (name === 'medium' && s.prefixIds > 0) await section('medium prefix reuse', () => prefixSection(model, s, rows, meta));
+        await section(`${name} in-process, concurrent`, () => concurrencySection(name, model, s, alone, rows, meta));
       } finally {
         if (model !== medium) model.dispose();
       }
     }
+    if (s.prefixIds === 0) meta['medium prefix reuse'] = { skipped: 'SWITCHYARD_BENCH_PREFIX_IDS=none' };
     const clusters: Record<string, unknown> = {};
-    const t2 = performance.now();
+    meta.cluster = clusters;
     const smallTokens = quick ? 16 : 48;
-    const small = await withSmallCluster('serving', (cluster) => clusterRows('small cluster', cluster.routerUrls[0], quick ? [1, 8] : [1, 8, 32], 24, smallTokens, s, rows));
-    clusters.small = { shards: 2, routers: 1, promptIds: 24, maxTokens: smallTokens, seconds: { ...small, total: secs(t2) } };
-    if (medium) {
-      const t3 = performance.now();
+    const small = await section('small cluster', () => withSmallCluster('serving', (c) =>
+      clusterRows('small cluster', c.routerUrls[0], quick ? [1, 8] : [1, 8, 32], 24, smallTokens, s, cluster)));
+    clusters.small = { shards: 2, routers: 1, promptIds: 24, maxTokens: smallTokens, seconds: small };
+    const model = medium!;
+    if (!quick) {
       const timings: ClusterTimings = {};
-      const times = await withLocalCluster('serving', medium, 1, (cluster) => clusterRows('medium cluster', cluster.routerUrls[0], [1, 8], 32, 16, s, rows), timings);
-      clusters.medium = { shards: 2, routers: 1, promptIds: 32, maxTokens: 16, checkpointSaveSeconds: timings.saveSeconds, clusterUpSeconds: timings.upSeconds, seconds: { ...times, total: secs(t3) } };
+      const times = await section('medium cluster', () => withLocalCluster('serving', model, 1, (c) =>
+        clusterRows('medium cluster', c.routerUrls[0], [1, 8], 32, 16, s, cluster), timings));
+      clusters.medium = { shards: 2, routers: 1, promptIds: 32, maxTokens: 16, checkpointSaveSeconds: timings.saveSeconds, clusterUpSeconds: timings.upSeconds, seconds: times };
       log(`medium cluster: checkpoint saved in ${timings.saveSeconds?.toFixed(1)} s, cluster up (loading it) in ${timings.upSeconds?.toFixed(1)} s`);
     }
-    meta.cluster = clusters;
+    if (s.contexts.length) await section('medium context curve', () => contextSection(model, s, rows, meta));
+    else meta['medium context curve'] = { skipped: 'SWITCHYARD_BENCH_CONTEXTS=none' };
+  } catch (err) {
+    // What was measured is still written, marked as failed; the suite fails.
+    const message = failure(current, err);
+    meta.failed = message;
+    meta.totalSeconds = secs(t0);
+    await report('serving', [...rows, ...cluster], meta);
+    throw new Error(message, { cause: err });
   } finally {
-    medium?.dispose();
+    try {
+      medium?.dispose();
+    } catch {
+      // Only after a wasm failure, which is being reported.
+    }
   }
   meta.totalSeconds = secs(t0);
-  await report('serving', rows, meta);
+  await report('serving', [...rows, ...cluster], meta);
 }
