@@ -167,8 +167,18 @@ test('bench --quick runs every suite and reports each target as a ratio', async 
   const wire = rows('wire');
   assert.ok(wire.filter((row) => row.target === '<= 1.02').every((row) => row.ratio! >= 1), 'wire bytes per row measured against raw bytes');
   assert.ok(wire.some((row) => row.name.startsWith('grpc-js bidi stream') && row.ratio! > 0), 'grpc-js stream against raw TCP');
-  const serving = rows('serving').filter((row) => row.unit === 'tokens/s');
-  assert.equal(serving.length, 3, 'throughput at 1, 8 and 32 concurrent requests');
+  const serving = rows('serving');
+  for (const label of ['small in-process', 'medium in-process', 'small cluster'])
+    for (const concurrency of [1, 8]) {
+      const name = `${label}, ${concurrency} concurrent: throughput`;
+      assert.ok(serving.find((row) => row.name === name && row.unit === 'tokens/s')?.value! > 0, name);
+      if (label.endsWith('in-process'))
+        for (const measure of ['TTFT p50', 'TTFT p99', 'TPOT median', 'latency p99'])
+          assert.ok(serving.find((row) => row.name === `${label}, ${concurrency} concurrent: ${measure}`)?.value! > 0, `${label}, ${concurrency} concurrent: ${measure}`);
+    }
+  const prefix = serving.find((row) => row.name.startsWith('medium in-process, prefix reuse') && row.target === '>= 5');
+  assert.ok(prefix && prefix.ratio! > 0, 'prefix reuse: first TTFT / second, with its target');
+  assert.ok(serving.find((row) => /^medium in-process, \d+ concurrent, context 128: TPOT median$/.test(row.name))?.value! > 0, 'context curve at L=128');
   const allreduce = rows('allreduce').filter((row) => row.target === '>= 0.5');
   assert.ok(allreduce.length >= 1 && allreduce.every((row) => row.ratio! > 0), 'all-reduce bandwidth against the raw stream ceiling');
   const training = rows('training').find((row) => row.name.startsWith('2 routers'));

@@ -8,12 +8,19 @@ import { saveModel } from '../core/checkpoint/model.js';
 import { MixtralModel } from '../core/model/model.js';
 import { Cluster } from '../cli/cluster.js';
 
-export async function withLocalCluster<T>(suite: string, model: MixtralModel, routers: number, fn: (cluster: Cluster) => Promise<T>): Promise<T> {
+/** Seconds the checkpoint took to save and the cluster to start (load it and become ready), when asked for. */
+export interface ClusterTimings { saveSeconds?: number; upSeconds?: number }
+
+export async function withLocalCluster<T>(suite: string, model: MixtralModel, routers: number, fn: (cluster: Cluster) => Promise<T>, timings?: ClusterTimings): Promise<T> {
   const dir = await mkdtemp(join(tmpdir(), `switchyard-bench-${suite}-`));
   const cluster = new Cluster({ checkpoint: join(dir, 'model'), shards: 2, routers, host: '127.0.0.1', port: 0, logDir: join(dir, 'logs'), log: () => undefined });
   try {
+    let t0 = performance.now();
     await saveModel(join(dir, 'model'), model);
+    if (timings) timings.saveSeconds = (performance.now() - t0) / 1000;
+    t0 = performance.now();
     await cluster.up();
+    if (timings) timings.upSeconds = (performance.now() - t0) / 1000;
     return await fn(cluster);
   } finally {
     await cluster.stop();

@@ -11,6 +11,8 @@ export interface BenchRow {
   ratio?: number;
   target?: string;
   met?: boolean;
+  /** Lowest and highest of the per-round values when `value` is their median (JSON only, not printed). */
+  range?: [number, number];
 }
 
 export const BENCH_DIR = 'bench-results';

@@ -1,0 +1,38 @@
+// The only place the serving bench touches the inference engine (issue 15): the engine rewrite changes
+// this file and nothing else in the bench, so the same suite measures the engine before and after.
+// Today: ContinuousBatcher from services/core/generate.ts.
+import { ContinuousBatcher } from '../core/generate.js';
+import type { MixtralModel } from '../core/model/model.js';
+
+/** What one request asks for. The bench always sends temperature 0 and `stopIds: []`. */
+export interface EngineSampling {
+  maxTokens: number;
+  /** 0 = greedy. */
+  temperature: number;
+  topP: number;
+  seed: number;
+  /** Ids that end generation early; [] = always generate maxTokens (within the context limit). */
+  stopIds: number[];
+}
+
+export interface ServingEngine {
+  /** Queues a generation; `onToken` is called with each new id as soon as it is chosen. */
+  submit(prompt: Int32Array, sampling: EngineSampling, onToken: (id: number) => void): Promise<{ ids: number[] }>;
+  /** Resolves once every submitted request has finished; the engine takes no more requests. */
+  close(): Promise<void>;
+}
+
+/** Names the engine in the bench's JSON, so results before and after the rewrite tell which they measured. */
+export const ENGINE_NAME = 'ContinuousBatcher (services/core/generate.ts)';
+
+/** An engine serving `model` in this process, running at most `maxSequences` sequences per step. */
+export async function startEngine(model: MixtralModel, options: { maxSequences: number }): Promise<ServingEngine> {
+  const batcher = new ContinuousBatcher(model, { maxSequences: options.maxSequences });
+  return {
+    submit: async (prompt, sampling, onToken) => {
+      const g = await batcher.submit(prompt, sampling, (id) => { onToken(id); });
+      return { ids: g.ids };
+    },
+    close: () => batcher.drain(),
+  };
+}
