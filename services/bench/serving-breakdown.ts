@@ -22,17 +22,26 @@ export interface StepBreakdown {
 
 const BLOCK_TOKENS = 16;
 
-/** Decode steps at `context` tokens per sequence; `reps` timed steps rewrite the same position each time. */
-export async function stepBreakdown(model: MixtralModel, sequences: number, context: number, reps = 5): Promise<StepBreakdown> {
+/**
+ * Decode steps at `context` tokens per sequence; `reps` timed steps rewrite the same position each time.
+ * `prefill: false` fills the blocks with random K/V instead of computing them (a step's cost does not
+ * depend on the values): the context curve's long contexts would otherwise spend minutes in prefill.
+ */
+export async function stepBreakdown(model: MixtralModel, sequences: number, context: number, reps = 5, prefill = true): Promise<StepBreakdown> {
   const c = model.config;
   if (context >= c.max_position_embeddings) throw new RangeError(`context ${context} leaves no room to decode (max ${c.max_position_embeddings})`);
   const blocksPerSeq = Math.ceil((context + 1) / BLOCK_TOKENS);
   const store = new KvStore({ layers: c.num_hidden_layers, kvHeads: c.num_key_value_heads, headDim: headDim(c), blockTokens: BLOCK_TOKENS, blocks: sequences * blocksPerSeq });
   const tables = Array.from({ length: sequences }, (_, s) => Array.from({ length: blocksPerSeq }, (_, b) => s * blocksPerSeq + b));
   const ids = (s: number, from: number, n: number) => Int32Array.from({ length: n }, (_, j) => 32 + ((s * 31 + (from + j) * 17) % 90));
+  if (!prefill) {
+    let seed = 1;
+    const random = () => ((seed = (Math.imul(seed, 1664525) + 1013904223) >>> 0) / 2 ** 32 - 0.5);
+    for (let l = 0; l < c.num_hidden_layers; l++) for (const a of [store.k[l], store.v[l]]) for (let i = 0; i < a.length; i++) a[i] = random();
+  }
   // Prefill in chunks of at most 2048 rows, as the scheduler would.
   const perStep = Math.max(1, Math.floor(2048 / context));
-  for (let first = 0; first < sequences; first += perStep) {
+  for (let first = 0; prefill && first < sequences; first += perStep) {
     const group = tables.slice(first, first + perStep).map((blocks, i): StepSequence => ({ ids: ids(first + i, 0, context), past: 0, blocks, logits: false }));
     await model.step(group, store, `breakdown-prefill${first}`);
   }

@@ -1,8 +1,9 @@
 // The only place the serving bench touches the inference engine (issue 15): the engine rewrite changes
 // this file and nothing else in the bench, so the same suite measures the engine before and after.
-// Today: ContinuousBatcher from services/core/generate.ts.
-import { ContinuousBatcher } from '../core/generate.js';
+// Before the rewrite it wrapped ContinuousBatcher (services/core/generate.ts, tag engine-baseline-bench);
+// now the router's Scheduler with its defaults (paged KV cache, 2 048-token budget, prefix caching).
 import type { MixtralModel } from '../core/model/model.js';
+import { Scheduler } from '../router/scheduler.js';
 
 /** What one request asks for. The bench always sends temperature 0 and `stopIds: []`. */
 export interface EngineSampling {
@@ -23,11 +24,11 @@ export interface ServingEngine {
 }
 
 /** Names the engine in the bench's JSON, so results before and after the rewrite tell which they measured. */
-export const ENGINE_NAME = 'ContinuousBatcher (services/core/generate.ts)';
+export const ENGINE_NAME = 'Scheduler (services/router/scheduler.ts: paged KV cache, batched step, chunked prefill, prefix caching)';
 
 /** An engine serving `model` in this process, running at most `maxSequences` sequences per step. */
 export async function startEngine(model: MixtralModel, options: { maxSequences: number }): Promise<ServingEngine> {
-  const batcher = new ContinuousBatcher(model, { maxSequences: options.maxSequences });
+  const batcher = new Scheduler(model, { maxSequences: options.maxSequences });
   return {
     submit: async (prompt, sampling, onToken) => {
       const g = await batcher.submit(prompt, sampling, (id) => { onToken(id); });

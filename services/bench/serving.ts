@@ -20,6 +20,7 @@ import { backendInfo, describeBackend, initBackend } from '../core/backend.js';
 import { preset } from '../core/config.js';
 import { MixtralModel } from '../core/model/model.js';
 import { median, report, type BenchRow } from './report.js';
+import { stepBreakdown, type StepBreakdown } from './serving-breakdown.js';
 import { withLocalCluster, withSmallCluster, type ClusterTimings } from './local-cluster.js';
 import { ENGINE_NAME, startEngine, type EngineSampling, type ServingEngine } from './serving-engine.js';
 
@@ -100,7 +101,9 @@ function settings(quick: boolean): Settings {
     ? []
     : // L − 16 prompt ids (≥ 1) and 16 new: the batcher runs a step while past + pending ≤ the context,
       // so the prompt plus all but the last new id must fit: L − 16 + 16 − 1 ≤ max_position_embeddings.
-      (envInts('SWITCHYARD_BENCH_CONTEXTS', contextNewIds + 1, maxContext) ?? (quick ? [128] : [128, 512, 1024, 2048]));
+      // Longer contexts by request take minutes of prefill per round (32 × L ids); the step breakdown's
+      // context curve covers 128 to 2 048 with the KV blocks filled directly.
+      (envInts('SWITCHYARD_BENCH_CONTEXTS', contextNewIds + 1, maxContext) ?? [128]);
   return {
     quick,
     rounds: envInts('SWITCHYARD_BENCH_ROUNDS', 1, 100)?.[0] ?? (quick ? 1 : 3),
@@ -262,6 +265,8 @@ async function concurrencySection(name: PresetName, model: MixtralModel, s: Sett
       medianRow(`${label}: TTFT p50`, stats.map((x) => x.ttftP50), 'ms', 1000),
       medianRow(`${label}: TTFT p99`, stats.map((x) => x.ttftP99), 'ms', 1000),
       medianRow(`${label}: TPOT median`, stats.map((x) => x.tpotMedian), 'ms', 1000),
+      // Decode-phase aggregate (what llama.cpp's eval rate reports): sequences over the time per output token.
+      medianRow(`${label}: decode throughput (concurrency / TPOT)`, stats.map((x) => concurrency / x.tpotMedian), 'tokens/s'),
     );
     seconds[`${concurrency} concurrent`] = secs(t0);
   }
@@ -323,6 +328,45 @@ async function contextSection(model: MixtralModel, s: Settings, rows: BenchRow[]
     seconds[`L=${L}`] = secs(t0);
   }
   meta['medium context curve'] = { contexts: s.contexts, promptIds: 'L - 16', newIds: s.contextNewIds, concurrency: n, seconds };
+}
+
+/**
+ * Where a decode step's time goes (step vs its matMuls alone; issue 15: ≤ 1.5× at 32 sequences), then
+ * the decode step from context 128 to 2 048 at 32 sequences, with random K/V in the blocks (prefilling
+ * 32 × 2 048 tokens would take minutes): its growth against attention's linear share.
+ */
+async function breakdownSection(model: MixtralModel, s: Settings, rows: BenchRow[], meta: Meta): Promise<void> {
+  const sequences = s.quick ? 8 : 32;
+  const reps = s.quick ? 2 : 5;
+  const b = await stepBreakdown(model, sequences, s.quick ? 32 : 64, reps);
+  if (!b.checked) throw new Error('step breakdown: a timed step gave other logits than the reference step');
+  const label = `medium step breakdown, ${sequences} sequences at context ${b.context}`;
+  const ratio = b.stepMs / b.matmulsAloneMs;
+  rows.push(
+    { name: `${label}: step`, value: b.stepMs, unit: 'ms' },
+    { name: `${label}: its matMuls alone`, value: b.matmulsAloneMs, unit: 'ms' },
+    { name: `${label}: step / matMuls alone`, value: ratio, unit: '×', ratio, target: '<= 1.5', met: ratio <= 1.5 },
+    { name: `${label}: host attention`, value: b.attentionMs, unit: 'ms' },
+    { name: `${label}: feed-forward (gate, experts, combine)`, value: b.feedForwardMs, unit: 'ms' },
+  );
+  const curve: StepBreakdown[] = [];
+  for (const L of s.quick ? [128] : [128, 512, 1024, 2048]) {
+    const point = await stepBreakdown(model, sequences, L - 1, s.quick ? 1 : 3, false);
+    if (!point.checked) throw new Error(`context curve at ${L}: a timed step gave other logits than the reference step`);
+    curve.push(point);
+  }
+  const first = curve[0];
+  // Linear in attention: the step at L is the step at 128 plus attention scaled by the keys read.
+  for (const p of curve) {
+    const predicted = first.stepMs + first.attentionMs * ((p.context + 1) / (first.context + 1) - 1);
+    const growth = p.stepMs / predicted;
+    rows.push(
+      { name: `medium decode step, ${sequences} sequences, context ${p.context + 1}: step`, value: p.stepMs, unit: 'ms' },
+      { name: `medium decode step, ${sequences} sequences, context ${p.context + 1}: host attention`, value: p.attentionMs, unit: 'ms' },
+      { name: `medium decode step, ${sequences} sequences, context ${p.context + 1}: step / linear-attention prediction`, value: growth, unit: '×', ratio: growth, target: '<= 1.1', met: growth <= 1.1 },
+    );
+  }
+  meta['medium step breakdown'] = { sequences, reps, breakdown: b, curve, curveKv: 'random K/V written into the blocks (no prefill)' };
 }
 
 async function clusterRows(name: string, url: string, concurrencies: number[], promptLength: number, maxTokens: number, s: Settings, rows: BenchRow[]): Promise<Record<string, number>> {
@@ -432,6 +476,7 @@ export async function servingSuite(quick: boolean): Promise<void> {
       clusters.medium = { shards: 2, routers: 1, promptIds: 32, maxTokens: 16, checkpointSaveSeconds: timings.saveSeconds, clusterUpSeconds: timings.upSeconds, seconds: times };
       log(`medium cluster: checkpoint saved in ${timings.saveSeconds?.toFixed(1)} s, cluster up (loading it) in ${timings.upSeconds?.toFixed(1)} s`);
     }
+    await section('medium step breakdown', () => breakdownSection(model, s, rows, meta));
     if (s.contexts.length) await section('medium context curve', () => contextSection(model, s, rows, meta));
     else meta['medium context curve'] = { skipped: 'SWITCHYARD_BENCH_CONTEXTS=none' };
   } catch (err) {

@@ -17,9 +17,9 @@ import { assertTrainable, familyOf, type ModelFamily } from './family.js';
 import { denseFromHf, denseNames, denseToHf, expertToHf, type HostTensor } from './hf.js';
 import { MoeLayer, type MoeCache, type MoeCallOptions, type MoeStats, type RtsPosition } from './moe.js';
 import { ParameterTable } from './parameters.js';
-import { rmsNormBackward, rmsNormForward, type RmsNormCache } from './rmsnorm.js';
+import { rmsNormBackward, rmsNormForward, rmsNormRows, type RmsNormCache } from './rmsnorm.js';
 import { Rope } from './rope.js';
-import { disposeAll, mm, mmTA, type T2 } from './tensors.js';
+import { addInto, disposeAll, mm, mmTA, type T2 } from './tensors.js';
 
 export interface PassOptions {
   passId: string;
@@ -95,8 +95,10 @@ export class MixtralModel {
   private transposedVersion = -1;
   /** Sees every inference MoE block's routing (the router's metrics and dashboard). */
   onRouting?: (layer: number, stats: MoeStats) => void;
-  private embedRows?: Float32Array;
+  private embedTable?: Float32Array;
   private embedVersion = -1;
+  private readonly hostWeights = new Map<string, Float32Array>();
+  private hostWeightsVersion = -1;
 
   constructor(readonly config: ModelConfig, readonly transport: ExpertTransport, readonly localExperts?: ExpertSet) {
     this.headDim = headDim(config);
@@ -227,19 +229,38 @@ export class MixtralModel {
   }
 
   private embed(ids: Int32Array): T2 {
+    return tf.tensor2d(this.embedRows(ids), [ids.length, this.config.hidden_size]);
+  }
+
+  /** A small weight (a norm's) on the host, for the serving step's host-side norms. */
+  private hostWeight(name: string): Float32Array {
+    if (this.hostWeightsVersion !== this.dense.version) {
+      this.hostWeights.clear();
+      this.hostWeightsVersion = this.dense.version;
+    }
+    let w = this.hostWeights.get(name);
+    if (!w) {
+      w = this.dense.get(name).dataSync() as Float32Array;
+      this.hostWeights.set(name, w);
+    }
+    return w;
+  }
+
+  /** The embedding rows of `ids`, on the host. */
+  private embedRows(ids: Int32Array): Float32Array {
     const D = this.config.hidden_size;
     const V = this.config.vocab_size;
-    if (this.embedVersion !== this.dense.version || !this.embedRows) {
-      this.embedRows = this.dense.get(denseNames.embed).dataSync() as Float32Array;
+    if (this.embedVersion !== this.dense.version || !this.embedTable) {
+      this.embedTable = this.dense.get(denseNames.embed).dataSync() as Float32Array;
       this.embedVersion = this.dense.version;
     }
     const rows = new Float32Array(ids.length * D);
     for (let i = 0; i < ids.length; i++) {
       const id = ids[i];
       if (!(id >= 0 && id < V)) throw new RangeError(`token id ${id} at position ${i} is outside the vocabulary [0, ${V})`);
-      rows.set(this.embedRows.subarray(id * D, id * D + D), i * D);
+      rows.set(this.embedTable.subarray(id * D, id * D + D), i * D);
     }
-    return tf.tensor2d(rows, [ids.length, D]);
+    return rows;
   }
 
   private attentionShape(batch: number, tokens: number, past: number) {
@@ -334,15 +355,24 @@ export class MixtralModel {
     // Capacity-limited gates route every token as its own group in serving, so a request's output does
     // not depend on its batch-mates or on how its prompt is chunked (docs/serving.md).
     const groupTokens = this.config.switchyard_gate.policy === 'mixtral' ? 0 : 1;
-    let x = this.embed(allIds);
+    // The residual stream stays on the host between the matMuls: norms and residual adds are a pass over
+    // the rows in JS, cheaper than the half dozen backend ops each costs (the step's per-op overhead).
+    const D = c.hidden_size;
+    const x = this.embedRows(allIds);
+    const upload = (values: Float32Array, width: number) => tf.tensor2d(values, [rows, width]);
+    const hostMatMul = (values: Float32Array, width: number, weight: T2): Float32Array => {
+      const input = upload(values, width);
+      const product = mm(input, weight);
+      input.dispose();
+      const out = product.dataSync() as Float32Array;
+      product.dispose();
+      return out;
+    };
     try {
       for (let l = 0; l < c.num_hidden_layers; l++) {
-        const n1 = rmsNormForward(x, this.dense.get(denseNames.attnNorm(l)), eps);
-        const qkv = mm(n1.y, this.dense.get(denseNames.wqkv(l)));
-        disposeAll([n1.y, n1.cache]);
+        const n1 = rmsNormRows(x, D, this.hostWeight(denseNames.attnNorm(l)), eps);
         const t0 = opt.profile ? performance.now() : 0;
-        const qkvRows = qkv.dataSync() as Float32Array;
-        qkv.dispose();
+        const qkvRows = hostMatMul(n1, D, this.dense.get(denseNames.wqkv(l)));
         const t1 = opt.profile ? performance.now() : 0;
         const contextRows = attention.layer(l, qkvRows);
         if (opt.profile) {
@@ -350,17 +380,12 @@ export class MixtralModel {
           opt.profile.qkvMs += t1 - t0;
           opt.profile.attentionMs += t2 - t1;
         }
-        const context = tf.tensor2d(contextRows, [rows, c.num_attention_heads * this.headDim]);
-        const attn = mm(context, this.dense.get(denseNames.wo(l)));
-        context.dispose();
-        const x1 = tf.add(x, attn) as T2;
-        disposeAll([x, attn]);
-        x = x1;
-        const n2 = rmsNormForward(x1, this.dense.get(denseNames.moeNorm(l)), eps);
+        addInto(x, hostMatMul(contextRows, c.num_attention_heads * this.headDim, this.dense.get(denseNames.wo(l))));
+        const n2 = upload(rmsNormRows(x, D, this.hostWeight(denseNames.moeNorm(l)), eps), D);
         const t3 = opt.profile ? performance.now() : 0;
-        const ffn = await this.feedForward(l, n2.y, {
+        const ffn = await this.feedForward(l, n2, {
           passId: `${passId}/L${l}`, train: false, groupTokens, selectionBias: this.balanceBias?.[l], requestIds: opt.requestIds, deadline: opt.deadline,
-        }).finally(() => disposeAll([n2.y, n2.cache]));
+        }).finally(() => n2.dispose());
         if (opt.profile) opt.profile.feedForwardMs += performance.now() - t3;
         const moeStats = ffn.stats;
         if (moeStats) this.onRouting?.(l, moeStats);
@@ -372,17 +397,20 @@ export class MixtralModel {
             degraded[i] ??= new Set();
             for (const r of moeStats!.degradedReasons ?? []) degraded[i]!.add(r);
           });
-        x = tf.add(x1, ffn.y) as T2;
-        disposeAll([x1, ffn.y]);
+        addInto(x, ffn.y.dataSync() as Float32Array);
+        ffn.y.dispose();
       }
       const wanted = seqs.flatMap((s, i) => (s.logits ? [i] : []));
       let values: Float32Array = new Float32Array(0);
       if (wanted.length) {
-        const logits = tf.tidy(() => {
-          const last = tf.gather(x, tf.tensor1d(wanted.map((i) => paged[i].row + seqs[i].ids.length - 1), 'int32')) as T2;
-          const nf = rmsNormForward(last, this.dense.get(denseNames.norm), eps);
-          return mm(nf.y, this.lmHead());
+        const last = new Float32Array(wanted.length * D);
+        wanted.forEach((i, w) => {
+          const row = paged[i].row + seqs[i].ids.length - 1;
+          last.set(x.subarray(row * D, (row + 1) * D), w * D);
         });
+        const normed = tf.tensor2d(rmsNormRows(last, D, this.hostWeight(denseNames.norm), eps), [wanted.length, D]);
+        const logits = mm(normed, this.lmHead());
+        normed.dispose();
         values = logits.dataSync() as Float32Array;
         logits.dispose();
       }
@@ -390,7 +418,6 @@ export class MixtralModel {
       const logitsOf = new Map(wanted.map((i, w) => [i, values.slice(w * V, (w + 1) * V)]));
       return seqs.map((_, i) => ({ logits: logitsOf.get(i), ...(degraded[i] ? { degraded: [...degraded[i]!] } : {}) }));
     } finally {
-      x.dispose();
       attention.dispose();
     }
   }

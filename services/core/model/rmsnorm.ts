@@ -24,3 +24,18 @@ export function rmsNormBackward(dy: T2, cache: RmsNormCache, weight: tf.Tensor1D
     return { dx, dWeight };
   });
 }
+
+/**
+ * The same norm over host rows [rows, width] (the serving step keeps its residual stream on the host),
+ * rounded as the tensor version rounds: (x · inv) then · w, each to float32.
+ */
+export function rmsNormRows(x: Float32Array, width: number, weight: Float32Array, eps: number): Float32Array {
+  const out = new Float32Array(x.length);
+  for (let o = 0; o < x.length; o += width) {
+    let sum = 0;
+    for (let d = 0; d < width; d++) sum += x[o + d] * x[o + d];
+    const inv = Math.fround(1 / Math.sqrt(Math.fround(Math.fround(sum / width) + eps)));
+    for (let d = 0; d < width; d++) out[o + d] = Math.fround(x[o + d] * inv) * weight[d];
+  }
+  return out;
+}

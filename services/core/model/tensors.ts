@@ -80,3 +80,9 @@ export function batchMatMul(a: tf.Tensor3D, b: tf.Tensor3D): tf.Tensor3D {
 
 /** Swaps the last two axes of a rank-3 tensor. */
 export const swapLast = (x: tf.Tensor3D): tf.Tensor3D => tf.transpose(x, [0, 2, 1]);
+
+/** a += b elementwise (float32, as the backend's add rounds). */
+export function addInto(a: Float32Array, b: Float32Array): void {
+  if (a.length !== b.length) throw new RangeError(`addInto: ${a.length} vs ${b.length} values`);
+  for (let i = 0; i < a.length; i++) a[i] += b[i];
+}
