@@ -7,6 +7,7 @@ import { readFileSync } from 'node:fs';
 import { initBackend } from '../services/core/backend.js';
 import { parseModelConfig, preset, type ModelConfig } from '../services/core/config.js';
 import { MixtralModel } from '../services/core/model/model.js';
+import { pagedAttentionSettings } from '../services/core/model/paged-attention.js';
 import { generate, Scheduler, type Generation } from '../services/router/scheduler.js';
 import { PagedDecoder } from './support/paged.js';
 
@@ -26,7 +27,12 @@ const tiny = preset('tiny').model;
 const textIds = (i: number, length: number) => Int32Array.from({ length }, (_, j) => 32 + ((i * 7 + j * 13) % 90));
 
 for (const c of fixture.cases)
-  test(`the batched paged step gives the logits of the engine it replaced (${c.preset}${Object.keys(c.overrides).length ? ', ' + JSON.stringify(c.overrides) : ''}): within 1e-5, greedy ids identical`, async () => {
+  for (const path of ['JS kernel', 'matMul'] as const)
+  test(`the batched paged step gives the logits of the engine it replaced (${c.preset}${Object.keys(c.overrides).length ? ', ' + JSON.stringify(c.overrides) : ''}, prompts by the ${path} path): within 1e-5, greedy ids identical`, async (t) => {
+    const defaultMacs = pagedAttentionSettings.matMulChunkMacs;
+    // Every prompt chunk through the matMul path, or none: both attention paths must match.
+    pagedAttentionSettings.matMulChunkMacs = path === 'matMul' ? 0 : Number.POSITIVE_INFINITY;
+    t.after(() => { pagedAttentionSettings.matMulChunkMacs = defaultMacs; });
     const model = MixtralModel.initialize(configOf(c), c.seed);
     const paged = new PagedDecoder(model, 4);
     let feed = c.prompts.map((p) => Int32Array.from(p));

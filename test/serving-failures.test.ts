@@ -7,6 +7,7 @@ import { initBackend } from '../services/core/backend.js';
 import { parseModelConfig, preset } from '../services/core/config.js';
 import { Scheduler } from '../services/router/scheduler.js';
 import { PagedDecoder } from './support/paged.js';
+import { pagedAttentionSettings } from '../services/core/model/paged-attention.js';
 import { InProcessTransport, type ExpertTransport, type RowBatch } from '../services/core/model/experts.js';
 import { MixtralModel } from '../services/core/model/model.js';
 import { MoeLayer } from '../services/core/model/moe.js';
@@ -47,6 +48,7 @@ test("reroute sends a token's two lost choices to two different experts, the nex
 });
 
 test('a transport that fails at any MoE layer leaves no tensors behind, in a forward and in decode steps', async () => {
+  const defaultMacs = pagedAttentionSettings.matMulChunkMacs;
   // Three layers: the failure comes with nothing, some or all of the pass's layers done before it.
   const config = parseModelConfig({ ...tiny, num_hidden_layers: 3 });
   const reference = MixtralModel.initialize(config, 7);
@@ -70,7 +72,8 @@ test('a transport that fails at any MoE layer leaves no tensors behind, in a for
     const model = new MixtralModel(config, transport);
     model.loadDense(reference.toHf());
     failing = -1;
-    // Sequences to extend (past > 0), and a prefill chunk long enough for the matMul attention path.
+    // Sequences to extend (past > 0), and a prefill chunk through the matMul attention path.
+    pagedAttentionSettings.matMulChunkMacs = 1_000; // the 12-token chunk's 4 608, not the 4-token rows' 512
     const paged = new PagedDecoder(model, 4);
     await paged.step([{ seq: 0, ids }, { seq: 1, ids: ids.subarray(0, 3) }], 'prefill');
     const chunk = Int32Array.from({ length: 12 }, (_, i) => 65 + i);
@@ -88,6 +91,7 @@ test('a transport that fails at any MoE layer leaves no tensors behind, in a for
     }
     model.dispose();
   }
+  pagedAttentionSettings.matMulChunkMacs = defaultMacs;
   reference.dispose();
 });
 

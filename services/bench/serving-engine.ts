@@ -28,7 +28,11 @@ export const ENGINE_NAME = 'Scheduler (services/router/scheduler.ts: paged KV ca
 
 /** An engine serving `model` in this process, running at most `maxSequences` sequences per step. */
 export async function startEngine(model: MixtralModel, options: { maxSequences: number }): Promise<ServingEngine> {
-  const batcher = new Scheduler(model, { maxSequences: options.maxSequences });
+  // The KV cache the bench's requests need (the longest is the 1 520-id prefix request), not the default
+  // of every sequence at full context: a fresh engine per round would otherwise leave gigabytes of touched
+  // blocks to the garbage collector between rounds.
+  const kvCacheTokens = Math.max(model.config.max_position_embeddings, options.maxSequences * 256);
+  const batcher = new Scheduler(model, { maxSequences: options.maxSequences, kvCacheTokens });
   return {
     submit: async (prompt, sampling, onToken) => {
       const g = await batcher.submit(prompt, sampling, (id) => { onToken(id); });

@@ -28,8 +28,11 @@ export interface PagedShape {
   window?: number;
 }
 
-// A chunk of at least this many new tokens goes through the backend's matMul instead of the JS kernel.
-const MATMUL_CHUNK_TOKENS = 8;
+// A prompt chunk goes through the backend's matMul instead of the JS kernel when its scores alone take
+// this many multiply-adds (tokens × keys × heads × head_dim): below it the JS kernel (≈ 1.5 G/s) finishes
+// before the matMul path's per-op costs (≈ 8 backend ops per KV head) are paid.
+// Settable (tests force either path on small models to check they agree).
+export const pagedAttentionSettings = { matMulChunkMacs: 2_000_000 };
 
 /** The first key position the query at `position` sees. */
 const firstKey = (position: number, window?: number): number => (window === undefined ? 0 : Math.max(0, position - window + 1));
@@ -63,7 +66,7 @@ export class StepAttention {
     // Scores of one query row's head group, padded to 4 heads (the kernel's unroll).
     this.scores = new Float32Array(4 * Math.max(longest, 1));
     this.acc = new Float64Array(4 * headDim);
-    for (const s of seqs) if (s.tokens >= MATMUL_CHUNK_TOKENS) this.masks.set(s, this.chunkMask(s));
+    for (const s of seqs) if (this.byMatMul(s)) this.masks.set(s, this.chunkMask(s));
   }
 
   /**
@@ -77,10 +80,16 @@ export class StepAttention {
     this.rotateAndStore(layer, qkv, width);
     const out = new Float32Array(this.rows * heads * headDim);
     for (const s of this.seqs) {
-      if (s.tokens >= MATMUL_CHUNK_TOKENS) this.chunk(layer, s, out);
+      if (this.byMatMul(s)) this.chunk(layer, s, out);
       else for (let t = 0; t < s.tokens; t++) this.decodeRow(layer, s, s.row + t, out);
     }
     return out;
+  }
+
+  /** Whether a sequence's rows go through the matMul path (a long enough prompt chunk). */
+  private byMatMul(s: PagedSequence): boolean {
+    const keys = s.past + s.tokens - firstKey(s.past, this.shape.window);
+    return s.tokens > 1 && s.tokens * keys * this.shape.heads * this.shape.headDim >= pagedAttentionSettings.matMulChunkMacs;
   }
 
   dispose(): void {
