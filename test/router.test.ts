@@ -164,7 +164,8 @@ test('through the cluster: a prompt sharing full blocks with an earlier one hits
   const greedy = { max_tokens: 6, temperature: 0 };
   assert.equal((await post('/v1/completions', { prompt: shared, ...greedy })).status, 200);
   const prompt = `${shared}, and regulating`;
-  const body = (await (await post('/v1/completions', { prompt, ...greedy })).json()) as { choices: Array<{ text: string }> };
+  const body = (await (await post('/v1/completions', { prompt, ...greedy })).json()) as { choices: Array<{ text: string }>; usage: { prompt_tokens_details: { cached_tokens: number } } };
+  assert.equal(body.usage.prompt_tokens_details.cached_tokens, 32, 'usage reports the prompt tokens served from the cache');
   const local = await generate(reference, encodeText(prompt), { maxTokens: 6, temperature: 0, topP: 1, seed: 0 });
   assert.equal(body.choices[0].text, decodeIds(local.ids));
   const hits = (await metric('switchyard_router_prefix_cache_tokens_total{result="hit"}'))! - hitsBefore;

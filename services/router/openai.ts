@@ -132,7 +132,11 @@ export function openaiRoutes(app: FastifyInstance, engine: RouterEngine): void {
     return {
       id, object: 'text_completion', created, model: engine.modelName, ...degraded,
       choices: [{ index: 0, text, finish_reason: finish, logprobs: null }],
-      usage: { prompt_tokens: prompt.length, completion_tokens: result.ids.length, total_tokens: prompt.length + result.ids.length },
+      usage: {
+        prompt_tokens: prompt.length, completion_tokens: result.ids.length, total_tokens: prompt.length + result.ids.length,
+        // OpenAI's field for prompt tokens served from the prefix cache.
+        prompt_tokens_details: { cached_tokens: result.cachedPromptTokens ?? 0 },
+      },
     };
   });
 }
