@@ -1,6 +1,6 @@
 // The only place the serving bench touches the inference engine (issue 15): the engine rewrite changes
 // this file and nothing else in the bench, so the same suite measures the engine before and after.
-// Before the rewrite it wrapped ContinuousBatcher (services/core/generate.ts, tag engine-baseline-bench);
+// Before the rewrite it wrapped ContinuousBatcher (services/core/generate.ts, commit c1d01d9);
 // now the router's Scheduler with its defaults (paged KV cache, 2 048-token budget, prefix caching).
 import type { MixtralModel } from '../core/model/model.js';
 import { Scheduler } from '../router/scheduler.js';
