@@ -48,11 +48,13 @@ export const DEFAULT_MAX_BATCHED_TOKENS = 2048;
 // The KV cache may take this share of the machine's memory by default (K/V live in host memory).
 const KV_MEMORY_SHARE = 0.25;
 
-/** The default KV cache size: every sequence at full context, within a quarter of the machine's memory. */
+/** The default KV cache size: every sequence at full context, within a quarter of the memory the process may use. */
 export function defaultKvCacheTokens(model: MixtralModel, maxSequences: number): number {
   const c = model.config;
   const perToken = KvStore.bytesPerToken(c.num_hidden_layers, c.num_key_value_heads, headDim(c));
-  const fits = Math.floor((totalmem() * KV_MEMORY_SHARE) / perToken);
+  // In a container the cgroup's limit, not the node's memory, is what the process may use.
+  const limit = process.constrainedMemory?.() || Number.POSITIVE_INFINITY;
+  const fits = Math.floor((Math.min(totalmem(), limit) * KV_MEMORY_SHARE) / perToken);
   return Math.max(c.max_position_embeddings, Math.min(maxSequences * c.max_position_embeddings, fits));
 }
 
