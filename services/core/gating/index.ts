@@ -8,7 +8,7 @@
 import type { GateSettings } from '../config.js';
 import type { GatePolicy } from './plan.js';
 
-export { capacityFor, pooledAuxLoss, pooledAuxTotals, routeTokens, RENORM_EPS } from './plan.js';
+export { capacityFor, isDropless, pooledAuxLoss, pooledAuxTotals, routeTokens, RENORM_EPS } from './plan.js';
 export type { GatePolicy, PolicyKind, PooledAuxTotals, RoutingPlan } from './plan.js';
 export { gateBackward, zLoss } from './backward.js';
 export { gumbelNoise, multiplicativeJitter, rtsUniforms, updateBalanceBias } from './noise.js';

@@ -111,6 +111,11 @@ export function capacityFor(
   return Math.max(capacity, minCapacity);
 }
 
+/** Whether a policy keeps every choice whatever the group's size: mixtral, or any policy with drop_tokens off. */
+export function isDropless(kind: PolicyKind, dropTokens: boolean | undefined): boolean {
+  return kind === 'mixtral' || dropTokens === false;
+}
+
 /** How choices 1..k−1 are ranked. */
 const enum Secondary {
   Logits,
@@ -236,7 +241,7 @@ export function routeTokens(
     countsBeforeDrop[e] = n;
     if (n > maxCount) maxCount = n;
   }
-  const dropless = kind === 'mixtral' || !p.dropTokens;
+  const dropless = isDropless(kind, p.dropTokens);
   // DeepSpeed with drop_tokens=False: capacity = max(exp_counts) (top-1 also min(·, S), a no-op), and
   // min_capacity is not applied.
   const capacity = dropless ? maxCount : capacityFor(S, E, k, p.capacityFactor, p.minCapacity);

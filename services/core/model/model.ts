@@ -7,7 +7,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { attentionWindow, headDim, type ModelConfig } from '../config.js';
 import { Rng } from '../data/random.js';
-import { pooledAuxLoss, pooledAuxTotals, updateBalanceBias } from '../gating/index.js';
+import { isDropless, pooledAuxLoss, pooledAuxTotals, updateBalanceBias } from '../gating/index.js';
 import { attentionBackward, attentionForward, type AttentionCache, type KvCache } from './attention.js';
 import type { KvStore } from './kv-store.js';
 import { StepAttention, type PagedSequence } from './paged-attention.js';
@@ -353,8 +353,10 @@ export class MixtralModel {
     const attention = new StepAttention(paged, store, { heads: c.num_attention_heads, kvHeads: c.num_key_value_heads, headDim: this.headDim, window: attentionWindow(c) }, this.rope);
     const degraded: Array<Set<string> | undefined> = seqs.map(() => undefined);
     // Capacity-limited gates route every token as its own group in serving, so a request's output does
-    // not depend on its batch-mates or on how its prompt is chunked (docs/serving.md).
-    const groupTokens = this.config.switchyard_gate.policy === 'mixtral' ? 0 : 1;
+    // not depend on its batch-mates or on how its prompt is chunked (docs/serving.md); dropless routing
+    // is the same in one group, and cheaper.
+    const gate = c.switchyard_gate;
+    const groupTokens = isDropless(gate.policy, gate.drop_tokens) ? 0 : 1;
     // The residual stream stays on the host between the matMuls: norms and residual adds are a pass over
     // the rows in JS, cheaper than the half dozen backend ops each costs (the step's per-op overhead).
     const D = c.hidden_size;
