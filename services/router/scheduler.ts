@@ -8,7 +8,7 @@ import { EOS_ID, attentionWindow, headDim } from '../core/config.js';
 import { KvStore } from '../core/model/kv-store.js';
 import type { MixtralModel, StepSequence } from '../core/model/model.js';
 import { OverloadError } from '../core/overload.js';
-import { checkSampling, Sampler, SamplingError, type SamplingOptions } from '../core/sampling.js';
+import { Sampler, SamplingError, type SamplingOptions } from '../core/sampling.js';
 import { BlockManager } from './kv-blocks.js';
 
 export interface Generation {
@@ -139,8 +139,9 @@ export class Scheduler {
     prompt: Int32Array, sampling: SamplingOptions, onToken?: (id: number) => boolean | void, requestId?: string, deadline?: number, signal?: AbortSignal,
   ): Promise<Generation> {
     const vocab = this.model.config.vocab_size;
+    let sampler: Sampler;
     try {
-      checkSampling(sampling, vocab);
+      sampler = new Sampler(sampling, prompt, vocab); // checks the options (SamplingError: 400)
     } catch (err) {
       return Promise.reject(err);
     }
@@ -155,7 +156,7 @@ export class Scheduler {
       if (!(prompt[i] >= 0 && prompt[i] < vocab)) return Promise.reject(new SamplingError(`token id ${prompt[i]} at position ${i} is outside the vocabulary [0, ${vocab})`));
     return new Promise<Generation>((resolve, reject) => {
       const r: Request = {
-        order: this.arrivals++, sampling, sampler: new Sampler(sampling, prompt, vocab), stop: new Set(sampling.stopIds ?? [EOS_ID]),
+        order: this.arrivals++, sampling, sampler, stop: new Set(sampling.stopIds ?? [EOS_ID]),
         promptLength: prompt.length, tokens: Array.from(prompt), computed: 0, blocks: [], keys: [], cachedPromptTokens: 0,
         onToken, requestId, deadline, queuedAt: performance.now(), done: false, resolve, reject,
       };
