@@ -15,6 +15,11 @@ export interface ClusterOptions {
   log: (line: string) => void;
   /** Bearer token file of the coordinator's /admin/placement endpoint (unset: the endpoint is off). */
   adminTokenFile?: string;
+  /** Routers' ping-pong micro-batches (unset: the router's default). */
+  microBatches?: number;
+  /** More `serve router` / `serve expert` flags, e.g. ['--max-batch', '32']. */
+  routerArgs?: string[];
+  shardArgs?: string[];
 }
 
 export class Cluster {
@@ -70,6 +75,7 @@ export class Cluster {
     this.metricsUrls = [coordinatorMetrics, ...shards];
     const routers = await Promise.all(Array.from({ length: o.routers }, (_, i) => this.start(`router-${i}`, ([port]) => [
       'serve', 'router', '--checkpoint', o.checkpoint, '--host', o.host, '--port', port, '--coordinator', coordinator,
+      ...(o.microBatches !== undefined ? ['--micro-batches', String(o.microBatches)] : []), ...(o.routerArgs ?? []),
     ], /listening on (\S+)/, [String(o.port === 0 ? 0 : o.port + i)])));
     this.routerUrls = routers.map((m) => `http://${m[1]}`);
     await Promise.all(this.routerUrls.map((url) => waitReady(url)));
@@ -80,7 +86,7 @@ export class Cluster {
     const o = this.options;
     const [, , metrics] = await this.start(name, ([port, metricsPort]) => [
       'serve', 'expert', '--checkpoint', o.checkpoint, '--experts', experts, '--host', o.host, '--port', port, '--metrics-port', metricsPort,
-      '--coordinator', this.coordinatorAddress, '--shard-id', name,
+      '--coordinator', this.coordinatorAddress, '--shard-id', name, ...(o.shardArgs ?? []),
     ], /listening on (\S+) .*\(metrics (\S+)\)/, ['0', '0']);
     return metrics;
   }

@@ -22,7 +22,7 @@ import { AssignmentFollower } from '../expert/follower.js';
 import { placementCommand } from './placement.js';
 import { healthCommand } from './health.js';
 import { CoordinatorLink } from '../core/wire/coordinator-link.js';
-import { RouterEngine } from '../router/engine.js';
+import { DEFAULT_MICRO_BATCHES, RouterEngine } from '../router/engine.js';
 import { buildHttpApp } from '../router/http.js';
 import { Cluster } from './cluster.js';
 import { EXIT_WITH_PARENT_ENV, whenParentGone } from './supervisor.js';
@@ -91,7 +91,7 @@ async function startBackend(service = 'cli'): Promise<void> {
 
 interface TrainFlags {
   config: string; data?: string; steps?: number; seed?: number; out: string;
-  shards: number; routers: number; singleProcess?: boolean; resume?: boolean; replicate?: string; host?: string;
+  shards: number; routers: number; microBatches: number; singleProcess?: boolean; resume?: boolean; replicate?: string; host?: string;
 }
 
 /** `--replicate 0:1,1:3`: experts (LAYER:EXPERT) that get a second holder. */
@@ -120,7 +120,7 @@ async function trainCommand(flags: TrainFlags): Promise<void> {
   const outDir = resolve(flags.out);
   const summary = await (distributed
     ? trainDistributed({
-      model: p.model, train: t, dataPath: flags.data, outDir, resume: flags.resume, routers: flags.routers, shards: flags.shards,
+      model: p.model, train: t, dataPath: flags.data, outDir, resume: flags.resume, routers: flags.routers, shards: flags.shards, microBatches: flags.microBatches,
       replicate: parseReplicate(flags.replicate, family.layers, family.experts), host: flags.host ?? '127.0.0.1',
       onStep: progress.onStep, log: (line) => process.stderr.write(line + '\n'),
     })
@@ -168,7 +168,7 @@ async function prepareDefaultModel(modelDir: string): Promise<void> {
   const staging = `${modelDir}.training`;
   await rm(staging, { recursive: true, force: true });
   process.stderr.write(`switchyard: no default model yet; training the '${DEFAULT_MODEL_CONFIG}' config for ${DEFAULT_MODEL_STEPS} steps into ${modelDir} (one-time, a few minutes)\n`);
-  await trainCommand({ config: DEFAULT_MODEL_CONFIG, steps: DEFAULT_MODEL_STEPS, out: staging, shards: 1, routers: 1, singleProcess: true });
+  await trainCommand({ config: DEFAULT_MODEL_CONFIG, steps: DEFAULT_MODEL_STEPS, out: staging, shards: 1, routers: 1, singleProcess: true, microBatches: 1 });
   await mkdir(dirname(modelDir), { recursive: true });
   await rename(checkpointDirOf(staging), modelDir);
   await rm(staging, { recursive: true, force: true });
@@ -192,7 +192,7 @@ async function writeAdminToken(dir: string): Promise<string> {
   return file;
 }
 
-interface UpFlags { model?: string; shards: number; routers: number; host: string; port: number }
+interface UpFlags { model?: string; shards: number; routers: number; host: string; port: number; microBatches: number }
 
 async function upCommand(flags: UpFlags): Promise<void> {
   const modelDir = flags.model ? resolve(flags.model) : checkpointDirOf(resolve(DEFAULT_RUN_DIR));
@@ -203,7 +203,7 @@ async function upCommand(flags: UpFlags): Promise<void> {
   await loadTokenizer(modelDir, config);
   const adminTokenFile = await writeAdminToken(resolve(UP_LOG_DIR));
   const cluster = new Cluster({
-    checkpoint: modelDir, shards: flags.shards, routers: flags.routers, host: flags.host, port: flags.port,
+    checkpoint: modelDir, shards: flags.shards, routers: flags.routers, host: flags.host, port: flags.port, microBatches: flags.microBatches,
     logDir: resolve(UP_LOG_DIR), log: (line) => process.stderr.write(line + '\n'), adminTokenFile,
   });
   const stopped = untilStopped().then(() => cluster.stop());
@@ -237,7 +237,7 @@ interface ServeFlags {
   coordinator?: string; shardId?: string; tokenBudget: number; modelName?: string; wireDtype: string;
   train?: boolean; trainRouters?: number; trainShards?: number; trainCheckpoint?: string;
   run?: string; index?: number; routers?: number; metricsPort: number;
-  overflow: string; maxQueue: number; maxBatch: number; maxBatchedTokens: number; kvCacheTokens?: number; prefixCaching: boolean; inferConcurrency: number; requestTimeoutMs: number; apiTokenFile?: string;
+  overflow: string; microBatches: number; maxQueue: number; maxBatch: number; maxBatchedTokens: number; kvCacheTokens?: number; prefixCaching: boolean; inferConcurrency: number; requestTimeoutMs: number; apiTokenFile?: string;
   maxRssMb: number; drainMs: number; advertise?: string;
   maxExperts: number; dropGraceMs: number; drainTimeoutMs: number; rebalanceIntervalMs: number; adminTokenFile?: string;
   maxMessageBytes: number;
@@ -272,7 +272,7 @@ async function serveRouter(flags: ServeFlags): Promise<void> {
   const engine = await RouterEngine.load(dir, modelNameOf(dir, flags.modelName), {
     wireDtype, overflow, maxSequences: flags.maxBatch, maxWaiting: flags.maxQueue,
     maxBatchedTokens: flags.maxBatchedTokens, kvCacheTokens: flags.kvCacheTokens, prefixCaching: flags.prefixCaching,
-    inferConcurrency: flags.inferConcurrency, inferQueue: flags.maxQueue, maxMessageBytes: flags.maxMessageBytes,
+    inferConcurrency: flags.inferConcurrency, inferQueue: flags.maxQueue, maxMessageBytes: flags.maxMessageBytes, microBatches: flags.microBatches,
   });
   const link = new CoordinatorLink(flags.coordinator, { memberId: `router-${process.pid}`, role: 'ROLE_ROUTER' });
   link.heartbeatLoad = () => ({ expertLoads: engine.routing.expertLoads() }); // the planner's demand signal
@@ -348,7 +348,7 @@ async function serveTrainer(flags: ServeFlags): Promise<void> {
   try {
     const summary = await runRouterTraining({
       link: trainLink, index: flags.index, routers: flags.routers, model: parseModelConfig(run.model), train: parseTrainSettings(run.train),
-      dataPath: run.data, outDir: runDir, log: jsonLog(memberId),
+      dataPath: run.data, outDir: runDir, log: jsonLog(memberId), microBatches: flags.microBatches,
     });
     jsonLog(memberId)({ msg: 'training finished', ...summary });
   } finally {
@@ -452,6 +452,7 @@ export function buildProgram(): Command {
     .option('--routers <n>', 'router replicas', integer('--routers', 1), 1)
     .option('--single-process', 'the reference run: everything in this process')
     .option('--resume', 'continue from the run folder\'s checkpoint')
+    .option('--micro-batches <n>', 'distributed: ping-pong micro-batches per router pass (1 = none); lanes hold whole routing groups (routing_group_tokens)', integer('--micro-batches', 1), DEFAULT_MICRO_BATCHES)
     .option('--replicate <L:E,...>', 'distributed: experts that get a replica on a second shard, e.g. 0:1,1:3')
     .option('--host <host>', 'distributed: address the local services listen on', '127.0.0.1')
     .action(trainCommand);
@@ -469,6 +470,7 @@ export function buildProgram(): Command {
     .option('--routers <n>', 'routers (HTTP ports P, P+1, ...)', integer('--routers', 1), 1)
     .option('--host <host>', 'address every service listens on', '127.0.0.1')
     .option('--port <n>', 'HTTP port of the first router (0 = any free port)', integer('--port'), 8000)
+    .option('--micro-batches <n>', 'routers: ping-pong micro-batches per model step (1 = none)', integer('--micro-batches', 1), DEFAULT_MICRO_BATCHES)
     .action(upCommand);
   program.command('prepare-model').description(`train the default model ('${DEFAULT_MODEL_CONFIG}', ${DEFAULT_MODEL_STEPS} steps) into a checkpoint folder unless one is there (what up does first; compose and the k8s Job call it)`)
     .option('--out <dir>', 'checkpoint folder to fill', checkpointDirOf(DEFAULT_RUN_DIR))
@@ -519,6 +521,7 @@ export function buildProgram(): Command {
     .option('--index <i>', 'trainer: this replica\'s index', integer('--index'))
     .option('--routers <n>', 'trainer: router replicas in the run', integer('--routers', 1))
     .option('--overflow <policy>', `router: rows that cannot reach their expert (${OVERFLOW_POLICIES.join(' | ')}; reject = 503)`, 'drop')
+    .option('--micro-batches <n>', 'router, trainer: ping-pong micro-batches per model step (1 = none): the router computes one while the shards compute another', integer('--micro-batches', 1), DEFAULT_MICRO_BATCHES)
     .option('--max-queue <n>', 'router: requests that may wait for a place before 503', integer('--max-queue', 0), 256)
     .option('--max-batch <n>', 'router: generations in one model step', integer('--max-batch', 1), 64)
     .option('--max-batched-tokens <n>', 'router: tokens in one model step (decodes first, then prompt chunks)', integer('--max-batched-tokens', 1), 2048)

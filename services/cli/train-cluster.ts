@@ -25,6 +25,8 @@ export interface DistributedTrainOptions {
   resume?: boolean;
   routers: number;
   shards: number;
+  /** Ping-pong micro-batches per router pass (default 1). */
+  microBatches?: number;
   /** Experts placed on two shards (hot-expert replication). */
   replicate: ExpertKey[];
   host: string;
@@ -103,7 +105,8 @@ export async function trainDistributed(o: DistributedTrainOptions): Promise<Trai
     })));
     await Promise.all(Array.from({ length: o.routers }, (_, i) => supervisor.start({
       name: `router-${i}`, restart: true, ready: /training router/,
-      args: ['serve', 'trainer', '--run', o.outDir, '--index', String(i), '--routers', String(o.routers), '--coordinator', coordinator],
+      args: ['serve', 'trainer', '--run', o.outDir, '--index', String(i), '--routers', String(o.routers), '--coordinator', coordinator,
+        '--micro-batches', String(o.microBatches ?? 1)],
       onLine: (line) => {
         if (!o.onStep || !line.startsWith('step {')) return;
         const r = JSON.parse(line.slice(5)) as Record<string, number>;

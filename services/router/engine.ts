@@ -58,6 +58,9 @@ export const engineMetricGroup = new MetricGroup([
 ]);
 import { GrpcExpertTransport } from '../core/wire/grpc-transport.js';
 
+/** Two lanes: one computes on the router while the other's rows are with the shards (issue 16). */
+export const DEFAULT_MICRO_BATCHES = 2;
+
 export interface EngineOptions {
   wireDtype?: FloatDtype;
   /** Largest gRPC message to a shard (default MAX_MESSAGE_BYTES): bigger sends are split. */
@@ -74,6 +77,8 @@ export interface EngineOptions {
   /** Open Inference `infer` calls at once, and waiting. */
   inferConcurrency?: number;
   inferQueue?: number;
+  /** Ping-pong micro-batches per model step and infer call (default 2; 1 = one lane). */
+  microBatches?: number;
 }
 
 export class RouterEngine {
@@ -91,6 +96,7 @@ export class RouterEngine {
   private constructor(
     readonly model: MixtralModel, readonly tokenizer: TextTokenizer, readonly transport: GrpcExpertTransport, readonly modelName: string, options: EngineOptions,
   ) {
+    model.microBatches = options.microBatches ?? DEFAULT_MICRO_BATCHES;
     this.scheduler = new Scheduler(model, {
       maxSequences: options.maxSequences ?? 64, maxWaiting: options.maxWaiting ?? 256, maxBatchedTokens: options.maxBatchedTokens,
       kvCacheTokens: options.kvCacheTokens, prefixCaching: options.prefixCaching,

@@ -38,6 +38,8 @@ export interface RouterTrainingOptions {
   log: (record: Record<string, unknown>) => void;
   /** Floats per all-reduce chunk. */
   chunkFloats?: number;
+  /** Ping-pong micro-batches per pass (default 1); lanes hold whole routing groups. */
+  microBatches?: number;
 }
 
 export interface RouterTrainingSummary { steps: number; finalLoss: number; validationLoss: number; aborts: number }
@@ -124,6 +126,7 @@ export async function runRouterTraining(o: RouterTrainingOptions): Promise<Route
       transport.forgetPasses();
       release();
       model = await loadDenseModel(dir, transport);
+      model.microBatches = o.microBatches ?? 1;
       if (JSON.stringify(model.config) !== JSON.stringify(c))
         throw new ConfigError(`the checkpoint in ${dir} has a different model configuration than this run`);
       optimizer = new AdamW(model.dense, adamWSettings(t));

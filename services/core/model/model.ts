@@ -7,7 +7,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { attentionWindow, headDim, type ModelConfig } from '../config.js';
 import { Rng } from '../data/random.js';
-import { isDropless, pooledAuxLoss, pooledAuxTotals, updateBalanceBias } from '../gating/index.js';
+import { gumbelNoise, isDropless, multiplicativeJitter, pooledAuxLoss, pooledAuxTotals, updateBalanceBias, type PooledAuxTotals } from '../gating/index.js';
 import { attentionBackward, attentionForward, type AttentionCache, type KvCache } from './attention.js';
 import type { KvStore } from './kv-store.js';
 import { StepAttention, type PagedSequence } from './paged-attention.js';
@@ -20,6 +20,7 @@ import { ParameterTable } from './parameters.js';
 import { rmsNormBackward, rmsNormForward, rmsNormRows, type RmsNormCache } from './rmsnorm.js';
 import { Rope } from './rope.js';
 import { addInto, disposeAll, mm, mmTA, type T2 } from './tensors.js';
+import { ComputeTurns, splitLanes } from './pipeline.js';
 
 export interface PassOptions {
   passId: string;
@@ -76,6 +77,58 @@ export interface StepOutput {
 
 interface LayerCache { n1: RmsNormCache; attn: AttentionCache; n2: RmsNormCache; moe: MoeCache }
 
+/** What a forward (or one micro-batch of it) leaves: logits, final hidden rows, per-layer caches when training. */
+interface ForwardOutput { logits: T2; hidden: T2; caches?: LayerCache[]; finalNorm?: RmsNormCache; stats: MoeStats[]; kv: KvCache[] }
+
+/** A training forward split into micro-batches: each lane's output and its sequence range. */
+interface LaneForwards { lanes: ForwardOutput[]; ranges: Array<[number, number]> }
+
+/** Training noise of one MoE layer for a whole pass (drawn in the single-pass order), sliced per lane. */
+interface LayerNoise { jitter?: Float32Array; gumbel?: Float32Array }
+
+const gcd = (a: number, b: number): number => (b === 0 ? a : gcd(b, a % b));
+
+/** One MoE layer's statistics over several micro-batches of a pass, as one call over all of them would give. */
+function mergeStats(parts: MoeStats[]): MoeStats {
+  if (parts.length === 1) return parts[0];
+  const E = parts[0].countsBeforeDrop.length;
+  const countsBeforeDrop = new Int32Array(E);
+  const countsAfterDrop = new Int32Array(E);
+  let groups = 0;
+  let aux = 0;
+  let z = 0;
+  let droppedChoices = 0;
+  let capacity = 0;
+  for (const p of parts) {
+    for (let e = 0; e < E; e++) {
+      countsBeforeDrop[e] += p.countsBeforeDrop[e];
+      countsAfterDrop[e] += p.countsAfterDrop[e];
+    }
+    // Aux and z are means over routing groups; micro-batches hold whole groups.
+    aux += p.auxLoss * p.plans.length;
+    z += p.zLoss * p.plans.length;
+    groups += p.plans.length;
+    droppedChoices += p.droppedChoices;
+    capacity = Math.max(capacity, p.capacity);
+  }
+  const merged: MoeStats = {
+    countsBeforeDrop, countsAfterDrop, droppedChoices, capacity, plans: parts.flatMap((p) => p.plans),
+    auxLoss: groups ? aux / groups : 0, zLoss: groups ? z / groups : 0,
+  };
+  if (parts.some((p) => p.degradedTokens)) {
+    const tokensOf = (p: MoeStats) => p.plans.reduce((n, plan) => n + plan.tokens, 0);
+    const flags = new Uint8Array(parts.reduce((n, p) => n + tokensOf(p), 0));
+    let at = 0;
+    for (const p of parts) {
+      if (p.degradedTokens) flags.set(p.degradedTokens, at);
+      at += tokensOf(p);
+    }
+    merged.degradedTokens = flags;
+    merged.degradedReasons = [...new Set(parts.flatMap((p) => p.degradedReasons ?? []))];
+  }
+  return merged;
+}
+
 function normalInit(rng: Rng, count: number, std: number): Float32Array {
   const out = new Float32Array(count);
   for (let i = 0; i < count; i++) out[i] = rng.normal() * std;
@@ -99,6 +152,12 @@ export class MixtralModel {
   private embedVersion = -1;
   private readonly hostWeights = new Map<string, Float32Array>();
   private hostWeightsVersion = -1;
+  /**
+   * Micro-batches per pass (ping-pong, pipeline.ts): serving steps, inference forwards and training
+   * passes split their sequences into this many lanes, so the router computes one lane's attention and
+   * gate while another lane's rows are with the experts. 1 = one lane. Pays only with remote experts.
+   */
+  microBatches = 1;
 
   constructor(readonly config: ModelConfig, readonly transport: ExpertTransport, readonly localExperts?: ExpertSet) {
     this.headDim = headDim(config);
@@ -194,22 +253,31 @@ export class MixtralModel {
 
   /**
    * Layer l's feed-forward block: the routed experts (MoE layers) plus the router-side MLP (DeepSeek's
-   * shared experts, or the dense MLP of a dense layer), summed.
+   * shared experts, or the dense MLP of a dense layer), summed. The router-side MLP is computed once the
+   * routed rows are on the wire, while they are away.
    */
   async feedForward(l: number, h: T2, call: MoeCallOptions): Promise<{ y: T2; stats?: MoeStats; cache?: MoeCache }> {
     const moe = this.moe[l];
-    // The routed experts' rows leave first; the router-side MLP is computed while they are away.
-    const routedCall = moe?.forward(h, this.dense.get(denseNames.gate(l)), call);
-    if (this.family.routerMlpWidth(l) === 0) return routedCall!;
-    const weight = (part: keyof ExpertWeights) => this.dense.get<tf.Rank.R2>(denseNames.mlp(l, part));
-    // The same SwiGLU as a routed expert, with router-held weights.
-    const mlp = expertForward(h, { w1t: weight('w1t'), w3t: weight('w3t'), w2t: weight('w2t') }, false).y;
-    if (!routedCall) return { y: mlp };
-    const routed = await routedCall.catch((err: unknown) => {
-      mlp.dispose();
+    let mlp: T2 | undefined;
+    const computeMlp = this.family.routerMlpWidth(l) === 0 ? undefined : () => {
+      const weight = (part: keyof ExpertWeights) => this.dense.get<tf.Rank.R2>(denseNames.mlp(l, part));
+      // The same SwiGLU as a routed expert, with router-held weights.
+      mlp = expertForward(h, { w1t: weight('w1t'), w3t: weight('w3t'), w2t: weight('w2t') }, false).y;
+    };
+    if (!moe) {
+      computeMlp!();
+      return { y: mlp! };
+    }
+    let routed;
+    try {
+      routed = await moe.forward(h, this.dense.get(denseNames.gate(l)), { ...call, whileAway: computeMlp });
+    } catch (err) {
+      mlp?.dispose();
       throw err;
-    });
-    const y = tf.add(routed.y, mlp) as T2;
+    }
+    if (!computeMlp) return routed;
+    if (!mlp) computeMlp(); // the call never went to the wire
+    const y = tf.add(routed.y, mlp!) as T2;
     disposeAll([routed.y, mlp]);
     return { ...routed, y };
   }
@@ -277,15 +345,84 @@ export class MixtralModel {
   }
 
   /**
-   * Forward over `batch` sequences of `tokens` new ids each. With `kv` (one per layer) the call extends
-   * cached sequences of length `past` and returns the extended caches.
+   * Sequence ranges of a forward's micro-batches. Routing groups stay whole (aux, z and capacity are
+   * per-group statistics), so a pass whose group is the whole call (groupTokens 0) runs as one lane,
+   * except inference with a dropless gate, whose routing is per token.
    */
-  async forward(
-    ids: Int32Array, batch: number, tokens: number, opt: PassOptions, kv?: KvCache[], past = 0,
-  ): Promise<{ logits: T2; hidden: T2; caches?: LayerCache[]; finalNorm?: RmsNormCache; stats: MoeStats[]; kv: KvCache[] }> {
+  private forwardLanes(batch: number, tokens: number, groupTokens: number, train: boolean): Array<[number, number]> {
+    if (this.microBatches <= 1 || batch <= 1) return [[0, batch]];
+    const gate = this.config.switchyard_gate;
+    let unit = 1; // sequences per indivisible unit
+    if (train || !isDropless(gate.policy, gate.drop_tokens)) {
+      if (groupTokens <= 0) return [[0, batch]];
+      unit = groupTokens / gcd(groupTokens, tokens);
+    }
+    const units = Math.ceil(batch / unit);
+    return splitLanes(units, this.microBatches).map(([a, b]) => [a * unit, Math.min(batch, b * unit)]);
+  }
+
+  /** Each MoE layer's training noise for `tokens` tokens, drawn in the order one undivided pass draws it. */
+  private drawNoise(tokens: number, opt: PassOptions): Array<LayerNoise | undefined> | undefined {
+    const gate = this.config.switchyard_gate;
+    const sampling = gate.second_expert_sampling && this.family.k >= 2;
+    if (!opt.train || !opt.random || (gate.jitter_eps <= 0 && !sampling)) return undefined;
+    return this.moe.map((moe) => moe && {
+      jitter: gate.jitter_eps > 0 ? multiplicativeJitter(new Float32Array(tokens * this.config.hidden_size), gate.jitter_eps, opt.random!) : undefined,
+      gumbel: sampling ? gumbelNoise(tokens * this.family.experts, opt.random!) : undefined,
+    });
+  }
+
+  /** The forward split into micro-batches (one lane when it cannot or need not be split). */
+  private async forwardInLanes(ids: Int32Array, batch: number, tokens: number, opt: PassOptions, kv?: KvCache[], past = 0): Promise<LaneForwards> {
     if (ids.length !== batch * tokens) throw new RangeError(`expected ${batch}×${tokens} ids, got ${ids.length}`);
     if (past + tokens > this.config.max_position_embeddings)
       throw new RangeError(`sequence length ${past + tokens} exceeds max_position_embeddings ${this.config.max_position_embeddings}`);
+    const ranges = kv ? [[0, batch] as [number, number]] : this.forwardLanes(batch, tokens, opt.groupTokens ?? 0, opt.train);
+    const noise = ranges.length > 1 ? this.drawNoise(batch * tokens, opt) : undefined;
+    const D = this.config.hidden_size;
+    const E = this.family.experts;
+    const lanes = await ComputeTurns.run(ranges.length, (lane, turns) => {
+      const [s0, s1] = ranges[lane];
+      const t0 = s0 * tokens;
+      const t1 = s1 * tokens;
+      const laneOpt: PassOptions = ranges.length === 1 ? opt : {
+        ...opt, passId: `${opt.passId}/m${lane}`, ...(opt.rts ? { rts: { ...opt.rts, firstToken: opt.rts.firstToken + t0 } } : {}),
+      };
+      const laneNoise = noise?.map((n) => n && { jitter: n.jitter?.subarray(t0 * D, t1 * D), gumbel: n.gumbel?.subarray(t0 * E, t1 * E) });
+      return this.forwardLane(ids.subarray(t0, t1), s1 - s0, tokens, laneOpt, turns, kv, past, laneNoise);
+    }, (done) => disposeAll([done.logits, done.hidden, done.caches, done.finalNorm, done.kv]));
+    return { lanes, ranges };
+  }
+
+  /**
+   * Forward over `batch` sequences of `tokens` new ids each, in `microBatches` lanes where it can be
+   * split. With `kv` (one per layer) the call extends cached sequences of length `past` (one lane) and
+   * returns the extended caches.
+   */
+  async forward(ids: Int32Array, batch: number, tokens: number, opt: PassOptions, kv?: KvCache[], past = 0): Promise<ForwardOutput> {
+    const { lanes } = await this.forwardInLanes(ids, batch, tokens, opt, kv, past);
+    if (lanes.length === 1) return lanes[0];
+    if (opt.train) {
+      disposeAll(lanes.map((o) => [o.logits, o.hidden, o.caches, o.finalNorm]));
+      throw new Error('a split training forward is consumed by lossAndGradients');
+    }
+    const concat = (parts: tf.Tensor[]) => {
+      const whole = tf.concat(parts, 0);
+      disposeAll(parts);
+      return whole;
+    };
+    return {
+      logits: concat(lanes.map((o) => o.logits)) as T2,
+      hidden: concat(lanes.map((o) => o.hidden)) as T2,
+      stats: lanes[0].stats.map((_, i) => mergeStats(lanes.map((o) => o.stats[i]))),
+      kv: lanes[0].kv.map((_, l) => ({ k: concat(lanes.map((o) => o.kv[l].k)) as tf.Tensor3D, v: concat(lanes.map((o) => o.kv[l].v)) as tf.Tensor3D })),
+    };
+  }
+
+  /** One lane's forward: it holds `turns` while it computes and gives it up while its rows are away. */
+  private async forwardLane(
+    ids: Int32Array, batch: number, tokens: number, opt: PassOptions, turns: ComputeTurns, kv: KvCache[] | undefined, past: number, noise?: Array<LayerNoise | undefined>,
+  ): Promise<ForwardOutput> {
     const c = this.config;
     const eps = c.rms_norm_eps;
     let x = this.embed(ids);
@@ -304,7 +441,7 @@ export class MixtralModel {
       const n2 = rmsNormForward(x1, this.dense.get(denseNames.moeNorm(l)), eps);
       const ffn = await this.feedForward(l, n2.y, {
         passId: `${opt.passId}/L${l}`, train: opt.train, groupTokens: opt.groupTokens ?? 0, random: opt.random, rts: opt.rts,
-        selectionBias: this.balanceBias?.[l], requestIds: opt.requestIds, deadline: opt.deadline,
+        selectionBias: this.balanceBias?.[l], requestIds: opt.requestIds, deadline: opt.deadline, turns, noise: noise?.[l],
       }).catch((err: unknown) => {
         // Experts unreachable, deadline, overload: free what this pass built so far, then fail.
         disposeAll([x1, n1.cache, attn.cache, n2, newKv, caches]);
@@ -338,13 +475,26 @@ export class MixtralModel {
    */
   async step(seqs: StepSequence[], store: KvStore, passId: string, opt: { requestIds?: string[]; deadline?: number; profile?: StepProfile } = {}): Promise<StepOutput[]> {
     const c = this.config;
-    const eps = c.rms_norm_eps;
-    const paged: PagedSequence[] = [];
-    let rows = 0;
     for (const s of seqs) {
       if (s.ids.length === 0) throw new RangeError('a sequence in the step has no new ids');
       if (s.past + s.ids.length > c.max_position_embeddings)
         throw new RangeError(`sequence length ${s.past + s.ids.length} exceeds max_position_embeddings ${c.max_position_embeddings}`);
+    }
+    // Micro-batches of whole sequences with about as many rows each: each sequence's rows only meet its
+    // own blocks, and routing is per token in serving (below), so the split changes no result.
+    const ranges = splitLanes(seqs.length, this.microBatches, (i) => seqs[i].ids.length);
+    const lanes = await ComputeTurns.run(ranges.length, (lane, turns) =>
+      this.stepLane(seqs.slice(...ranges[lane]), store, ranges.length === 1 ? passId : `${passId}/m${lane}`, opt, turns));
+    return lanes.flat();
+  }
+
+  /** One micro-batch of a serving step; it holds `turns` while it computes. */
+  private async stepLane(seqs: StepSequence[], store: KvStore, passId: string, opt: { requestIds?: string[]; deadline?: number; profile?: StepProfile }, turns: ComputeTurns): Promise<StepOutput[]> {
+    const c = this.config;
+    const eps = c.rms_norm_eps;
+    const paged: PagedSequence[] = [];
+    let rows = 0;
+    for (const s of seqs) {
       paged.push({ row: rows, tokens: s.ids.length, past: s.past, blocks: s.blocks });
       rows += s.ids.length;
     }
@@ -386,7 +536,7 @@ export class MixtralModel {
         const n2 = upload(rmsNormRows(x, D, this.hostWeight(denseNames.moeNorm(l)), eps), D);
         const t3 = opt.profile ? performance.now() : 0;
         const ffn = await this.feedForward(l, n2, {
-          passId: `${passId}/L${l}`, train: false, groupTokens, selectionBias: this.balanceBias?.[l], requestIds: opt.requestIds, deadline: opt.deadline,
+          passId: `${passId}/L${l}`, train: false, groupTokens, selectionBias: this.balanceBias?.[l], requestIds: opt.requestIds, deadline: opt.deadline, turns,
         }).finally(() => n2.dispose());
         if (opt.profile) opt.profile.feedForwardMs += performance.now() - t3;
         const moeStats = ffn.stats;
@@ -448,18 +598,42 @@ export class MixtralModel {
   }
 
   /**
-   * Forward and backward of one micro-batch; gradients accumulate in `dense` and at the experts' holders.
-   * `gradScale` weights this micro-batch's share of the global objective. When it fails (an expert
-   * holder lost mid-step), every tensor of the pass is freed and its holders are told to drop what they
-   * kept for it; gradients that reached the tables before the failure stay there, for the caller to
-   * discard with the step.
+   * Forward and backward of one batch; gradients accumulate in `dense` and at the experts' holders.
+   * `gradScale` weights this batch's share of the global objective. With `microBatches` > 1 the batch runs
+   * as ping-pong lanes (forward, then backward) of whole routing groups; the objective is the same. When it
+   * fails (an expert holder lost mid-step), every tensor of the pass is freed and its holders are told to
+   * drop what they kept for it; gradients that reached the tables before the failure stay there, for the
+   * caller to discard with the step.
    */
   async lossAndGradients(ids: Int32Array, targets: Int32Array, batch: number, tokens: number, opt: PassOptions, gradScale = 1): Promise<LossResult> {
     assertTrainable(this.config);
+    const rows = batch * tokens;
+    if (targets.length !== rows) throw new RangeError(`expected ${rows} targets, got ${targets.length}`);
     try {
       // A failing forward frees its own tensors.
-      const out = await this.forward(ids, batch, tokens, { ...opt, train: true });
-      return await this.backward(out, ids, targets, gradScale);
+      const { lanes, ranges } = await this.forwardInLanes(ids, batch, tokens, { ...opt, train: true });
+      const stats = lanes[0].stats.map((_, i) => mergeStats(lanes.map((o) => o.stats[i])));
+      const gate = this.config.switchyard_gate;
+      // aux_loss_scope 'batch': one Mixtral aux loss over every layer's and group's tokens (HF), else per group
+      const pooledAux = gate.aux_loss_scope === 'batch' ? pooledAuxTotals(stats.flatMap((s) => s.plans), this.family.experts) : undefined;
+      const groups = stats.map((s) => s.plans.length);
+      const crossEntropies = await ComputeTurns.run(lanes.length, (lane, turns) => {
+        const [t0, t1] = ranges[lane].map((s) => s * tokens);
+        return this.backward(lanes[lane], ids.subarray(t0, t1), targets.subarray(t0, t1), gradScale * ((t1 - t0) / rows), { pooledAux, groups, turns });
+      });
+      // Each lane's mean cross-entropy, weighted by its rows: the mean over the batch.
+      const crossEntropyValue = crossEntropies.reduce((sum, ce, lane) => sum + ce * ((ranges[lane][1] - ranges[lane][0]) * tokens / rows), 0);
+      let aux = 0;
+      let z = 0;
+      for (const s of stats) {
+        aux += s.auxLoss;
+        z += s.zLoss;
+      }
+      if (pooledAux) aux = pooledAuxLoss(pooledAux);
+      return {
+        loss: crossEntropyValue + gate.aux_loss_coef * aux + gate.z_loss_coef * z,
+        crossEntropy: crossEntropyValue, auxLoss: aux, zLoss: z, layerStats: stats,
+      };
     } catch (err) {
       // No complete backward will come: holders free the activations saved for the pass's layers.
       this.transport.dropPass?.(opt.passId);
@@ -467,13 +641,17 @@ export class MixtralModel {
     }
   }
 
-  /** The backward of a training forward; frees every tensor of `out`, also when it fails. */
-  private async backward(out: Awaited<ReturnType<MixtralModel['forward']>>, ids: Int32Array, targets: Int32Array, gradScale: number): Promise<LossResult> {
+  /**
+   * The backward of one lane's training forward; returns its mean cross-entropy. `pass.groups`: routing
+   * groups per MoE layer over the whole pass (aux and z are means over them). Frees every tensor of
+   * `out`, also when it fails.
+   */
+  private async backward(
+    out: ForwardOutput, ids: Int32Array, targets: Int32Array, gradScale: number, pass: { pooledAux?: PooledAuxTotals; groups: number[]; turns: ComputeTurns },
+  ): Promise<number> {
     const c = this.config;
     const gate = c.switchyard_gate;
     const caches = out.caches!;
-    // aux_loss_scope 'batch': one Mixtral aux loss over every layer's and group's tokens (HF), else per group
-    const pooledAux = gate.aux_loss_scope === 'batch' ? pooledAuxTotals(out.stats.flatMap((s) => s.plans), this.family.experts) : undefined;
     // The gradient flowing down the layers, freed with the layers' caches the backward has not reached
     // when it fails (experts unreachable, bad targets).
     let dx: T2 | undefined;
@@ -494,7 +672,8 @@ export class MixtralModel {
       dx = nf.dx;
       for (let l = c.num_hidden_layers - 1; l >= 0; l--) {
         const lc = caches[l];
-        const moe = await this.moe[l]!.backward(dx, lc.moe, this.weightT(denseNames.gate(l)), gate.aux_loss_coef * gradScale, gate.z_loss_coef * gradScale, pooledAux);
+        const moe = await this.moe[l]!.backward(dx, lc.moe, this.weightT(denseNames.gate(l)), gate.aux_loss_coef * gradScale, gate.z_loss_coef * gradScale, pass.pooledAux,
+          { turns: pass.turns, groups: pass.groups[this.family.moeLayers.indexOf(l)] });
         this.dense.accumulate(denseNames.gate(l), moe.dGate);
         const n2 = rmsNormBackward(moe.dh, lc.n2, this.dense.get(denseNames.moeNorm(l)));
         moe.dh.dispose();
@@ -515,17 +694,7 @@ export class MixtralModel {
       }
       this.accumulateEmbedding(ids, dx);
       dx.dispose();
-      let aux = 0;
-      let z = 0;
-      for (const s of out.stats) {
-        aux += s.auxLoss;
-        z += s.zLoss;
-      }
-      if (pooledAux) aux = pooledAuxLoss(pooledAux);
-      return {
-        loss: crossEntropyValue + gate.aux_loss_coef * aux + gate.z_loss_coef * z,
-        crossEntropy: crossEntropyValue, auxLoss: aux, zLoss: z, layerStats: out.stats,
-      };
+      return crossEntropyValue;
     } catch (err) {
       // Tensors already freed on the way down are skipped (disposing twice is harmless).
       disposeAll([out.logits, out.hidden, out.finalNorm, caches, dx]);

@@ -6,6 +6,7 @@ import type { GateSettings } from '../config.js';
 import type { ExpertTransport, RowBatch } from './experts.js';
 import { isUnserved, OverloadError, type Unserved } from '../overload.js';
 import { mm, mmTA, type T2 } from './tensors.js';
+import { ComputeTurns } from './pipeline.js';
 
 export interface MoeCallOptions {
   passId: string;
@@ -22,6 +23,16 @@ export interface MoeCallOptions {
   requestIds?: string[];
   /** Epoch ms after which nobody waits for this call's answer. */
   deadline?: number;
+  /** The micro-batch turns of the pass (pipeline.ts): other lanes compute while this call's rows are away. */
+  turns?: ComputeTurns;
+  /** Router work that needs no expert output (a shared-expert MLP): runs once the rows are on the wire. */
+  whileAway?: () => void;
+  /**
+   * Training noise drawn for this call's tokens in advance (a micro-batch's slice of the whole pass's,
+   * so the draws do not depend on how the pass is split): multiplicative jitter [tokens·hidden] and
+   * second-choice Gumbel noise [tokens·experts].
+   */
+  noise?: { jitter?: Float32Array; gumbel?: Float32Array };
 }
 
 /**
@@ -131,7 +142,7 @@ export class MoeLayer {
       const len = Math.min(groupSize, tokens - start);
       const groupLogits = logits.subarray(start * E, (start + len) * E);
       let p: GatePolicy = noisy && this.gate.second_expert_sampling && this.k >= 2
-        ? { ...policy, secondChoiceNoise: gumbelNoise(len * E, opt.random!) }
+        ? { ...policy, secondChoiceNoise: opt.noise?.gumbel?.subarray(start * E, (start + len) * E) ?? gumbelNoise(len * E, opt.random!) }
         : policy;
       if (rts) p = { ...p, selectionUniform: rtsUniforms({ seed: rts.seed, step: rts.step, layer: this.layer }, rts.firstToken + start, len, E) };
       plans.push(routeTokens(groupLogits, len, E, p));
@@ -150,7 +161,7 @@ export class MoeLayer {
     let jitter: tf.Tensor2D | undefined;
     let hGate = h;
     if (noisy && this.gate.jitter_eps > 0) {
-      jitter = tf.tensor2d(multiplicativeJitter(new Float32Array(tokens * D), this.gate.jitter_eps, opt.random!), [tokens, D]);
+      jitter = tf.tensor2d(opt.noise?.jitter ?? multiplicativeJitter(new Float32Array(tokens * D), this.gate.jitter_eps, opt.random!), [tokens, D]);
       hGate = tf.mul(h, jitter);
     }
     // Until the cache takes them, the gate input this call made is freed on any failure (experts
@@ -171,9 +182,10 @@ export class MoeLayer {
         batches[batchOf[dispatch.expert[i]]].rows.set(hRows.subarray(t * D, t * D + D), row * D);
       }
       const context = { requestIds: opt.requestIds, deadline: opt.deadline };
-      const outputs: Array<Float32Array | Unserved> = !opt.train && this.transport.serve
-        ? await this.transport.serve(opt.passId, batches, context)
-        : await this.transport.forward(opt.passId, batches, opt.train, context);
+      const turns = opt.turns ?? new ComputeTurns(true);
+      const outputs: Array<Float32Array | Unserved> = await turns.away(!opt.train && this.transport.serve
+        ? this.transport.serve(opt.passId, batches, context)
+        : this.transport.forward(opt.passId, batches, opt.train, context), opt.whileAway);
       const combined = new Float32Array(tokens * D);
       const lost = outputs.some(isUnserved) ? await this.overflow(outputs, batches, logits, dispatch, hRows, tokens, opt) : undefined;
       for (let i = 0; i < tokens * k; i++) {
@@ -266,7 +278,7 @@ export class MoeLayer {
         const t = (i / k) | 0;
         extra[batchOf[expert]].rows.set(hRows.subarray(t * D, t * D + D), row * D);
       }
-      const second = await this.transport.serve!(`${opt.passId}/reroute`, extra, { requestIds: opt.requestIds, deadline: opt.deadline });
+      const second = await (opt.turns ?? new ComputeTurns(true)).away(this.transport.serve!(`${opt.passId}/reroute`, extra, { requestIds: opt.requestIds, deadline: opt.deadline }));
       for (const [i, { expert, row }] of target) {
         const out = second[batchOf[expert]];
         if (!isUnserved(out)) moved.set(i, { values: out, row });
@@ -280,10 +292,13 @@ export class MoeLayer {
    * dy: gradient of the block output. Returns the gradients of the block input and of the gate weight;
    * expert weight gradients accumulate at the experts' holder. Loss terms:
    * auxCoef·mean_groups(aux) + zCoef·mean_groups(z); with `pooledAux` (aux_loss_scope 'batch') the aux term
-   * is auxCoef·pooledAuxLoss(pooledAux), the one loss of every layer and group pooled. Frees the cache's
-   * tensors, also when it fails.
+   * is auxCoef·pooledAuxLoss(pooledAux), the one loss of every layer and group pooled. `pass.groups`: the
+   * routing groups of the layer's whole pass when this call is one micro-batch of it (the mean is over
+   * all of them). Frees the cache's tensors, also when it fails.
    */
-  async backward(dy: T2, cache: MoeCache, gateWT: T2, auxCoef: number, zCoef: number, pooledAux?: PooledAuxTotals): Promise<{ dh: T2; dGate: T2 }> {
+  async backward(
+    dy: T2, cache: MoeCache, gateWT: T2, auxCoef: number, zCoef: number, pooledAux?: PooledAuxTotals, pass: { turns?: ComputeTurns; groups?: number } = {},
+  ): Promise<{ dh: T2; dGate: T2 }> {
     try {
       const D = this.hidden;
       const E = this.experts;
@@ -310,7 +325,7 @@ export class MoeLayer {
         }
         dWeight[i] = dot;
       }
-      const dxRows = await this.transport.backward(cache.passId, dBatches);
+      const dxRows = await (pass.turns ?? new ComputeTurns(true)).away(this.transport.backward(cache.passId, dBatches));
       const dh = new Float32Array(tokens * D);
       for (let i = 0; i < tokens * k; i++) {
         const row = dispatch.row[i];
@@ -320,7 +335,7 @@ export class MoeLayer {
         const c = ((i / k) | 0) * D;
         for (let d = 0; d < D; d++) dh[c + d] += dx[o + d];
       }
-      const groups = dispatch.plans.length;
+      const groups = pass.groups ?? dispatch.plans.length;
       const dLogits = new Float32Array(tokens * E);
       dispatch.plans.forEach((plan, g) => {
         const start = dispatch.groupStarts[g];
