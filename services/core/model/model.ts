@@ -619,7 +619,7 @@ export class MixtralModel {
       const groups = stats.map((s) => s.plans.length);
       const crossEntropies = await ComputeTurns.run(lanes.length, (lane, turns) => {
         const [t0, t1] = ranges[lane].map((s) => s * tokens);
-        return this.backward(lanes[lane], ids.subarray(t0, t1), targets.subarray(t0, t1), gradScale * ((t1 - t0) / rows), { pooledAux, groups, turns });
+        return this.backward(lanes[lane], ids.subarray(t0, t1), targets.subarray(t0, t1), gradScale, { crossEntropyShare: (t1 - t0) / rows, pooledAux, groups, turns });
       });
       // Each lane's mean cross-entropy, weighted by its rows: the mean over the batch.
       const crossEntropyValue = crossEntropies.reduce((sum, ce, lane) => sum + ce * ((ranges[lane][1] - ranges[lane][0]) * tokens / rows), 0);
@@ -642,12 +642,14 @@ export class MixtralModel {
   }
 
   /**
-   * The backward of one lane's training forward; returns its mean cross-entropy. `pass.groups`: routing
-   * groups per MoE layer over the whole pass (aux and z are means over them). Frees every tensor of
-   * `out`, also when it fails.
+   * The backward of one lane's training forward; returns its mean cross-entropy. `pass.crossEntropyShare`:
+   * the lane's rows over the pass's (the pass's cross-entropy is the mean over all rows); `pass.groups`:
+   * routing groups per MoE layer over the whole pass (aux and z are means over them). Frees every tensor
+   * of `out`, also when it fails.
    */
   private async backward(
-    out: ForwardOutput, ids: Int32Array, targets: Int32Array, gradScale: number, pass: { pooledAux?: PooledAuxTotals; groups: number[]; turns: ComputeTurns },
+    out: ForwardOutput, ids: Int32Array, targets: Int32Array, gradScale: number,
+    pass: { crossEntropyShare: number; pooledAux?: PooledAuxTotals; groups: number[]; turns: ComputeTurns },
   ): Promise<number> {
     const c = this.config;
     const gate = c.switchyard_gate;
@@ -656,7 +658,7 @@ export class MixtralModel {
     // when it fails (experts unreachable, bad targets).
     let dx: T2 | undefined;
     try {
-      const { loss: ceT, dLogits } = crossEntropy(out.logits, targets, gradScale);
+      const { loss: ceT, dLogits } = crossEntropy(out.logits, targets, gradScale * pass.crossEntropyShare);
       const crossEntropyValue = ceT.dataSync()[0];
       ceT.dispose();
       out.logits.dispose();

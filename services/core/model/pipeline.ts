@@ -13,31 +13,53 @@ class LaneStopped extends Error {
   override name = 'LaneStopped';
 }
 
-export class ComputeTurns {
-  private held: boolean;
-  private readonly waiting: Array<() => void> = [];
-  /** The first failure of any lane: the others stop when they next get the turn. */
-  private failure?: { error: unknown };
+/** What a lane did on the router's thread, for tests and profiles: epoch ms with sub-ms precision. */
+export interface LaneSpan { lane: number; kind: 'compute' | 'meanwhile'; start: number; end: number }
 
-  /** `held`: the caller holds the turn from the start (a pass without lanes). */
-  constructor(held = false) {
-    this.held = held;
+/** Set to watch every lane's spans (tests prove the overlap with it). */
+export const pipelineTrace: { onSpan?: (span: LaneSpan) => void } = {};
+
+const epochMs = (): number => performance.timeOrigin + performance.now();
+
+/** The one turn of a pass: who computes now, who waits, and the first failure. */
+class Turn {
+  held = false;
+  readonly waiting: Array<() => void> = [];
+  failure?: { error: unknown };
+}
+
+/** One lane's hold on its pass's turn. */
+export class ComputeTurns {
+  private since = 0;
+
+  /** `held`: a pass without lanes, holding its turn from the start. */
+  constructor(held = false, private readonly turn = new Turn(), readonly lane = 0) {
+    if (held) {
+      turn.held = true;
+      this.since = epochMs();
+    }
   }
 
   async acquire(): Promise<void> {
-    if (!this.held) this.held = true;
-    else await new Promise<void>((resolve) => this.waiting.push(resolve));
-    if (this.failure) throw new LaneStopped('a sibling micro-batch failed');
+    if (!this.turn.held) this.turn.held = true;
+    else await new Promise<void>((resolve) => this.turn.waiting.push(resolve));
+    if (pipelineTrace.onSpan) this.since = epochMs();
+    if (this.turn.failure) throw new LaneStopped('a sibling micro-batch failed');
   }
 
   release(): void {
-    const next = this.waiting.shift();
-    if (next) next();
-    else this.held = false;
+    this.span('compute', this.since);
+    this.handOver();
   }
 
-  fail(error: unknown): void {
-    if (!(error instanceof LaneStopped)) this.failure ??= { error };
+  private handOver(): void {
+    const next = this.turn.waiting.shift();
+    if (next) next();
+    else this.turn.held = false;
+  }
+
+  private span(kind: LaneSpan['kind'], start: number): void {
+    if (pipelineTrace.onSpan) pipelineTrace.onSpan({ lane: this.lane, kind, start, end: epochMs() });
   }
 
   /**
@@ -47,14 +69,19 @@ export class ComputeTurns {
    */
   async away<T>(reply: Promise<T>, meanwhile?: () => void): Promise<T> {
     reply.catch(() => undefined); // handled below; not an unhandled rejection while this lane waits
+    this.span('compute', this.since);
     await flushWrites();
     let meanwhileFailed: { error: unknown } | undefined;
-    try {
-      meanwhile?.();
-    } catch (error) {
-      meanwhileFailed = { error };
+    if (meanwhile) {
+      const start = epochMs();
+      try {
+        meanwhile();
+      } catch (error) {
+        meanwhileFailed = { error };
+      }
+      this.span('meanwhile', start);
     }
-    this.release();
+    this.handOver();
     let value: T;
     try {
       value = await reply;
@@ -71,21 +98,22 @@ export class ComputeTurns {
    * results of the lanes that did finish to `discard` (to free them).
    */
   static async run<T>(lanes: number, body: (lane: number, turns: ComputeTurns) => Promise<T>, discard?: (result: T) => void): Promise<T[]> {
-    const turns = new ComputeTurns();
+    const turn = new Turn();
     const settled = await Promise.allSettled(Array.from({ length: lanes }, async (_, lane) => {
+      const turns = new ComputeTurns(false, turn, lane);
       await turns.acquire();
       try {
         return await body(lane, turns);
       } catch (error) {
-        turns.fail(error);
+        if (!(error instanceof LaneStopped)) turn.failure ??= { error };
         throw error;
       } finally {
         turns.release();
       }
     }));
-    if (turns.failure) {
+    if (turn.failure) {
       for (const s of settled) if (s.status === 'fulfilled') discard?.(s.value);
-      throw turns.failure.error;
+      throw turn.failure.error;
     }
     return settled.map((s) => (s as PromiseFulfilledResult<T>).value);
   }
