@@ -250,7 +250,7 @@ const PRESETS: Record<string, { model: Record<string, unknown>; train: Record<st
       vocab_size: BYTE_VOCAB_SIZE, max_position_embeddings: 128,
       bos_token_id: BOS_ID, eos_token_id: EOS_ID,
     },
-    train: { steps: 600, batch_sequences: 32, seq_len: 128, lr: 3e-3, warmup_steps: 40, eval_interval: 50, eval_batches: 8, checkpoint_interval: 100 },
+    train: { steps: 600, batch_sequences: 32, seq_len: 128, lr: 3e-3, warmup_steps: 40, eval_interval: 50, eval_batches: 8, checkpoint_interval: 100, routing_group_tokens: 128 },
   },
   // The serving benchmark's shape (issue 15): big enough that the arithmetic, not per-op overhead, should
   // set the pace; random weights are fine there.
@@ -261,7 +261,7 @@ const PRESETS: Record<string, { model: Record<string, unknown>; train: Record<st
       vocab_size: BYTE_VOCAB_SIZE, max_position_embeddings: 2048,
       bos_token_id: BOS_ID, eos_token_id: EOS_ID,
     },
-    train: { steps: 100, batch_sequences: 8, seq_len: 512, lr: 1e-3, warmup_steps: 10, eval_interval: 50, eval_batches: 2, checkpoint_interval: 50 },
+    train: { steps: 100, batch_sequences: 8, seq_len: 512, lr: 1e-3, warmup_steps: 10, eval_interval: 50, eval_batches: 2, checkpoint_interval: 50, routing_group_tokens: 512 },
   },
 };
 
