@@ -38,6 +38,7 @@ export async function startExpertServer(experts: ExpertSet, host: string, port: 
         outstanding++;
         shard.enqueue(request, (reply) => {
           outstanding--;
+          // Not awaited (no 'drain' wait): the shard's compute turns never wait for a reply to be written.
           if (!gone()) call.write(reply);
           if (ending && outstanding === 0 && !gone()) call.end();
         }, gone);
