@@ -10,6 +10,7 @@ import { Counter, Gauge, Histogram } from 'prom-client';
 import { MetricGroup } from '../core/metrics/registry.js';
 import { DecayingRates } from '../core/metrics/decaying.js';
 import { expertKeyText, type ExpertKey } from '../core/placement.js';
+import { Credits } from '../core/credits.js';
 
 /** The shard gauges read the newest shard of the process when Prometheus scrapes. */
 let currentShard: ExpertShard | undefined;
@@ -18,11 +19,12 @@ const computeSeconds = new Histogram({
   buckets: [0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
 });
 const rowsTotal = new Counter({ name: 'switchyard_expert_rows_total', help: 'Rows computed per (layer, expert) and kind (forward, forward_train, backward)', labelNames: ['layer', 'expert', 'kind'], registers: [] });
+const refusedRows = new Counter({ name: 'switchyard_expert_refused_rows_total', help: 'Rows refused with RESOURCE_EXHAUSTED on arrival: over the router\'s credits, or over --max-queue-rows / --max-queue-bytes', labelNames: ['reason'], registers: [] });
 const mergedMessages = new Counter({ name: 'switchyard_expert_merged_messages_total', help: 'Expert runs saved by merging: one (layer, expert) run over the rows of m waiting inference messages adds m − 1', registers: [] });
 
 /** Exported once a shard starts (any shard: serving or training). */
 export const shardMetricGroup = new MetricGroup([
-  new Gauge({ name: 'switchyard_expert_queue_rows', help: 'Rows accepted by this shard and not answered yet: queued, held for their weights or computing (the autoscaling signal)', registers: [], collect() { this.set(currentShard?.queuedRows ?? 0); } }),
+  new Gauge({ name: 'switchyard_expert_queue_rows', help: 'Rows accepted by this shard and not answered yet: queued, held for their weights or computing (the autoscaling signal; bounded by --max-queue-rows)', registers: [], collect() { this.set(currentShard?.queuedRows ?? 0); } }),
   new Gauge({ name: 'switchyard_expert_first_row_seconds', help: 'Time from this shard\'s registration with the coordinator to the first row it served (0 until then)', registers: [], collect() {
     const registered = currentShard?.registeredAt?.();
     const first = currentShard?.firstRowAt;
@@ -32,6 +34,7 @@ export const shardMetricGroup = new MetricGroup([
   new Gauge({ name: 'switchyard_expert_queue_messages', help: 'Messages accepted by this shard and not answered yet', registers: [], collect() { this.set(currentShard?.queuedMessages ?? 0); } }),
   computeSeconds,
   rowsTotal,
+  refusedRows,
   mergedMessages,
 ]);
 
@@ -90,6 +93,10 @@ export class StepGate {
   }
 }
 
+/** Defaults of `serve expert --max-queue-rows` and `--max-queue-bytes`. */
+export const DEFAULT_MAX_QUEUE_ROWS = 262_144;
+export const DEFAULT_MAX_QUEUE_BYTES = 512 * 1024 * 1024;
+
 /**
  * Rows one compute turn takes at most (a single larger message still goes, alone): between turns the
  * event loop answers health checks and metric scrapes, and reads the next messages.
@@ -98,17 +105,37 @@ const ROWS_PER_TURN = 8192;
 
 const ROW_KINDS = new Set(['ROW_KIND_FORWARD', 'ROW_KIND_FORWARD_TRAIN', 'ROW_KIND_BACKWARD']);
 
-/** A request as accepted: its rows decoded (the wire bytes are not kept) and how to answer. */
+/** What a shard accepts: each router's credits per expert and the bounds of its queue. */
+export interface ShardLimits {
+  /** Inference rows per (layer, expert) one router may have queued or computing here (undefined = unlimited). */
+  creditsPerRouter?: number;
+  /** Rows accepted and not answered yet, over all routers (default DEFAULT_MAX_QUEUE_ROWS). */
+  maxQueueRows?: number;
+  /** The same rows as decoded float32 bytes (default DEFAULT_MAX_QUEUE_BYTES). */
+  maxQueueBytes?: number;
+}
+
+/** One router's Exchange stream: its inference rows at this shard per expert (the credits it uses here). */
+export class RouterStream {
+  readonly credits = new Credits();
+}
+
+/** A request as accepted: its rows decoded (the wire bytes are not kept), who sent it and how to answer. */
 interface Job {
   request: ExpertRequest__Output;
   batches: RowBatch[];
   dtype: FloatDtype;
   rows: number;
-  /** Inference rows: computed merged with other messages' per expert. */
+  /** Decoded float32 bytes of its rows: what --max-queue-bytes counts. */
+  bytes: number;
+  /** Inference rows: computed merged with other messages' per expert, and within the router's credits. */
   inference: boolean;
+  router: RouterStream;
   reply: (r: ExpertReply) => void;
   abandoned?: () => boolean;
 }
+
+type Refusal = { reason: 'credits' | 'queue_rows' | 'queue_bytes'; message: string };
 
 export class ExpertShard {
   /** Rows computed per (layer/expert) since start, for metrics and tests. */
@@ -122,16 +149,26 @@ export class ExpertShard {
   private readonly recentRows = new DecayingRates(1, 5);
   /** Present while the shard trains: orders training rows after the optimizer steps they depend on. */
   gate?: StepGate;
+  /** Each router's share of the token budget; the serving process updates it when the number of routers changes. */
+  creditsPerRouter?: number;
+  readonly maxQueueRows: number;
+  readonly maxQueueBytes: number;
 
   /** Accepted messages not computed yet, in arrival order (compute turns take them from the front). */
   private readonly queue: Job[] = [];
   private scheduled = false;
-  /** Accepted and not answered yet (queued, held back for their weights, or computing). */
+  /** Accepted and not answered yet (queued, held back for their weights, or computing): what the bounds limit. */
   queuedRows = 0;
+  queuedBytes = 0;
   queuedMessages = 0;
+  /** The stream of callers that name none (tests calling enqueue directly). */
+  private readonly anyRouter = new RouterStream();
 
   /** `log` receives one record per served message (pass, kind, rows, request ids). */
-  constructor(public experts: ExpertSet, private readonly log?: (record: Record<string, unknown>) => void) {
+  constructor(public experts: ExpertSet, private readonly log?: (record: Record<string, unknown>) => void, limits: ShardLimits = {}) {
+    this.creditsPerRouter = limits.creditsPerRouter;
+    this.maxQueueRows = limits.maxQueueRows ?? DEFAULT_MAX_QUEUE_ROWS;
+    this.maxQueueBytes = limits.maxQueueBytes ?? DEFAULT_MAX_QUEUE_BYTES;
     currentShard = this;
     shardMetricGroup.register();
   }
@@ -142,13 +179,14 @@ export class ExpertShard {
   }
 
   /**
-   * Accepts a request, or answers it at once: INVALID_ARGUMENT for bad rows, NOT_FOUND for inference rows
-   * of experts not held. Rows are decoded and checked here, on arrival,
+   * Accepts a request from `router`'s stream, or answers it at once: INVALID_ARGUMENT for bad rows,
+   * NOT_FOUND for inference rows of experts not held, RESOURCE_EXHAUSTED over the router's credits or the
+   * queue bounds (nothing of a refused message is kept). Rows are decoded and checked here, on arrival,
    * so compute turns only compute. `reply` gets the answer; answers may come in any order (they carry the
    * message id), but training messages are computed in arrival order. `abandoned` says when the caller
    * no longer waits, so the rows are not computed.
    */
-  enqueue(request: ExpertRequest__Output, reply: (r: ExpertReply) => void, abandoned?: () => boolean): void {
+  enqueue(request: ExpertRequest__Output, reply: (r: ExpertReply) => void, abandoned?: () => boolean, router: RouterStream = this.anyRouter): void {
     let job: Job;
     try {
       const { batches, dtype } = this.decode(request);
@@ -157,20 +195,56 @@ export class ExpertShard {
       // Training rows may arrive before their experts load (the step gate holds them): checked at compute.
       if (inference) this.checkHeld(batches);
       const rows = batches.reduce((n, b) => n + b.rowCount, 0);
-      job = { request: { ...request, batches: [] }, batches, dtype, rows, inference, reply, abandoned };
+      const bytes = batches.reduce((n, b) => n + b.rows.byteLength, 0);
+      job = { request: { ...request, batches: [] }, batches, dtype, rows, bytes, inference, router, reply, abandoned };
     } catch (err) {
       return reply(errorReply(request.messageId, err));
     }
+    const refusal = this.refusal(job);
+    if (refusal) {
+      refusedRows.inc({ reason: refusal.reason }, job.rows);
+      return reply({ messageId: request.messageId, error: { code: status.RESOURCE_EXHAUSTED, message: refusal.message } });
+    }
     this.queue.push(job);
     this.queuedRows += job.rows;
+    this.queuedBytes += job.bytes;
     this.queuedMessages++;
     this.schedule();
   }
 
-  /** Answers an accepted job and takes it off the counts. */
+  /** Why `job` cannot be accepted now; undefined once it is accepted (its credits taken). */
+  private refusal(job: Job): Refusal | undefined {
+    if (this.queuedRows + job.rows > this.maxQueueRows)
+      return { reason: 'queue_rows', message: `queue full: ${this.queuedRows} rows accepted and not answered here; ${job.rows} more would exceed --max-queue-rows ${this.maxQueueRows}` };
+    if (this.queuedBytes + job.bytes > this.maxQueueBytes)
+      return { reason: 'queue_bytes', message: `queue full: ${this.queuedBytes} bytes of rows accepted and not answered here; ${job.bytes} more would exceed --max-queue-bytes ${this.maxQueueBytes}` };
+    // Training rows are paced by the training barrier, not by credits.
+    if (!job.inference) return undefined;
+    // The routers' own rule (Credits.tryTake): within the share, or one batch alone when none of that expert is in flight.
+    const { credits } = job.router;
+    const taken: RowBatch[] = [];
+    for (const b of job.batches) {
+      if (b.rowCount === 0) continue;
+      if (credits.tryTake(expertKeyText(b), b.rowCount, this.creditsPerRouter)) {
+        taken.push(b);
+        continue;
+      }
+      const inFlight = credits.snapshot().get(expertKeyText(b)) ?? 0;
+      for (const t of taken) credits.give(expertKeyText(t), t.rowCount);
+      return {
+        reason: 'credits',
+        message: `expert (layer ${b.layer}, expert ${b.expert}): this router has ${inFlight} rows of it in flight here; ${b.rowCount} more would exceed its limit of ${this.creditsPerRouter} rows per expert (its share of the shard's token budget)`,
+      };
+    }
+    return undefined;
+  }
+
+  /** Answers an accepted job and gives back what it held (queue room, the router's credits). */
   private answer(job: Job, reply: ExpertReply): void {
     this.queuedRows -= job.rows;
+    this.queuedBytes -= job.bytes;
     this.queuedMessages--;
+    if (job.inference) for (const b of job.batches) if (b.rowCount > 0) job.router.credits.give(expertKeyText(b), b.rowCount);
     job.reply(reply);
   }
 
