@@ -19,6 +19,7 @@ const computeSeconds = new Histogram({
   buckets: [0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
 });
 const rowsTotal = new Counter({ name: 'switchyard_expert_rows_total', help: 'Rows computed per (layer, expert) and kind (forward, forward_train, backward)', labelNames: ['layer', 'expert', 'kind'], registers: [] });
+const messagesTotal = new Counter({ name: 'switchyard_expert_messages_total', help: 'Messages answered with their rows computed, per kind (forward, forward_train, backward)', labelNames: ['kind'], registers: [] });
 const refusedRows = new Counter({ name: 'switchyard_expert_refused_rows_total', help: 'Rows refused with RESOURCE_EXHAUSTED on arrival: over the router\'s credits, or over --max-queue-rows / --max-queue-bytes', labelNames: ['reason'], registers: [] });
 const mergedMessages = new Counter({ name: 'switchyard_expert_merged_messages_total', help: 'Expert runs saved by merging: one (layer, expert) run over the rows of m waiting inference messages adds m − 1', registers: [] });
 
@@ -34,6 +35,7 @@ export const shardMetricGroup = new MetricGroup([
   new Gauge({ name: 'switchyard_expert_queue_messages', help: 'Messages accepted by this shard and not answered yet', registers: [], collect() { this.set(currentShard?.queuedMessages ?? 0); } }),
   computeSeconds,
   rowsTotal,
+  messagesTotal,
   refusedRows,
   mergedMessages,
 ]);
@@ -413,6 +415,7 @@ export class ExpertShard {
       batches: batches.map((b) => `${expertKeyText(b)}:${b.rowCount}`).join(' '),
     });
     const kind = request.kind.replace('ROW_KIND_', '').toLowerCase();
+    messagesTotal.inc({ kind });
     for (const b of batches) {
       const key = expertKeyText(b);
       this.rowsServed.set(key, (this.rowsServed.get(key) ?? 0) + b.rowCount);
