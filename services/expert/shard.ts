@@ -1,5 +1,7 @@
-// An expert shard's request handling: decode the row batches of one ExpertRequest, compute them with
-// the shard's ExpertSet, encode the reply. Transport-free, so it is tested without a network.
+// An expert shard's request handling: check and decode each ExpertRequest's row batches as it arrives
+// (refusing what is over its router's credits or the queue bounds), compute the waiting ones with the
+// shard's ExpertSet — inference rows merged per expert — and encode the replies. Transport-free, so it
+// is tested without a network.
 import { status } from '@grpc/grpc-js';
 import { MissingPassError, type ExpertSet, type RowBatch } from '../core/model/experts.js';
 import { fromWireTensor, toWireTensor, WireError } from '../core/wire/tensor.js';
