@@ -15,6 +15,8 @@ import { atomicWriteFile } from '../core/checkpoint/index.js';
 import { assertTrainable, familyOf } from '../core/model/family.js';
 import { parseAssignment } from '../expert/assignment.js';
 import { startExpertServer } from '../expert/server.js';
+import { DEFAULT_MAX_QUEUE_BYTES, DEFAULT_MAX_QUEUE_ROWS } from '../expert/shard.js';
+import { creditsPerExpert } from '../core/placement.js';
 import { startCoordinator } from '../coordinator/server.js';
 import { buildAdminApp } from '../coordinator/admin.js';
 import { readToken } from '../core/auth.js';
@@ -240,7 +242,7 @@ interface ServeFlags {
   overflow: string; microBatches: number; maxQueue: number; maxBatch: number; maxBatchedTokens: number; kvCacheTokens?: number; prefixCaching: boolean; inferConcurrency: number; requestTimeoutMs: number; apiTokenFile?: string;
   maxRssMb: number; drainMs: number; advertise?: string;
   maxExperts: number; dropGraceMs: number; drainTimeoutMs: number; rebalanceIntervalMs: number; adminTokenFile?: string;
-  maxMessageBytes: number;
+  maxMessageBytes: number; maxQueueRows: number; maxQueueBytes: number;
 }
 
 const WIRE_DTYPES: Record<string, FloatDtype> = { f32: 'F32', bf16: 'BF16', f16: 'F16' };
@@ -377,9 +379,14 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
   checkMaxMessageBytes(flags.maxMessageBytes, config.hidden_size, 'F32', '--max-message-bytes');
   // A training shard loads its experts when the run (re)starts, from the checkpoint the coordinator names.
   const experts = flags.train ? new ExpertSet(config.hidden_size, family.expertIntermediate) : await loadExpertSet(layout, keys);
-  const server = await startExpertServer(experts, flags.host, flags.port, { maxMessageBytes: flags.maxMessageBytes });
+  const server = await startExpertServer(experts, flags.host, flags.port, { maxMessageBytes: flags.maxMessageBytes, maxQueueRows: flags.maxQueueRows, maxQueueBytes: flags.maxQueueBytes });
   // Peers dial the registered address, so a shard bound to 0.0.0.0 (a container) names its reachable one.
   const address = flags.advertise ?? `${flags.host}:${server.port}`;
+  const memberId = flags.shardId ?? `shard-${address}`;
+  // The shard enforces each router's share of its budget by the routers' own rule; it states its budget
+  // itself (the table lists it only once registered). Without a coordinator it knows of one router.
+  const creditsPerRouter = (routers?: number) => creditsPerExpert({ version: 0, routers, entries: [], shards: [{ shardId: memberId, address, tokenBudget: flags.tokenBudget }] }, memberId);
+  server.shard.creditsPerRouter = creditsPerRouter();
   let training: Promise<void> | undefined;
   let trainLink: TrainLink | undefined;
   let stopping = false;
@@ -400,7 +407,6 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
     });
   }
   const metrics = await startMetricsServer(flags.host, flags.metricsPort);
-  const memberId = flags.shardId ?? `shard-${address}`;
   const link = flags.coordinator
     ? new CoordinatorLink(flags.coordinator, {
       memberId, role: 'ROLE_EXPERT_SHARD', address, experts: keys, tokenBudget: flags.tokenBudget, maxExperts: flags.maxExperts,
@@ -415,7 +421,10 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
     // Training shards take their experts from the run's JOIN; serving shards follow the coordinator's plan.
     if (!flags.train) {
       follower = new AssignmentFollower({ shard: server.shard, memberId, checkpointDir: dir, link, dropGraceMs: flags.dropGraceMs, log: jsonLog(memberId) });
-      link.watch((table) => follower!.follow(table));
+      link.watch((table) => {
+        server.shard.creditsPerRouter = creditsPerRouter(table.routers);
+        follower!.follow(table);
+      });
     }
   }
   process.stdout.write(`switchyard expert shard listening on ${flags.host}:${server.port}${flags.advertise ? ` (registered as ${address})` : ''} holding ${keys.length} experts (metrics http://${flags.host}:${metrics.port}/metrics)\n`);
@@ -508,7 +517,9 @@ export function buildProgram(): Command {
     .option('--coordinator <host:port>', 'expert: register with this coordinator and keep the lease alive')
     .option('--advertise <host:port>', 'expert: address registered with the coordinator (default: --host:port; needed when --host is 0.0.0.0)')
     .option('--shard-id <id>', 'expert: member id at the coordinator (default: shard-<address>)')
-    .option('--token-budget <rows>', 'expert: rows per expert accepted in flight', integer('--token-budget', 1), 4096)
+    .option('--token-budget <rows>', 'expert: rows per expert accepted in flight (each router gets its share; more is refused with RESOURCE_EXHAUSTED)', integer('--token-budget', 1), 4096)
+    .option('--max-queue-rows <rows>', 'expert: rows accepted and not answered yet, over all routers; a message past it is refused with RESOURCE_EXHAUSTED', integer('--max-queue-rows', 1), DEFAULT_MAX_QUEUE_ROWS)
+    .option('--max-queue-bytes <bytes>', 'expert: the same bound in decoded float32 bytes of rows', integer('--max-queue-bytes', 1), DEFAULT_MAX_QUEUE_BYTES)
     .option('--model-name <name>', 'router: the served model name (default: from the checkpoint folder)')
     .option('--wire-dtype <f32|bf16|f16>', 'router: dtype of row batches on the wire (bf16/f16 halve the bytes)', 'f32')
     .option('--max-message-bytes <bytes>', 'router, expert: largest gRPC message between routers and shards; a router splits what it sends a shard to fit (give routers and shards the same value)', integer('--max-message-bytes', 1), MAX_MESSAGE_BYTES)

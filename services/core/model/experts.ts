@@ -146,6 +146,11 @@ export class ExpertSet {
       throw new RangeError(`batch for (layer ${b.layer}, expert ${b.expert}) has ${b.rows.length} floats, expected ${b.rowCount}×${this.hidden}`);
   }
 
+  /**
+   * One upload (the rows), one matMul chain, one readback. The weights are not uploaded per call: they
+   * stay on the backend as the parameter table's tensors from load to removal (and the transposed copies
+   * backward uses are cached until the weights change, see weightsT).
+   */
   forwardRows(passId: string, b: RowBatch, train: boolean): Float32Array {
     this.checkRows(b);
     const w = this.weights(b.layer, b.expert);

@@ -43,6 +43,17 @@ export class ExpertCallError extends Error {
   }
 }
 
+/**
+ * A shard's reply error RESOURCE_EXHAUSTED: the shard is fine but refuses these rows now (this router is
+ * over its credits there, or the shard's queue is full). Serving treats the rows as at capacity.
+ */
+export class ShardAtCapacityError extends ExpertCallError {
+  override name = 'ShardAtCapacityError';
+}
+
+/** Pause before `wait` sends rows a shard refused again: the n-th retry waits 5, 10, then 20 ms. */
+const capacityBackoffMs = (retry: number): number => Math.min(20, 5 * 2 ** retry);
+
 interface Pending {
   resolve: (reply: ExpertReply__Output) => void;
   reject: (err: Error) => void;
@@ -289,7 +300,11 @@ export class GrpcExpertTransport implements ExpertTransport {
           return { layer: b.layer, expert: b.expert, rows };
         }),
       }, timeout);
-      if (reply.error) throw new ExpertCallError(address, reply.error.code, reply.error.message, reply.error.missing);
+      if (reply.error) {
+        // Only a reply can say "at capacity": RESOURCE_EXHAUSTED as the stream's status is a message over the size limit.
+        const Failure = reply.error.code === grpc.status.RESOURCE_EXHAUSTED ? ShardAtCapacityError : ExpertCallError;
+        throw new Failure(address, reply.error.code, reply.error.message, reply.error.missing);
+      }
       if (reply.batches.length !== mine.length) throw new ExpertCallError(address, grpc.status.INTERNAL, `${reply.batches.length} batches for ${mine.length} sent`);
       this.options.onDispatch?.(address, bytes, (performance.now() - started) / 1000);
       mine.forEach((p, j) => {
@@ -326,25 +341,36 @@ export class GrpcExpertTransport implements ExpertTransport {
   /**
    * Inference: every batch goes to live replicas of its expert, within this router's credits. A shard
    * that fails is marked down and its batches go to the remaining replicas; what no replica can take
-   * comes back unserved (the MoE block applies the overflow policy), never as a failed call.
+   * comes back unserved (the MoE block applies the overflow policy), never as a failed call. A shard
+   * that refuses a message (RESOURCE_EXHAUSTED) stays up and its batches are at capacity; with `wait`
+   * and a deadline they go again after a short pause while the deadline allows.
    */
   async serve(passId: string, batches: RowBatch[], context?: CallContext): Promise<Array<Float32Array | Unserved>> {
     const out: Array<Float32Array | undefined> = new Array(batches.length);
     const unserved = new Map<number, 'shard_down' | 'at_capacity'>();
+    const waitDeadline = this.overflow === 'wait' ? context?.deadline : undefined;
     let todo = batches.map((_, i) => i);
-    for (let round = 0; todo.length > 0 && round < 4; round++) {
+    // Rounds that lost a shard are bounded; rounds that only retry refused rows are bounded by the deadline.
+    for (let failovers = 0, capacityRetries = 0; todo.length > 0 && failovers < 4;) {
       if (context?.deadline !== undefined && Date.now() >= context.deadline) throw new OverloadError('the request deadline passed while its rows were with the experts', 'deadline');
+      for (const i of todo) unserved.delete(i);
       const pieces = this.split(batches, todo, true);
       for (const i of todo) if (!pieces.some((p) => p.batch === i)) unserved.set(i, 'shard_down');
       const granted = await this.takeCredits(batches, pieces, context?.deadline);
       for (const p of pieces) if (!granted.has(p.batch)) unserved.set(p.batch, 'at_capacity');
       const sendable = pieces.filter((p) => granted.has(p.batch));
       const failed = new Set<number>();
+      const refused = new Set<number>();
       await Promise.all([...new Set(sendable.map((p) => p.address))].map(async (address) => {
         const mine = sendable.filter((p) => p.address === address);
         try {
           await this.sendPieces(passId, batches, 'ROW_KIND_FORWARD', mine, out, context);
         } catch (err) {
+          // Not a lost shard: it stays up, and nothing it holds is skipped.
+          if (err instanceof ShardAtCapacityError) {
+            for (const p of mine) refused.add(p.batch);
+            return;
+          }
           const code = (err as ExpertCallError).code;
           if (code === grpc.status.DEADLINE_EXCEEDED && context?.deadline !== undefined && Date.now() >= context.deadline - 1)
             throw new OverloadError('the request deadline passed while its rows were with the experts', 'deadline');
@@ -363,9 +389,20 @@ export class GrpcExpertTransport implements ExpertTransport {
         }
       }));
       for (const i of failed) out[i] = undefined;
-      todo = [...failed];
+      for (const i of refused) {
+        out[i] = undefined;
+        if (!failed.has(i)) unserved.set(i, 'at_capacity');
+      }
+      if (failed.size > 0) failovers++;
+      const pause = capacityBackoffMs(capacityRetries);
+      const retryRefused = refused.size > 0 && waitDeadline !== undefined && Date.now() + pause < waitDeadline;
+      todo = [...new Set([...failed, ...(retryRefused ? refused : [])])];
+      if (retryRefused) {
+        capacityRetries++;
+        await new Promise((resolve) => setTimeout(resolve, pause));
+      }
     }
-    for (const i of todo) unserved.set(i, 'shard_down');
+    for (const i of todo) if (!unserved.has(i)) unserved.set(i, 'shard_down');
     return batches.map((b, i) => {
       const reason = out[i] === undefined ? unserved.get(i) ?? 'shard_down' : undefined;
       if (!reason) return out[i]!;
