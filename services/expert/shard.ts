@@ -165,6 +165,8 @@ export class ExpertShard {
   queuedRows = 0;
   queuedBytes = 0;
   queuedMessages = 0;
+  /** When each accepted message arrived (epoch ms, sub-ms), for the debug log's records. */
+  private readonly arrivals = new WeakMap<ExpertRequest__Output, number>();
   /** The stream of callers that name none (tests calling enqueue directly). */
   private readonly anyRouter = new RouterStream();
 
@@ -191,6 +193,7 @@ export class ExpertShard {
    * no longer waits, so the rows are not computed.
    */
   enqueue(request: ExpertRequest__Output, reply: (r: ExpertReply) => void, abandoned?: () => boolean, router: RouterStream = this.anyRouter): void {
+    const receivedAt = this.log ? performance.timeOrigin + performance.now() : 0;
     let job: Job;
     try {
       const { batches, dtype } = this.decode(request);
@@ -201,6 +204,7 @@ export class ExpertShard {
       const rows = batches.reduce((n, b) => n + b.rowCount, 0);
       const bytes = batches.reduce((n, b) => n + b.rows.byteLength, 0);
       job = { request: { ...request, batches: [] }, batches, dtype, rows, bytes, inference, router, reply, abandoned };
+      if (this.log) this.arrivals.set(job.request, receivedAt);
     } catch (err) {
       return reply(errorReply(request.messageId, err));
     }
@@ -413,7 +417,7 @@ export class ExpertShard {
     this.firstRowAt ??= Date.now();
     this.recentRows.add(0, batches.reduce((n, b) => n + b.rowCount, 0));
     this.log?.({
-      msg: 'rows served', pass: request.passId, kind: request.kind, request_ids: request.requestIds,
+      msg: 'rows served', pass: request.passId, kind: request.kind, request_ids: request.requestIds, received_at: this.arrivals.get(request),
       batches: batches.map((b) => `${expertKeyText(b)}:${b.rowCount}`).join(' '),
     });
     const kind = request.kind.replace('ROW_KIND_', '').toLowerCase();

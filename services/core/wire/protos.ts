@@ -1,6 +1,7 @@
 // The gRPC contracts loaded once, with exactly the options the generated types assume (proto/generate.mjs):
 // camelCase fields, 64-bit integers and enums as strings, defaults filled in, bytes as Buffer.
 import * as grpc from '@grpc/grpc-js';
+import { FLOW_CONTROL_WINDOW } from './flow-control.js';
 import * as protoLoader from '@grpc/proto-loader';
 import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
@@ -48,6 +49,8 @@ export function channelOptions(maxMessageBytes = MAX_MESSAGE_BYTES): grpc.Channe
   return {
     'grpc.max_receive_message_length': maxMessageBytes,
     'grpc.max_send_message_length': maxMessageBytes,
+    // Replies as large as the window come in without waiting for this side to read (flow-control.ts).
+    'grpc-node.flow_control_window': FLOW_CONTROL_WINDOW,
     'grpc.keepalive_time_ms': 10_000,
     'grpc.keepalive_timeout_ms': 5_000,
   };

@@ -1,6 +1,7 @@
 // A Switchyard gRPC server: explicit message-size limits, grpc.health.v1 and reflection for every
 // service it hosts, bound on host:port (0 = any free port).
 import * as grpc from '@grpc/grpc-js';
+import { widenServerWindows } from './flow-control.js';
 import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation } from 'grpc-health-check';
 import { channelOptions, packageDefinition } from './protos.js';
@@ -60,6 +61,7 @@ export interface GrpcServerOptions {
 export async function startGrpcServer(
   host: string, port: number, serviceName: string, addServices: (server: grpc.Server) => void, options: GrpcServerOptions = {},
 ): Promise<RunningGrpcServer> {
+  widenServerWindows();
   const server = new grpc.Server(channelOptions(options.maxMessageBytes));
   addServices(server);
   const health = new HealthImplementation({ '': 'SERVING', [serviceName]: 'SERVING' });
