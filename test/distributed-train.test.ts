@@ -138,7 +138,10 @@ test('switch with Random Token Selection and capacity drops: 2 routers keep exac
   const config = join(root, 'rts.json');
   await writeFile(config, JSON.stringify({ base: 'tiny', model: { num_experts_per_tok: 1, switchyard_gate: gate }, train: { steps: 5, checkpoint_interval: 5, eval_interval: 5 } }));
   const out = join(root, 'rts-dist');
-  const run = await runCli(['train', '--config', config, '--routers', '2', '--shards', '2', '--out', out]);
+  // One lane per router pass: micro-batches change where float32 rounding falls, and capacity dropping
+  // turns a last-bit difference in a gate logit into a different kept token a few steps later; the
+  // kept tokens here must match exactly (test/pipeline-cluster.test.ts covers the lanes).
+  const run = await runCli(['train', '--config', config, '--routers', '2', '--shards', '2', '--micro-batches', '1', '--out', out]);
   assert.equal(run.code, 0, run.stderr);
   const [got, want] = [await metrics(out), await metrics(ref)];
   assert.ok(want.every((r) => r.dropped_fraction > 0), 'every step drops tokens');
