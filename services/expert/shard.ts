@@ -31,6 +31,7 @@ export const shardMetricGroup = new MetricGroup([
   new Gauge({ name: 'switchyard_expert_queue_messages', help: 'Messages waiting at this shard', registers: [], collect() { this.set(currentShard?.queuedMessages ?? 0); } }),
   computeSeconds,
   rowsTotal,
+  ...MetricGroup.busy,
 ]);
 
 class ShardError extends Error {
