@@ -61,6 +61,8 @@ const textIds = (offset: number, length: number): Int32Array => Int32Array.from(
 /** Request i's prompt: distinct for i < MAX_CONCURRENCY. */
 const promptIds = (i: number, length: number): Int32Array => textIds(i * PROMPT_STRIDE, length);
 const WARM_UP = Int32Array.from(new TextEncoder().encode('0123456789'));
+/** Digit prompts for warming a cluster up: `length` ASCII digits, a different sequence for each k. */
+const warmUpIds = (k: number, length: number): Int32Array => Int32Array.from({ length }, (_, j) => 48 + ((j * 7 + k * 3 + ((j * j) % 5)) % 10));
 
 const greedy = (maxTokens: number): EngineSampling => ({ maxTokens, temperature: 0, topP: 1, seed: 0, stopIds: [] });
 
@@ -546,7 +548,9 @@ async function clusterSection(model: MixtralModel, s: Settings, rows: BenchRow[]
         const url = cluster.routerUrls[0];
         const services: Record<string, string> = { 'router-0': `${url}/metrics` };
         cluster.metricsUrls.slice(1).forEach((u, i) => { services[`shard-${i}`] = u; }); // [0] is the coordinator's
-        await streamCompletion(url, WARM_UP, 2, bias);
+        // Warm-up: a burst of digit prompts (no timed prompt has digits) that routes rows to every
+        // expert, so no shard packs an expert's weights for the first time inside a timed round.
+        await Promise.all(Array.from({ length: 8 }, (_, k) => streamCompletion(url, warmUpIds(k, c.promptIds), 2, bias)));
         for (const concurrency of c.concurrency) {
           const rounds: ClusterRound[] = [];
           for (let r = 0; r < s.rounds; r++) {
