@@ -25,13 +25,13 @@
 // SWITCHYARD_BENCH_CLUSTER_TOKENS=16 (the cluster section),
 // SWITCHYARD_BENCH_ROUNDS=1 (rounds of every timed measurement), SWITCHYARD_BENCH_CONTEXTS=128,512 or
 // `none` (the context curve's L values), SWITCHYARD_BENCH_PREFIX_IDS=1000 or `none` (the prefix length).
+import { availableParallelism } from 'node:os';
+import { join } from 'node:path';
 import { backendInfo, describeBackend, initBackend } from '../core/backend.js';
 import { preset } from '../core/config.js';
 import { MixtralModel } from '../core/model/model.js';
 import { median, report, speedupRow, type BenchRow } from './report.js';
 import { stepBreakdown, type StepBreakdown } from './serving-breakdown.js';
-import { availableParallelism } from 'node:os';
-import { join } from 'node:path';
 import { busySample, type BusyMeasure } from '../core/metrics/busy.js';
 import { withClusterOn, withSavedModel, type ClusterTimings } from './local-cluster.js';
 import { busyShare, scrapeAll } from './busy-scrape.js';
