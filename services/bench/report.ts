@@ -1,5 +1,6 @@
 // Bench output: a printed table per suite and a JSON file in bench-results/.
 import { mkdir, writeFile } from 'node:fs/promises';
+import { availableParallelism } from 'node:os';
 import { join, resolve } from 'node:path';
 
 export interface BenchRow {
@@ -16,6 +17,32 @@ export interface BenchRow {
 }
 
 export const BENCH_DIR = 'bench-results';
+
+/** Headroom over the core count before a speed-up counts as impossible (timer noise, turbo, caches). */
+export const POSSIBLE_SPEEDUP_SLACK = 1.1;
+
+/**
+ * Processes on this machine cannot do more than its cores allow: a distributed figure claiming more than
+ * cores × 1.1 times the one-process figure of the same work is a measuring or checking error, and the
+ * suite fails with the numbers. Both figures are rates (higher is better). Returns the ratio.
+ */
+export function checkPossibleSpeedup(label: string, distributed: number, oneProcess: number, cores = availableParallelism()): number {
+  const ratio = distributed / oneProcess;
+  const limit = cores * POSSIBLE_SPEEDUP_SLACK;
+  if (!(oneProcess > 0) || !Number.isFinite(distributed) || ratio > limit)
+    throw new Error(`${label}: ${fmt(distributed)} against ${fmt(oneProcess)} in one process is ${ratio.toFixed(3)}×, ` +
+      `impossible on ${cores} cores (at most ${limit.toFixed(2)}×): the measurement or its check is wrong`);
+  return ratio;
+}
+
+/**
+ * A row comparing a distributed rate with the one-process rate of the same work: its ratio, the target
+ * when there is one, and the physical-possibility check above (which throws).
+ */
+export function speedupRow(name: string, value: number, unit: string, oneProcess: number, target?: { min: number }): BenchRow {
+  const ratio = checkPossibleSpeedup(name, value, oneProcess);
+  return { name, value, unit, anchor: oneProcess, ratio, ...(target ? { target: `>= ${target.min}`, met: ratio >= target.min } : {}) };
+}
 
 export function median(values: number[]): number {
   const s = [...values].sort((a, b) => a - b);
@@ -35,7 +62,8 @@ export async function timeMedian(reps: number, fn: () => void | Promise<void>): 
   return median(samples);
 }
 
-const fmt = (x: number | undefined, digits = 2): string => (x === undefined ? '' : Number.isInteger(x) ? String(x) : x.toFixed(digits));
+const fmt = (x: number | undefined, digits = 2): string =>
+  x === undefined ? '' : Number.isInteger(x) ? String(x) : Math.abs(x) < 0.01 ? x.toExponential(digits) : x.toFixed(digits);
 
 export async function report(suite: string, rows: BenchRow[], context: Record<string, unknown>): Promise<string> {
   const header = ['measure', 'value', 'unit', 'anchor', 'ratio', 'target', 'met'];

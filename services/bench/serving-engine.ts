@@ -14,6 +14,8 @@ export interface EngineSampling {
   seed: number;
   /** Ids that end generation early; [] = always generate maxTokens (within the context limit). */
   stopIds: number[];
+  /** Token id → logit bias (the cluster comparison keeps output ids below 128, so text carries them exactly). */
+  logitBias?: Record<number, number>;
 }
 
 export interface ServingEngine {
@@ -26,13 +28,19 @@ export interface ServingEngine {
 /** Names the engine in the bench's JSON, so results before and after the rewrite tell which they measured. */
 export const ENGINE_NAME = 'Scheduler (services/router/scheduler.ts: paged KV cache, batched step, chunked prefill, prefix caching)';
 
-/** An engine serving `model` in this process, running at most `maxSequences` sequences per step. */
-export async function startEngine(model: MixtralModel, options: { maxSequences: number }): Promise<ServingEngine> {
+/** The KV cache the bench's engines get, here and on the cluster's routers (--kv-cache-tokens). */
+export const benchKvCacheTokens = (model: MixtralModel, maxSequences: number): number => Math.max(model.config.max_position_embeddings, maxSequences * 256);
+
+/**
+ * An engine serving `model` in this process, running at most `maxSequences` sequences per step;
+ * `prefixCaching: false` as a router's --no-prefix-caching.
+ */
+export async function startEngine(model: MixtralModel, options: { maxSequences: number; prefixCaching?: boolean }): Promise<ServingEngine> {
   // The KV cache the bench's requests need (the longest is the 1 520-id prefix request), not the default
   // of every sequence at full context: a fresh engine per round would otherwise leave gigabytes of touched
   // blocks to the garbage collector between rounds.
-  const kvCacheTokens = Math.max(model.config.max_position_embeddings, options.maxSequences * 256);
-  const batcher = new Scheduler(model, { maxSequences: options.maxSequences, kvCacheTokens });
+  const kvCacheTokens = benchKvCacheTokens(model, options.maxSequences);
+  const batcher = new Scheduler(model, { maxSequences: options.maxSequences, kvCacheTokens, prefixCaching: options.prefixCaching });
   return {
     submit: async (prompt, sampling, onToken) => {
       const g = await batcher.submit(prompt, sampling, (id) => { onToken(id); });

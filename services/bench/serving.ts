@@ -7,22 +7,35 @@
 //    maxTokens ids, and the first 4 requests of every round returned what their prompt gives alone.
 // 2. Prefix reuse (`medium`): TTFT of a 1 500-id prompt, then of the same ids plus 20 more.
 // 3. Context curve (`medium`): 32 concurrent requests of L − 16 prompt ids + 16 new ids, median TPOT per L.
-// 4. Cluster: `small` (and `medium` in full mode) behind `switchyard up`'s cluster, 2 shards, 1 router.
+// 4. Cluster (issue 16): `medium` behind `switchyard up`'s cluster (2 shards, 1 router), one cluster per
+//    --micro-batches value m (1, 2, 4; quick: 1, 2), at 8 and 32 concurrent streamed greedy requests (quick:
+//    8): decode tokens/s (concurrency / median TPOT), tokens/s, latency p50/p99, each m against the
+//    in-process engine on the same requests and against m = 1, and each service's busy share of the
+//    timed window (router and shards, event loop and cpu, from their switchyard_busy_seconds_total).
+//    Checked before anything is reported: every cluster request's ids equal the in-process engine's for
+//    the same prompt, no response or router counter reports degraded or unserved rows, and no cluster
+//    figure exceeds what the machine's cores allow against the in-process one.
 //
 // The engine is reached only through ./serving-engine.ts. Every timed round runs on a fresh engine
 // (after a short warm-up request whose ids no prompt shares), so nothing one round leaves behind, such
 // as cached prefixes, helps the next.
 //
 // Environment (both modes): SWITCHYARD_BENCH_CONCURRENCY=1,8 (in-process concurrency list),
+// SWITCHYARD_BENCH_CLUSTER_CONCURRENCY=8,32, SWITCHYARD_BENCH_MICRO_BATCHES=1,2,4 (must include 1) and
+// SWITCHYARD_BENCH_CLUSTER_TOKENS=16 (the cluster section),
 // SWITCHYARD_BENCH_ROUNDS=1 (rounds of every timed measurement), SWITCHYARD_BENCH_CONTEXTS=128,512 or
 // `none` (the context curve's L values), SWITCHYARD_BENCH_PREFIX_IDS=1000 or `none` (the prefix length).
+import { availableParallelism } from 'node:os';
+import { join } from 'node:path';
 import { backendInfo, describeBackend, initBackend } from '../core/backend.js';
 import { preset } from '../core/config.js';
 import { MixtralModel } from '../core/model/model.js';
-import { median, report, type BenchRow } from './report.js';
+import { median, report, speedupRow, type BenchRow } from './report.js';
 import { stepBreakdown, type StepBreakdown } from './serving-breakdown.js';
-import { withLocalCluster, withSmallCluster, type ClusterTimings } from './local-cluster.js';
-import { ENGINE_NAME, startEngine, type EngineSampling, type ServingEngine } from './serving-engine.js';
+import { busySample, type BusyMeasure } from '../core/metrics/busy.js';
+import { withClusterOn, withSavedModel, type ClusterTimings } from './local-cluster.js';
+import { busyShare, scrapeAll } from './busy-scrape.js';
+import { benchKvCacheTokens, ENGINE_NAME, startEngine, type EngineSampling, type ServingEngine } from './serving-engine.js';
 
 // The prompts' text: the opening of Moby Dick (public domain), ASCII, no digits (the warm-up prompt is
 // digits, so no prompt shares a prefix with it). Prompt i is `PROMPT_STRIDE * i` bytes into it, cycling
@@ -48,6 +61,8 @@ const textIds = (offset: number, length: number): Int32Array => Int32Array.from(
 /** Request i's prompt: distinct for i < MAX_CONCURRENCY. */
 const promptIds = (i: number, length: number): Int32Array => textIds(i * PROMPT_STRIDE, length);
 const WARM_UP = Int32Array.from(new TextEncoder().encode('0123456789'));
+/** Digit prompts for warming a cluster up: `length` ASCII digits, a different sequence for each k. */
+const warmUpIds = (k: number, length: number): Int32Array => Int32Array.from({ length }, (_, j) => 48 + ((j * 7 + k * 3 + ((j * j) % 5)) % 10));
 
 const greedy = (maxTokens: number): EngineSampling => ({ maxTokens, temperature: 0, topP: 1, seed: 0, stopIds: [] });
 
@@ -131,10 +146,10 @@ interface Timed {
 }
 
 /** Submits at once (synchronously, so a batch of these is queued before any step runs). */
-async function timedRequest(engine: ServingEngine, prompt: Int32Array, maxTokens: number): Promise<Timed> {
+async function timedRequest(engine: ServingEngine, prompt: Int32Array, maxTokens: number, sampling: EngineSampling = greedy(maxTokens)): Promise<Timed> {
   let first: number | undefined;
   const t0 = performance.now();
-  const { ids } = await engine.submit(prompt, greedy(maxTokens), () => { first ??= performance.now(); });
+  const { ids } = await engine.submit(prompt, sampling, () => { first ??= performance.now(); });
   const end = performance.now();
   return { ids, latency: (end - t0) / 1000, ttft: first === undefined ? Number.NaN : (first - t0) / 1000 };
 }
@@ -143,8 +158,8 @@ const log = (line: string): void => { process.stderr.write(`serving: ${line}\n`)
 const secs = (t0: number): number => (performance.now() - t0) / 1000;
 
 /** A fresh engine for one timed measurement, warmed by a short request first. */
-async function withEngine<T>(model: MixtralModel, maxSequences: number, fn: (engine: ServingEngine) => Promise<T>): Promise<T> {
-  const engine = await startEngine(model, { maxSequences });
+async function withEngine<T>(model: MixtralModel, maxSequences: number, fn: (engine: ServingEngine) => Promise<T>, options: { prefixCaching?: boolean } = {}): Promise<T> {
+  const engine = await startEngine(model, { maxSequences, ...options });
   try {
     await engine.submit(WARM_UP, greedy(2), () => undefined);
     return await fn(engine);
@@ -175,6 +190,9 @@ function roundStats(done: Timed[], wall: number): RoundStats {
     tpotMedian: tpots.length ? median(tpots) : Number.NaN,
   };
 }
+
+/** The lowest and highest of several rounds' values, for a row's `range`. */
+const rangeOf = (v: number[]): { range?: [number, number] } => (v.length > 1 ? { range: [Math.min(...v), Math.max(...v)] } : {});
 
 /** A row whose value is the median over rounds (the range kept in the JSON); `scale` converts units. */
 function medianRow(name: string, values: number[], unit: string, scale = 1): BenchRow {
@@ -369,52 +387,247 @@ async function breakdownSection(model: MixtralModel, s: Settings, rows: BenchRow
   meta['medium step breakdown'] = { sequences, reps, breakdown: b, curve, curveKv: 'random K/V written into the blocks (no prefill)' };
 }
 
-async function clusterRows(name: string, url: string, concurrencies: number[], promptLength: number, maxTokens: number, s: Settings, rows: BenchRow[]): Promise<Record<string, number>> {
-  const complete = async (i: number): Promise<{ seconds: number; tokens: number }> => {
-    const t0 = performance.now();
-    const res = await fetch(`${url}/v1/completions`, {
-      // The default 30 s deadline is too short for `medium` on today's engine.
-      method: 'POST', headers: { 'content-type': 'application/json', 'x-request-timeout-ms': '600000' },
-      body: JSON.stringify({ prompt: new TextDecoder().decode(Uint8Array.from(promptIds(i, promptLength))), max_tokens: maxTokens, temperature: 0, seed: 0 }),
-    });
-    const body = (await res.json()) as { usage?: { completion_tokens: number }; choices?: Array<{ finish_reason: string }> };
-    if (res.status !== 200) throw new Error(`${name}: completion failed: ${res.status} ${JSON.stringify(body)}`);
-    const tokens = body.usage?.completion_tokens;
-    const finish = body.choices?.[0]?.finish_reason;
-    // The HTTP API stops at the tokenizer's stop ids, so fewer tokens are allowed, but only with 'stop'.
-    if (tokens === undefined || tokens > maxTokens || (tokens < maxTokens && finish !== 'stop'))
-      throw new Error(`${name}: asked for ${maxTokens} tokens, got ${tokens} (finish_reason ${finish})`);
-    return { seconds: secs(t0), tokens };
+// ---------------------------------------------------------------------------------------------------
+// 4. The cluster: `medium` behind 2 shards, one cluster per --micro-batches value, against the in-process
+// engine at the same concurrency. Requests and the in-process reference carry logit_bias −100 on every
+// id ≥ 128, so greedy output is ASCII: the completion's text is its ids exactly (and no stop id ends a
+// request early), and every id the cluster produced is compared with what the in-process engine produced
+// for the same prompt. Prefix caching is off on both sides (the cluster's router serves every round, the
+// in-process engine is fresh per round).
+
+interface ClusterSettings {
+  concurrency: number[];
+  microBatches: number[];
+  promptIds: number;
+  maxTokens: number;
+}
+
+function clusterSettings(quick: boolean): ClusterSettings {
+  const microBatches = envInts('SWITCHYARD_BENCH_MICRO_BATCHES', 1, 16) ?? (quick ? [1, 2] : [1, 2, 4]);
+  if (!microBatches.includes(1)) throw new RangeError(`SWITCHYARD_BENCH_MICRO_BATCHES='${process.env.SWITCHYARD_BENCH_MICRO_BATCHES}' must include 1 (the anchor of the micro-batch rows)`);
+  return {
+    concurrency: envInts('SWITCHYARD_BENCH_CLUSTER_CONCURRENCY', 1, MAX_CONCURRENCY) ?? (quick ? [8] : [8, 32]),
+    microBatches,
+    promptIds: 32,
+    maxTokens: envInts('SWITCHYARD_BENCH_CLUSTER_TOKENS', 2, 256)?.[0] ?? (quick ? 8 : 16),
   };
-  await complete(MAX_CONCURRENCY - 1); // warm-up
-  const seconds: Record<string, number> = {};
-  for (const concurrency of concurrencies) {
-    const t0 = performance.now();
-    const label = `${name}, ${concurrency} concurrent`;
-    const rates: number[] = [];
-    const perRequest: number[] = [];
-    const p50: number[] = [];
-    const p99: number[] = [];
-    for (let r = 0; r < s.rounds; r++) {
-      const start = performance.now();
-      const done = await Promise.all(Array.from({ length: concurrency }, (_, i) => complete(i)));
-      const wall = secs(start);
-      const tokens = done.reduce((n, d) => n + d.tokens, 0);
-      rates.push(tokens / wall);
-      perRequest.push(tokens / concurrency);
-      p50.push(percentile(done.map((d) => d.seconds), 50));
-      p99.push(percentile(done.map((d) => d.seconds), 99));
-      log(`${label}, round ${r + 1}/${s.rounds}: ${wall.toFixed(1)} s, ${rates.at(-1)!.toFixed(1)} tokens/s`);
+}
+
+/** logit_bias −100 on ids 128 and up: greedy picks ASCII bytes only. */
+const asciiOnly = (vocab: number): Record<number, number> => Object.fromEntries(Array.from({ length: vocab - 128 }, (_, i) => [128 + i, -100]));
+
+interface Streamed extends Timed {
+  degraded?: unknown;
+}
+
+/** One streamed completion; its text (ASCII by the bias) is its ids. */
+async function streamCompletion(url: string, prompt: Int32Array, maxTokens: number, bias: Record<number, number>): Promise<Streamed> {
+  const t0 = performance.now();
+  const res = await fetch(`${url}/v1/completions`, {
+    // The default 30 s deadline is too short for `medium` at 32 concurrent.
+    method: 'POST', headers: { 'content-type': 'application/json', 'x-request-timeout-ms': '600000' },
+    body: JSON.stringify({ prompt: new TextDecoder().decode(Uint8Array.from(prompt)), max_tokens: maxTokens, temperature: 0, seed: 0, stream: true, logit_bias: bias }),
+  });
+  if (res.status !== 200 || !res.body) throw new Error(`completion failed: ${res.status} ${await res.text()}`);
+  let text = '';
+  let first: number | undefined;
+  let degraded: unknown;
+  let finish: string | null = null;
+  let buffer = '';
+  const decoder = new TextDecoder();
+  for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
+    buffer += decoder.decode(chunk, { stream: true });
+    let end: number;
+    while ((end = buffer.indexOf('\n\n')) >= 0) {
+      const event = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      if (!event.startsWith('data: ') || event === 'data: [DONE]') continue;
+      const data = JSON.parse(event.slice(6)) as { error?: unknown; degraded?: unknown; choices?: Array<{ text: string; finish_reason: string | null }> };
+      if (data.error) throw new Error(`completion failed while streaming: ${JSON.stringify(data.error)}`);
+      if (data.degraded) degraded = data.degraded;
+      for (const c of data.choices ?? []) {
+        if (c.text) {
+          first ??= performance.now();
+          text += c.text;
+        }
+        finish = c.finish_reason ?? finish;
+      }
     }
-    rows.push(
-      medianRow(`${label}: throughput`, rates, 'tokens/s'),
-      medianRow(`${label}: tokens per request`, perRequest, 'tokens'),
-      medianRow(`${label}: latency p50`, p50, 's'),
-      medianRow(`${label}: latency p99`, p99, 's'),
-    );
-    seconds[`${concurrency} concurrent`] = secs(t0);
   }
-  return seconds;
+  const end = performance.now();
+  const ids = Array.from(new TextEncoder().encode(text));
+  if (ids.some((id) => id >= 128)) throw new Error(`the completion is not ASCII despite logit_bias: ${JSON.stringify(text)} (finish_reason ${finish})`);
+  return { ids, latency: (end - t0) / 1000, ttft: first === undefined ? Number.NaN : (first - t0) / 1000, degraded };
+}
+
+/** The sum of a counter's series in a Prometheus text exposition (0 when it has none). */
+function counterSum(text: string, name: string): number {
+  let sum = 0;
+  for (const m of text.matchAll(new RegExp(`^${name}(?:\\{[^}]*\\})? (\\S+)$`, 'gm'))) sum += Number(m[1]);
+  return sum;
+}
+
+/** The router's degraded responses and unserved rows so far. */
+async function routerTrouble(url: string): Promise<{ degraded: number; unserved: number }> {
+  const text = await (await fetch(`${url}/metrics`)).text();
+  return { degraded: counterSum(text, 'switchyard_router_degraded_responses_total'), unserved: counterSum(text, 'switchyard_router_unserved_rows_total') };
+}
+
+function checkSameIds(label: string, done: Timed[], reference: Map<number, number[]>, prompt: (i: number) => number): void {
+  done.forEach((d, i) => {
+    const want = reference.get(prompt(i));
+    if (!want) throw new Error(`${label}: no in-process reference for prompt ${prompt(i)}`);
+    const at = want.findIndex((id, j) => d.ids[j] !== id);
+    if (at >= 0 || d.ids.length !== want.length)
+      throw new Error(`${label}: request ${i} (prompt ${prompt(i)}) generated other ids than the in-process engine ` +
+        `(first difference at token ${at >= 0 ? at : Math.min(d.ids.length, want.length)}): cluster [${d.ids.join(',')}] vs in-process [${want.join(',')}]`);
+  });
+}
+
+interface ClusterRound extends RoundStats {
+  decode: number;
+  busy: Record<string, Record<BusyMeasure, number>>;
+}
+
+async function clusterSection(model: MixtralModel, s: Settings, rows: BenchRow[], meta: Meta, section: <T>(name: string, fn: () => Promise<T>) => Promise<T>): Promise<void> {
+  const c = clusterSettings(s.quick);
+  const maxSequences = Math.max(64, ...c.concurrency);
+  const bias = asciiOnly(model.config.vocab_size);
+  const sampling: EngineSampling = { ...greedy(c.maxTokens), logitBias: bias };
+  const label = (concurrency: number) => `medium cluster, ${concurrency} concurrent`;
+  // The in-process engine first: the reference ids, and the anchor of every cluster row.
+  const reference = new Map<number, number[]>();
+  const inProcess = new Map<number, { stats: RoundStats[]; busy: Array<Record<BusyMeasure, number>> }>();
+  await section('medium cluster: in-process reference', async () => {
+    for (const concurrency of c.concurrency) {
+      const stats: RoundStats[] = [];
+      const busy: Array<Record<BusyMeasure, number>> = [];
+      for (let r = 0; r < s.rounds; r++) {
+        const { done, wall, share } = await withEngine(model, maxSequences, async (engine) => {
+          const before = busySample();
+          const start = performance.now();
+          const done = await Promise.all(Array.from({ length: concurrency }, (_, i) =>
+            timedRequest(engine, promptIds(i, c.promptIds), c.maxTokens, sampling)));
+          const after = busySample();
+          const span = (after.at - before.at) / 1000;
+          return { done, wall: secs(start), share: { event_loop: (after.event_loop - before.event_loop) / span, cpu: (after.cpu - before.cpu) / span } };
+        }, { prefixCaching: false });
+        const what = `${label(concurrency)}: in-process reference, round ${r + 1}`;
+        checkLengths(what, done, c.maxTokens);
+        // The engine agrees with itself across rounds and concurrencies before it is anybody's reference.
+        done.forEach((d, i) => { if (!reference.has(i)) reference.set(i, d.ids); });
+        checkSameIds(what, done, reference, (i) => i);
+        stats.push(roundStats(done, wall));
+        busy.push(share);
+        log(`${what}: ${wall.toFixed(1)} s, decode ${(concurrency / stats.at(-1)!.tpotMedian).toFixed(1)} tokens/s`);
+      }
+      inProcess.set(concurrency, { stats, busy });
+      const x = stats;
+      rows.push(
+        medianRow(`medium in-process (cluster comparison), ${concurrency} concurrent: decode throughput (concurrency / TPOT)`, x.map((v) => concurrency / v.tpotMedian), 'tokens/s'),
+        medianRow(`medium in-process (cluster comparison), ${concurrency} concurrent: throughput`, x.map((v) => v.throughput), 'tokens/s'),
+        medianRow(`medium in-process (cluster comparison), ${concurrency} concurrent: latency p50`, x.map((v) => v.latencyP50), 's'),
+        medianRow(`medium in-process (cluster comparison), ${concurrency} concurrent: latency p99`, x.map((v) => v.latencyP99), 's'),
+        medianRow(`medium in-process (cluster comparison), ${concurrency} concurrent: busy share, event loop`, busy.map((b) => b.event_loop), 'share'),
+        medianRow(`medium in-process (cluster comparison), ${concurrency} concurrent: busy share, cpu`, busy.map((b) => b.cpu), 'share'),
+      );
+    }
+  });
+
+  const results = new Map<string, ClusterRound[]>(); // `${m}/${concurrency}`
+  const timings: Record<string, ClusterTimings> = {};
+  const save: ClusterTimings = {};
+  await withSavedModel('serving', model, async (checkpoint, dir) => {
+    for (const m of c.microBatches) {
+      timings[`m=${m}`] = {};
+      await section(`medium cluster, ${m} micro-batch${m === 1 ? '' : 'es'}`, () => withClusterOn(checkpoint, join(dir, `logs-m${m}`), {
+        routers: 1, microBatches: m,
+        // The in-process engine's settings: as many sequences, the same KV cache, no prefix cache.
+        routerArgs: ['--max-batch', String(maxSequences), '--kv-cache-tokens', String(benchKvCacheTokens(model, maxSequences)), '--no-prefix-caching'],
+      }, async (cluster) => {
+        const url = cluster.routerUrls[0];
+        const services: Record<string, string> = { 'router-0': `${url}/metrics` };
+        cluster.metricsUrls.slice(1).forEach((u, i) => { services[`shard-${i}`] = u; }); // [0] is the coordinator's
+        // Warm-up: a burst of digit prompts (no timed prompt has digits) that routes rows to every
+        // expert, so no shard packs an expert's weights for the first time inside a timed round.
+        await Promise.all(Array.from({ length: 8 }, (_, k) => streamCompletion(url, warmUpIds(k, c.promptIds), 2, bias)));
+        for (const concurrency of c.concurrency) {
+          const rounds: ClusterRound[] = [];
+          for (let r = 0; r < s.rounds; r++) {
+            const what = `${label(concurrency)}, m=${m}, round ${r + 1}`;
+            const trouble = await routerTrouble(url);
+            const before = await scrapeAll(services);
+            const start = performance.now();
+            const done = await Promise.all(Array.from({ length: concurrency }, (_, i) => streamCompletion(url, promptIds(i, c.promptIds), c.maxTokens, bias)));
+            const wall = secs(start);
+            const after = await scrapeAll(services);
+            const troubleAfter = await routerTrouble(url);
+            // Nothing is reported for a round that did not compute what one process computes.
+            done.forEach((d, i) => {
+              if (d.degraded) throw new Error(`${what}: request ${i} reports degraded rows: ${JSON.stringify(d.degraded)}`);
+            });
+            if (troubleAfter.degraded > trouble.degraded || troubleAfter.unserved > trouble.unserved)
+              throw new Error(`${what}: the router counted ${troubleAfter.degraded - trouble.degraded} degraded responses and ${troubleAfter.unserved - trouble.unserved} unserved rows`);
+            checkLengths(what, done, c.maxTokens);
+            checkSameIds(what, done, reference, (i) => i);
+            const stats = roundStats(done, wall);
+            const busy = Object.fromEntries(Object.keys(services).map((name) => [name, busyShare(before[name], after[name])]));
+            rounds.push({ ...stats, decode: concurrency / stats.tpotMedian, busy });
+            log(`${what}: ${wall.toFixed(1)} s, decode ${rounds.at(-1)!.decode.toFixed(1)} tokens/s; checked: ${concurrency} requests' ids equal the in-process engine's, nothing degraded; busy ` +
+              Object.entries(busy).map(([n, b]) => `${n} ${b.event_loop.toFixed(2)}/${b.cpu.toFixed(2)}`).join(', '));
+          }
+          results.set(`${m}/${concurrency}`, rounds);
+        }
+      }, timings[`m=${m}`]));
+    }
+  }, save);
+
+  // The rows, by concurrency: each m against the in-process engine and against m = 1, then the busy shares.
+  const cores = availableParallelism();
+  for (const concurrency of c.concurrency) {
+    const anchor = inProcess.get(concurrency)!;
+    const inDecode = median(anchor.stats.map((v) => concurrency / v.tpotMedian));
+    const inThroughput = median(anchor.stats.map((v) => v.throughput));
+    const base = results.get(`1/${concurrency}`)!;
+    for (const m of c.microBatches) {
+      const rounds = results.get(`${m}/${concurrency}`)!;
+      const name = `${label(concurrency)}, m=${m}`;
+      const decode = rounds.map((v) => v.decode);
+      const throughput = rounds.map((v) => v.throughput);
+      rows.push(
+        { ...speedupRow(`${name}: decode throughput (concurrency / TPOT) vs in-process`, median(decode), 'tokens/s', inDecode, m === 2 ? { min: 1.3 } : undefined), ...rangeOf(decode) },
+        { ...speedupRow(`${name}: throughput vs in-process`, median(throughput), 'tokens/s', inThroughput), ...rangeOf(throughput) },
+        medianRow(`${name}: latency p50`, rounds.map((v) => v.latencyP50), 's'),
+        medianRow(`${name}: latency p99`, rounds.map((v) => v.latencyP99), 's'),
+        medianRow(`${name}: TTFT p50`, rounds.map((v) => v.ttftP50), 'ms', 1000),
+      );
+      if (m !== 1) {
+        const d1 = median(base.map((v) => v.decode));
+        const dm = median(rounds.map((v) => v.decode));
+        const p1 = median(base.map((v) => v.latencyP99));
+        const pm = median(rounds.map((v) => v.latencyP99));
+        const targeted = m === 2 && concurrency === 32;
+        rows.push(
+          { name: `${name} vs m=1: decode throughput`, value: dm, unit: 'tokens/s', anchor: d1, ratio: dm / d1, ...(targeted ? { target: '>= 1.3', met: dm / d1 >= 1.3 } : {}) },
+          { name: `${name} vs m=1: latency p99`, value: pm, unit: 's', anchor: p1, ratio: pm / p1, ...(targeted ? { target: '<= 1', met: pm / p1 <= 1 } : {}) },
+        );
+      }
+      // Each service's busy share of the timed window (busy seconds / wall seconds), and their sum against the cores.
+      for (const service of Object.keys(rounds[0].busy))
+        for (const measure of ['event_loop', 'cpu'] as const)
+          rows.push(medianRow(`${name}: busy share, ${service} ${measure === 'cpu' ? 'cpu' : 'event loop'}`, rounds.map((v) => v.busy[service][measure]), 'share'));
+      const cpuSum = median(rounds.map((v) => Object.values(v.busy).reduce((sum, b) => sum + b.cpu, 0)));
+      rows.push({ name: `${name}: busy share, all services' cpu (core-seconds per second)`, value: cpuSum, unit: 'cores', anchor: cores, ratio: cpuSum / cores });
+    }
+  }
+  meta['medium cluster'] = {
+    shards: 2, routers: 1, promptIds: c.promptIds, maxTokens: c.maxTokens, concurrency: c.concurrency, microBatches: c.microBatches, maxSequences,
+    kvCacheTokens: benchKvCacheTokens(model, maxSequences), prefixCaching: false, sampling: 'greedy, logit_bias -100 on ids >= 128 (ASCII output: the text is the ids), cluster and in-process',
+    checked: 'every cluster request: exactly maxTokens ids, equal to the in-process engine\'s for the same prompt; no degraded event, the router\'s degraded and unserved counters unchanged',
+    busy: 'per service: (switchyard_busy_seconds_total after − before) / bench wall time between the scrapes, right before and after each timed round; in-process: the bench process\'s own',
+    checkpointSaveSeconds: save.saveSeconds, clusterUpSeconds: Object.fromEntries(Object.entries(timings).map(([k, t]) => [k, t.upSeconds])),
+    rounds: Object.fromEntries([...results].map(([k, v]) => [k, v])),
+  };
 }
 
 export async function servingSuite(quick: boolean): Promise<void> {
@@ -462,20 +675,8 @@ export async function servingSuite(quick: boolean): Promise<void> {
       }
     }
     if (s.prefixIds === 0) meta['medium prefix reuse'] = { skipped: 'SWITCHYARD_BENCH_PREFIX_IDS=none' };
-    const clusters: Record<string, unknown> = {};
-    meta.cluster = clusters;
-    const smallTokens = quick ? 16 : 48;
-    const small = await section('small cluster', () => withSmallCluster('serving', (c) =>
-      clusterRows('small cluster', c.routerUrls[0], quick ? [1, 8] : [1, 8, 32], 24, smallTokens, s, cluster)));
-    clusters.small = { shards: 2, routers: 1, promptIds: 24, maxTokens: smallTokens, seconds: small };
     const model = medium!;
-    if (!quick) {
-      const timings: ClusterTimings = {};
-      const times = await section('medium cluster', () => withLocalCluster('serving', model, 1, (c) =>
-        clusterRows('medium cluster', c.routerUrls[0], [1, 8], 32, 16, s, cluster), timings));
-      clusters.medium = { shards: 2, routers: 1, promptIds: 32, maxTokens: 16, checkpointSaveSeconds: timings.saveSeconds, clusterUpSeconds: timings.upSeconds, seconds: times };
-      log(`medium cluster: checkpoint saved in ${timings.saveSeconds?.toFixed(1)} s, cluster up (loading it) in ${timings.upSeconds?.toFixed(1)} s`);
-    }
+    await clusterSection(model, s, cluster, meta, section);
     await section('medium step breakdown', () => breakdownSection(model, s, rows, meta));
     if (s.contexts.length) await section('medium context curve', () => contextSection(model, s, rows, meta));
     else meta['medium context curve'] = { skipped: 'SWITCHYARD_BENCH_CONTEXTS=none' };

@@ -38,6 +38,7 @@ export const coordinatorMetricGroup = new MetricGroup([
   new Gauge({ name: 'switchyard_coordinator_placement_version', help: 'Version of the placement (grows with every change)', registers: [], collect() {
     this.set(currentMembership?.placement().version ?? 0);
   } }),
+  ...MetricGroup.busy,
 ]);
 
 const ROLES: Record<string, Role> = { ROLE_ROUTER: 'router', ROLE_EXPERT_SHARD: 'expert-shard' };

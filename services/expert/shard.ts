@@ -40,6 +40,7 @@ export const shardMetricGroup = new MetricGroup([
   messagesTotal,
   refusedRows,
   mergedMessages,
+  ...MetricGroup.busy,
 ]);
 
 class ShardError extends Error {

@@ -7,6 +7,7 @@
 // CLI that holds every service exports per process only what the service it runs owns.
 import { createServer, type Server } from 'node:http';
 import { collectDefaultMetrics, Gauge, Registry, type Metric } from 'prom-client';
+import { busyMetrics } from './busy.js';
 
 export const registry = new Registry();
 collectDefaultMetrics({ register: registry });
@@ -19,15 +20,29 @@ export class MetricGroup {
     this.metrics = [...metrics];
   }
 
+  /**
+   * The busy-share metrics (./busy.ts) that every service's group lists, e.g.
+   * `new MetricGroup([..., ...MetricGroup.busy])`: the same objects everywhere, so a process running
+   * two services exports them once.
+   */
+  static get busy(): readonly Metric[] {
+    return busyMetrics;
+  }
+
   /** Their names (histograms by their base name). */
   get names(): string[] {
     return this.metrics.map(metricName);
   }
 
-  /** Adds them to `into` (the process registry by default), skipping those already there; returns this. */
+  /**
+   * Adds them to `into` (the process registry by default), skipping those already there; returns this.
+   * A metric with an `onRegister()` method (the busy gauge's sampler) has it called.
+   */
   register(into: Registry = registry): this {
-    for (const metric of this.metrics)
+    for (const metric of this.metrics) {
       if (into.getSingleMetric(metricName(metric)) !== metric) into.registerMetric(metric);
+      (metric as { onRegister?: () => void }).onRegister?.();
+    }
     return this;
   }
 }

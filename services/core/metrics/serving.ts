@@ -24,4 +24,5 @@ export const servingMetrics = {
 // Known label values start at zero, so dashboards and rules find the series before the first event.
 for (const reason of ['queue_full', 'deadline', 'unavailable', 'at_capacity', 'shutting_down', 'unauthorized']) servingMetrics.rejections.inc({ reason }, 0);
 
-export const servingMetricGroup = new MetricGroup(Object.values(servingMetrics));
+// The router's busy share (event loop, CPU) rides with its serving group.
+export const servingMetricGroup = new MetricGroup([...Object.values(servingMetrics), ...MetricGroup.busy]);

@@ -25,7 +25,8 @@ export const trainingMetrics = {
   checkpointSeconds: new Histogram({ name: 'switchyard_checkpoint_write_seconds', help: 'Time to write this process\'s part of a checkpoint', buckets: SECONDS_BUCKETS, registers: [] }),
 };
 
-export const trainingMetricGroup = new MetricGroup(Object.values(trainingMetrics));
+// Training replicas and training shards export their busy share (event loop, CPU) with it.
+export const trainingMetricGroup = new MetricGroup([...Object.values(trainingMetrics), ...MetricGroup.busy]);
 
 // Known label values start at zero, so dashboards and rules find the series before the first event.
 for (const group of ['dense', 'experts']) {
