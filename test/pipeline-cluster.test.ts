@@ -44,8 +44,8 @@ function relative(a: ArrayLike<number>, b: ArrayLike<number>): number {
   return diff / Math.max(scale, 1e-30);
 }
 
-test('routers with 1, 2 and 4 micro-batches on the same two shards: OIP logits within 1e-6, identical greedy texts under concurrency', async (t) => {
-  const cluster = await startCluster(checkpoint, ['spread:0/2', 'spread:1/2'], [['--micro-batches', '1'], ['--micro-batches', '2'], ['--micro-batches', '4']]);
+test('routers with 1, 2 and 4 micro-batches on the same two shards (splitting even small steps): OIP logits within 1e-6, identical greedy texts under concurrency', async (t) => {
+  const cluster = await startCluster(checkpoint, ['spread:0/2', 'spread:1/2'], [['--micro-batches', '1'], ['--micro-batches', '2', '--micro-batch-min-rows', '0'], ['--micro-batches', '4', '--micro-batch-min-rows', '0']]);
   try {
     const ids = Array.from({ length: 6 * 11 }, (_, i) => 32 + ((i * 37 + 11) % 90));
     const logitsOf = async (base: string) => {

@@ -80,7 +80,7 @@ const mixtral = parseModelConfig({
 test('two micro-batches: each layer\'s rows of lane 0 reach a shard while the router computes lane 1', async (t) => {
   await withShards('mixtral', mixtral, async (model, arrivals) => {
     model.microBatches = 2;
-    const prompts = () => [0, 1, 2, 3].map((seq) => ({ seq, ids: Int32Array.from({ length: 160 }, (_, j) => 32 + ((seq * 31 + j * 7) % 90)) }));
+    const prompts = () => [0, 1, 2, 3].map((seq) => ({ seq, ids: Int32Array.from({ length: 256 }, (_, j) => 32 + ((seq * 31 + j * 7) % 90)) }));
     await new PagedDecoder(model, 16).step(prompts(), 'warm'); // kernels and streams warmed up
     const spans = await traced(async () => {
       await new PagedDecoder(model, 16).step(prompts(), 'timed');
@@ -109,12 +109,12 @@ test('a shared-expert MLP runs while the routed rows are away: they reach a shar
   const deepseek = parseModelConfig({
     architectures: ['DeepseekForCausalLM'], model_type: 'deepseek',
     hidden_size: 256, intermediate_size: 1024, moe_intermediate_size: 128, num_hidden_layers: 3, num_attention_heads: 8, num_key_value_heads: 4,
-    n_routed_experts: 4, n_shared_experts: 8, num_experts_per_tok: 2, first_k_dense_replace: 1, moe_layer_freq: 1, norm_topk_prob: false,
+    n_routed_experts: 4, n_shared_experts: 16, num_experts_per_tok: 2, first_k_dense_replace: 1, moe_layer_freq: 1, norm_topk_prob: false,
     scoring_func: 'softmax', aux_loss_alpha: 0.001, seq_aux: true, rms_norm_eps: 1e-6, rope_theta: 10000, attention_bias: false,
     vocab_size: BYTE_VOCAB_SIZE, max_position_embeddings: 512, tie_word_embeddings: false, bos_token_id: BOS_ID, eos_token_id: EOS_ID,
   });
   await withShards('deepseek', deepseek, async (model, arrivals) => {
-    const prompt = [{ seq: 0, ids: Int32Array.from({ length: 256 }, (_, j) => 32 + ((j * 7) % 90)) }];
+    const prompt = [{ seq: 0, ids: Int32Array.from({ length: 480 }, (_, j) => 32 + ((j * 7) % 90)) }];
     await new PagedDecoder(model, 16).step(prompt, 'warm');
     const spans = await traced(async () => {
       await new PagedDecoder(model, 16).step(prompt, 'timed');

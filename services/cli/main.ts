@@ -25,6 +25,7 @@ import { placementCommand } from './placement.js';
 import { healthCommand } from './health.js';
 import { CoordinatorLink } from '../core/wire/coordinator-link.js';
 import { DEFAULT_MICRO_BATCHES, RouterEngine } from '../router/engine.js';
+import { DEFAULT_MIN_EXPERT_ROWS_PER_LANE } from '../core/model/model.js';
 import { buildHttpApp } from '../router/http.js';
 import { Cluster } from './cluster.js';
 import { EXIT_WITH_PARENT_ENV, whenParentGone } from './supervisor.js';
@@ -239,7 +240,7 @@ interface ServeFlags {
   coordinator?: string; shardId?: string; tokenBudget: number; modelName?: string; wireDtype: string;
   train?: boolean; trainRouters?: number; trainShards?: number; trainCheckpoint?: string;
   run?: string; index?: number; routers?: number; metricsPort: number;
-  overflow: string; microBatches: number; maxQueue: number; maxBatch: number; maxBatchedTokens: number; kvCacheTokens?: number; prefixCaching: boolean; inferConcurrency: number; requestTimeoutMs: number; apiTokenFile?: string;
+  overflow: string; microBatches: number; microBatchMinRows: number; maxQueue: number; maxBatch: number; maxBatchedTokens: number; kvCacheTokens?: number; prefixCaching: boolean; inferConcurrency: number; requestTimeoutMs: number; apiTokenFile?: string;
   maxRssMb: number; drainMs: number; advertise?: string;
   maxExperts: number; dropGraceMs: number; drainTimeoutMs: number; rebalanceIntervalMs: number; adminTokenFile?: string;
   maxMessageBytes: number; maxQueueRows: number; maxQueueBytes: number;
@@ -274,7 +275,7 @@ async function serveRouter(flags: ServeFlags): Promise<void> {
   const engine = await RouterEngine.load(dir, modelNameOf(dir, flags.modelName), {
     wireDtype, overflow, maxSequences: flags.maxBatch, maxWaiting: flags.maxQueue,
     maxBatchedTokens: flags.maxBatchedTokens, kvCacheTokens: flags.kvCacheTokens, prefixCaching: flags.prefixCaching,
-    inferConcurrency: flags.inferConcurrency, inferQueue: flags.maxQueue, maxMessageBytes: flags.maxMessageBytes, microBatches: flags.microBatches,
+    inferConcurrency: flags.inferConcurrency, inferQueue: flags.maxQueue, maxMessageBytes: flags.maxMessageBytes, microBatches: flags.microBatches, microBatchMinRows: flags.microBatchMinRows,
   });
   const link = new CoordinatorLink(flags.coordinator, { memberId: `router-${process.pid}`, role: 'ROLE_ROUTER' });
   link.heartbeatLoad = () => ({ expertLoads: engine.routing.expertLoads() }); // the planner's demand signal
@@ -533,6 +534,7 @@ export function buildProgram(): Command {
     .option('--routers <n>', 'trainer: router replicas in the run', integer('--routers', 1))
     .option('--overflow <policy>', `router: rows that cannot reach their expert (${OVERFLOW_POLICIES.join(' | ')}; reject = 503)`, 'drop')
     .option('--micro-batches <n>', 'router, trainer: ping-pong micro-batches per model step (1 = none): the router computes one while the shards compute another', integer('--micro-batches', 1), DEFAULT_MICRO_BATCHES)
+    .option('--micro-batch-min-rows <n>', 'router: split a step only when each micro-batch brings every expert this many rows on average (0 = always split)', integer('--micro-batch-min-rows', 0), DEFAULT_MIN_EXPERT_ROWS_PER_LANE)
     .option('--max-queue <n>', 'router: requests that may wait for a place before 503', integer('--max-queue', 0), 256)
     .option('--max-batch <n>', 'router: generations in one model step', integer('--max-batch', 1), 64)
     .option('--max-batched-tokens <n>', 'router: tokens in one model step (decodes first, then prompt chunks)', integer('--max-batched-tokens', 1), 2048)

@@ -79,6 +79,8 @@ export interface EngineOptions {
   inferQueue?: number;
   /** Ping-pong micro-batches per model step and infer call (default 2; 1 = one lane). */
   microBatches?: number;
+  /** A step splits only when each lane brings every expert this many rows on average (MixtralModel.minExpertRowsPerLane). */
+  microBatchMinRows?: number;
 }
 
 export class RouterEngine {
@@ -97,6 +99,7 @@ export class RouterEngine {
     readonly model: MixtralModel, readonly tokenizer: TextTokenizer, readonly transport: GrpcExpertTransport, readonly modelName: string, options: EngineOptions,
   ) {
     model.microBatches = options.microBatches ?? DEFAULT_MICRO_BATCHES;
+    if (options.microBatchMinRows !== undefined) model.minExpertRowsPerLane = options.microBatchMinRows;
     this.scheduler = new Scheduler(model, {
       maxSequences: options.maxSequences ?? 64, maxWaiting: options.maxWaiting ?? 256, maxBatchedTokens: options.maxBatchedTokens,
       kvCacheTokens: options.kvCacheTokens, prefixCaching: options.prefixCaching,

@@ -20,7 +20,7 @@ import { ParameterTable } from './parameters.js';
 import { rmsNormBackward, rmsNormForward, rmsNormRows, type RmsNormCache } from './rmsnorm.js';
 import { Rope } from './rope.js';
 import { addInto, disposeAll, mm, mmTA, type T2 } from './tensors.js';
-import { ComputeTurns, splitLanes } from './pipeline.js';
+import { ComputeTurns, lanesFor, splitLanes } from './pipeline.js';
 
 export interface PassOptions {
   passId: string;
@@ -135,6 +135,9 @@ function normalInit(rng: Rng, count: number, std: number): Float32Array {
   return out;
 }
 
+/** See MixtralModel.minExpertRowsPerLane. */
+export const DEFAULT_MIN_EXPERT_ROWS_PER_LANE = 4;
+
 export class MixtralModel {
   readonly dense = new ParameterTable();
   readonly rope: Rope;
@@ -158,6 +161,14 @@ export class MixtralModel {
    * gate while another lane's rows are with the experts. 1 = one lane. Pays only with remote experts.
    */
   microBatches = 1;
+  /**
+   * Fewest rows a lane should bring each expert on average for a split to pay. An expert's matMuls read
+   * all its weights whatever the rows; with a row or two per expert that read, not the arithmetic, is the
+   * shards' whole cost, so two lanes cost them nearly twice one lane's time, more than the overlap hides
+   * (measured on `medium`, 2 shards: 8 concurrent decodes 0.90× split, 32 concurrent 1.20×). 0 = always
+   * split.
+   */
+  minExpertRowsPerLane = DEFAULT_MIN_EXPERT_ROWS_PER_LANE;
 
   constructor(readonly config: ModelConfig, readonly transport: ExpertTransport, readonly localExperts?: ExpertSet) {
     this.headDim = headDim(config);
@@ -358,7 +369,8 @@ export class MixtralModel {
       unit = groupTokens / gcd(groupTokens, tokens);
     }
     const units = Math.ceil(batch / unit);
-    return splitLanes(units, this.microBatches).map(([a, b]) => [a * unit, Math.min(batch, b * unit)]);
+    const lanes = lanesFor(batch * tokens, this.microBatches, this.family.experts, this.family.k, this.minExpertRowsPerLane);
+    return splitLanes(units, lanes).map(([a, b]) => [a * unit, Math.min(batch, b * unit)]);
   }
 
   /** Each MoE layer's training noise for `tokens` tokens, drawn in the order one undivided pass draws it. */
@@ -482,10 +494,12 @@ export class MixtralModel {
     }
     // Micro-batches of whole sequences with about as many rows each: each sequence's rows only meet its
     // own blocks, and routing is per token in serving (below), so the split changes no result.
-    const ranges = splitLanes(seqs.length, this.microBatches, (i) => seqs[i].ids.length);
-    const lanes = await ComputeTurns.run(ranges.length, (lane, turns) =>
+    const rows = seqs.reduce((n, s) => n + s.ids.length, 0);
+    const lanes = lanesFor(rows, this.microBatches, this.family.experts, this.family.k, this.minExpertRowsPerLane);
+    const ranges = splitLanes(seqs.length, lanes, (i) => seqs[i].ids.length);
+    const outputs = await ComputeTurns.run(ranges.length, (lane, turns) =>
       this.stepLane(seqs.slice(...ranges[lane]), store, ranges.length === 1 ? passId : `${passId}/m${lane}`, opt, turns));
-    return lanes.flat();
+    return outputs.flat();
   }
 
   /** One micro-batch of a serving step; it holds `turns` while it computes. */

@@ -120,6 +120,17 @@ export class ComputeTurns {
 }
 
 /**
+ * Lanes worth using for `rows` rows routed to `k` of `experts` experts: at most `lanes`, and each bringing
+ * every expert about `minExpertRows` rows on average (0: always `lanes`).
+ */
+export function lanesFor(rows: number, lanes: number, experts: number, k: number, minExpertRows: number): number {
+  if (lanes <= 1) return 1;
+  if (minExpertRows <= 0) return lanes;
+  const perExpert = (rows * k) / Math.max(1, experts);
+  return Math.max(1, Math.min(lanes, Math.floor(perExpert / minExpertRows)));
+}
+
+/**
  * Splits `units` contiguous units (sequences, or groups of them) into at most `lanes` contiguous ranges of
  * nearly equal weight; `weight(u)` is a unit's row count. Returns [start, end) unit ranges, none empty.
  */
