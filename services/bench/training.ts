@@ -7,7 +7,7 @@
 // is accepted. `small` also runs with --micro-batches 1, so the micro-batches' effect shows.
 import { spawn } from 'node:child_process';
 import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { EXIT_WITH_PARENT_ENV } from '../cli/supervisor.js';
@@ -58,6 +58,56 @@ function stepRates(all: StepRecord[], warmup: number): { tokensPerSecond: number
     timedSteps: timed.length,
     ...(timed[0].allreduce_s !== undefined ? { allreduceSeconds: median(timed.map((r) => r.allreduce_s!)), allreduceBytes: timed[0].allreduce_bytes } : {}),
   };
+}
+
+/**
+ * The CPU time of every process of a distributed run (Linux /proc; from its logs/processes.json), sampled
+ * twice a second while it trains, so the suite can report each service's busy share over the timed steps.
+ */
+class RunCpuSampler {
+  private readonly samples: Array<{ seconds: number; steps: number; cpu: Map<string, number> }> = [];
+  private readonly timer: NodeJS.Timeout;
+  private sampling = false;
+
+  constructor(private readonly outDir: string) {
+    this.timer = setInterval(() => void this.sample(), 500);
+  }
+
+  private async sample(): Promise<void> {
+    if (this.sampling) return;
+    this.sampling = true;
+    try {
+      const pids = JSON.parse(await readFile(join(this.outDir, 'logs', 'processes.json'), 'utf8')) as Record<string, number>;
+      const steps = (await readFile(join(this.outDir, 'metrics.jsonl'), 'utf8').catch(() => '')).split('\n').filter((l) => l.startsWith('{')).length;
+      const cpu = new Map<string, number>();
+      for (const [name, pid] of Object.entries(pids)) {
+        const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => undefined);
+        if (!stat) continue;
+        // Fields after "(comm) ": state is the first; utime and stime (clock ticks, 100 per second) the 12th and 13th.
+        const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+        cpu.set(name, (Number(fields[11]) + Number(fields[12])) / 100);
+      }
+      this.samples.push({ seconds: performance.now() / 1000, steps, cpu });
+    } catch {
+      // not started yet, or not Linux
+    } finally {
+      this.sampling = false;
+    }
+  }
+
+  /** Each process's CPU seconds per wall second from the first sample after `warmup` steps to the last. */
+  stop(warmup: number): Map<string, number> {
+    clearInterval(this.timer);
+    const shares = new Map<string, number>();
+    const timed = this.samples.filter((s) => s.steps > warmup);
+    // Per process: processes exit one by one at the end, so each is measured up to its own last sample.
+    for (const name of new Set(timed.flatMap((s) => [...s.cpu.keys()]))) {
+      const seen = timed.filter((s) => s.cpu.has(name));
+      const [first, last] = [seen[0], seen.at(-1)!];
+      if (last.seconds - first.seconds >= 1) shares.set(name, (last.cpu.get(name)! - first.cpu.get(name)!) / (last.seconds - first.seconds));
+    }
+    return shares;
+  }
 }
 
 interface TrainConfig {
@@ -129,7 +179,13 @@ export async function trainingSuite(quick: boolean): Promise<void> {
         const label = `${c.name}: 2 routers × 2 shards, ${m} micro-batch${m === 1 ? '' : 'es'}`;
         const out = join(dir, `${c.name}-m${m}`.replace(/\W+/g, '-'));
         const t1 = performance.now();
-        await run([...common, '--routers', '2', '--shards', '2', '--micro-batches', String(m), '--out', out]);
+        const sampler = new RunCpuSampler(out);
+        let busy: Map<string, number>;
+        try {
+          await run([...common, '--routers', '2', '--shards', '2', '--micro-batches', String(m), '--out', out]);
+        } finally {
+          busy = sampler.stop(c.warmup);
+        }
         seconds[`m=${m}`] = (performance.now() - t1) / 1000;
         const got = await records(out);
         // Nothing is reported for a run that did not train what the single process trained.
@@ -145,7 +201,10 @@ export async function trainingSuite(quick: boolean): Promise<void> {
           { name: `${label}: worst step loss vs single process (checked <= 1e-4)`, value: worst, unit: 'rel' },
           { name: `${label}: dense all-reduce per step`, value: d.allreduceSeconds * 1000, unit: 'ms' },
           { name: `${label}: dense all-reduce payload per router`, value: d.allreduceBytes! / 1e6, unit: 'MB' },
+          ...[...busy].sort(([a], [b]) => (a < b ? -1 : 1)).map(([name, share]) => ({ name: `${label}: busy share (cpu), ${name}`, value: share, unit: 'share' })),
         );
+        if (busy.size)
+          rows.push({ name: `${label}: busy share (cpu), all processes (core-seconds per second)`, value: [...busy.values()].reduce((a, b) => a + b, 0), unit: 'cores', anchor: availableParallelism(), ratio: [...busy.values()].reduce((a, b) => a + b, 0) / availableParallelism() });
       }
       if (perMicroBatches.has(1) && perMicroBatches.has(2)) {
         const [m2, m1] = [perMicroBatches.get(2)!, perMicroBatches.get(1)!];
