@@ -9,6 +9,7 @@ import { Rng } from '../services/core/data/random.js';
 import { MixtralModel } from '../services/core/model/model.js';
 import { ComputeTurns, lanesFor, splitLanes } from '../services/core/model/pipeline.js';
 import { PagedDecoder } from './support/paged.js';
+import { relative } from './support/compare.js';
 
 await initBackend();
 
@@ -17,17 +18,6 @@ const idsOf = (count: number, seed: number) => {
   const rng = new Rng(seed);
   return Int32Array.from({ length: count }, () => 32 + Math.floor(rng.next() * 90));
 };
-
-/** Max |a−b| / max |b|. */
-function relative(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  let diff = 0;
-  let scale = 0;
-  for (let i = 0; i < b.length; i++) {
-    diff = Math.max(diff, Math.abs(a[i] - b[i]));
-    scale = Math.max(scale, Math.abs(b[i]));
-  }
-  return diff / Math.max(scale, 1e-30);
-}
 
 test('splitLanes: contiguous, non-empty ranges of nearly equal weight covering every unit', () => {
   assert.deepEqual(splitLanes(5, 1), [[0, 5]]);

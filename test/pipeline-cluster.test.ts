@@ -14,6 +14,7 @@ import { loadCheckpoint } from '../services/core/checkpoint/index.js';
 import { checkpointDirOf, metricsFileOf } from '../services/core/train/trainer.js';
 import { startCluster } from './support/cluster.js';
 import { runCli } from './support/cli.js';
+import { relative } from './support/compare.js';
 
 await initBackend();
 const tiny = preset('tiny');
@@ -31,18 +32,6 @@ before(async () => {
 after(async () => {
   await rm(root, { recursive: true, force: true });
 });
-
-/** Max |a−b| / max |b|. */
-function relative(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  assert.equal(a.length, b.length);
-  let diff = 0;
-  let scale = 0;
-  for (let i = 0; i < b.length; i++) {
-    diff = Math.max(diff, Math.abs(a[i] - b[i]));
-    scale = Math.max(scale, Math.abs(b[i]));
-  }
-  return diff / Math.max(scale, 1e-30);
-}
 
 test('routers with 1, 2 and 4 micro-batches on the same two shards (splitting even small steps): OIP logits within 1e-6, identical greedy texts under concurrency', async (t) => {
   const cluster = await startCluster(checkpoint, ['spread:0/2', 'spread:1/2'], [['--micro-batches', '1'], ['--micro-batches', '2', '--micro-batch-min-rows', '0'], ['--micro-batches', '4', '--micro-batch-min-rows', '0']]);
