@@ -18,6 +18,7 @@ import { assignmentSpec, spreadExperts } from '../services/core/placement.js';
 import { pipelineTrace, type LaneSpan } from '../services/core/model/pipeline.js';
 import { startService, type RunningService } from './support/services.js';
 import { PagedDecoder } from './support/paged.js';
+import { until } from './support/until.js';
 
 await initBackend();
 let root: string;
@@ -60,6 +61,17 @@ async function withShards(name: string, config: ModelConfig, fn: (model: Mixtral
   }
 }
 
+/**
+ * Every arrival of the passes named: a shard logs a message before it replies, but its stderr reaches
+ * this process on its own pipe, possibly after the reply, so the records are waited for.
+ */
+function arrivalsOf(arrivals: () => Arrival[], passes: string[]): Promise<Arrival[]> {
+  return until(`the shards' records of ${passes.join(', ')}`, async () => {
+    const all = arrivals();
+    return passes.every((p) => all.some((a) => a.pass === p)) ? all : undefined;
+  }, 10_000);
+}
+
 /** Runs `fn` while recording every lane span. */
 async function traced(fn: () => Promise<void>): Promise<LaneSpan[]> {
   const spans: LaneSpan[] = [];
@@ -90,9 +102,10 @@ test('two micro-batches: each layer\'s rows of lane 0 reach a shard while the ro
     const layers = mixtral.num_hidden_layers;
     assert.equal(lane0.length, layers + 1, 'lane 0: one compute span per send, and the last one');
     const leads: number[] = [];
+    const logged = await arrivalsOf(arrivals, Array.from({ length: layers }, (_, l) => `timed/m0/L${l}`));
     for (let l = 0; l < layers; l++) {
       const sent = lane0[l].end;
-      const received = Math.min(...arrivals().filter((a) => a.pass === `timed/m0/L${l}`).map((a) => a.receivedAt));
+      const received = Math.min(...logged.filter((a) => a.pass === `timed/m0/L${l}`).map((a) => a.receivedAt));
       assert.ok(Number.isFinite(received), `a shard logged lane 0's rows of layer ${l}`);
       // Lane 1's compute that took the turn from lane 0's send of this layer.
       const next = lane1.find((s) => s.start >= sent);
@@ -122,8 +135,9 @@ test('a shared-expert MLP runs while the routed rows are away: they reach a shar
     const mlps = spans.filter((s) => s.kind === 'meanwhile');
     const moeLayers = familyOf(deepseek).moeLayers;
     assert.equal(mlps.length, moeLayers.length, 'one shared-expert MLP per MoE layer, while its rows were away');
+    const logged = await arrivalsOf(arrivals, moeLayers.map((l) => `timed/L${l}`));
     const margins = moeLayers.map((l, i) => {
-      const received = Math.min(...arrivals().filter((a) => a.pass === `timed/L${l}`).map((a) => a.receivedAt));
+      const received = Math.min(...logged.filter((a) => a.pass === `timed/L${l}`).map((a) => a.receivedAt));
       assert.ok(received < mlps[i].end, `layer ${l}: the routed rows arrived ${(received - mlps[i].end).toFixed(2)} ms after the shared MLP ended`);
       return mlps[i].end - received;
     });
