@@ -6,12 +6,14 @@
 // process's within 1e-4 (relative) before anything is reported, and no speed-up beyond the machine's cores
 // is accepted. `small` also runs with --micro-batches 1, so the micro-batches' effect shows.
 import { spawn } from 'node:child_process';
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdtemp, readdir, readFile, rm, writeFile } from 'node:fs/promises';
 import { availableParallelism, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { EXIT_WITH_PARENT_ENV } from '../cli/supervisor.js';
 import { median, report, speedupRow, type BenchRow } from './report.js';
+import { busyShare, scrapeBusy, type ServiceScrape } from './busy-scrape.js';
+import { BUSY_MEASURES, type BusyMeasure } from '../core/metrics/busy.js';
 
 const CLI = fileURLToPath(new URL('../cli/main.js', import.meta.url));
 /** Largest |loss_distributed − loss_single| / |loss_single| of any step (as test/distributed-train.test.ts). */
@@ -61,11 +63,13 @@ function stepRates(all: StepRecord[], warmup: number): { tokensPerSecond: number
 }
 
 /**
- * The CPU time of every process of a distributed run (Linux /proc; from its logs/processes.json), sampled
- * twice a second while it trains, so the suite can report each service's busy share over the timed steps.
+ * Each process of a distributed run, scraped twice a second while it trains: its busy counters
+ * (`switchyard_busy_seconds_total`, services/core/metrics/busy.ts) from the /metrics URL its log names,
+ * so the suite can report every service's busy share over the timed steps.
  */
-class RunCpuSampler {
-  private readonly samples: Array<{ seconds: number; steps: number; cpu: Map<string, number> }> = [];
+class RunBusySampler {
+  private readonly urls = new Map<string, string>();
+  private readonly samples = new Map<string, Array<{ steps: number; scrape: ServiceScrape }>>();
   private readonly timer: NodeJS.Timeout;
   private sampling = false;
 
@@ -77,34 +81,32 @@ class RunCpuSampler {
     if (this.sampling) return;
     this.sampling = true;
     try {
-      const pids = JSON.parse(await readFile(join(this.outDir, 'logs', 'processes.json'), 'utf8')) as Record<string, number>;
-      const steps = (await readFile(join(this.outDir, 'metrics.jsonl'), 'utf8').catch(() => '')).split('\n').filter((l) => l.startsWith('{')).length;
-      const cpu = new Map<string, number>();
-      for (const [name, pid] of Object.entries(pids)) {
-        const stat = await readFile(`/proc/${pid}/stat`, 'utf8').catch(() => undefined);
-        if (!stat) continue;
-        // Fields after "(comm) ": state is the first; utime and stime (clock ticks, 100 per second) the 12th and 13th.
-        const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
-        cpu.set(name, (Number(fields[11]) + Number(fields[12])) / 100);
+      const logs = join(this.outDir, 'logs');
+      for (const file of (await readdir(logs).catch(() => [])).filter((f) => f.endsWith('.log'))) {
+        const name = file.slice(0, -4);
+        if (this.urls.has(name)) continue;
+        const url = (await readFile(join(logs, file), 'utf8')).match(/metrics (http:\/\/\S+\/metrics)/)?.[1];
+        if (url) this.urls.set(name, url);
       }
-      this.samples.push({ seconds: performance.now() / 1000, steps, cpu });
-    } catch {
-      // not started yet, or not Linux
+      const steps = (await readFile(join(this.outDir, 'metrics.jsonl'), 'utf8').catch(() => '')).split('\n').filter((l) => l.startsWith('{')).length;
+      await Promise.all([...this.urls].map(async ([name, url]) => {
+        const scrape = await scrapeBusy(url).catch(() => undefined); // gone at the end of the run
+        if (!scrape) return;
+        if (!this.samples.has(name)) this.samples.set(name, []);
+        this.samples.get(name)!.push({ steps, scrape });
+      }));
     } finally {
       this.sampling = false;
     }
   }
 
-  /** Each process's CPU seconds per wall second from the first sample after `warmup` steps to the last. */
-  stop(warmup: number): Map<string, number> {
+  /** Each process's busy share from its first scrape after `warmup` steps to its last (processes exit one by one). */
+  stop(warmup: number): Map<string, Record<BusyMeasure, number>> {
     clearInterval(this.timer);
-    const shares = new Map<string, number>();
-    const timed = this.samples.filter((s) => s.steps > warmup);
-    // Per process: processes exit one by one at the end, so each is measured up to its own last sample.
-    for (const name of new Set(timed.flatMap((s) => [...s.cpu.keys()]))) {
-      const seen = timed.filter((s) => s.cpu.has(name));
-      const [first, last] = [seen[0], seen.at(-1)!];
-      if (last.seconds - first.seconds >= 1) shares.set(name, (last.cpu.get(name)! - first.cpu.get(name)!) / (last.seconds - first.seconds));
+    const shares = new Map<string, Record<BusyMeasure, number>>();
+    for (const [name, all] of this.samples) {
+      const timed = all.filter((s) => s.steps > warmup);
+      if (timed.length >= 2 && timed.at(-1)!.scrape.at - timed[0].scrape.at >= 1000) shares.set(name, busyShare(timed[0].scrape, timed.at(-1)!.scrape));
     }
     return shares;
   }
@@ -179,8 +181,8 @@ export async function trainingSuite(quick: boolean): Promise<void> {
         const label = `${c.name}: 2 routers × 2 shards, ${m} micro-batch${m === 1 ? '' : 'es'}`;
         const out = join(dir, `${c.name}-m${m}`.replace(/\W+/g, '-'));
         const t1 = performance.now();
-        const sampler = new RunCpuSampler(out);
-        let busy: Map<string, number>;
+        const sampler = new RunBusySampler(out);
+        let busy: Map<string, Record<BusyMeasure, number>>;
         try {
           await run([...common, '--routers', '2', '--shards', '2', '--micro-batches', String(m), '--out', out]);
         } finally {
@@ -201,10 +203,14 @@ export async function trainingSuite(quick: boolean): Promise<void> {
           { name: `${label}: worst step loss vs single process (checked <= 1e-4)`, value: worst, unit: 'rel' },
           { name: `${label}: dense all-reduce per step`, value: d.allreduceSeconds * 1000, unit: 'ms' },
           { name: `${label}: dense all-reduce payload per router`, value: d.allreduceBytes! / 1e6, unit: 'MB' },
-          ...[...busy].sort(([a], [b]) => (a < b ? -1 : 1)).map(([name, share]) => ({ name: `${label}: busy share (cpu), ${name}`, value: share, unit: 'share' })),
+          ...[...busy].sort(([a], [b]) => (a < b ? -1 : 1)).flatMap(([name, share]) => BUSY_MEASURES.map((measure) => ({
+            name: `${label}: busy share, ${name} ${measure.replace('_', ' ')}`, value: share[measure], unit: 'share',
+          }))),
         );
-        if (busy.size)
-          rows.push({ name: `${label}: busy share (cpu), all processes (core-seconds per second)`, value: [...busy.values()].reduce((a, b) => a + b, 0), unit: 'cores', anchor: availableParallelism(), ratio: [...busy.values()].reduce((a, b) => a + b, 0) / availableParallelism() });
+        if (busy.size) {
+          const cores = [...busy.values()].reduce((sum, share) => sum + share.cpu, 0);
+          rows.push({ name: `${label}: busy share, all processes' cpu (core-seconds per second)`, value: cores, unit: 'cores', anchor: availableParallelism(), ratio: cores / availableParallelism() });
+        }
       }
       if (perMicroBatches.has(1) && perMicroBatches.has(2)) {
         const [m2, m1] = [perMicroBatches.get(2)!, perMicroBatches.get(1)!];
