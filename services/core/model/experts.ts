@@ -42,6 +42,8 @@ export interface ExpertTransport {
   serve?(passId: string, batches: RowBatch[], context?: CallContext): Promise<Array<Float32Array | Unserved>>;
   /** What the MoE block does with unserved rows. */
   readonly overflow?: OverflowPolicy;
+  /** Rows leave the process: a caller lets the sends reach the sockets before computing on (pipeline.ts). */
+  readonly remote?: boolean;
 }
 
 /** A backward for rows whose forward this holder never saw (or already consumed). */

@@ -185,7 +185,7 @@ export class MoeLayer {
       const turns = opt.turns ?? new ComputeTurns(true);
       const outputs: Array<Float32Array | Unserved> = await turns.away(!opt.train && this.transport.serve
         ? this.transport.serve(opt.passId, batches, context)
-        : this.transport.forward(opt.passId, batches, opt.train, context), opt.whileAway);
+        : this.transport.forward(opt.passId, batches, opt.train, context), opt.whileAway, this.transport.remote === true);
       const combined = new Float32Array(tokens * D);
       const lost = outputs.some(isUnserved) ? await this.overflow(outputs, batches, logits, dispatch, hRows, tokens, opt) : undefined;
       for (let i = 0; i < tokens * k; i++) {
@@ -278,7 +278,7 @@ export class MoeLayer {
         const t = (i / k) | 0;
         extra[batchOf[expert]].rows.set(hRows.subarray(t * D, t * D + D), row * D);
       }
-      const second = await (opt.turns ?? new ComputeTurns(true)).away(this.transport.serve!(`${opt.passId}/reroute`, extra, { requestIds: opt.requestIds, deadline: opt.deadline }));
+      const second = await (opt.turns ?? new ComputeTurns(true)).away(this.transport.serve!(`${opt.passId}/reroute`, extra, { requestIds: opt.requestIds, deadline: opt.deadline }), undefined, this.transport.remote === true);
       for (const [i, { expert, row }] of target) {
         const out = second[batchOf[expert]];
         if (!isUnserved(out)) moved.set(i, { values: out, row });
@@ -325,7 +325,7 @@ export class MoeLayer {
         }
         dWeight[i] = dot;
       }
-      const dxRows = await (pass.turns ?? new ComputeTurns(true)).away(this.transport.backward(cache.passId, dBatches));
+      const dxRows = await (pass.turns ?? new ComputeTurns(true)).away(this.transport.backward(cache.passId, dBatches), undefined, this.transport.remote === true);
       const dh = new Float32Array(tokens * D);
       for (let i = 0; i < tokens * k; i++) {
         const row = dispatch.row[i];

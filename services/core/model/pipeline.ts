@@ -63,14 +63,14 @@ export class ComputeTurns {
   }
 
   /**
-   * While `reply` (rows just sent to the experts) is on its way: the sends reach the sockets, `meanwhile`
-   * runs (router work that needs no reply, e.g. a shared-expert MLP), and the other lanes take their
-   * turns. Resumes holding the turn.
+   * While `reply` (rows just sent to the experts) is on its way: the sends reach the sockets (`flush`;
+   * experts in this process have nothing to flush), `meanwhile` runs (router work that needs no reply,
+   * e.g. a shared-expert MLP), and the other lanes take their turns. Resumes holding the turn.
    */
-  async away<T>(reply: Promise<T>, meanwhile?: () => void): Promise<T> {
+  async away<T>(reply: Promise<T>, meanwhile?: () => void, flush = true): Promise<T> {
     reply.catch(() => undefined); // handled below; not an unhandled rejection while this lane waits
     this.span('compute', this.since);
-    await flushWrites();
+    if (flush) await flushWrites();
     let meanwhileFailed: { error: unknown } | undefined;
     if (meanwhile) {
       const start = epochMs();

@@ -181,6 +181,7 @@ export class GrpcExpertTransport implements ExpertTransport {
   /** Set by a training router for the step in flight; undefined when serving. */
   training?: TrainingTag;
   readonly overflow: OverflowPolicy;
+  readonly remote = true;
   readonly credits = new Credits();
   readonly health: HealthProbe;
   /** The messages of each training forward in flight: its backward is sent as exactly the same messages. */
