@@ -11,9 +11,11 @@ export function byteTokenizer(config?: Pick<ModelConfig, 'eos_token_id'>): TextT
     bosId: BOS_ID,
     eosId,
     stopIds: [eosId],
-    // No BOS: the models trained here learn from raw byte windows that never contain it.
-    encode: encodeText,
+    // No BOS (so `addSpecialTokens` changes nothing): the models trained here learn from raw byte windows
+    // that never contain it. The vocabulary has no text for its special ids: `<|im_end|>` is 10 bytes.
+    encode: (text) => encodeText(text),
     decode: decodeIds,
     rewritableChars: 0,
+    specialTokens: {},
   };
 }

@@ -5,18 +5,23 @@ import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Tokenizer } from '@huggingface/tokenizers';
 import type { ModelConfig } from '../config.js';
-import { TokenizerError, type TextTokenizer } from './types.js';
+import { TokenizerError, type EncodeOptions, type SpecialTokens, type TextTokenizer } from './types.js';
 
 export const TOKENIZER_FILE = 'tokenizer.json';
 export const TOKENIZER_CONFIG_FILE = 'tokenizer_config.json';
 
-/** The fields of tokenizer_config.json this project reads. */
+/** The fields of tokenizer_config.json this project reads (this file is the one reader of it). */
 interface TokenizerConfig {
   add_bos_token?: unknown;
   bos_token?: unknown;
   eos_token?: unknown;
   clean_up_tokenization_spaces?: unknown;
+  chat_template?: unknown;
+  [field: string]: unknown;
 }
+
+/** The named special tokens of transformers' special_tokens_map, in its order. */
+const SPECIAL_TOKEN_FIELDS = ['bos_token', 'eos_token', 'unk_token', 'sep_token', 'pad_token', 'cls_token', 'mask_token'] as const;
 
 async function readJsonObject(path: string): Promise<Record<string, unknown>> {
   let text: string;
@@ -40,6 +45,36 @@ function tokenContent(value: unknown): string | undefined {
   if (typeof value === 'string') return value;
   if (typeof value === 'object' && value !== null && typeof (value as { content?: unknown }).content === 'string') return (value as { content: string }).content;
   return undefined;
+}
+
+/** The special tokens the file sets, as strings (null and missing ones are left out, as transformers does). */
+function specialTokensOf(settings: TokenizerConfig): SpecialTokens {
+  const tokens: SpecialTokens = {};
+  for (const field of SPECIAL_TOKEN_FIELDS) {
+    const content = tokenContent(settings[field]);
+    if (content !== undefined) tokens[field] = content;
+  }
+  if (Array.isArray(settings.additional_special_tokens)) {
+    const additional = settings.additional_special_tokens.map(tokenContent).filter((t): t is string => t !== undefined);
+    if (additional.length > 0) tokens.additional_special_tokens = additional;
+  }
+  return tokens;
+}
+
+/** `chat_template`: a string, or a list of `{name, template}` (kept by name). */
+function chatTemplateOf(settings: TokenizerConfig, configPath: string): string | Record<string, string> | undefined {
+  const value = settings.chat_template;
+  if (value === undefined || value === null) return undefined;
+  if (typeof value === 'string') return value;
+  const invalid = () => new TokenizerError(`invalid ${configPath}: chat_template must be a string or a list of {"name", "template"} strings`);
+  if (!Array.isArray(value)) throw invalid();
+  const byName: Record<string, string> = {};
+  for (const entry of value as unknown[]) {
+    const { name, template } = (typeof entry === 'object' && entry !== null ? entry : {}) as { name?: unknown; template?: unknown };
+    if (typeof name !== 'string' || typeof template !== 'string') throw invalid();
+    byName[name] = template;
+  }
+  return byName;
 }
 
 /** The largest id the tokenizer knows, plus one (model vocabulary and added tokens). */
@@ -87,6 +122,7 @@ export async function loadHfTokenizer(dir: string, config: Pick<ModelConfig, 'vo
   const prependBos = usePostProcessor ? false : addBos ?? bosId !== undefined;
   // Only when tokenizer_config asks for it (as transformers does); the Rust library never cleans up.
   const cleanUp = settings.clean_up_tokenization_spaces === true;
+  const chatTemplate = chatTemplateOf(settings, configPath);
 
   return {
     source: path,
@@ -94,7 +130,9 @@ export async function loadHfTokenizer(dir: string, config: Pick<ModelConfig, 'vo
     bosId,
     eosId,
     stopIds: [...new Set([eosId, config.eos_token_id].filter((id): id is number => id !== undefined))],
-    encode(text: string): Int32Array {
+    encode(text: string, options?: EncodeOptions): Int32Array {
+      // Added tokens written in the text (<s>, <|im_start|>) are their ids either way.
+      if (options?.addSpecialTokens === false) return Int32Array.from(tokenizer.encode(text, { add_special_tokens: false }).ids);
       const ids = tokenizer.encode(text, { add_special_tokens: usePostProcessor }).ids;
       return Int32Array.from(prependBos ? [bosId!, ...ids] : ids);
     },
@@ -106,5 +144,7 @@ export async function loadHfTokenizer(dir: string, config: Pick<ModelConfig, 'vo
     },
     // The longest clean-up pattern is " n't": a space up to 4 characters from the end can still go.
     rewritableChars: cleanUp ? 4 : 0,
+    specialTokens: specialTokensOf(settings),
+    ...(chatTemplate === undefined ? {} : { chatTemplate }),
   };
 }
