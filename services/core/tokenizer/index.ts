@@ -10,7 +10,11 @@ import { TokenizerError, type TextTokenizer } from './types.js';
 export { byteTokenizer } from './bytes.js';
 export { loadHfTokenizer, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE } from './hf.js';
 export { CompletionText } from './completion.js';
-export { TokenizerError, type TextTokenizer } from './types.js';
+export { TokenizerError, type EncodeOptions, type SpecialTokens, type TextTokenizer } from './types.js';
+export {
+  ChatTemplate, ChatTemplateError, CHAT_TEMPLATE_FILE, DEFAULT_CHAT_STOP_STRINGS, DEFAULT_CHAT_TEMPLATE, encodeChat, loadChatTemplate, normalizeChatMessages,
+  type ChatMessage, type ChatRenderOptions, type ChatTemplateOrigin, type ChatToolCall,
+} from './chat-template.js';
 
 export async function loadTokenizer(checkpointDir: string, config: Pick<ModelConfig, 'vocab_size' | 'bos_token_id' | 'eos_token_id'>): Promise<TextTokenizer> {
   if (existsSync(join(checkpointDir, TOKENIZER_FILE))) return loadHfTokenizer(checkpointDir, config);
