@@ -129,7 +129,7 @@ test('template sources by precedence: --chat-template, chat_template.jinja, toke
   const badType = await folder('config-bad-type', { config: { ...config, chat_template: 42 } });
   await assert.rejects(loadTokenizer(badType, fitting), (err: Error) => err instanceof TokenizerError && /invalid .*tokenizer_config\.json: chat_template must be/.test(err.message));
 
-  // chat_template.jinja beats tokenizer_config.json (as transformers ≥ 4.47 loads them).
+  // chat_template.jinja beats tokenizer_config.json, as transformers loads them.
   const both = await folder('both', { config: { ...config, chat_template: 'config' }, jinja: 'jinja:{{ messages[0].content }}' });
   const jinjaChat = await load(both);
   assert.deepEqual([jinjaChat.origin, jinjaChat.source, first(jinjaChat)], ['chat_template.jinja', join(both, 'chat_template.jinja'), 'jinja:x']);
