@@ -228,13 +228,13 @@ test('completions sampling fields reach the engine; a request without a seed lea
     const full = await post({ max_tokens: 3, temperature: 0.5, top_p: 0.9, top_k: 40, min_p: 0.05, repetition_penalty: 1.1, presence_penalty: 0.5, frequency_penalty: -0.5, logit_bias: { 7: 3, 12: -100 }, stop_token_ids: [10, 257], seed: 42 });
     assert.deepEqual({ ...full, logitBias: { ...full.logitBias } }, {
       maxTokens: 3, temperature: 0.5, topP: 0.9, topK: 40, minP: 0.05, repetitionPenalty: 1.1, presencePenalty: 0.5, frequencyPenalty: -0.5,
-      logitBias: { 7: 3, 12: -100 }, seed: 42, stopIds: [...engine.tokenizer.stopIds, 10],
+      logitBias: { 7: 3, 12: -100 }, seed: 42, stopIds: [...engine.stopIds, 10],
     });
     const defaults = await post({});
     assert.equal(defaults.topK, undefined);
     assert.equal(defaults.logitBias, undefined);
     assert.deepEqual([defaults.minP, defaults.repetitionPenalty, defaults.presencePenalty, defaults.frequencyPenalty], [0, 1, 0, 0]);
-    assert.deepEqual(defaults.stopIds, [...engine.tokenizer.stopIds]);
+    assert.deepEqual(defaults.stopIds, [...engine.stopIds]);
     assert.equal(defaults.seed, undefined);
     assert.equal((await post({ seed: 0 })).seed, 0);
   } finally {

@@ -240,7 +240,7 @@ interface ServeFlags {
   coordinator?: string; shardId?: string; tokenBudget: number; modelName?: string; wireDtype: string;
   train?: boolean; trainRouters?: number; trainShards?: number; trainCheckpoint?: string;
   run?: string; index?: number; routers?: number; metricsPort: number;
-  overflow: string; microBatches: number; microBatchMinRows: number; maxQueue: number; maxBatch: number; maxBatchedTokens: number; kvCacheTokens?: number; prefixCaching: boolean; inferConcurrency: number; requestTimeoutMs: number; apiTokenFile?: string;
+  overflow: string; microBatches: number; microBatchMinRows: number; maxQueue: number; maxBatch: number; maxBatchedTokens: number; kvCacheTokens?: number; prefixCaching: boolean; skipTokenizer?: boolean; chatTemplate?: string; inferConcurrency: number; requestTimeoutMs: number; apiTokenFile?: string;
   maxRssMb: number; drainMs: number; advertise?: string;
   maxExperts: number; dropGraceMs: number; drainTimeoutMs: number; rebalanceIntervalMs: number; adminTokenFile?: string;
   maxMessageBytes: number; maxQueueRows: number; maxQueueBytes: number;
@@ -276,6 +276,7 @@ async function serveRouter(flags: ServeFlags): Promise<void> {
     wireDtype, overflow, maxSequences: flags.maxBatch, maxWaiting: flags.maxQueue,
     maxBatchedTokens: flags.maxBatchedTokens, kvCacheTokens: flags.kvCacheTokens, prefixCaching: flags.prefixCaching,
     inferConcurrency: flags.inferConcurrency, inferQueue: flags.maxQueue, maxMessageBytes: flags.maxMessageBytes, microBatches: flags.microBatches, microBatchMinRows: flags.microBatchMinRows,
+    skipTokenizer: flags.skipTokenizer, chatTemplate: flags.chatTemplate,
   });
   const link = new CoordinatorLink(flags.coordinator, { memberId: `router-${process.pid}`, role: 'ROLE_ROUTER' });
   link.heartbeatLoad = () => ({ expertLoads: engine.routing.expertLoads() }); // the planner's demand signal
@@ -285,7 +286,7 @@ async function serveRouter(flags: ServeFlags): Promise<void> {
     logLevel: process.env.SWITCHYARD_LOG ?? 'info', apiToken, requestTimeoutMs: flags.requestTimeoutMs, maxRssBytes: flags.maxRssMb * 2 ** 20,
   });
   const address = await app.listen({ host: flags.host, port: flags.port });
-  process.stdout.write(`switchyard router listening on ${address.replace(/^http:\/\//, '')} serving '${engine.modelName}' (overflow policy ${overflow}${apiToken ? ', bearer token required' : ''})\n`);
+  process.stdout.write(`switchyard router listening on ${address.replace(/^http:\/\//, '')} serving '${engine.modelName}' (overflow policy ${overflow}${apiToken ? ', bearer token required' : ''}, chat template: ${engine.chatTemplate?.source ?? 'none, no tokenizer'})\n`);
   await untilStopped();
   // Graceful: stop accepting, let every admitted request finish, then leave.
   await app.close();
@@ -540,6 +541,8 @@ export function buildProgram(): Command {
     .option('--max-batched-tokens <n>', 'router: tokens in one model step (decodes first, then prompt chunks)', integer('--max-batched-tokens', 1), 2048)
     .option('--kv-cache-tokens <n>', 'router: tokens the paged KV cache holds (default: --max-batch sequences at full context, within a quarter of memory)', integer('--kv-cache-tokens', 1))
     .option('--no-prefix-caching', 'router: do not reuse the K/V of prompt blocks other requests computed')
+    .option('--chat-template <file|template>', "router: the chat template of /v1/chat/completions instead of the checkpoint's (a Jinja file, or the template itself)")
+    .option('--skip-tokenizer', 'router: load no tokenizer (a checkpoint without one): token-id prompts only, text endpoints answer 400')
     .option('--infer-concurrency <n>', 'router: Open Inference infer calls at once', integer('--infer-concurrency', 1), 4)
     .option('--request-timeout-ms <ms>', 'router: deadline of a request without an x-request-timeout-ms header', integer('--request-timeout-ms', 1), 30_000)
     .option('--api-token-file <file>', 'router: require Authorization: Bearer <token> (also SWITCHYARD_API_TOKEN)')

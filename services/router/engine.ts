@@ -1,9 +1,9 @@
 // The router's model: dense weights in this process, experts on shards found through the coordinator's
 // placement. Inference calls share the shards' streams; a batch for a replicated expert is split over its replicas.
 import { inspectModel, loadDenseModel } from '../core/checkpoint/model.js';
-import { loadTokenizer, type TextTokenizer } from '../core/tokenizer/index.js';
+import { loadChatTemplate, loadTokenizer, type ChatTemplate, type TextTokenizer } from '../core/tokenizer/index.js';
 import type { SamplingOptions } from '../core/sampling.js';
-import { Scheduler, type Generation } from './scheduler.js';
+import { Scheduler, type Generation, type LogprobRequest, type OnToken } from './scheduler.js';
 import type { FloatDtype } from '../core/dtypes.js';
 import type { MixtralModel } from '../core/model/model.js';
 import type { PlacementTable } from '../core/placement.js';
@@ -11,6 +11,7 @@ import { creditsPerExpert, expertKeyText, ownerAddresses, unplaced } from '../co
 import type { OverflowPolicy } from '../core/overload.js';
 import { servingMetricGroup, servingMetrics } from '../core/metrics/serving.js';
 import { Limiter } from './admission.js';
+import { HttpError } from './errors.js';
 import { RoutingStats } from './routing-stats.js';
 import { Counter, Gauge, Histogram } from 'prom-client';
 import { MetricGroup } from '../core/metrics/registry.js';
@@ -81,6 +82,10 @@ export interface EngineOptions {
   microBatches?: number;
   /** A step splits only when each lane brings every expert this many rows on average (MixtralModel.minExpertRowsPerLane). */
   microBatchMinRows?: number;
+  /** Load no tokenizer (vLLM's skip_tokenizer_init): token-id APIs only, text endpoints answer 400. */
+  skipTokenizer?: boolean;
+  /** A chat template (file path or inline text) instead of the checkpoint's (`--chat-template`). */
+  chatTemplate?: string;
 }
 
 export class RouterEngine {
@@ -94,9 +99,11 @@ export class RouterEngine {
   readonly scheduler: Scheduler;
   readonly inferLimiter: Limiter;
   readonly routing: RoutingStats;
+  /** How chat messages become a prompt (the checkpoint's template, an override, or the ChatML default); none without a tokenizer. */
+  chatTemplate?: ChatTemplate;
 
   private constructor(
-    readonly model: MixtralModel, readonly tokenizer: TextTokenizer, readonly transport: GrpcExpertTransport, readonly modelName: string, options: EngineOptions,
+    readonly model: MixtralModel, readonly tokenizer: TextTokenizer | undefined, readonly transport: GrpcExpertTransport, readonly modelName: string, options: EngineOptions,
   ) {
     model.microBatches = options.microBatches ?? DEFAULT_MICRO_BATCHES;
     if (options.microBatchMinRows !== undefined) model.minExpertRowsPerLane = options.microBatchMinRows;
@@ -123,6 +130,17 @@ export class RouterEngine {
     engineMetricGroup.register();
   }
 
+  /** Ids that end every generation: the tokenizer's EOS and config.json's eos_token_id. */
+  get stopIds(): readonly number[] {
+    return this.tokenizer?.stopIds ?? [this.model.config.eos_token_id].filter((id): id is number => id !== undefined);
+  }
+
+  /** The tokenizer, or a 400 for an endpoint that needs text when the router runs without one. */
+  textTokenizer(what: string): TextTokenizer {
+    if (!this.tokenizer) throw new HttpError(400, `${what} needs a tokenizer, and this router runs with --skip-tokenizer: send token ids`);
+    return this.tokenizer;
+  }
+
   /** A shard's id for metrics labels (its address until the placement names it). */
   shardName(address: string): string {
     return this.shardIdOf.get(address) ?? address;
@@ -131,7 +149,8 @@ export class RouterEngine {
   static async load(checkpointDir: string, modelName: string, options: EngineOptions = {}): Promise<RouterEngine> {
     const { config } = await inspectModel(checkpointDir);
     // Before any connection is opened: a checkpoint without a usable tokenizer is refused at start.
-    const tokenizer = await loadTokenizer(checkpointDir, config);
+    const tokenizer = options.skipTokenizer ? undefined : await loadTokenizer(checkpointDir, config);
+    const chatTemplate = tokenizer ? await loadChatTemplate(checkpointDir, tokenizer, { override: options.chatTemplate }) : undefined;
     const holder: { engine?: RouterEngine } = {};
     const transport = new GrpcExpertTransport((layer, expert) => holder.engine!.shardsFor(layer, expert), config.hidden_size, {
       wireDtype: options.wireDtype, overflow: options.overflow,
@@ -150,6 +169,7 @@ export class RouterEngine {
     transport.health.onChange = () => servingMetrics.shardsDown.set(transport.health.downAddresses().length);
     const model = await loadDenseModel(checkpointDir, transport);
     holder.engine = new RouterEngine(model, tokenizer, transport, modelName, options);
+    holder.engine.chatTemplate = chatTemplate;
     return holder.engine;
   }
 
@@ -189,8 +209,10 @@ export class RouterEngine {
   }
 
   /** Generation through the scheduler: concurrent requests share every model step. */
-  complete(prompt: Int32Array, sampling: SamplingOptions, onToken?: (id: number) => boolean | void, requestId?: string, deadline?: number, signal?: AbortSignal): Promise<Generation> {
-    return this.scheduler.submit(prompt, sampling, onToken, requestId, deadline, signal);
+  complete(
+    prompt: Int32Array, sampling: SamplingOptions, onToken?: OnToken, requestId?: string, deadline?: number, signal?: AbortSignal, want?: LogprobRequest,
+  ): Promise<Generation> {
+    return this.scheduler.submit(prompt, sampling, onToken, requestId, deadline, signal, want);
   }
 
   /** Graceful shutdown: refuse new work, finish what is queued and running. */

@@ -1,6 +1,10 @@
-// Errors the HTTP API answers with a status and a JSON body `{ "error": { "message", "type" } }`.
+// Errors the HTTP API answers with a status and a JSON body `{ "error": { "message", "type", "param"? } }`.
 export class HttpError extends Error {
-  constructor(readonly statusCode: number, message: string, readonly type = 'invalid_request_error') {
+  /** The request field at fault (OpenAI's `param`), when one is. */
+  readonly param?: string;
+
+  constructor(readonly statusCode: number, message: string, readonly type = 'invalid_request_error', param?: string) {
     super(message);
+    if (param !== undefined) this.param = param;
   }
 }

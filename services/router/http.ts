@@ -6,12 +6,15 @@ import { randomUUID } from 'node:crypto';
 import { bearerMatches } from '../core/auth.js';
 import { OverloadError } from '../core/overload.js';
 import { SamplingError } from '../core/sampling.js';
+import { ChatTemplateError } from '../core/tokenizer/index.js';
 import { metricsText } from '../core/metrics/registry.js';
 import { servingMetricGroup, servingMetrics } from '../core/metrics/serving.js';
 import { HttpError } from './errors.js';
 import type { RouterEngine } from './engine.js';
 import { oipRoutes } from './oip.js';
 import { openaiRoutes } from './openai.js';
+import { openaiChatRoutes } from './openai-chat.js';
+import { tokenizeRoutes } from './tokenize.js';
 import { dashboardRoutes } from './dashboard.js';
 
 export const BODY_LIMIT_BYTES = 8 * 1024 * 1024;
@@ -57,7 +60,17 @@ export function buildHttpApp(engine: RouterEngine, o: HttpOptions = {}): Fastify
     genReqId: () => randomUUID(),
     logger: logLevel ? { level: logLevel } : false,
     // A number where a string belongs (or null for a number) is a client error, not something to guess at.
-    ajv: { customOptions: { coerceTypes: false } },
+    // Unknown fields are refused by name (additionalProperties: false), never silently dropped.
+    ajv: { customOptions: { coerceTypes: false, removeAdditional: false } },
+    schemaErrorFormatter: (errors, dataVar) => {
+      const e = errors[0];
+      const path = e.instancePath.slice(1).replaceAll('/', '.');
+      if (e.keyword === 'additionalProperties') {
+        const field = `${path ? `${path}.` : ''}${String((e.params as { additionalProperty?: unknown }).additionalProperty)}`;
+        return new Error(`unknown field '${field}' in the request ${dataVar}`);
+      }
+      return new Error(`${dataVar}${e.instancePath} ${e.message ?? 'is invalid'}`);
+    },
   });
   // First hook, so refusals by the hooks after it (413, 401, a bad deadline) are counted too. Counted when
   // the response closes: that also covers streamed (hijacked) answers and aborted ones. The dashboard's
@@ -135,14 +148,16 @@ export function buildHttpApp(engine: RouterEngine, o: HttpOptions = {}): Fastify
       servingMetrics.rejections.inc({ reason: err.reason });
       return reply.code(503).header('retry-after', String(err.retryAfterSeconds)).send({ error: { message: err.message, type: 'overloaded', reason: err.reason } });
     }
-    const status = err instanceof HttpError ? err.statusCode : err.validation || err instanceof SamplingError ? 400 : err.statusCode && err.statusCode < 500 ? err.statusCode : 500;
+    const status = err instanceof HttpError ? err.statusCode : err.validation || err instanceof SamplingError || err instanceof ChatTemplateError ? 400 : err.statusCode && err.statusCode < 500 ? err.statusCode : 500;
     const type = err instanceof HttpError ? err.type : status === 413 ? 'request_too_large' : status < 500 ? 'invalid_request_error' : 'server_error';
     const message = status === 500 ? `internal error: ${err.message}` : err.message;
-    return reply.code(status).send({ error: { message, type } });
+    return reply.code(status).send({ error: { message, type, ...(err instanceof HttpError && err.param ? { param: err.param } : {}) } });
   });
   app.setNotFoundHandler((req, reply) => reply.code(404).send({ error: { message: `no route ${req.method} ${req.url}`, type: 'not_found_error' } }));
   oipRoutes(app, engine);
   openaiRoutes(app, engine);
+  openaiChatRoutes(app, engine);
+  tokenizeRoutes(app, engine);
   dashboardRoutes(app, engine);
   return app;
 }

@@ -1,142 +1,231 @@
-// OpenAI-compatible completions and models (DESIGN §9); `stream: true` answers with server-sent events.
+// OpenAI-compatible /v1/models and /v1/completions (DESIGN §9), with vLLM's extensions: prompts as text,
+// texts, token ids or lists of them; `n` choices each; `echo`; `logprobs` of generated and (with echo)
+// prompt tokens; `stream: true` answers with server-sent events. Chat lives in openai-chat.ts.
 import type { FastifyInstance } from 'fastify';
 import { randomUUID } from 'node:crypto';
 import { CompletionStream } from './completion-stream.js';
 import { HttpError } from './errors.js';
 import { OverloadError } from '../core/overload.js';
-import { checkSampling, type SamplingOptions } from '../core/sampling.js';
-import { servingMetrics } from '../core/metrics/serving.js';
+import { checkSampling } from '../core/sampling.js';
+import { MAX_TOP_LOGPROBS, type TokenLogprob } from '../core/logprobs.js';
+import type { TextTokenizer } from '../core/tokenizer/index.js';
 import type { RouterEngine } from './engine.js';
+import type { Generation } from './scheduler.js';
+import { samplingFieldSchemas, samplingOptions, type SamplingFields } from './sampling-fields.js';
+import { UNSUPPORTED_COMPLETION_FIELDS, checkStreamOptions, openAiFields, streamOptionsSchema } from './openai-fields.js';
+import { legacyLogprobs, textLength, tokenTexts } from './openai-logprobs.js';
+import { MAX_CHOICES, choicesOf, runChoices } from './choices.js';
+import { EventStream, MAX_TOKENS_LIMIT, checkModel, clientGone, degradedOf, stopsOf, usageOf } from './openai-common.js';
 
-const MAX_TOKENS_LIMIT = 4096;
+const MAX_N = 16;
 
 const completionSchema = {
   body: {
     type: 'object',
     required: ['prompt'],
+    additionalProperties: false,
     properties: {
       model: { type: 'string' },
-      prompt: { type: 'string', minLength: 1 },
+      // A string, strings, token ids or token-id lists: checked by promptsOf for a message naming the element.
+      prompt: {},
       max_tokens: { type: 'integer', minimum: 0, maximum: MAX_TOKENS_LIMIT, default: 16 },
-      temperature: { type: 'number', minimum: 0, maximum: 2, default: 1 },
-      top_p: { type: 'number', exclusiveMinimum: 0, maximum: 1, default: 1 },
-      // Absent: a fresh random seed, so identical unseeded requests differ.
-      seed: { type: 'integer', minimum: -Number.MAX_SAFE_INTEGER, maximum: Number.MAX_SAFE_INTEGER },
-      top_k: { type: 'integer', minimum: -1 }, // -1 or 0 (and absent): off
-      min_p: { type: 'number', minimum: 0, maximum: 1, default: 0 },
-      repetition_penalty: { type: 'number', exclusiveMinimum: 0, default: 1 },
-      presence_penalty: { type: 'number', minimum: -2, maximum: 2, default: 0 },
-      frequency_penalty: { type: 'number', minimum: -2, maximum: 2, default: 0 },
-      // Token id (a decimal string, as JSON keys are) -> bias; ids beyond the vocabulary are refused in the handler.
-      logit_bias: { type: 'object', propertyNames: { pattern: '^(0|[1-9][0-9]{0,9})$' }, additionalProperties: { type: 'number', minimum: -100, maximum: 100 } },
-      // vLLM's extension: ids that end the completion besides the tokenizer's EOS.
-      stop_token_ids: { type: 'array', items: { type: 'integer', minimum: 0 } },
+      n: { type: 'integer', minimum: 1, maximum: MAX_N, default: 1 },
+      best_of: { type: 'integer', minimum: 1, maximum: MAX_N },
+      echo: { type: 'boolean', default: false },
+      logprobs: { type: 'integer', minimum: 0, maximum: MAX_TOP_LOGPROBS },
       stop: { anyOf: [{ type: 'string' }, { type: 'array', items: { type: 'string' }, maxItems: 4 }] },
       stream: { type: 'boolean', default: false },
+      stream_options: streamOptionsSchema,
+      user: { type: 'string' },
+      suffix: { type: 'string' },
+      // vLLM: each choice carries prompt_token_ids and token_ids.
+      return_token_ids: { type: 'boolean', default: false },
+      ...samplingFieldSchemas,
     },
   },
 } as const;
 
-interface CompletionBody {
+interface CompletionBody extends SamplingFields {
   model?: string;
-  prompt: string;
+  prompt: unknown;
   max_tokens: number;
-  temperature: number;
-  top_p: number;
-  seed?: number;
-  top_k?: number;
-  min_p: number;
-  repetition_penalty: number;
-  presence_penalty: number;
-  frequency_penalty: number;
-  logit_bias?: Record<string, number>;
-  stop_token_ids?: number[];
+  n: number;
+  best_of?: number;
+  echo: boolean;
+  logprobs?: number;
   stop?: string | string[];
   stream: boolean;
+  stream_options?: { include_usage?: boolean };
+  return_token_ids: boolean;
+}
+
+/** One prompt: its ids and, for echo, its text. */
+interface Prompt { ids: Int32Array; text: string }
+
+const PROMPT_FORMS = 'a string, an array of strings, an array of token ids or an array of token-id arrays';
+
+/** The request's prompts, tokenized (strings) or checked (token ids). */
+function promptsOf(prompt: unknown, engine: RouterEngine): Prompt[] {
+  const vocab = engine.model.config.vocab_size;
+  const fromText = (text: string): Prompt => {
+    const ids = engine.textTokenizer('a text prompt').encode(text);
+    if (ids.length === 0) throw new HttpError(400, 'the prompt encodes to no tokens', 'invalid_request_error', 'prompt');
+    return { ids, text };
+  };
+  const fromIds = (ids: unknown[], where: string): Prompt => {
+    if (ids.length === 0) throw new HttpError(400, `${where} is an empty list of token ids`, 'invalid_request_error', 'prompt');
+    ids.forEach((id, i) => {
+      if (!(Number.isInteger(id) && (id as number) >= 0 && (id as number) < vocab))
+        throw new HttpError(400, `${where}[${i}] = ${JSON.stringify(id)} is not a token id of the vocabulary [0, ${vocab})`, 'invalid_request_error', 'prompt');
+    });
+    const tokens = Int32Array.from(ids as number[]);
+    return { ids: tokens, text: engine.tokenizer?.decode(tokens) ?? '' };
+  };
+  if (typeof prompt === 'string') return [fromText(prompt)];
+  if (!Array.isArray(prompt) || prompt.length === 0) throw new HttpError(400, `prompt must be ${PROMPT_FORMS}`, 'invalid_request_error', 'prompt');
+  if (prompt.every((p) => typeof p === 'string')) return prompt.map(fromText);
+  if (prompt.every((p) => typeof p === 'number')) return [fromIds(prompt, 'prompt')];
+  if (prompt.every((p) => Array.isArray(p))) return prompt.map((p, i) => fromIds(p as unknown[], `prompt[${i}]`));
+  throw new HttpError(400, `prompt must be ${PROMPT_FORMS} (not a mix)`, 'invalid_request_error', 'prompt');
+}
+
+/** What one choice has produced so far while streaming: text pieces and the logprobs not sent yet. */
+class StreamedChoice {
+  readonly text?: CompletionStream;
+  pendingIds: number[] = [];
+  pendingLogprobs: TokenLogprob[] = [];
+  /** Characters of logprob token text sent so far (text_offset). */
+  offset = 0;
+
+  constructor(tokenizer: TextTokenizer | undefined, prompt: Int32Array, stops: string[]) {
+    if (tokenizer) this.text = new CompletionStream(tokenizer, prompt, stops);
+  }
+
+  get stopped(): boolean {
+    return this.text?.stopped ?? false;
+  }
+
+  /** Takes the ids (and logprobs) not handed out yet. */
+  take(): { ids: number[]; logprobs: TokenLogprob[] } {
+    const out = { ids: this.pendingIds, logprobs: this.pendingLogprobs };
+    this.pendingIds = [];
+    this.pendingLogprobs = [];
+    return out;
+  }
 }
 
 export function openaiRoutes(app: FastifyInstance, engine: RouterEngine): void {
   app.get('/v1/models', async () => ({
     object: 'list',
-    data: [{ id: engine.modelName, object: 'model', created: 0, owned_by: 'switchyard' }],
+    data: [{ id: engine.modelName, object: 'model', created: 0, owned_by: 'switchyard', max_model_len: engine.model.config.max_position_embeddings }],
   }));
 
-  app.post<{ Body: CompletionBody }>('/v1/completions', { schema: completionSchema }, async (req, reply) => {
+  const texts = tokenTexts(engine.tokenizer);
+
+  app.post<{ Body: CompletionBody }>('/v1/completions', { schema: completionSchema, preValidation: openAiFields(UNSUPPORTED_COMPLETION_FIELDS) }, async (req, reply) => {
     const body = req.body;
-    if (body.model !== undefined && body.model !== engine.modelName)
-      throw new HttpError(404, `model '${body.model}' is not served here (serving '${engine.modelName}')`, 'not_found_error');
-    const tokenizer = engine.tokenizer;
-    // Without a seed the request's sampler draws a fresh one.
-    const sampling: SamplingOptions = {
-      maxTokens: body.max_tokens, temperature: body.temperature, topP: body.top_p, seed: body.seed,
-      ...(body.top_k !== undefined ? { topK: body.top_k } : {}),
-      minP: body.min_p, repetitionPenalty: body.repetition_penalty, presencePenalty: body.presence_penalty, frequencyPenalty: body.frequency_penalty,
-      ...(body.logit_bias !== undefined ? { logitBias: body.logit_bias } : {}),
-      stopIds: [...new Set([...tokenizer.stopIds, ...(body.stop_token_ids ?? [])])],
-    };
+    checkModel(engine, body.model);
+    checkStreamOptions(body);
+    if (body.best_of !== undefined && body.best_of !== body.n)
+      throw new HttpError(400, `'best_of' other than n is not supported (best_of ${body.best_of}, n ${body.n}): every choice generated is returned`, 'invalid_request_error', 'best_of');
+    const sampling = samplingOptions(body, body.max_tokens, engine.stopIds);
     // A bad request is a 400 whatever the state of the cluster (SamplingError: logit_bias or stop_token_ids outside the vocabulary).
     checkSampling(sampling, engine.model.config.vocab_size);
-    if (!engine.ready()) throw new OverloadError('not every expert has a shard yet', 'unavailable');
-    const prompt = tokenizer.encode(body.prompt);
-    if (prompt.length === 0) throw new HttpError(400, 'the prompt encodes to no tokens');
+    const stops = stopsOf(body.stop, engine);
+    const prompts = promptsOf(body.prompt, engine);
+    if (prompts.length * body.n > MAX_CHOICES)
+      throw new HttpError(400, `${prompts.length} prompts × n ${body.n} = ${prompts.length * body.n} choices, more than the ${MAX_CHOICES} one request may ask for`, 'invalid_request_error', 'n');
     const context = engine.model.config.max_position_embeddings;
-    if (prompt.length > context) throw new HttpError(400, `prompt of ${prompt.length} tokens exceeds the model's context of ${context}`);
-    const stops = (body.stop === undefined ? [] : Array.isArray(body.stop) ? body.stop : [body.stop]).filter((x) => x.length > 0);
+    for (const p of prompts)
+      if (p.ids.length > context) throw new HttpError(400, `prompt of ${p.ids.length} tokens exceeds the model's context of ${context}`, 'invalid_request_error', 'prompt');
+    if (!engine.ready()) throw new OverloadError('not every expert has a shard yet', 'unavailable');
+
     const id = `cmpl-${randomUUID()}`;
     const created = Math.floor(Date.now() / 1000);
-    const completion = new CompletionStream(tokenizer, prompt, stops);
-    const chunk = (text: string, finish: string | null) =>
-      `data: ${JSON.stringify({ id, object: 'text_completion', created, model: engine.modelName, choices: [{ index: 0, text, finish_reason: finish, logprobs: null }] })}\n\n`;
-    if (body.stream) {
-      reply.hijack();
-      reply.raw.writeHead(200, { 'content-type': 'text/event-stream', 'cache-control': 'no-cache', connection: 'keep-alive', 'x-request-id': String(req.id) });
-    }
-    let closed = false;
-    // The response closing before we end it means the client went away: stop generating.
-    const gone = new AbortController();
-    reply.raw.on('close', () => {
-      closed = true;
-      gone.abort(); // a request still queued or in its prefill leaves too, not only at its next token
-    });
-    let result: Awaited<ReturnType<RouterEngine['complete']>>;
+    const n = body.n;
+    const withLogprobs = body.logprobs !== undefined;
+    const returnIds = body.return_token_ids || !engine.tokenizer;
+    const specs = choicesOf(prompts.map((p) => p.ids), n, sampling);
+    const promptOf = (index: number) => prompts[Math.floor(index / n)];
+    const choices = specs.map((s) => new StreamedChoice(engine.tokenizer, s.prompt, stops));
+    const head = { id, object: 'text_completion', created, model: engine.modelName };
+    const includeUsage = body.stream && body.stream_options?.include_usage === true;
+    const events = body.stream ? new EventStream(reply, String(req.id)) : undefined;
+    const chunk = (index: number, text: string, logprobs: object | null, finish: string | null, extra: object = {}) =>
+      events!.send({ ...head, choices: [{ index, text, logprobs, finish_reason: finish, ...extra }], ...(includeUsage ? { usage: null } : {}) });
+    // Streamed echo: the prompt first (with its logprobs once the prefill has computed them).
+    const sendEcho = (index: number, promptLogprobs?: Array<TokenLogprob | null>) => {
+      const p = promptOf(index);
+      const logprobs = promptLogprobs ? legacyLogprobs(Array.from(p.ids), promptLogprobs, texts, 0) : null;
+      if (promptLogprobs) choices[index].offset = textLength(Array.from(p.ids), texts);
+      chunk(index, p.text, logprobs, null, returnIds ? { prompt_token_ids: Array.from(p.ids) } : {});
+    };
+    const flush = (index: number, text: string, finish: string | null = null) => {
+      const c = choices[index];
+      const { ids, logprobs } = c.take();
+      if (!text && !ids.length && finish === null) return;
+      const lp = withLogprobs ? legacyLogprobs(ids, logprobs, texts, c.offset) : null;
+      if (withLogprobs) c.offset += textLength(ids, texts);
+      chunk(index, text, lp, finish, returnIds ? { token_ids: ids } : {});
+    };
+    if (events && body.echo && !withLogprobs) choices.forEach((_, i) => sendEcho(i));
+
+    let gens: Generation[];
     try {
-      result = await engine.complete(prompt, sampling, (next) => {
-        const piece = completion.push(next);
-        if (body.stream && !closed && piece) reply.raw.write(chunk(piece, null));
-        return completion.stopped || closed;
-      }, String(req.id), req.deadline, gone.signal);
+      gens = await runChoices(engine, specs, {
+        requestId: String(req.id), deadline: req.deadline, signal: clientGone(reply),
+        want: {
+          ...(withLogprobs ? { logprobs: body.logprobs } : {}),
+          ...(withLogprobs && body.echo ? { promptLogprobs: body.logprobs } : {}),
+        },
+        onToken: (index, next, logprob) => {
+          const c = choices[index];
+          c.pendingIds.push(next);
+          if (logprob) c.pendingLogprobs.push(logprob);
+          const piece = c.text?.push(next) ?? '';
+          // Without a tokenizer every id is its own chunk (its token_ids); with one, text settles in pieces.
+          if (events && (piece || !c.text)) flush(index, piece);
+          return c.stopped || (events?.closed ?? false);
+        },
+      });
     } catch (err) {
-      if (!body.stream) throw err;
-      // Headers are sent: report the failure as a final event and end the stream.
-      const overloaded = err instanceof OverloadError;
-      if (overloaded) servingMetrics.rejections.inc({ reason: err.reason });
-      if (!closed) reply.raw.end(`data: ${JSON.stringify({ error: { message: (err as Error).message, type: overloaded ? 'overloaded' : 'server_error', ...(overloaded ? { reason: err.reason } : {}) } })}\n\ndata: [DONE]\n\n`);
+      if (!events) throw err;
+      events.fail(err);
       return reply;
     }
-    // Some rows could not reach their experts (drop or reroute policy): say so.
-    const degraded = result.degraded ? { degraded: { reasons: result.degraded } } : {};
-    if (result.degraded) servingMetrics.degraded.inc();
-    const { text, stopped } = completion;
-    const finish = stopped ? 'stop' : result.finishReason;
-    if (body.stream) {
-      if (!closed) {
-        const rest = completion.rest();
-        if (rest) reply.raw.write(chunk(rest, null));
-        if (result.degraded) reply.raw.write(`data: ${JSON.stringify({ id, object: 'text_completion', created, model: engine.modelName, choices: [], ...degraded })}\n\n`);
-        reply.raw.write(chunk('', finish));
-        reply.raw.end('data: [DONE]\n\n');
-      }
+    const usage = usageOf(prompts.map((p) => p.ids), n, gens);
+    const degraded = degradedOf(gens, events ? undefined : reply);
+    const finishOf = (i: number) => (choices[i].stopped ? 'stop' : gens[i].finishReason);
+    if (events) {
+      gens.forEach((g, i) => {
+        // Echo with logprobs of a generation that computed no prompt (impossible today) still echoes.
+        if (body.echo && withLogprobs && !g.promptLogprobs) sendEcho(i);
+        flush(i, choices[i].text?.rest() ?? '');
+        chunk(i, '', null, finishOf(i));
+      });
+      if (degraded.degraded) events.send({ ...head, choices: [], ...degraded });
+      if (includeUsage) events.send({ ...head, choices: [], usage });
+      events.end();
       return reply;
     }
-    if (result.degraded) reply.header('x-switchyard-degraded', 'true');
     return {
-      id, object: 'text_completion', created, model: engine.modelName, ...degraded,
-      choices: [{ index: 0, text, finish_reason: finish, logprobs: null }],
-      usage: {
-        prompt_tokens: prompt.length, completion_tokens: result.ids.length, total_tokens: prompt.length + result.ids.length,
-        // OpenAI's field for prompt tokens served from the prefix cache.
-        prompt_tokens_details: { cached_tokens: result.cachedPromptTokens ?? 0 },
-      },
+      ...head, ...degraded,
+      choices: gens.map((g, i) => {
+        const p = promptOf(i);
+        const text = choices[i].text?.text ?? '';
+        let logprobs = null;
+        if (withLogprobs) {
+          const ids = body.echo ? [...p.ids, ...g.ids] : g.ids;
+          const lps = body.echo ? [...(g.promptLogprobs ?? Array.from(p.ids, () => null)), ...(g.logprobs ?? [])] : g.logprobs ?? [];
+          logprobs = legacyLogprobs(ids, lps, texts, 0);
+        }
+        return {
+          index: i, text: body.echo ? p.text + text : text, logprobs, finish_reason: finishOf(i),
+          ...(returnIds ? { prompt_token_ids: Array.from(p.ids), token_ids: g.ids } : {}),
+        };
+      }),
+      usage,
     };
   });
+
 }

@@ -9,6 +9,7 @@ import { KvStore } from '../core/model/kv-store.js';
 import type { MixtralModel, StepSequence } from '../core/model/model.js';
 import { OverloadError } from '../core/overload.js';
 import { Sampler, SamplingError, type SamplingOptions } from '../core/sampling.js';
+import { MAX_TOP_LOGPROBS, tokenLogprob, type TokenLogprob } from '../core/logprobs.js';
 import { BlockManager } from './kv-blocks.js';
 
 export interface Generation {
@@ -20,7 +21,24 @@ export interface Generation {
   cachedPromptTokens: number;
   /** The sampling seed in use (drawn at random when the request named none). */
   seed: number;
+  /** With LogprobRequest.logprobs: one per id of `ids`. */
+  logprobs?: TokenLogprob[];
+  /** With LogprobRequest.promptLogprobs: one per prompt id, null for the first (nothing predicts it). */
+  promptLogprobs?: Array<TokenLogprob | null>;
 }
+
+/** Log-probabilities a generation reports (core/logprobs.ts): how many most likely alternatives with each. */
+export interface LogprobRequest {
+  /** Of every generated id. */
+  logprobs?: number;
+  /** Of every prompt id: the prompt is then computed in full (no prefix cache) and max_tokens may be 0. */
+  promptLogprobs?: number;
+  /** Called once the prompt's log-probabilities are all known, before the first generated id. */
+  onPromptLogprobs?: (logprobs: Array<TokenLogprob | null>) => void;
+}
+
+/** Called with each generated id (and its log-probability when asked for); true stops the generation. */
+export type OnToken = (id: number, logprob?: TokenLogprob) => boolean | void;
 
 export interface SchedulerOptions {
   /** Sequences in one step (the rest wait). */
@@ -47,6 +65,8 @@ export const DEFAULT_BLOCK_TOKENS = 16;
 export const DEFAULT_MAX_BATCHED_TOKENS = 2048;
 // The KV cache may take this share of the machine's memory by default (K/V live in host memory).
 const KV_MEMORY_SHARE = 0.25;
+// A prompt chunk whose every row goes through the LM head (prompt logprobs) holds at most this many logits.
+const PROMPT_LOGITS_FLOATS = 16 * 2 ** 20;
 
 /** The default KV cache size: every sequence at full context, within a quarter of the memory the process may use. */
 export function defaultKvCacheTokens(model: MixtralModel, maxSequences: number): number {
@@ -74,7 +94,12 @@ interface Request {
   /** Prefix-cache key of each full block, in order. */
   keys: string[];
   cachedPromptTokens: number;
-  onToken?: (id: number) => boolean | void;
+  want: LogprobRequest;
+  logprobs?: TokenLogprob[];
+  promptLogprobs?: Array<TokenLogprob | null>;
+  /** onPromptLogprobs was called (a recomputed prompt does not call it again). */
+  promptLogprobsSent?: boolean;
+  onToken?: OnToken;
   requestId?: string;
   deadline?: number;
   timer?: NodeJS.Timeout;
@@ -136,8 +161,11 @@ export class Scheduler {
    * at the next step boundary.
    */
   submit(
-    prompt: Int32Array, sampling: SamplingOptions, onToken?: (id: number) => boolean | void, requestId?: string, deadline?: number, signal?: AbortSignal,
+    prompt: Int32Array, sampling: SamplingOptions, onToken?: OnToken, requestId?: string, deadline?: number, signal?: AbortSignal, want: LogprobRequest = {},
   ): Promise<Generation> {
+    for (const [field, n] of [['logprobs', want.logprobs], ['prompt logprobs', want.promptLogprobs]] as const)
+      if (n !== undefined && !(Number.isInteger(n) && n >= 0 && n <= MAX_TOP_LOGPROBS))
+        return Promise.reject(new SamplingError(`${field} must be an integer in [0, ${MAX_TOP_LOGPROBS}], got ${n}`));
     const vocab = this.model.config.vocab_size;
     let sampler: Sampler;
     try {
@@ -158,6 +186,8 @@ export class Scheduler {
       const r: Request = {
         order: this.arrivals++, sampling, sampler, stop: new Set(sampling.stopIds ?? [EOS_ID]),
         promptLength: prompt.length, tokens: Array.from(prompt), computed: 0, blocks: [], keys: [], cachedPromptTokens: 0,
+        want, ...(want.logprobs !== undefined ? { logprobs: [] } : {}),
+        ...(want.promptLogprobs !== undefined ? { promptLogprobs: Array.from({ length: prompt.length }, () => null) } : {}),
         onToken, requestId, deadline, queuedAt: performance.now(), done: false, resolve, reject,
       };
       if (deadline !== undefined)
@@ -195,6 +225,7 @@ export class Scheduler {
     this.settle(r);
     r.resolve({
       ids: r.tokens.slice(r.promptLength), finishReason, cachedPromptTokens: r.cachedPromptTokens, seed: r.sampler.seed,
+      ...(r.logprobs ? { logprobs: r.logprobs } : {}), ...(r.promptLogprobs ? { promptLogprobs: r.promptLogprobs } : {}),
       ...(r.degraded ? { degraded: [...r.degraded] } : {}),
     });
   }
@@ -254,6 +285,16 @@ export class Scheduler {
       r.keys.push(BlockManager.key(i === 0 ? '' : r.keys[i - 1], Int32Array.from(r.tokens.slice(i * B, (i + 1) * B))));
   }
 
+  /** Whether r's next chunk needs every row's logits (prompt ids whose log-probabilities are still to come). */
+  private wantsRowLogits(r: Request): boolean {
+    return r.promptLogprobs !== undefined && r.computed < r.promptLength;
+  }
+
+  /** Longest chunk r may feed: bounded when every row's logits come back (prompt logprobs). */
+  private headRowCap(r: Request): number {
+    return this.wantsRowLogits(r) ? Math.max(1, Math.floor(PROMPT_LOGITS_FLOATS / this.model.config.vocab_size)) : Number.POSITIVE_INFINITY;
+  }
+
   /** This step's sequences and how many ids each feeds. */
   private schedule(): Scheduled[] {
     const B = this.blocks.blockTokens;
@@ -269,7 +310,7 @@ export class Scheduler {
     for (const r of [...decoding, ...prefilling]) {
       if (!this.running.includes(r) || budget === 0) continue;
       const wanted = r.tokens.length - r.computed;
-      const tokens = wanted === 1 ? 1 : Math.min(wanted, budget, Math.max(1, prefillShare() - (this.maxBatchedTokens - budget)));
+      const tokens = wanted === 1 ? 1 : Math.min(wanted, budget, Math.max(1, prefillShare() - (this.maxBatchedTokens - budget)), this.headRowCap(r));
       if (tokens <= 0) continue;
       // Out of blocks: the newest running sequence is recomputed later, until r fits or is itself the newest.
       while (!this.reserve(r, r.computed + tokens)) {
@@ -292,7 +333,8 @@ export class Scheduler {
     // Admission, first come first served: a request joins when the blocks for its whole prompt are free.
     while (this.waiting.length && this.running.length < this.maxSequences && budget > 0) {
       const r = this.waiting[0];
-      if (this.prefixCaching && r.computed === 0) this.adoptCachedPrefix(r);
+      // Cached blocks skip their rows, and with them the rows' logits: prompt logprobs compute the whole prompt.
+      if (this.prefixCaching && r.computed === 0 && !r.promptLogprobs) this.adoptCachedPrefix(r);
       const needed = Math.ceil(r.tokens.length / B) - r.blocks.length;
       if (needed > this.blocks.available) {
         this.releaseBlocks(r);
@@ -305,7 +347,7 @@ export class Scheduler {
       }
       this.options.onAdmit?.((performance.now() - r.queuedAt) / 1000);
       this.running.push(r);
-      const tokens = Math.min(r.tokens.length - r.computed, budget);
+      const tokens = Math.min(r.tokens.length - r.computed, budget, this.headRowCap(r));
       this.reserve(r, r.computed + tokens);
       const s = { r, tokens };
       picked.push(s);
@@ -345,12 +387,13 @@ export class Scheduler {
         // without ever leaving the microtask queue (in-process).
         await new Promise((resolve) => setImmediate(resolve));
         this.running = this.running.filter((r) => {
-          // Same stopping rule as always: tokens still wanted and room in the context for the next id.
-          if (!r.done && !(r.tokens.length - r.promptLength < r.sampling.maxTokens && r.tokens.length <= limit)) this.finish(r, 'length');
+          // Same stopping rule as always: tokens still wanted and room in the context for the next id (a
+          // request for prompt logprobs first computes its prompt, also with max_tokens 0).
+          if (!r.done && !this.wantsRowLogits(r) && !(r.tokens.length - r.promptLength < r.sampling.maxTokens && r.tokens.length <= limit)) this.finish(r, 'length');
           if (r.done) this.releaseBlocks(r);
           return !r.done;
         });
-        for (const r of this.waiting) if (!r.done && r.sampling.maxTokens === 0) this.finish(r, 'length');
+        for (const r of this.waiting) if (!r.done && r.sampling.maxTokens === 0 && !r.promptLogprobs) this.finish(r, 'length');
         this.waiting = this.waiting.filter((r) => !r.done);
         if (this.model.dense.version !== this.cacheVersion) {
           // New weights (a training step): cached blocks no longer match their tokens.
@@ -364,7 +407,7 @@ export class Scheduler {
         this.stats.maxTokensPerStep = Math.max(this.stats.maxTokensPerStep, picked.reduce((n, p) => n + p.tokens, 0));
         const seqs: StepSequence[] = picked.map(({ r, tokens }) => ({
           ids: Int32Array.from(r.tokens.slice(r.computed, r.computed + tokens)), past: r.computed, blocks: r.blocks,
-          logits: r.computed + tokens === r.tokens.length,
+          logits: r.computed + tokens === r.tokens.length, allLogits: this.wantsRowLogits(r),
         }));
         // Messages to the experts may wait as long as the most patient request of the step.
         const deadline = picked.every((p) => p.r.deadline !== undefined) ? Math.max(...picked.map((p) => p.r.deadline!)) : undefined;
@@ -386,14 +429,35 @@ export class Scheduler {
           this.afterStep(r, before);
           if (r.done) return; // left during the step (deadline); its blocks go at the next boundary
           for (const reason of results[i].degraded ?? []) (r.degraded ??= new Set()).add(reason);
+          const rows = results[i].rowLogits;
+          if (rows && r.promptLogprobs) {
+            // Row j holds the distribution of the id at position before + j + 1.
+            const V = this.model.config.vocab_size;
+            for (let j = 0; j < tokens; j++) {
+              const at = before + j + 1;
+              if (at >= r.promptLength) break;
+              r.promptLogprobs[at] = tokenLogprob(rows.subarray(j * V, (j + 1) * V), r.tokens[at], r.want.promptLogprobs!);
+            }
+          }
+          if (r.promptLogprobs && !r.promptLogprobsSent && r.computed >= r.promptLength) {
+            r.promptLogprobsSent = true;
+            try {
+              r.want.onPromptLogprobs?.(r.promptLogprobs);
+            } catch (err) {
+              return this.fail(r, err as Error);
+            }
+          }
           const logits = results[i].logits;
           if (!logits) return; // a prompt chunk: no token yet
+          if (r.tokens.length - r.promptLength >= r.sampling.maxTokens) return this.finish(r, 'length'); // prompt logprobs only
           try {
             const next = r.sampler.next(logits);
+            const logprob = r.logprobs ? tokenLogprob(logits, next, r.want.logprobs!) : undefined;
             if (r.stop.has(next)) this.finish(r, 'stop');
             else {
               r.tokens.push(next);
-              if (r.onToken?.(next) === true) this.finish(r, 'stop');
+              if (logprob) r.logprobs!.push(logprob);
+              if (r.onToken?.(next, logprob) === true) this.finish(r, 'stop');
             }
           } catch (err) {
             // A failing callback (e.g. a client's stream) ends its own request, not the step.
@@ -425,6 +489,6 @@ function positive(n: number, what: string): number {
  * Continues one prompt in-process; returns only the new ids. `onToken` sees each new id as it is chosen
  * and may return true to stop there. The same engine as serving, with room for one sequence.
  */
-export function generate(model: MixtralModel, prompt: Int32Array, o: SamplingOptions, onToken?: (id: number) => boolean | void): Promise<Generation> {
+export function generate(model: MixtralModel, prompt: Int32Array, o: SamplingOptions, onToken?: OnToken): Promise<Generation> {
   return new Scheduler(model, { maxSequences: 1, kvCacheTokens: model.config.max_position_embeddings }).submit(prompt, o, onToken);
 }

@@ -57,6 +57,8 @@ export interface StepSequence {
   blocks: ArrayLike<number>;
   /** Whether the step returns the logits of its last new id (the prompt's end, or a decode token). */
   logits: boolean;
+  /** Also every new id's logits (prompt log-probabilities): StepOutput.rowLogits. */
+  allLogits?: boolean;
 }
 
 /**
@@ -71,6 +73,8 @@ export interface StepProfile {
 
 export interface StepOutput {
   logits?: Float32Array;
+  /** With allLogits: the logits of each new id, row after row ([ids.length, vocab]). */
+  rowLogits?: Float32Array;
   /** Why some of its rows could not reach their experts (overflow policy drop/reroute), if any did. */
   degraded?: string[];
 }
@@ -566,23 +570,35 @@ export class MixtralModel {
         addInto(x, ffn.y.dataSync() as Float32Array);
         ffn.y.dispose();
       }
-      const wanted = seqs.flatMap((s, i) => (s.logits ? [i] : []));
+      // Rows through the LM head: each sequence's last new id when it asks for logits, all of them with allLogits.
+      const headRows = seqs.map((s) => (s.allLogits ? s.ids.length : s.logits ? 1 : 0));
+      const wanted = headRows.reduce((n, r) => n + r, 0);
       let values: Float32Array = new Float32Array(0);
-      if (wanted.length) {
-        const last = new Float32Array(wanted.length * D);
-        wanted.forEach((i, w) => {
-          const row = paged[i].row + seqs[i].ids.length - 1;
-          last.set(x.subarray(row * D, (row + 1) * D), w * D);
+      if (wanted) {
+        const picked = new Float32Array(wanted * D);
+        let at = 0;
+        seqs.forEach((s, i) => {
+          const end = paged[i].row + s.ids.length;
+          picked.set(x.subarray((end - headRows[i]) * D, end * D), at * D);
+          at += headRows[i];
         });
-        const normed = tf.tensor2d(rmsNormRows(last, D, this.hostWeight(denseNames.norm), eps), [wanted.length, D]);
+        const normed = tf.tensor2d(rmsNormRows(picked, D, this.hostWeight(denseNames.norm), eps), [wanted, D]);
         const logits = mm(normed, this.lmHead());
         normed.dispose();
         values = logits.dataSync() as Float32Array;
         logits.dispose();
       }
       const V = c.vocab_size;
-      const logitsOf = new Map(wanted.map((i, w) => [i, values.slice(w * V, (w + 1) * V)]));
-      return seqs.map((_, i) => ({ logits: logitsOf.get(i), ...(degraded[i] ? { degraded: [...degraded[i]!] } : {}) }));
+      const logitsOf = new Map<number, Float32Array>();
+      const rowsOf = new Map<number, Float32Array>();
+      let at = 0;
+      seqs.forEach((s, i) => {
+        if (!headRows[i]) return;
+        at += headRows[i];
+        if (s.logits) logitsOf.set(i, values.slice((at - 1) * V, at * V));
+        if (s.allLogits) rowsOf.set(i, values.subarray((at - headRows[i]) * V, at * V));
+      });
+      return seqs.map((_, i) => ({ logits: logitsOf.get(i), ...(rowsOf.has(i) ? { rowLogits: rowsOf.get(i) } : {}), ...(degraded[i] ? { degraded: [...degraded[i]!] } : {}) }));
     } finally {
       attention.dispose();
     }

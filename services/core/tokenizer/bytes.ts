@@ -17,5 +17,7 @@ export function byteTokenizer(config?: Pick<ModelConfig, 'eos_token_id'>): TextT
     decode: decodeIds,
     rewritableChars: 0,
     specialTokens: {},
+    specialText: (id) => (id === BOS_ID ? '<s>' : id === eosId ? '</s>' : id >= 256 && id < BYTE_VOCAB_SIZE ? `<special_${id}>` : undefined),
+    rawBytes: (id) => (id >= 0 && id < 256 ? [id] : undefined),
   };
 }

@@ -123,6 +123,21 @@ export async function loadHfTokenizer(dir: string, config: Pick<ModelConfig, 'vo
   // Only when tokenizer_config asks for it (as transformers does); the Rust library never cleans up.
   const cleanUp = settings.clean_up_tokenization_spaces === true;
   const chatTemplate = chatTemplateOf(settings, configPath);
+  // Special tokens by id (decode skips them, logprob listings name them) and byte-fallback pieces by id.
+  const specials = new Map<number, string>();
+  for (const t of Array.isArray(json.added_tokens) ? json.added_tokens as Array<{ id?: unknown; content?: unknown; special?: unknown }> : [])
+    if (t.special === true && typeof t.id === 'number' && typeof t.content === 'string') specials.set(t.id, t.content);
+  const byteOf = new Map<number, number>();
+  const model = json.model as { vocab?: unknown; byte_fallback?: unknown };
+  if (model.byte_fallback === true) {
+    const entries: Array<[string, number]> = Array.isArray(model.vocab)
+      ? (model.vocab as Array<[string, number]>).map(([piece], id) => [piece, id])
+      : Object.entries((model.vocab ?? {}) as Record<string, number>);
+    for (const [piece, id] of entries) {
+      const m = /^<0x([0-9A-Fa-f]{2})>$/.exec(piece);
+      if (m) byteOf.set(id, parseInt(m[1], 16));
+    }
+  }
 
   return {
     source: path,
@@ -146,5 +161,7 @@ export async function loadHfTokenizer(dir: string, config: Pick<ModelConfig, 'vo
     rewritableChars: cleanUp ? 4 : 0,
     specialTokens: specialTokensOf(settings),
     ...(chatTemplate === undefined ? {} : { chatTemplate }),
+    specialText: (id) => specials.get(id),
+    rawBytes: (id) => (byteOf.has(id) ? [byteOf.get(id)!] : undefined),
   };
 }

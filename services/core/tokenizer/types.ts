@@ -51,6 +51,10 @@ export interface TextTokenizer {
    * `{name, template}`). Absent when the file has none. chat-template.ts decides which template is used.
    */
   readonly chatTemplate?: string | Readonly<Record<string, string>>;
+  /** A special token's own text ('<s>', '<|im_end|>'), which decode() skips; undefined for other ids. */
+  specialText?(id: number): string | undefined;
+  /** The bytes an id stands for when it is a byte token (byte vocabulary, `<0xXX>` byte fallback), else undefined. */
+  rawBytes?(id: number): number[] | undefined;
 }
 
 /** A tokenizer file that is missing, unreadable or does not fit the model. */
