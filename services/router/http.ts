@@ -1,6 +1,6 @@
 // The router's HTTP server: fastify with one plugin per route family, schema-validated bodies, JSON
-// errors, request ids from x-request-id, and explicit body limits.
-import Fastify, { type FastifyInstance, type FastifyRequest } from 'fastify';
+// errors (shaped by path: errorBody), request ids from x-request-id, and explicit body limits.
+import Fastify, { type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
 import underPressure from '@fastify/under-pressure';
 import { randomUUID } from 'node:crypto';
 import { bearerMatches } from '../core/auth.js';
@@ -21,7 +21,23 @@ export const BODY_LIMIT_BYTES = 8 * 1024 * 1024;
 /** Oversized bodies up to this size are read and discarded so the client gets its 413 (larger: connection closed). */
 const DRAIN_LIMIT_BYTES = 64 * 1024 * 1024;
 
-const tooLarge = (length: number) => ({ error: { message: `request body of ${length} bytes is over the limit of ${BODY_LIMIT_BYTES} bytes`, type: 'request_too_large' } });
+const tooLarge = (length: number) => `request body of ${length} bytes is over the limit of ${BODY_LIMIT_BYTES} bytes`;
+
+/** Open Inference Protocol paths (`/v2`, `/v2/...`): their errors have the protocol's body. */
+const OIP_PATH = /^\/v2(\/|\?|$)/;
+
+/**
+ * The one place an error's body is decided, by the request's path: the Open Inference Protocol's
+ * `{"error": "<message>"}` on /v2 paths, OpenAI's `{"error": {"message", "type", ...extra}}` elsewhere.
+ */
+export function errorBody(url: string, message: string, type: string, extra: Record<string, unknown> = {}): object {
+  return OIP_PATH.test(url) ? { error: message } : { error: { message, type, ...extra } };
+}
+
+/** Sends an error answer with the body its path calls for. */
+function sendError(req: FastifyRequest, reply: FastifyReply, status: number, message: string, type: string, extra?: Record<string, unknown>): FastifyReply {
+  return reply.code(status).send(errorBody(req.url, message, type, extra));
+}
 
 export interface HttpOptions {
   /** fastify's JSON request log (to stdout) at this level; request ids are x-request-id. */
@@ -94,10 +110,10 @@ export function buildHttpApp(engine: RouterEngine, o: HttpOptions = {}): Fastify
     const length = Number(req.headers['content-length'] ?? 0);
     if (!(length > BODY_LIMIT_BYTES)) return done();
     if (length > DRAIN_LIMIT_BYTES) {
-      void reply.code(413).header('connection', 'close').send(tooLarge(length));
+      void sendError(req, reply.header('connection', 'close'), 413, tooLarge(length), 'request_too_large');
       return;
     }
-    req.raw.on('end', () => void reply.code(413).send(tooLarge(length)));
+    req.raw.on('end', () => void sendError(req, reply, 413, tooLarge(length), 'request_too_large'));
     req.raw.resume();
   });
   // Once closing, answers end their keep-alive connection: close() closes only connections idle when it
@@ -115,14 +131,14 @@ export function buildHttpApp(engine: RouterEngine, o: HttpOptions = {}): Fastify
   app.addHook('onRequest', async (req: FastifyRequest, reply) => {
     if (o.apiToken && !OPEN_PATHS.test(req.url.split('?')[0]) && !bearerMatches(req.headers.authorization, o.apiToken)) {
       servingMetrics.rejections.inc({ reason: 'unauthorized' });
-      return reply.code(401).header('www-authenticate', 'Bearer').send({ error: { message: 'missing or wrong bearer token (Authorization: Bearer <token>)', type: 'authentication_error' } });
+      return sendError(req, reply.header('www-authenticate', 'Bearer'), 401, 'missing or wrong bearer token (Authorization: Bearer <token>)', 'authentication_error');
     }
     const raw = req.headers[DEADLINE_HEADER];
     let timeout = o.requestTimeoutMs ?? 30_000;
     if (raw !== undefined) {
       const n = Number(raw);
       if (!(Number.isFinite(n) && n > 0 && n <= MAX_TIMEOUT_MS))
-        return reply.code(400).send({ error: { message: `${DEADLINE_HEADER} must be a number of milliseconds in (0, ${MAX_TIMEOUT_MS}], got '${String(raw)}'`, type: 'invalid_request_error' } });
+        return sendError(req, reply, 400, `${DEADLINE_HEADER} must be a number of milliseconds in (0, ${MAX_TIMEOUT_MS}], got '${String(raw)}'`, 'invalid_request_error');
       timeout = n;
     }
     req.deadline = Date.now() + timeout;
@@ -136,24 +152,24 @@ export function buildHttpApp(engine: RouterEngine, o: HttpOptions = {}): Fastify
       // Probes and scrapes must keep working: they are how an operator sees the pressure.
       if (OPEN_PATHS.test(req.url.split('?')[0])) return;
       servingMetrics.rejections.inc({ reason: `pressure_${type}` });
-      void reply.code(503).header('retry-after', '1').send({ error: { message: `the router is under pressure (${type} ${Math.round(value ?? 0)})`, type: 'overloaded' } });
+      void sendError(req, reply.header('retry-after', '1'), 503, `the router is under pressure (${type} ${Math.round(value ?? 0)})`, 'overloaded');
     },
   });
   app.get('/metrics', async (_req, reply) => {
     const { contentType, body } = await metricsText();
     return reply.header('content-type', contentType).send(body);
   });
-  app.setErrorHandler((err: Error & { statusCode?: number; validation?: unknown; code?: string }, _req, reply) => {
+  app.setErrorHandler((err: Error & { statusCode?: number; validation?: unknown; code?: string }, req, reply) => {
     if (err instanceof OverloadError) {
       servingMetrics.rejections.inc({ reason: err.reason });
-      return reply.code(503).header('retry-after', String(err.retryAfterSeconds)).send({ error: { message: err.message, type: 'overloaded', reason: err.reason } });
+      return sendError(req, reply.header('retry-after', String(err.retryAfterSeconds)), 503, err.message, 'overloaded', { reason: err.reason });
     }
     const status = err instanceof HttpError ? err.statusCode : err.validation || err instanceof SamplingError || err instanceof ChatTemplateError ? 400 : err.statusCode && err.statusCode < 500 ? err.statusCode : 500;
     const type = err instanceof HttpError ? err.type : status === 413 ? 'request_too_large' : status < 500 ? 'invalid_request_error' : 'server_error';
     const message = status === 500 ? `internal error: ${err.message}` : err.message;
-    return reply.code(status).send({ error: { message, type, ...(err instanceof HttpError && err.param ? { param: err.param } : {}) } });
+    return sendError(req, reply, status, message, type, err instanceof HttpError && err.param ? { param: err.param } : {});
   });
-  app.setNotFoundHandler((req, reply) => reply.code(404).send({ error: { message: `no route ${req.method} ${req.url}`, type: 'not_found_error' } }));
+  app.setNotFoundHandler((req, reply) => sendError(req, reply, 404, `no route ${req.method} ${req.url}`, 'not_found_error'));
   oipRoutes(app, engine);
   openaiRoutes(app, engine);
   openaiChatRoutes(app, engine);

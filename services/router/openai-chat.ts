@@ -10,12 +10,12 @@ import { MAX_TOP_LOGPROBS } from '../core/logprobs.js';
 import { encodeChat, normalizeChatMessages } from '../core/tokenizer/index.js';
 import type { RouterEngine } from './engine.js';
 import type { Generation } from './scheduler.js';
-import { samplingFieldSchemas, samplingOptions, type SamplingFields } from './sampling-fields.js';
+import { MAX_TOKENS_LIMIT, SAMPLING_FIELD_SCHEMAS, samplingOptions, type SamplingFields } from './sampling-fields.js';
 import { UNSUPPORTED_CHAT_FIELDS, checkStreamOptions, openAiFields, streamOptionsSchema } from './openai-fields.js';
 import { chatLogprobs, tokenTexts } from './openai-logprobs.js';
 import { choicesOf, runChoices } from './choices.js';
 import { CompletionStream } from './completion-stream.js';
-import { EventStream, MAX_TOKENS_LIMIT, checkModel, clientGone, degradedOf, stopsOf, usageOf } from './openai-common.js';
+import { EventStream, checkModel, clientGone, degradedOf, stopsOf, usageOf } from './openai-common.js';
 import type { TokenLogprob } from '../core/logprobs.js';
 
 const MAX_N = 16;
@@ -29,7 +29,6 @@ const chatSchema = {
       model: { type: 'string' },
       // Checked by normalizeChatMessages, whose errors name the message and field.
       messages: { type: 'array', minItems: 1 },
-      max_tokens: { type: 'integer', minimum: 0, maximum: MAX_TOKENS_LIMIT },
       max_completion_tokens: { type: 'integer', minimum: 0, maximum: MAX_TOKENS_LIMIT },
       n: { type: 'integer', minimum: 1, maximum: MAX_N, default: 1 },
       logprobs: { type: 'boolean', default: false },
@@ -43,7 +42,9 @@ const chatSchema = {
       continue_final_message: { type: 'boolean', default: false },
       chat_template_kwargs: { type: 'object' },
       return_token_ids: { type: 'boolean', default: false },
-      ...samplingFieldSchemas,
+      ...SAMPLING_FIELD_SCHEMAS,
+      // No default: until the context is full.
+      max_tokens: { type: 'integer', minimum: 0, maximum: MAX_TOKENS_LIMIT },
       // Unsupported fields get through only with the value that asks for nothing (openAiFields refuses the rest).
       ...Object.fromEntries(Object.keys(UNSUPPORTED_CHAT_FIELDS).map((field) => [field, {}])),
     },
@@ -87,7 +88,7 @@ export function openaiChatRoutes(app: FastifyInstance, engine: RouterEngine): vo
     if (prompt.length > context) throw new HttpError(400, `the conversation's ${prompt.length} tokens exceed the model's context of ${context}`, 'invalid_request_error', 'messages');
     // OpenAI's newer name wins; neither: until the context is full (or a stop).
     const maxTokens = body.max_completion_tokens ?? body.max_tokens ?? context - prompt.length;
-    const sampling = samplingOptions(body, maxTokens, engine.stopIds);
+    const sampling = samplingOptions(body, engine.stopIds, maxTokens);
     checkSampling(sampling, engine.model.config.vocab_size);
     // The template's own end of message (the default ChatML's <|im_end|>) ends a reply too.
     const stops = [...new Set([...stopsOf(body.stop, engine), ...template.stopStrings])];

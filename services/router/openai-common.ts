@@ -7,8 +7,6 @@ import { servingMetrics } from '../core/metrics/serving.js';
 import type { RouterEngine } from './engine.js';
 import type { Generation } from './scheduler.js';
 
-/** Largest max_tokens accepted; a generation also ends at the model's context. */
-export const MAX_TOKENS_LIMIT = 1 << 20;
 
 /** Server-sent events of one streamed answer; nothing is written once the client has gone. */
 export class EventStream {

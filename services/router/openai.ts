@@ -11,11 +11,11 @@ import { MAX_TOP_LOGPROBS, type TokenLogprob } from '../core/logprobs.js';
 import type { TextTokenizer } from '../core/tokenizer/index.js';
 import type { RouterEngine } from './engine.js';
 import type { Generation } from './scheduler.js';
-import { samplingFieldSchemas, samplingOptions, type SamplingFields } from './sampling-fields.js';
+import { SAMPLING_FIELD_SCHEMAS, samplingOptions, type SamplingFields } from './sampling-fields.js';
 import { UNSUPPORTED_COMPLETION_FIELDS, checkStreamOptions, openAiFields, streamOptionsSchema } from './openai-fields.js';
 import { legacyLogprobs, textLength, tokenTexts } from './openai-logprobs.js';
 import { MAX_CHOICES, choicesOf, runChoices } from './choices.js';
-import { EventStream, MAX_TOKENS_LIMIT, checkModel, clientGone, degradedOf, stopsOf, usageOf } from './openai-common.js';
+import { EventStream, checkModel, clientGone, degradedOf, stopsOf, usageOf } from './openai-common.js';
 
 const MAX_N = 16;
 
@@ -28,7 +28,6 @@ const completionSchema = {
       model: { type: 'string' },
       // A string, strings, token ids or token-id lists: checked by promptsOf for a message naming the element.
       prompt: {},
-      max_tokens: { type: 'integer', minimum: 0, maximum: MAX_TOKENS_LIMIT, default: 16 },
       n: { type: 'integer', minimum: 1, maximum: MAX_N, default: 1 },
       best_of: { type: 'integer', minimum: 1, maximum: MAX_N },
       echo: { type: 'boolean', default: false },
@@ -40,7 +39,7 @@ const completionSchema = {
       suffix: { type: 'string' },
       // vLLM: each choice carries prompt_token_ids and token_ids.
       return_token_ids: { type: 'boolean', default: false },
-      ...samplingFieldSchemas,
+      ...SAMPLING_FIELD_SCHEMAS,
     },
   },
 } as const;
@@ -128,7 +127,7 @@ export function openaiRoutes(app: FastifyInstance, engine: RouterEngine): void {
     checkStreamOptions(body);
     if (body.best_of !== undefined && body.best_of !== body.n)
       throw new HttpError(400, `'best_of' other than n is not supported (best_of ${body.best_of}, n ${body.n}): every choice generated is returned`, 'invalid_request_error', 'best_of');
-    const sampling = samplingOptions(body, body.max_tokens, engine.stopIds);
+    const sampling = samplingOptions(body, engine.stopIds);
     // A bad request is a 400 whatever the state of the cluster (SamplingError: logit_bias or stop_token_ids outside the vocabulary).
     checkSampling(sampling, engine.model.config.vocab_size);
     const stops = stopsOf(body.stop, engine);
