@@ -11,6 +11,8 @@ import { repoRoot } from './support/paths.js';
 import { registry, setBuildInfo } from '../services/core/metrics/registry.js';
 // Loading a module registers nothing: each service registers its own groups when it starts.
 import { ALL_GROUPS, ROLE_GROUPS, type Role } from './support/role-metrics.js';
+import { TPOT_BUCKETS, TTFT_BUCKETS } from '../services/router/request-metrics.js';
+import { parse } from 'yaml';
 
 const prometheusDir = join(repoRoot, 'deploy', 'prometheus');
 const dashboardPath = join(repoRoot, 'deploy', 'grafana', 'dashboards', 'switchyard.json');
@@ -27,8 +29,8 @@ function promtool(args: string[], cwd = repoRoot): string {
 
 test('promtool check rules accepts both rule files', () => {
   const out = promtool(['check', 'rules', 'deploy/prometheus/rules/recording.yml', 'deploy/prometheus/rules/alerts.yml']);
-  assert.match(out, /SUCCESS: 9 rules found/);
-  assert.match(out, /SUCCESS: 7 rules found/);
+  assert.match(out, /SUCCESS: 11 rules found/);
+  assert.match(out, /SUCCESS: 8 rules found/);
 });
 
 test('promtool unit tests of the recording rules and alerts pass', () => {
@@ -46,7 +48,7 @@ interface Target { refId?: string; expr?: string }
 interface Panel { type: string; title?: string; datasource?: { type?: string; uid?: string }; targets?: Target[]; panels?: Panel[]; gridPos?: unknown }
 interface Dashboard { uid: string; title: string; schemaVersion: number; panels: Panel[]; templating: { list: { name: string; type: string; query: unknown; multi?: boolean; includeAll?: boolean }[] } }
 
-test('the Grafana dashboard: datasource variable everywhere, the eight rows in order, a query in every target', () => {
+test('the Grafana dashboard: datasource variable everywhere, the nine rows in order, a query in every target', () => {
   const dashboard = JSON.parse(readFileSync(dashboardPath, 'utf8')) as Dashboard;
   assert.equal(dashboard.uid, 'switchyard-moe');
   assert.equal(dashboard.schemaVersion, 39);
@@ -57,19 +59,24 @@ test('the Grafana dashboard: datasource variable everywhere, the eight rows in o
   const layer = variables.get('layer');
   assert.ok(layer?.multi && layer.includeAll, 'layer is a multi-value variable with All');
   assert.match(JSON.stringify(layer.query), /label_values\(switchyard_expert_tokens_total, layer\)/);
+  const model = variables.get('model');
+  assert.ok(model?.multi && model.includeAll, 'model is a multi-value variable with All');
+  assert.match(JSON.stringify(model.query), /label_values\(switchyard_router_requests_finished_total, model\)/);
 
   // Expanded rows keep their panels after them at top level; collapsed rows nest them.
   const rows: string[] = [];
   const queryPanels: Panel[] = [];
+  const rowOf = new Map<Panel, string>();
   for (const panel of dashboard.panels) {
     if (panel.type === 'row') {
       rows.push(panel.title ?? '');
       queryPanels.push(...(panel.panels ?? []));
     } else {
       queryPanels.push(panel);
+      rowOf.set(panel, rows.at(-1) ?? '');
     }
   }
-  assert.deepEqual(rows, ['Overview', 'Per-expert load', 'Capacity and drops', 'Imbalance', 'Queue and scaling', 'Latency', 'Coordinator', 'Placement']);
+  assert.deepEqual(rows, ['Overview', 'Per-expert load', 'Capacity and drops', 'Imbalance', 'Queue and scaling', 'Latency', 'Generation', 'Coordinator', 'Placement']);
   assert.ok(queryPanels.length >= 25, `only ${queryPanels.length} panels`);
 
   for (const panel of queryPanels) {
@@ -82,6 +89,38 @@ test('the Grafana dashboard: datasource variable everywhere, the eight rows in o
       assert.ok(target.refId && !refIds.has(target.refId), `${panel.title}: refIds are present and distinct`);
       refIds.add(target.refId);
     }
+  }
+
+  // The Generation row: TTFT, TPOT, end to end, tokens, sequences and finish reasons, each per model.
+  const generation = queryPanels.filter((p) => rowOf.get(p) === 'Generation');
+  const used = generation.flatMap((p) => p.targets!.flatMap((t) => metricNamesInExpr(t.expr!)));
+  for (const name of ['switchyard_router_time_to_first_token_seconds_bucket', 'switchyard:time_to_first_token_seconds:p99',
+    'switchyard_router_time_per_output_token_seconds_bucket', 'switchyard:time_per_output_token_seconds:p99', 'switchyard_router_e2e_request_latency_seconds_bucket',
+    'switchyard_router_prompt_tokens_total', 'switchyard_router_generation_tokens_total', 'switchyard_router_sequences_running',
+    'switchyard_router_sequences_waiting', 'switchyard_router_requests_finished_total']) assert.ok(used.includes(name), `the Generation row shows ${name}`);
+  for (const panel of generation)
+    for (const target of panel.targets!) {
+      assert.match(target.expr!, /\{model=~"\$model"\}/, `${panel.title}: ${target.refId} follows the model variable`);
+      assert.match(target.expr!, /by \([^)]*\bmodel\b[^)]*\)|^switchyard:[a-z_:0-9]+\{/, `${panel.title}: ${target.refId} is per model`);
+    }
+});
+
+interface Rule { alert?: string; record?: string; expr: string }
+
+test('the SLO alerts are on the TTFT and TPOT recording rules, with thresholds that are bucket bounds', () => {
+  const rules = (parse(readFileSync(join(prometheusDir, 'rules', 'alerts.yml'), 'utf8')) as { groups: Array<{ rules: Rule[] }> }).groups.flatMap((g) => g.rules);
+  const alerts = new Map(rules.filter((r) => r.alert).map((r) => [r.alert!, r.expr]));
+  assert.ok(!alerts.has('SwitchyardLatencyP99OverSLO'), 'end-to-end latency (which grows with max_tokens) pages no one');
+  const cases: Array<[string, string, number[]]> = [
+    ['SwitchyardTimeToFirstTokenP99OverSLO', 'switchyard:time_to_first_token_seconds:p99', TTFT_BUCKETS],
+    ['SwitchyardTimePerOutputTokenP99OverSLO', 'switchyard:time_per_output_token_seconds:p99', TPOT_BUCKETS],
+  ];
+  for (const [alert, record, buckets] of cases) {
+    const m = alerts.get(alert)?.match(/^(\S+) > ([0-9.]+)$/);
+    assert.ok(m, `${alert}: <recording rule> > <threshold>`);
+    assert.equal(m[1], record);
+    // A bound at the threshold: "p99 above it" is "more than 1% slower than it", not an interpolation.
+    assert.ok(buckets.includes(Number(m[2])), `${alert}: ${m[2]} is a bucket bound of ${buckets.join(', ')}`);
   }
 });
 
@@ -119,9 +158,11 @@ test('metricNamesInConfig: every recording rule is found, and every used name is
     'switchyard:allreduce_seconds:p99', 'switchyard:capacity_utilization:max', 'switchyard:drop_ratio:rate1m',
     'switchyard:expert_queue_rows:sum', 'switchyard:expert_tokens:rate1m', 'switchyard:http_request_duration_seconds:p99',
     'switchyard:layer_imbalance:cv', 'switchyard:layer_imbalance:max_over_mean', 'switchyard:router_rejections:rate5m',
+    'switchyard:time_per_output_token_seconds:p99', 'switchyard:time_to_first_token_seconds:p99',
   ]);
   assert.ok(used.length >= 25, `only ${used.length} names used: ${used.join(', ')}`);
-  for (const name of ['switchyard_expert_tokens_total', 'switchyard:layer_imbalance:max_over_mean', 'switchyard_http_request_duration_seconds_bucket', 'up']) {
+  for (const name of ['switchyard_expert_tokens_total', 'switchyard:layer_imbalance:max_over_mean', 'switchyard_http_request_duration_seconds_bucket', 'up',
+    'switchyard_router_time_to_first_token_seconds_bucket', 'switchyard_router_time_per_output_token_seconds_bucket']) {
     assert.ok(used.includes(name), `${name} is used`);
   }
   const recorded = new Set(recording);

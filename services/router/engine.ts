@@ -13,15 +13,12 @@ import { servingMetricGroup, servingMetrics } from '../core/metrics/serving.js';
 import { Limiter } from './admission.js';
 import { HttpError } from './errors.js';
 import { RoutingStats } from './routing-stats.js';
-import { Counter, Gauge, Histogram } from 'prom-client';
+import { Counter, Gauge } from 'prom-client';
 import { MetricGroup } from '../core/metrics/registry.js';
+import { RequestMetrics, requestMetricGroup } from './request-metrics.js';
 
 /** Engine gauges read the newest engine of the process when Prometheus scrapes; exported once an engine starts. */
 let currentEngine: RouterEngine | undefined;
-const queueSeconds = new Histogram({
-  name: 'switchyard_router_queue_seconds', help: 'Time a generation waited for a place in the batch', registers: [],
-  buckets: [0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30],
-});
 const prefixTokens = new Counter({
   name: 'switchyard_router_prefix_cache_tokens_total', help: 'Prompt tokens of admitted requests found in the prefix cache (hit) or computed (miss)', labelNames: ['result'], registers: [],
 });
@@ -29,7 +26,6 @@ const preemptions = new Counter({
   name: 'switchyard_router_preemptions_total', help: 'Running sequences that gave their KV blocks back to be recomputed later (the cache was full)', registers: [],
 });
 export const engineMetricGroup = new MetricGroup([
-  queueSeconds,
   new Gauge({ name: 'switchyard_router_queue_depth', help: 'Requests waiting for a place (generations and infer calls)', registers: [], collect() {
     this.set(currentEngine ? currentEngine.scheduler.depth.waiting + currentEngine.inferLimiter.depth.waiting : 0);
   } }),
@@ -101,16 +97,19 @@ export class RouterEngine {
   readonly routing: RoutingStats;
   /** How chat messages become a prompt (the checkpoint's template, an override, or the ChatML default); none without a tokenizer. */
   chatTemplate?: ChatTemplate;
+  /** TTFT, TPOT, end-to-end and queue times, tokens and finish reasons of generations (./request-metrics.ts). */
+  readonly requests: RequestMetrics;
 
   private constructor(
     readonly model: MixtralModel, readonly tokenizer: TextTokenizer | undefined, readonly transport: GrpcExpertTransport, readonly modelName: string, options: EngineOptions,
   ) {
     model.microBatches = options.microBatches ?? DEFAULT_MICRO_BATCHES;
     if (options.microBatchMinRows !== undefined) model.minExpertRowsPerLane = options.microBatchMinRows;
+    this.requests = new RequestMetrics(modelName, () => this.scheduler.depth);
     this.scheduler = new Scheduler(model, {
       maxSequences: options.maxSequences ?? 64, maxWaiting: options.maxWaiting ?? 256, maxBatchedTokens: options.maxBatchedTokens,
       kvCacheTokens: options.kvCacheTokens, prefixCaching: options.prefixCaching,
-      onAdmit: (seconds) => queueSeconds.observe(seconds),
+      onAdmit: (seconds) => this.requests.queued(seconds),
       onPrefix: (hit, miss) => {
         prefixTokens.inc({ result: 'hit' }, hit);
         prefixTokens.inc({ result: 'miss' }, miss);
@@ -125,9 +124,10 @@ export class RouterEngine {
         for (const reason of ['shard_down', 'at_capacity']) servingMetrics.unservedRows.inc({ layer: String(layer), expert: String(expert), reason }, 0);
     model.onRouting = (layer, stats) => this.routing.record(layer, stats);
     currentEngine = this;
-    // A router exports its serving and engine metrics from the start (RoutingStats registers its own).
+    // A router exports its serving, engine and request metrics from the start (RoutingStats registers its own).
     servingMetricGroup.register();
     engineMetricGroup.register();
+    requestMetricGroup.register();
   }
 
   /** Ids that end every generation: the tokenizer's EOS and config.json's eos_token_id. */
@@ -208,11 +208,12 @@ export class RouterEngine {
     return this.inferLimiter.run(deadline, () => this.model.logitsWithRouting(ids, batch, tokens, `infer${this.passes++}`, requestId ? [requestId] : undefined, deadline));
   }
 
-  /** Generation through the scheduler: concurrent requests share every model step. */
+  /** Generation through the scheduler: concurrent requests share every model step. Followed by this.requests from here. */
   complete(
     prompt: Int32Array, sampling: SamplingOptions, onToken?: OnToken, requestId?: string, deadline?: number, signal?: AbortSignal, want?: LogprobRequest,
   ): Promise<Generation> {
-    return this.scheduler.submit(prompt, sampling, onToken, requestId, deadline, signal, want);
+    const request = this.requests.start(prompt.length, deadline, signal);
+    return request.finished(this.scheduler.submit(prompt, sampling, request.onToken(onToken), requestId, deadline, signal, want));
   }
 
   /** Graceful shutdown: refuse new work, finish what is queued and running. */

@@ -5,6 +5,7 @@ import type { MetricGroup } from '../../services/core/metrics/registry.js';
 import { servingMetricGroup } from '../../services/core/metrics/serving.js';
 import { coordinatorTrainingMetricGroup, trainingMetricGroup } from '../../services/core/metrics/training.js';
 import { engineMetricGroup } from '../../services/router/engine.js';
+import { requestMetricGroup } from '../../services/router/request-metrics.js';
 import { routingMetricGroup } from '../../services/router/routing-stats.js';
 import { shardMetricGroup } from '../../services/expert/shard.js';
 import { followerMetricGroup } from '../../services/expert/follower.js';
@@ -15,7 +16,7 @@ export type Role = 'router' | 'expert' | 'expert --train' | 'coordinator' | 'coo
 
 /** Every group a module defines; a group no role exports would be dead. */
 export const ALL_GROUPS: Record<string, MetricGroup> = {
-  serving: servingMetricGroup, engine: engineMetricGroup, routing: routingMetricGroup,
+  serving: servingMetricGroup, engine: engineMetricGroup, request: requestMetricGroup, routing: routingMetricGroup,
   shard: shardMetricGroup, follower: followerMetricGroup,
   coordinator: coordinatorMetricGroup, placement: placementMetricGroup, coordinatorTraining: coordinatorTrainingMetricGroup,
   training: trainingMetricGroup,
@@ -23,7 +24,7 @@ export const ALL_GROUPS: Record<string, MetricGroup> = {
 
 /** The groups each role exports, beside the process defaults and moe_build_info that every one has. */
 export const ROLE_GROUPS: Record<Role, Array<keyof typeof ALL_GROUPS>> = {
-  router: ['serving', 'engine', 'routing'],
+  router: ['serving', 'engine', 'request', 'routing'],
   expert: ['shard', 'follower'], // a serving shard following the coordinator's placement
   'expert --train': ['shard', 'training'],
   coordinator: ['coordinator', 'placement'],
