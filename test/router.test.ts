@@ -188,7 +188,7 @@ test('bad input gets a 4xx JSON error (Open Inference\'s object on /v2, OpenAI\'
     [infer([{ name: 'input_ids', datatype: 'INT64', shape: [1, 2], data: [1, 999] }]), 400, /outside the vocabulary/],
     [post('/v2/models/nope/infer', { inputs: [{ name: 'input_ids', datatype: 'INT64', shape: [1, 1], data: [1] }] }), 404, /not served here/],
     [post('/v1/completions', { prompt: '' }), 400, /prompt/],
-    [post('/v1/completions', { prompt: 'x', max_tokens: 100000 }), 400, /max_tokens/],
+    [post('/v1/completions', { prompt: 'x', max_tokens: 2 ** 21 }), 400, /max_tokens/],
     [post('/v1/completions', { prompt: 'x', model: 'other' }), 404, /not served here/],
   ];
   for (const [response, status, message] of cases) {
