@@ -221,13 +221,14 @@ async function upCommand(flags: UpFlags): Promise<void> {
   const name = modelNameOf(modelDir);
   process.stdout.write([
     `switchyard cluster ready at ${api}: coordinator ${cluster.coordinatorAddress}, ${flags.shards} expert shard(s), ${flags.routers} router(s)`,
-    `  API (OpenAI):          ${api}/v1/completions   ${api}/v1/models`,
-    `  API (Open Inference):  ${api}/v2/models/${name}/infer   ${api}/v2/health/ready`,
+    `  API (OpenAI):          ${api}/v1/chat/completions   ${api}/v1/completions   ${api}/v1/models   ${api}/tokenize`,
+    `  API (Open Inference):  ${api}/v2/models/${name}/infer   ${api}/v2/models/${name}/generate   ${api}/v2/health/ready`,
     `  live expert load:      ${api}/dashboard`,
     `  metrics (Prometheus):  ${api}/metrics   ${cluster.metricsUrls.join('   ')}`,
     `  processes:             ${Object.entries(cluster.pids()).map(([n, pid]) => `${n}=${pid}`).join(' ')} (logs in ${UP_LOG_DIR}/; a member that exits is restarted)`,
     `  placement:             switchyard placement show --admin ${cluster.adminUrl} --token-file ${relative(process.cwd(), adminTokenFile) || adminTokenFile}`,
     `  try: curl -s ${api}/v1/completions -H 'content-type: application/json' -d '{"prompt": "Call me Ishmael. ", "max_tokens": 80}'`,
+    `       curl -s ${api}/v1/chat/completions -H 'content-type: application/json' -d '{"messages": [{"role": "user", "content": "Call me Ishmael."}], "max_tokens": 80}'`,
     '  Ctrl-C stops the cluster.',
     '',
   ].join('\n'));

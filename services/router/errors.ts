@@ -1,4 +1,5 @@
-// Errors the HTTP API answers with a status and a JSON body `{ "error": { "message", "type", "param"? } }`.
+// Errors the HTTP API answers with a status and a JSON body: `{ "error": { "message", "type", "param"? } }`
+// on OpenAI paths, `{ "error": "<message>" }` on Open Inference ones (http.ts errorBody).
 export class HttpError extends Error {
   /** The request field at fault (OpenAI's `param`), when one is. */
   readonly param?: string;
