@@ -190,6 +190,8 @@ test('the CLI and a router cluster serve a model with the tokenizer.json of its 
   assert.equal(missing.code, 2, missing.stderr);
   assert.match(missing.stderr, /has no tokenizer\.json/);
   for (const file of ['tokenizer.json', 'tokenizer_config.json']) await cp(join(FIXTURE, file), join(checkpoint, file));
+  // Mixtral-Instruct's published chat template (it writes BOS itself and refuses non-alternating roles).
+  await cp(fixturePath('chat-templates/templates/mixtral-8x7b-instruct-v0.1.jinja'), join(checkpoint, 'chat_template.jinja'));
   const imported = await runCli(['import', checkpoint]);
   assert.equal(imported.code, 0, imported.stderr);
   assert.match(imported.stdout, new RegExp(`tokenizer\\s+tokenizer\\.json \\(${FIXTURE_VOCAB} ids\\)\\n`));
@@ -230,6 +232,26 @@ test('the CLI and a router cluster serve a model with the tokenizer.json of its 
     const chunks = events.slice(0, -1).map((e) => (JSON.parse(e.slice('data: '.length)) as { choices: Array<{ text: string }> }).choices[0].text);
     assert.equal(chunks.join(''), expected);
     assert.ok(chunks.slice(0, -2).every((c) => !c.endsWith('\uFFFD')), 'no chunk before the last ends inside a character');
+
+    // Chat through the checkpoint's template: BOS once (the template's, none added by tokenizing), the
+    // prompt /tokenize reports, and the same greedy reply as completing those ids.
+    const json = async (path: string, payload: Record<string, unknown>) => {
+      const r = await fetch(`${base}${path}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(payload) });
+      return { status: r.status, body: (await r.json()) as any };
+    };
+    const messages = [{ role: 'user', content: 'hello' }];
+    const tokenized = await json('/tokenize', { messages });
+    assert.equal(tokenized.status, 200, JSON.stringify(tokenized.body));
+    assert.equal(tokenized.body.tokens[0], ids.bos);
+    assert.equal(tokenized.body.tokens.filter((id: number) => id === ids.bos).length, 1, 'BOS is not doubled');
+    const chat = await json('/v1/chat/completions', { messages, max_tokens: 6, temperature: 0 });
+    assert.equal(chat.status, 200, JSON.stringify(chat.body));
+    assert.equal(chat.body.usage.prompt_tokens, tokenized.body.count);
+    const byIds = await json('/v1/completions', { prompt: tokenized.body.tokens, max_tokens: 6, temperature: 0 });
+    assert.equal(chat.body.choices[0].message.content, byIds.body.choices[0].text);
+    const refused = await json('/v1/chat/completions', { messages: [{ role: 'assistant', content: 'x' }] });
+    assert.equal(refused.status, 400);
+    assert.match(refused.body.error.message, /roles must alternate/);
   } finally {
     await cluster?.stop();
   }
