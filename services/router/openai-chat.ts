@@ -11,14 +11,12 @@ import { encodeChat, normalizeChatMessages } from '../core/tokenizer/index.js';
 import type { RouterEngine } from './engine.js';
 import type { Generation } from './scheduler.js';
 import { MAX_TOKENS_LIMIT, SAMPLING_FIELD_SCHEMAS, samplingOptions, type SamplingFields } from './sampling-fields.js';
-import { UNSUPPORTED_CHAT_FIELDS, checkStreamOptions, openAiFields, streamOptionsSchema } from './openai-fields.js';
+import { OPENAI_GENERATION_FIELDS, UNSUPPORTED_CHAT_FIELDS, checkStreamOptions, openAiFields } from './openai-fields.js';
 import { chatLogprobs, tokenTexts } from './openai-logprobs.js';
 import { choicesOf, runChoices } from './choices.js';
 import { CompletionStream } from './completion-stream.js';
 import { EventStream, checkModel, clientGone, degradedOf, stopsOf, usageOf } from './openai-common.js';
 import type { TokenLogprob } from '../core/logprobs.js';
-
-const MAX_N = 16;
 
 const chatSchema = {
   body: {
@@ -26,22 +24,16 @@ const chatSchema = {
     required: ['messages'],
     additionalProperties: false,
     properties: {
-      model: { type: 'string' },
+      ...OPENAI_GENERATION_FIELDS,
       // Checked by normalizeChatMessages, whose errors name the message and field.
       messages: { type: 'array', minItems: 1 },
       max_completion_tokens: { type: 'integer', minimum: 0, maximum: MAX_TOKENS_LIMIT },
-      n: { type: 'integer', minimum: 1, maximum: MAX_N, default: 1 },
       logprobs: { type: 'boolean', default: false },
       top_logprobs: { type: 'integer', minimum: 0, maximum: MAX_TOP_LOGPROBS },
-      stop: { anyOf: [{ type: 'string' }, { type: 'array', items: { type: 'string' }, maxItems: 4 }] },
-      stream: { type: 'boolean', default: false },
-      stream_options: streamOptionsSchema,
-      user: { type: 'string' },
       // vLLM's chat extensions.
       add_generation_prompt: { type: 'boolean', default: true },
       continue_final_message: { type: 'boolean', default: false },
       chat_template_kwargs: { type: 'object' },
-      return_token_ids: { type: 'boolean', default: false },
       ...SAMPLING_FIELD_SCHEMAS,
       // No default: until the context is full.
       max_tokens: { type: 'integer', minimum: 0, maximum: MAX_TOKENS_LIMIT },

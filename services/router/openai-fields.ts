@@ -59,8 +59,18 @@ export function checkStreamOptions(body: { stream?: boolean; stream_options?: un
     throw new HttpError(400, "'stream_options' is only allowed with 'stream': true", 'invalid_request_error', 'stream_options');
 }
 
-export const streamOptionsSchema = {
-  type: 'object',
-  additionalProperties: false,
-  properties: { include_usage: { type: 'boolean' } },
+/** Most choices per prompt (`n`). */
+export const MAX_N = 16;
+
+/** Fields completions and chat both take besides the sampling fields (sampling-fields.ts). */
+export const OPENAI_GENERATION_FIELDS = {
+  model: { type: 'string' },
+  n: { type: 'integer', minimum: 1, maximum: MAX_N, default: 1 },
+  stop: { anyOf: [{ type: 'string' }, { type: 'array', items: { type: 'string' }, maxItems: 4 }] },
+  stream: { type: 'boolean', default: false },
+  stream_options: { type: 'object', additionalProperties: false, properties: { include_usage: { type: 'boolean' } } },
+  // Accepted and not used (OpenAI's end-user id for abuse monitoring).
+  user: { type: 'string' },
+  // vLLM: choices also carry token_ids (completions: prompt_token_ids too).
+  return_token_ids: { type: 'boolean', default: false },
 } as const;

@@ -12,12 +12,10 @@ import type { TextTokenizer } from '../core/tokenizer/index.js';
 import type { RouterEngine } from './engine.js';
 import type { Generation } from './scheduler.js';
 import { SAMPLING_FIELD_SCHEMAS, samplingOptions, type SamplingFields } from './sampling-fields.js';
-import { UNSUPPORTED_COMPLETION_FIELDS, checkStreamOptions, openAiFields, streamOptionsSchema } from './openai-fields.js';
+import { MAX_N, OPENAI_GENERATION_FIELDS, UNSUPPORTED_COMPLETION_FIELDS, checkStreamOptions, openAiFields } from './openai-fields.js';
 import { legacyLogprobs, textLength, tokenTexts } from './openai-logprobs.js';
 import { MAX_CHOICES, choicesOf, runChoices } from './choices.js';
 import { EventStream, checkModel, clientGone, degradedOf, stopsOf, usageOf } from './openai-common.js';
-
-const MAX_N = 16;
 
 const completionSchema = {
   body: {
@@ -25,20 +23,13 @@ const completionSchema = {
     required: ['prompt'],
     additionalProperties: false,
     properties: {
-      model: { type: 'string' },
+      ...OPENAI_GENERATION_FIELDS,
       // A string, strings, token ids or token-id lists: checked by promptsOf for a message naming the element.
       prompt: {},
-      n: { type: 'integer', minimum: 1, maximum: MAX_N, default: 1 },
       best_of: { type: 'integer', minimum: 1, maximum: MAX_N },
       echo: { type: 'boolean', default: false },
       logprobs: { type: 'integer', minimum: 0, maximum: MAX_TOP_LOGPROBS },
-      stop: { anyOf: [{ type: 'string' }, { type: 'array', items: { type: 'string' }, maxItems: 4 }] },
-      stream: { type: 'boolean', default: false },
-      stream_options: streamOptionsSchema,
-      user: { type: 'string' },
       suffix: { type: 'string' },
-      // vLLM: each choice carries prompt_token_ids and token_ids.
-      return_token_ids: { type: 'boolean', default: false },
       ...SAMPLING_FIELD_SCHEMAS,
     },
   },
