@@ -1,8 +1,8 @@
 // The OpenAI-compatible API as real clients use it: the official `openai` SDK and the Vercel AI SDK
-// (`ai` with `@ai-sdk/openai-compatible`) against a real cluster (coordinator, two shards, a router; and a
-// second router with --skip-tokenizer). Chat, streamed chat with usage, n, logprobs, echo, token-id
-// prompts, unknown and unsupported fields, seeds, /tokenize and /detokenize; and the prompt
-// log-likelihood of echo + logprobs against the log-softmax of the Open Inference logits.
+// (`ai` with `@ai-sdk/openai-compatible`) against a real cluster (coordinator, two shards, a router).
+// Chat, streamed chat with usage, n, logprobs, echo, token-id prompts, unknown and unsupported fields,
+// seeds, /tokenize and /detokenize, --skip-tokenizer; and the prompt log-likelihood of echo + logprobs
+// against the log-softmax of the Open Inference logits.
 import { test, after, before } from 'node:test';
 import assert from 'node:assert/strict';
 import { mkdtemp, rm } from 'node:fs/promises';
@@ -17,6 +17,8 @@ import { MixtralModel } from '../services/core/model/model.js';
 import { saveModel } from '../services/core/checkpoint/model.js';
 import { assignmentSpec, spreadExperts } from '../services/core/placement.js';
 import { startCluster, type TestCluster } from './support/cluster.js';
+import { runCli } from './support/cli.js';
+import { generate } from '../services/router/scheduler.js';
 
 await initBackend();
 // A context long enough for chat prompts in the default ChatML template.
@@ -25,7 +27,6 @@ const MODEL = 'tiny-moe';
 let root: string;
 let cluster: TestCluster;
 let base: string;
-let bare: string;
 let client: OpenAI;
 
 before(async () => {
@@ -35,9 +36,8 @@ before(async () => {
   await saveModel(checkpoint, model);
   model.dispose();
   const shards = spreadExperts(tiny.num_hidden_layers, tiny.num_local_experts, 2).map(assignmentSpec);
-  cluster = await startCluster(checkpoint, shards, [[], ['--skip-tokenizer']]);
+  cluster = await startCluster(checkpoint, shards, [[]]);
   base = cluster.routers[0].base;
-  bare = cluster.routers[1].base;
   client = new OpenAI({ baseURL: `${base}/v1`, apiKey: 'unused', maxRetries: 0 });
 });
 
@@ -240,22 +240,50 @@ test('/tokenize and /detokenize round-trip a text', { timeout: 60_000 }, async (
   assert.match(bad.json.error.message, /tokens\[1\] = 9999/);
 });
 
-test('--skip-tokenizer: token-id prompts are served with their ids; text endpoints answer 400 saying why', { timeout: 120_000 }, async () => {
-  const ids = Array.from(Buffer.from('The cat'));
-  const res = await post(`${bare}/v1/completions`, { model: MODEL, prompt: ids, max_tokens: 5, temperature: 0, logprobs: 1 });
-  assert.equal(res.status, 200, JSON.stringify(res.json));
-  const withText = await client.completions.create({ model: MODEL, prompt: ids, max_tokens: 5, temperature: 0, return_token_ids: true } as OpenAI.CompletionCreateParamsNonStreaming);
-  assert.deepEqual(res.json.choices[0].token_ids, (withText.choices[0] as unknown as { token_ids: number[] }).token_ids);
-  assert.equal(res.json.choices[0].text, '');
-  assert.match(res.json.choices[0].logprobs.tokens[0], /^token_id:\d+$/);
-  for (const [path, body] of [
-    ['/v1/completions', { prompt: 'The cat' }],
-    ['/v1/completions', { prompt: ids, stop: ['x'] }],
-    ['/v1/chat/completions', { messages: [{ role: 'user', content: 'x' }] }],
-    ['/tokenize', { prompt: 'x' }],
-  ] as const) {
-    const refused = await post(`${bare}${path}`, body);
-    assert.equal(refused.status, 400, path);
-    assert.match(refused.json.error.message, /--skip-tokenizer/, path);
+test('--skip-tokenizer: a checkpoint without a tokenizer serves token-id prompts with their ids; text endpoints answer 400 saying why', { timeout: 180_000 }, async () => {
+  // A vocabulary of 300 ids and no tokenizer.json: not the byte vocabulary, so a router needs the flag.
+  const config = { ...tiny, vocab_size: 300 };
+  const checkpoint = join(root, 'no-tokenizer');
+  const model = MixtralModel.initialize(config, 23);
+  await saveModel(checkpoint, model);
+  const ids = [5, 280, 17, 299, 42];
+  const expected = await generate(model, Int32Array.from(ids), { maxTokens: 5, temperature: 0, topP: 1, seed: 0, stopIds: [config.eos_token_id!] });
+  model.dispose();
+  const shards = spreadExperts(config.num_hidden_layers, config.num_local_experts, 2).map(assignmentSpec);
+  const refused = await runCli(['serve', 'router', '--checkpoint', checkpoint, '--port', '0', '--coordinator', '127.0.0.1:1']);
+  assert.equal(refused.code, 2);
+  assert.match(refused.stderr, /has no tokenizer\.json/);
+  const bareCluster = await startCluster(checkpoint, shards, [['--skip-tokenizer']]);
+  try {
+    const bare = bareCluster.routers[0].base;
+    const res = await post(`${bare}/v1/completions`, { prompt: ids, max_tokens: 5, temperature: 0, logprobs: 1 });
+    assert.equal(res.status, 200, JSON.stringify(res.json));
+    const choice = res.json.choices[0];
+    assert.deepEqual(choice.token_ids, expected.ids);
+    assert.deepEqual(choice.prompt_token_ids, ids);
+    assert.equal(choice.text, '');
+    assert.deepEqual(choice.logprobs.tokens, expected.ids.map((id) => `token_id:${id}`));
+    // Streamed, every id is its own chunk with its token_ids.
+    const streamed = await fetch(`${bare}/v1/completions`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ prompt: ids, max_tokens: 5, temperature: 0, stream: true }) });
+    const events = (await streamed.text()).split('\n\n').filter((e) => e.startsWith('data: {'));
+    assert.deepEqual(events.flatMap((e) => JSON.parse(e.slice(6)).choices[0]?.token_ids ?? []), expected.ids);
+    for (const [path, body] of [
+      ['/v1/completions', { prompt: 'The cat' }],
+      ['/v1/completions', { prompt: ids, stop: ['x'] }],
+      ['/v1/chat/completions', { messages: [{ role: 'user', content: 'x' }] }],
+      ['/tokenize', { prompt: 'x' }],
+      ['/detokenize', { tokens: [1] }],
+      ['/v2/models/no-tokenizer/generate', { text_input: 'x' }],
+    ] as const) {
+      const answer = await post(`${bare}${path}`, body);
+      assert.equal(answer.status, 400, path);
+      const message = typeof answer.json.error === 'string' ? answer.json.error : answer.json.error.message;
+      assert.match(message, /skip-tokenizer|tokenizer/, path);
+    }
+    // Open Inference infer needs no tokenizer.
+    const infer = await post(`${bare}/v2/models/no-tokenizer/infer`, { inputs: [{ name: 'input_ids', datatype: 'INT64', shape: [1, ids.length], data: ids }] });
+    assert.equal(infer.status, 200);
+  } finally {
+    await bareCluster.stop();
   }
 });
