@@ -291,7 +291,8 @@ test('checkpoint round trip with the published DeepSeek-MoE tensor names', async
 test('unsupported DeepSeek-MoE values are refused by name, and training is refused', async () => {
   const refused: Array<[Record<string, unknown>, RegExp]> = [
     [{ scoring_func: 'sigmoid' }, /scoring_func/],
-    [{ rope_scaling: { type: 'linear', factor: 2 } }, /rope_scaling/],
+    [{ rope_scaling: { type: 'longrope', short_factor: [1], long_factor: [1] } }, /rope_scaling type "longrope" is not supported/],
+    [{ partial_rotary_factor: 0.5 }, /partial_rotary_factor/],
     [{ attention_bias: true }, /attention_bias/],
     [{ num_experts_per_tok: 7 }, /num_experts_per_tok.*n_routed_experts/],
     [{ moe_intermediate_size: 0 }, /moe_intermediate_size/],

@@ -113,14 +113,15 @@ describe('configs as published', () => {
     }
   });
 
-  test('unsupported keys are refused naming the key; no-op values are accepted', () => {
+  test('unsupported keys are refused naming the key; no-op and supported values are accepted', () => {
     const refused = (raw: object, message: RegExp) =>
       assert.throws(() => parseModelConfig(raw), (e: Error) => e instanceof ConfigError && message.test(e.message), String(message));
     refused({ ...MIXTRAL_8X7B, model_type: 'llama' }, /model_type 'llama' is not supported \(supported: mixtral, deepseek\)/);
-    refused({ ...MIXTRAL_8X7B, rope_scaling: { type: 'linear', factor: 2 } }, /rope_scaling .*"linear".* is not supported: scaled rotary embeddings are not implemented/);
+    refused({ ...MIXTRAL_8X7B, rope_scaling: { type: 'longrope', short_factor: [1], long_factor: [1] } }, /rope_scaling: rope_scaling type "longrope" is not supported \(supported: default, linear, dynamic, yarn, llama3\)/);
+    refused({ ...MIXTRAL_8X7B, rope_scaling: { type: 'linear' } }, /rope_scaling type 'linear' is missing factor/);
     refused({ ...MIXTRAL_8X7B, torch_dtype: 'int8' }, /torch_dtype/);
     refused({ ...MIXTRAL_8X7B, sliding_window: 0 }, /sliding_window/);
-    for (const ok of [{ rope_scaling: null }, { sliding_window: 4096 }, { sliding_window: 32768 }, { torch_dtype: 'float16' }, { tie_word_embeddings: true }])
+    for (const ok of [{ rope_scaling: null }, { rope_scaling: { type: 'linear', factor: 2 } }, { rope_scaling: { rope_type: 'yarn', factor: 4, original_max_position_embeddings: 8192 } }, { sliding_window: 4096 }, { sliding_window: 32768 }, { torch_dtype: 'float16' }, { tie_word_embeddings: true }])
       assert.doesNotThrow(() => parseModelConfig({ ...MIXTRAL_8X7B, ...ok }), JSON.stringify(ok));
   });
 

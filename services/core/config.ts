@@ -51,6 +51,114 @@ function checkShapes(c: { head_dim?: number; hidden_size: number; num_attention_
   if (Number.isInteger(hd) && hd % 2 !== 0) issue('head_dim', `head_dim ${hd} must be even for rotary embedding`);
 }
 
+/** `rope_scaling` types Switchyard computes (services/core/model/rope.ts); `default` (like null) is plain RoPE. */
+export const ROPE_SCALING_TYPES = ['default', 'linear', 'dynamic', 'yarn', 'llama3'] as const;
+
+/**
+ * A validated `rope_scaling` (Hugging Face keys, legacy `type` read as `rope_type`); optional keys the
+ * definition defaults are filled in. `default` parses to null.
+ */
+export type RopeScaling =
+  | { rope_type: 'linear'; factor: number }
+  | { rope_type: 'dynamic'; factor: number; original_max_position_embeddings?: number }
+  | {
+    rope_type: 'yarn'; factor: number; original_max_position_embeddings?: number; attention_factor?: number;
+    beta_fast: number; beta_slow: number; mscale?: number; mscale_all_dim?: number; truncate: boolean;
+  }
+  | { rope_type: 'llama3'; factor: number; low_freq_factor: number; high_freq_factor: number; original_max_position_embeddings: number };
+
+/** Each type's keys besides rope_type/type: required, then optional. */
+const ROPE_SCALING_KEYS: Record<(typeof ROPE_SCALING_TYPES)[number], { required: string[]; optional: string[] }> = {
+  default: { required: [], optional: [] },
+  linear: { required: ['factor'], optional: [] },
+  dynamic: { required: ['factor'], optional: ['original_max_position_embeddings'] },
+  yarn: { required: ['factor'], optional: ['original_max_position_embeddings', 'attention_factor', 'beta_fast', 'beta_slow', 'mscale', 'mscale_all_dim', 'truncate'] },
+  llama3: { required: ['factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings'], optional: [] },
+};
+
+/** Parses a `rope_scaling` value; every problem goes to `issue` (then the result is meaningless). */
+export function parseRopeScaling(raw: unknown, issue: (message: string) => void): RopeScaling | null {
+  if (raw === undefined || raw === null) return null;
+  if (typeof raw !== 'object' || Array.isArray(raw)) {
+    issue(`rope_scaling must be an object or null, not ${JSON.stringify(raw)}`);
+    return null;
+  }
+  const r = raw as Record<string, unknown>;
+  if (r.rope_type !== undefined && r.type !== undefined && r.rope_type !== r.type) {
+    issue(`rope_scaling has rope_type ${JSON.stringify(r.rope_type)} and legacy type ${JSON.stringify(r.type)}: they must agree`);
+    return null;
+  }
+  const type = r.rope_type ?? r.type;
+  if (type === undefined) {
+    issue(`rope_scaling ${JSON.stringify(raw)} has no rope_type (or legacy type) key`);
+    return null;
+  }
+  if (typeof type !== 'string' || !(ROPE_SCALING_TYPES as readonly string[]).includes(type)) {
+    issue(`rope_scaling type ${JSON.stringify(type)} is not supported (supported: ${ROPE_SCALING_TYPES.join(', ')})`);
+    return null;
+  }
+  const t = type as (typeof ROPE_SCALING_TYPES)[number];
+  const { required, optional } = ROPE_SCALING_KEYS[t];
+  // null counts as absent, as transformers reads optional keys with .get().
+  const present = Object.keys(r).filter((k) => k !== 'rope_type' && k !== 'type' && r[k] !== null && r[k] !== undefined);
+  const missing = required.filter((k) => !present.includes(k));
+  const unknown = present.filter((k) => !required.includes(k) && !optional.includes(k));
+  let ok = true;
+  if (missing.length) { issue(`rope_scaling type '${t}' is missing ${missing.join(', ')}`); ok = false; }
+  if (unknown.length) {
+    issue(`rope_scaling key${unknown.length > 1 ? 's' : ''} ${unknown.join(', ')} ${unknown.length > 1 ? 'are' : 'is'} not ${t === 'default' ? 'accepted with' : 'a key of'} type '${t}' (keys: ${[...required, ...optional].join(', ') || 'none'})`);
+    ok = false;
+  }
+  if (!ok) return null;
+  if (t === 'default') return null;
+  const num = (key: string, check: (v: number) => boolean, what: string): number | undefined => {
+    const v = r[key];
+    if (v === undefined || v === null) return undefined;
+    if (typeof v !== 'number' || !Number.isFinite(v) || !check(v)) { issue(`rope_scaling ${key} must be ${what}, not ${JSON.stringify(v)}`); ok = false; return undefined; }
+    return v;
+  };
+  const factor = num('factor', (v) => v >= 1, 'a number ≥ 1')!;
+  const original = num('original_max_position_embeddings', (v) => Number.isInteger(v) && v > 0, 'a positive integer');
+  let out: RopeScaling;
+  switch (t) {
+    case 'linear': out = { rope_type: t, factor }; break;
+    case 'dynamic': out = { rope_type: t, factor, ...(original === undefined ? {} : { original_max_position_embeddings: original }) }; break;
+    case 'yarn': {
+      const attention = num('attention_factor', (v) => v > 0, 'a number > 0');
+      const betaFast = num('beta_fast', (v) => v > 0, 'a number > 0') ?? 32;
+      const betaSlow = num('beta_slow', (v) => v > 0, 'a number > 0') ?? 1;
+      const mscale = num('mscale', (v) => v >= 0, 'a number ≥ 0');
+      const mscaleAll = num('mscale_all_dim', (v) => v >= 0, 'a number ≥ 0');
+      const truncate = r.truncate ?? true;
+      if (typeof truncate !== 'boolean') { issue(`rope_scaling truncate must be a boolean, not ${JSON.stringify(truncate)}`); ok = false; }
+      if (ok && betaFast <= betaSlow) { issue(`rope_scaling beta_fast (${betaFast}) must exceed beta_slow (${betaSlow})`); ok = false; }
+      out = {
+        rope_type: t, factor, beta_fast: betaFast, beta_slow: betaSlow, truncate: truncate === true,
+        ...(original === undefined ? {} : { original_max_position_embeddings: original }),
+        ...(attention === undefined ? {} : { attention_factor: attention }),
+        ...(mscale === undefined ? {} : { mscale }),
+        ...(mscaleAll === undefined ? {} : { mscale_all_dim: mscaleAll }),
+      };
+      break;
+    }
+    case 'llama3': {
+      const low = num('low_freq_factor', (v) => v > 0, 'a number > 0')!;
+      const high = num('high_freq_factor', (v) => v > 0, 'a number > 0')!;
+      if (ok && high <= low) { issue(`rope_scaling high_freq_factor (${high}) must exceed low_freq_factor (${low})`); ok = false; }
+      out = { rope_type: t, factor, low_freq_factor: low, high_freq_factor: high, original_max_position_embeddings: original! };
+      break;
+    }
+  }
+  return ok ? out : null;
+}
+
+/** `rope_scaling` as a schema field: null/absent/default → null, else a validated RopeScaling. */
+const ropeScalingSchema = z.unknown().optional().transform((raw, ctx): RopeScaling | null => {
+  let bad = false;
+  const out = parseRopeScaling(raw, (message) => { bad = true; ctx.addIssue({ code: 'custom', message }); });
+  return bad ? z.NEVER : out;
+});
+
 export const modelConfigSchema = z
   .object({
     architectures: z.array(z.string()).default(['MixtralForCausalLM']),
@@ -79,11 +187,10 @@ export const modelConfigSchema = z
     router_aux_loss_coef: z.number().nonnegative().optional(),
     // Keys attend within this many positions (Mistral's window); null or ≥ max_position_embeddings = full causal.
     sliding_window: positiveInt.nullable().optional(),
-    // Only null is accepted: scaled rotary embeddings are not implemented.
-    rope_scaling: z.unknown().optional().superRefine((scaling, ctx) => {
-      if (scaling !== undefined && scaling !== null)
-        ctx.addIssue({ code: 'custom', message: `rope_scaling ${JSON.stringify(scaling)} is not supported: scaled rotary embeddings are not implemented (only rope_scaling: null)` });
-    }),
+    // null, or one of ROPE_SCALING_TYPES with its keys (docs/models.md).
+    rope_scaling: ropeScalingSchema,
+    // Rotary embedding on every head dimension only (the key is not in Mixtral's config; refused if partial).
+    partial_rotary_factor: z.literal(1, { error: 'partial_rotary_factor must be 1 (rotary embedding on part of a head is not supported)' }).optional(),
     bos_token_id: z.number().int().nonnegative().optional(),
     eos_token_id: z.number().int().nonnegative().optional(),
     torch_dtype: z.enum(TORCH_DTYPES).default('float32'),
@@ -135,7 +242,8 @@ export const deepseekConfigSchema = z
     seq_aux: z.boolean().default(true),
     rms_norm_eps: z.number().positive().default(1e-6),
     rope_theta: z.number().positive().default(10000),
-    rope_scaling: z.null({ error: 'rope_scaling must be null (scaled rotary embeddings are not supported)' }).default(null),
+    rope_scaling: ropeScalingSchema,
+    partial_rotary_factor: z.literal(1, { error: 'partial_rotary_factor must be 1 (rotary embedding on part of a head is not supported)' }).optional(),
     attention_bias: z.literal(false, { error: 'attention_bias must be false (biased attention projections are not supported)' }).default(false),
     vocab_size: positiveInt,
     max_position_embeddings: positiveInt,

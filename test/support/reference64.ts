@@ -6,7 +6,7 @@
 // directly: `embed` [V, D], `layers.{l}.wqkv` [D, (H + 2·KV)·hd] with q | k | v columns side by side,
 // `layers.{l}.wo` [H·hd, D], `layers.{l}.gate` [D, E], `lm_head` [D, V], experts `w1t`, `w3t` [D, I] and
 // `w2t` [I, D].
-import type { MixtralConfig as ModelConfig } from '../../services/core/config.js';
+import type { MixtralConfig as ModelConfig, RopeScaling } from '../../services/core/config.js';
 
 export type Params64 = Map<string, Float64Array>;
 
@@ -49,23 +49,90 @@ export function rmsNorm64(x: Float64Array, rows: number, dim: number, w: Float64
   return out;
 }
 
+/** Scaled rotary frequencies: one inverse frequency per pair, and the factor on cos and sin. */
+export interface RopeFreq64 { invFreq: ArrayLike<number>; attentionFactor: number }
+
+/**
+ * The rope_scaling types from their definitions (Hugging Face transformers), written pair by pair in
+ * terms of each pair's wavelength 2π·theta^(2i/hd) and its turns over the original context:
+ * - linear: every angle's position divided by factor;
+ * - dynamic: the NTK base theta·α^(hd/(hd−2)) with α = factor·(factor·maxPositions)/maxPositions − factor + 1
+ *   (Switchyard's fixed choice: the length is factor·maxPositions);
+ * - yarn: pairs below index floor(jFast) keep their frequency, above ceil(jSlow) are divided by factor,
+ *   linear in the index between, where j(β) is the (fractional) pair whose turns over the original context are β;
+ *   cos and sin multiplied by attention_factor or 1 + 0.1·ln(factor) (mscale ratio when mscale and
+ *   mscale_all_dim are given);
+ * - llama3: short wavelengths (< original/high) kept, long (> original/low) divided by factor, between
+ *   interpolated by the turns over the original context.
+ */
+export function ropeFreq64(hd: number, theta: number, scaling: RopeScaling | null, maxPositions: number): RopeFreq64 {
+  const pairs = hd / 2;
+  const base = new Float64Array(pairs);
+  for (let i = 0; i < pairs; i++) base[i] = Math.exp((-2 * i / hd) * Math.log(theta));
+  if (scaling === null) return { invFreq: base, attentionFactor: 1 };
+  const s = scaling.factor;
+  const out = new Float64Array(pairs);
+  if (scaling.rope_type === 'linear') {
+    for (let i = 0; i < pairs; i++) out[i] = base[i] / s;
+    return { invFreq: out, attentionFactor: 1 };
+  }
+  if (scaling.rope_type === 'dynamic') {
+    const alpha = s * s - s + 1;
+    const ntkTheta = theta * Math.exp((hd / (hd - 2)) * Math.log(alpha));
+    for (let i = 0; i < pairs; i++) out[i] = Math.exp((-2 * i / hd) * Math.log(ntkTheta));
+    return { invFreq: out, attentionFactor: 1 };
+  }
+  if (scaling.rope_type === 'yarn') {
+    const context = scaling.original_max_position_embeddings ?? maxPositions;
+    // turns(j) = context·theta^(−2j/hd)/(2π) = β  ⇔  j = (hd/2)·ln(context/(2πβ))/ln(theta)
+    const pairAt = (beta: number) => (hd / 2) * Math.log(context / (2 * Math.PI * beta)) / Math.log(theta);
+    let from = pairAt(scaling.beta_fast);
+    let to = pairAt(scaling.beta_slow);
+    if (scaling.truncate) { from = Math.floor(from); to = Math.ceil(to); }
+    from = Math.max(0, from);
+    to = Math.min(hd - 1, to);
+    if (to === from) to += 0.001;
+    for (let i = 0; i < pairs; i++) {
+      const w = i <= from ? 0 : i >= to ? 1 : (i - from) / (to - from);
+      out[i] = base[i] * (1 - w + w / s);
+    }
+    const m = (k: number) => (s <= 1 ? 1 : 1 + 0.1 * k * Math.log(s));
+    const attentionFactor = scaling.attention_factor !== undefined ? scaling.attention_factor
+      : scaling.mscale && scaling.mscale_all_dim ? m(scaling.mscale) / m(scaling.mscale_all_dim) : m(1);
+    return { invFreq: out, attentionFactor };
+  }
+  const { original_max_position_embeddings: context, low_freq_factor: low, high_freq_factor: high } = scaling;
+  for (let i = 0; i < pairs; i++) {
+    const turns = context * base[i] / (2 * Math.PI);
+    if (turns > high) out[i] = base[i];
+    else if (turns < low) out[i] = base[i] / s;
+    else {
+      const w = (turns - low) / (high - low);
+      out[i] = w * base[i] + (1 - w) * base[i] / s;
+    }
+  }
+  return { invFreq: out, attentionFactor: 1 };
+}
+
 /**
  * Rotary embedding, Hugging Face rotate-half layout. x [rows, heads·hd]; row r sits at position
- * positions[r]. Per head, element i < hd/2 pairs with i + hd/2 at frequency theta^(-2i/hd):
+ * positions[r]. Per head, element i < hd/2 pairs with i + hd/2 at frequency theta^(-2i/hd) (or
+ * `freq.invFreq[i]`, cos and sin then times `freq.attentionFactor`):
  *   out[i] = x[i]·cos − x[i+half]·sin,   out[i+half] = x[i+half]·cos + x[i]·sin.
  */
 export function rope64(
-  x: Float64Array, rows: number, heads: number, hd: number, positions: ArrayLike<number>, theta: number,
+  x: Float64Array, rows: number, heads: number, hd: number, positions: ArrayLike<number>, theta: number, freq?: RopeFreq64,
 ): Float64Array {
   const half = hd / 2;
   const out = new Float64Array(x.length);
+  const a = freq?.attentionFactor ?? 1;
   for (let r = 0; r < rows; r++) {
     for (let h = 0; h < heads; h++) {
       const base = r * heads * hd + h * hd;
       for (let i = 0; i < half; i++) {
-        const angle = positions[r] * Math.pow(theta, (-2 * i) / hd);
-        const c = Math.cos(angle);
-        const s = Math.sin(angle);
+        const angle = positions[r] * (freq ? freq.invFreq[i] : Math.pow(theta, (-2 * i) / hd));
+        const c = Math.cos(angle) * a;
+        const s = Math.sin(angle) * a;
         const x1 = x[base + i];
         const x2 = x[base + i + half];
         out[base + i] = x1 * c - x2 * s;
@@ -89,6 +156,8 @@ export interface AttnShape64 {
   positionOffset?: number;
   /** sliding window: query t attends keys j with t − window < j ≤ t (default: all j ≤ t) */
   window?: number;
+  /** scaled rotary frequencies (default: theta's) */
+  rope?: RopeFreq64;
 }
 
 /**
@@ -115,8 +184,8 @@ export function attention64(h: Float64Array, wqkv: Float64Array, wo: Float64Arra
   }
   const positions = new Float64Array(rows);
   for (let b = 0; b < B; b++) for (let t = 0; t < T; t++) positions[b * T + t] = (s.positionOffset ?? 0) + t;
-  const qr = rope64(q, rows, H, hd, positions, s.theta);
-  const kr = rope64(k, rows, KV, hd, positions, s.theta);
+  const qr = rope64(q, rows, H, hd, positions, s.theta, s.rope);
+  const kr = rope64(k, rows, KV, hd, positions, s.theta, s.rope);
   // repeat_kv: expand each KV head to heads/kvHeads query heads
   const nRep = H / KV;
   const kRep = new Float64Array(rows * qW);
@@ -383,6 +452,7 @@ export function referenceForward(
   const embed = need(params, 'embed');
   let x = new Float64Array(rows * D);
   for (let r = 0; r < rows; r++) x.set(embed.subarray(ids[r] * D, ids[r] * D + D), r * D);
+  const rope = config.rope_scaling ? ropeFreq64(hd, config.rope_theta, config.rope_scaling, config.max_position_embeddings) : undefined;
   let auxLoss = 0;
   let zLoss = 0;
   const choices: Int32Array[] = [];
@@ -391,7 +461,7 @@ export function referenceForward(
   for (let l = 0; l < config.num_hidden_layers; l++) {
     const n1 = rmsNorm64(x, rows, D, need(params, `layers.${l}.attn_norm`), eps);
     const a = attention64(n1, need(params, `layers.${l}.wqkv`), need(params, `layers.${l}.wo`), {
-      batch, tokens, heads: H, kvHeads: KV, headDim: hd, hidden: D, theta: config.rope_theta,
+      batch, tokens, heads: H, kvHeads: KV, headDim: hd, hidden: D, theta: config.rope_theta, rope,
       window: config.sliding_window != null && config.sliding_window < config.max_position_embeddings ? config.sliding_window : undefined,
     });
     const x1 = new Float64Array(rows * D);

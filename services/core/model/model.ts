@@ -176,7 +176,7 @@ export class MixtralModel {
 
   constructor(readonly config: ModelConfig, readonly transport: ExpertTransport, readonly localExperts?: ExpertSet) {
     this.headDim = headDim(config);
-    this.rope = new Rope(this.headDim, config.rope_theta);
+    this.rope = new Rope(this.headDim, config.rope_theta, config.rope_scaling, config.max_position_embeddings);
     const f = (this.family = familyOf(config));
     this.moe = Array.from({ length: config.num_hidden_layers }, (_, l) => f.isMoe(l)
       ? new MoeLayer(l, config.hidden_size, f.experts, f.k, config.switchyard_gate, transport, f.renormalize)
