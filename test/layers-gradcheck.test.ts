@@ -14,9 +14,10 @@ import { crossEntropy } from '../services/core/model/model.js';
 import { MoeLayer } from '../services/core/model/moe.js';
 import { rmsNormBackward, rmsNormForward } from '../services/core/model/rmsnorm.js';
 import { Rope } from '../services/core/model/rope.js';
+import type { RopeScaling } from '../services/core/config.js';
 import { disposeAll, mm, mmTA, type T2 } from '../services/core/model/tensors.js';
 import {
-  attention64, centralDiff, crossEntropy64, expert64, matmul64, maxAbs, maxAbsDiff, moe64, relErr, rmsNorm64, rope64,
+  attention64, centralDiff, crossEntropy64, expert64, matmul64, maxAbs, maxAbsDiff, moe64, relErr, rmsNorm64, rope64, ropeFreq64,
   sampleIndices, toF64, type Expert64, type RefPolicy,
 } from './support/reference64.js';
 
@@ -92,24 +93,31 @@ describe('RMSNorm', () => {
   });
 });
 
+// Scaled rotary embeddings (rope_scaling): YaRN changes the frequencies and multiplies cos and sin by its
+// attention factor, so both the rotation and the scale must reach the gradients.
+const YARN: RopeScaling = { rope_type: 'yarn', factor: 4, beta_fast: 32, beta_slow: 1, truncate: true };
+const YARN_MAX_POSITIONS = 32;
+
 describe('rotary embedding', () => {
-  test('apply (positions with an offset) and backward vs float64 rotate-half', (t) => {
-    const rng = new Rng(102);
-    const rows = 5, heads = 3, hd = 8, theta = 50;
-    const positions = Int32Array.from({ length: rows }, (_, i) => 7 + 2 * i);
-    const rope = new Rope(hd, theta);
-    const x = randn(rng, rows * heads * hd);
-    const dy = randn(rng, rows * heads * hd);
-    const xT = tf.tensor2d(x, [rows, heads * hd]);
-    const dyT = tf.tensor2d(dy, [rows, heads * hd]);
-    const { cos, sin } = rope.tables(positions);
-    const y = rope.apply(xT, heads, cos, sin);
-    const dx = rope.backward(dyT, heads, cos, sin);
-    const x64 = toF64(x), dy64 = toF64(dy);
-    checkForward(t, 'rope', host(y), rope64(x64, rows, heads, hd, positions, theta));
-    checkGrad(t, 'rope dx', host(dx), x64, () => dot64(dy64, rope64(x64, rows, heads, hd, positions, theta)), rng);
-    disposeAll([xT, dyT, cos, sin, y, dx]);
-  });
+  for (const scaling of [null, YARN])
+    test(`apply (positions with an offset) and backward vs float64 rotate-half${scaling ? ' (yarn ×4)' : ''}`, (t) => {
+      const rng = new Rng(102);
+      const rows = 5, heads = 3, hd = 8, theta = 50;
+      const positions = Int32Array.from({ length: rows }, (_, i) => 7 + 2 * i);
+      const rope = new Rope(hd, theta, scaling, YARN_MAX_POSITIONS);
+      const freq = scaling ? ropeFreq64(hd, theta, scaling, YARN_MAX_POSITIONS) : undefined;
+      const x = randn(rng, rows * heads * hd);
+      const dy = randn(rng, rows * heads * hd);
+      const xT = tf.tensor2d(x, [rows, heads * hd]);
+      const dyT = tf.tensor2d(dy, [rows, heads * hd]);
+      const { cos, sin } = rope.tables(positions);
+      const y = rope.apply(xT, heads, cos, sin);
+      const dx = rope.backward(dyT, heads, cos, sin);
+      const x64 = toF64(x), dy64 = toF64(dy);
+      checkForward(t, 'rope', host(y), rope64(x64, rows, heads, hd, positions, theta, freq));
+      checkGrad(t, 'rope dx', host(dx), x64, () => dot64(dy64, rope64(x64, rows, heads, hd, positions, theta, freq)), rng);
+      disposeAll([xT, dyT, cos, sin, y, dx]);
+    });
 });
 
 describe('attention (GQA, rope, causal)', () => {
@@ -120,52 +128,56 @@ describe('attention (GQA, rope, causal)', () => {
   const wqkv = randn(rng, D * width, 1.2 / Math.sqrt(D));
   const wo = randn(rng, H * hd * D, 1 / Math.sqrt(H * hd));
   const dy = randn(rng, B * T * D);
-  const ref = { batch: B, tokens: T, heads: H, kvHeads: KV, headDim: hd, hidden: D, theta };
+  const plainRef = { batch: B, tokens: T, heads: H, kvHeads: KV, headDim: hd, hidden: D, theta };
 
-  test('forward and backward (h, wqkv per q/k/v block, wo) vs float64', (t) => {
-    const rope = new Rope(hd, theta);
-    const shape: AttentionShape = { batch: B, tokens: T, past: 0, heads: H, kvHeads: KV, headDim: hd };
-    const hT = tf.tensor2d(h, [B * T, D]);
-    const w = { wqkv: tf.tensor2d(wqkv, [D, width]), wo: tf.tensor2d(wo, [H * hd, D]) };
-    const wT = { wqkvT: tf.transpose(w.wqkv), woT: tf.transpose(w.wo) };
-    const dyT = tf.tensor2d(dy, [B * T, D]);
-    const fwd = attentionForward(hT, w, shape, rope, undefined, true);
-    const back = attentionBackward(dyT, fwd.cache!, wT, rope);
-    const h64 = toF64(h), wqkv64 = toF64(wqkv), wo64 = toF64(wo), dy64 = toF64(dy);
-    checkForward(t, 'attention', host(fwd.y), attention64(h64, wqkv64, wo64, ref));
-    const L = () => dot64(dy64, attention64(h64, wqkv64, wo64, ref));
-    checkGrad(t, 'attention dh', host(back.dh), h64, L, rng);
-    checkGrad(t, 'attention dWo', host(back.dWo), wo64, L, rng, [...Array(wo64.length).keys()]);
-    // every entry of wqkv, judged per block so a wrong q, k or v gradient cannot hide behind the others
-    const dWqkv = host(back.dWqkv);
-    const blocks: Array<[string, number, number]> = [['q', 0, H * hd], ['k', H * hd, (H + KV) * hd], ['v', (H + KV) * hd, width]];
-    for (const [name, c0, c1] of blocks) {
-      const idx: number[] = [];
-      for (let r = 0; r < D; r++) for (let c = c0; c < c1; c++) idx.push(r * width + c);
-      checkGrad(t, `attention dWqkv[${name}]`, dWqkv, wqkv64, L, rng, idx);
-    }
-    disposeAll([hT, w, wT, dyT, fwd, back]);
-  });
+  for (const scaling of [null, YARN]) {
+    test(`forward and backward (h, wqkv per q/k/v block, wo) vs float64${scaling ? ' with a scaled rope (yarn ×4)' : ''}`, (t) => {
+      const rope = new Rope(hd, theta, scaling, YARN_MAX_POSITIONS);
+      const ref = scaling ? { ...plainRef, rope: ropeFreq64(hd, theta, scaling, YARN_MAX_POSITIONS) } : plainRef;
+      const shape: AttentionShape = { batch: B, tokens: T, past: 0, heads: H, kvHeads: KV, headDim: hd };
+      const hT = tf.tensor2d(h, [B * T, D]);
+      const w = { wqkv: tf.tensor2d(wqkv, [D, width]), wo: tf.tensor2d(wo, [H * hd, D]) };
+      const wT = { wqkvT: tf.transpose(w.wqkv), woT: tf.transpose(w.wo) };
+      const dyT = tf.tensor2d(dy, [B * T, D]);
+      const fwd = attentionForward(hT, w, shape, rope, undefined, true);
+      const back = attentionBackward(dyT, fwd.cache!, wT, rope);
+      const h64 = toF64(h), wqkv64 = toF64(wqkv), wo64 = toF64(wo), dy64 = toF64(dy);
+      checkForward(t, 'attention', host(fwd.y), attention64(h64, wqkv64, wo64, ref));
+      const L = () => dot64(dy64, attention64(h64, wqkv64, wo64, ref));
+      checkGrad(t, 'attention dh', host(back.dh), h64, L, rng);
+      checkGrad(t, 'attention dWo', host(back.dWo), wo64, L, rng, [...Array(wo64.length).keys()]);
+      // every entry of wqkv, judged per block so a wrong q, k or v gradient cannot hide behind the others
+      const dWqkv = host(back.dWqkv);
+      const blocks: Array<[string, number, number]> = [['q', 0, H * hd], ['k', H * hd, (H + KV) * hd], ['v', (H + KV) * hd, width]];
+      for (const [name, c0, c1] of blocks) {
+        const idx: number[] = [];
+        for (let r = 0; r < D; r++) for (let c = c0; c < c1; c++) idx.push(r * width + c);
+        checkGrad(t, `attention dWqkv[${name}]`, dWqkv, wqkv64, L, rng, idx);
+      }
+      disposeAll([hT, w, wT, dyT, fwd, back]);
+    });
 
-  test('forward with a KV cache (past 3, 2 new tokens) equals the full causal forward', (t) => {
-    const rope = new Rope(hd, theta);
-    const P = 3, N = T - P;
-    const rowsOf = (from: number, to: number): Float32Array => {
-      const out = new Float32Array(B * (to - from) * D);
-      for (let b = 0; b < B; b++) out.set(h.subarray((b * T + from) * D, (b * T + to) * D), b * (to - from) * D);
-      return out;
-    };
-    const w = { wqkv: tf.tensor2d(wqkv, [D, width]), wo: tf.tensor2d(wo, [H * hd, D]) };
-    const hPrefix = tf.tensor2d(rowsOf(0, P), [B * P, D]);
-    const hRest = tf.tensor2d(rowsOf(P, T), [B * N, D]);
-    const first = attentionForward(hPrefix, w, { batch: B, tokens: P, past: 0, heads: H, kvHeads: KV, headDim: hd }, rope, undefined, false);
-    const second = attentionForward(hRest, w, { batch: B, tokens: N, past: P, heads: H, kvHeads: KV, headDim: hd }, rope, first.kv, false);
-    const full = attention64(toF64(h), toF64(wqkv), toF64(wo), ref);
-    const expected = new Float64Array(B * N * D);
-    for (let b = 0; b < B; b++) expected.set(full.subarray((b * T + P) * D, (b * T + T) * D), b * N * D);
-    checkForward(t, 'attention with KV cache', host(second.y), expected);
-    disposeAll([w, hPrefix, hRest, first, second]);
-  });
+    test(`forward with a KV cache (past 3, 2 new tokens) equals the full causal forward${scaling ? ' (yarn ×4)' : ''}`, (t) => {
+      const rope = new Rope(hd, theta, scaling, YARN_MAX_POSITIONS);
+      const ref = scaling ? { ...plainRef, rope: ropeFreq64(hd, theta, scaling, YARN_MAX_POSITIONS) } : plainRef;
+      const P = 3, N = T - P;
+      const rowsOf = (from: number, to: number): Float32Array => {
+        const out = new Float32Array(B * (to - from) * D);
+        for (let b = 0; b < B; b++) out.set(h.subarray((b * T + from) * D, (b * T + to) * D), b * (to - from) * D);
+        return out;
+      };
+      const w = { wqkv: tf.tensor2d(wqkv, [D, width]), wo: tf.tensor2d(wo, [H * hd, D]) };
+      const hPrefix = tf.tensor2d(rowsOf(0, P), [B * P, D]);
+      const hRest = tf.tensor2d(rowsOf(P, T), [B * N, D]);
+      const first = attentionForward(hPrefix, w, { batch: B, tokens: P, past: 0, heads: H, kvHeads: KV, headDim: hd }, rope, undefined, false);
+      const second = attentionForward(hRest, w, { batch: B, tokens: N, past: P, heads: H, kvHeads: KV, headDim: hd }, rope, first.kv, false);
+      const full = attention64(toF64(h), toF64(wqkv), toF64(wo), ref);
+      const expected = new Float64Array(B * N * D);
+      for (let b = 0; b < B; b++) expected.set(full.subarray((b * T + P) * D, (b * T + T) * D), b * N * D);
+      checkForward(t, 'attention with KV cache', host(second.y), expected);
+      disposeAll([w, hPrefix, hRest, first, second]);
+    });
+  }
 });
 
 describe('SwiGLU expert', () => {
