@@ -15,7 +15,8 @@ import { pagedAttentionSettings } from '../services/core/model/paged-attention.j
 import { Rope, ropeFrequencies } from '../services/core/model/rope.js';
 import { disposeAll } from '../services/core/model/tensors.js';
 import { PagedDecoder } from './support/paged.js';
-import { maxAbs, maxAbsDiff, referenceLogits, ropeFreq64, toF64, type Params64 } from './support/reference64.js';
+import { centralDiff, maxAbs, maxAbsDiff, referenceLogits, referenceLoss, relErr, ropeFreq64, sampleIndices, toF64, type Params64 } from './support/reference64.js';
+import { Rng } from '../services/core/data/random.js';
 
 await initBackend();
 const tiny = preset('tiny').model;
@@ -215,4 +216,31 @@ test('a checkpoint keeps its rope_scaling: config.json round trip, same logits',
   assert.ok(maxAbsDiff(await loaded.logits(idsFor(12), 1, 12), await model.logits(idsFor(12), 1, 12)) <= 1e-6);
   model.dispose();
   loaded.dispose();
+});
+
+test('training with a scaled rope (yarn ×4, llama3 ×8): loss = float64 loss, attention gradients = float64 central differences', async (t) => {
+  for (const rope_scaling of [{ rope_type: 'yarn', factor: 4 }, MODEL_CASES[4][1]]) {
+    const c = parseModelConfig({ ...tiny, rope_scaling, initializer_range: 0.3 }) as MixtralConfig;
+    const model = MixtralModel.initialize(c, 31);
+    const B = 2, T = 8;
+    const rng = new Rng(32);
+    const ids = Int32Array.from({ length: B * T }, () => rng.nextInt(c.vocab_size));
+    const targets = Int32Array.from({ length: B * T }, () => rng.nextInt(c.vocab_size));
+    for (const table of [model.dense, model.localExperts!.params]) table.clearGrads();
+    const res = await model.lossAndGradients(ids, targets, B, T, { passId: 'train', train: true });
+    const p64 = params64Of(model);
+    const L = () => referenceLoss(p64, c, ids, targets, B, T, choicesOf(res.layerStats));
+    const refLoss = L();
+    assert.ok(Math.abs(res.loss - refLoss) <= 1e-5 * refLoss, `loss ${res.loss} vs reference ${refLoss}`);
+    for (const name of ['layers.0.wqkv', 'layers.1.wqkv', 'layers.1.wo']) {
+      const g = model.dense.gradOrZeros(name);
+      const analytic = (g.dataSync() as Float32Array).slice();
+      const x64 = p64.get(name)!;
+      const idx = sampleIndices(() => rng.next(), x64.length, 32);
+      const err = relErr(idx.map((i) => analytic[i]), idx.map((i) => centralDiff(L, x64, i)));
+      t.diagnostic(`${rope_scaling.rope_type} ${name}: rel err ${err.toExponential(2)}`);
+      assert.ok(err <= 1e-3, `${name}: gradient relative error ${err}`);
+    }
+    model.dispose();
+  }
 });
