@@ -6,8 +6,9 @@ import { examineCheckpoint, CheckpointError } from '../core/checkpoint/index.js'
 import { summarizeModel, type ByteSize, type ModelSummary } from '../core/checkpoint/summary.js';
 import { modelTensorShapes } from '../core/model/hf.js';
 import { loadTokenizer, TokenizerError } from '../core/tokenizer/index.js';
+import { memoryPlan, selectedBackend, type MemoryPlan } from '../core/checkpoint/memory.js';
 
-export interface ImportFlags { shards: number; json?: boolean }
+export interface ImportFlags { shards: number; json?: boolean; backend?: string }
 
 /** Decimal units, as Hugging Face and GPU memory sizes are quoted. */
 export function formatBytes(bytes: number): string {
@@ -30,10 +31,20 @@ function formatCount(n: number): string {
 
 const both = (b: ByteSize) => `${formatBytes(b.stored)} stored, ${formatBytes(b.float32)} as float32`;
 
-export function formatSummary(s: ModelSummary): string {
+/** The memory lines of the summary: what each service holds on the backend, and the router's host copy. */
+function formatMemory(m: MemoryPlan): string[] {
+  const limit = m.limitBytes !== undefined ? `, at most ${formatBytes(m.limitBytes)} per process` : '';
+  return [
+    `  memory            on the ${m.backend} backend${limit} (weights as float32 + one step's work):`,
+    ...m.services.map((s) => `    ${s.service.padEnd(12)}${formatBytes(s.backendBytes)} (${formatBytes(s.weightBytes)} + ${formatBytes(s.workBytes)})` +
+      (s.hostBytes ? `, and ${formatBytes(s.hostBytes)} of host memory (embedding copy; the KV cache comes on top, --kv-cache-tokens)` : '')),
+  ];
+}
+
+export function formatSummary(s: ModelSummary, memory?: MemoryPlan, ready = true): string {
   const p = s.parameters;
   const lines = [
-    `${s.dir}: ready to serve`,
+    `${s.dir}: ${ready ? 'ready to serve' : 'read, but it cannot be served as planned (the problems follow)'}`,
     `  model type        ${s.modelType}`,
     `  layers            ${s.layers}`,
     `  experts           ${s.experts} per layer, k = ${s.expertsPerToken} per token`,
@@ -49,6 +60,7 @@ export function formatSummary(s: ModelSummary): string {
     `  expert shards     ${s.shards.length} (spread:i/${s.shards.length}):`,
     ...s.shards.map((sh) => `    spread:${sh.shard}/${s.shards.length}  ${sh.experts} experts, ${both(sh.bytes)}`),
     `  tokenizer         ${s.tokenizer.file ? `${s.tokenizer.file} (${s.tokenizer.ids} ids)` : 'byte vocabulary'}`,
+    ...(memory ? formatMemory(memory) : []),
   ];
   return lines.join('\n') + '\n';
 }
@@ -58,6 +70,7 @@ export async function importCommand(dir: string, flags: ImportFlags): Promise<nu
   const target = resolve(dir);
   let problems: string[];
   let summary: ModelSummary | undefined;
+  let memory: MemoryPlan | undefined;
   try {
     const found = await examineCheckpoint(target, { expectedTensors: modelTensorShapes });
     problems = found.problems;
@@ -66,17 +79,22 @@ export async function importCommand(dir: string, flags: ImportFlags): Promise<nu
       // whose tokenizer the router would refuse is refused here too.
       const tokenizer = await loadTokenizer(found.dir, found.config!);
       summary = await summarizeModel({ config: found.config!, files: found.files, dir: found.dir, tensors: found.tensors }, flags.shards, tokenizer);
+      // What each process will hold on the backend its services would pick; what cannot fit is refused now.
+      memory = memoryPlan(found.config!, summary.dense.float32, summary.shards.map((sh) => sh.bytes.float32), selectedBackend(flags.backend));
+      problems = memory.problems;
     }
   } catch (err) {
     if (!(err instanceof CheckpointError || err instanceof TokenizerError)) throw err;
     problems = [err.message];
   }
+  const ok = summary !== undefined && problems.length === 0;
   if (flags.json) {
-    process.stdout.write(JSON.stringify(summary ? { ok: true, ...summary } : { ok: false, dir: target, problems }, null, 2) + '\n');
-  } else if (summary) {
-    process.stdout.write(formatSummary(summary));
+    process.stdout.write(JSON.stringify(ok ? { ok: true, ...summary, memory } : { ok: false, dir: target, problems, ...(summary ? { summary, memory } : {}) }, null, 2) + '\n');
+  } else if (ok) {
+    process.stdout.write(formatSummary(summary!, memory));
   } else {
+    if (summary) process.stdout.write(formatSummary(summary, memory, false));
     process.stderr.write(`switchyard import: ${target} cannot be served (${problems.length} problem${problems.length === 1 ? '' : 's'}):\n${problems.map((p) => `  - ${p}`).join('\n')}\n`);
   }
-  return summary ? 0 : 1;
+  return ok ? 0 : 1;
 }

@@ -6,7 +6,7 @@ import { createRequire } from 'node:module';
 import { mkdir, readFile, rename, rm } from 'node:fs/promises';
 import { basename, dirname, relative, resolve } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { describeBackend, initBackend } from '../core/backend.js';
+import { BACKEND_CHOICES, describeBackend, initBackend } from '../core/backend.js';
 import { ConfigError, PRESET_NAMES, parseModelConfig, parseTrainSettings, preset, resolvePreset, type Preset } from '../core/config.js';
 import { CompletionText, loadTokenizer } from '../core/tokenizer/index.js';
 import { generate } from '../router/scheduler.js';
@@ -501,6 +501,7 @@ export function buildProgram(): Command {
     .argument('<dir>', 'model folder: config.json + model.safetensors or model-*-of-*.safetensors with model.safetensors.index.json')
     .option('--shards <n>', 'expert shards to size (experts spread as spread:i/N)', integer('--shards', 1), 2)
     .option('--json', 'print the summary (or the problems) as JSON')
+    .option('--backend <name>', `size memory for this compute backend (${BACKEND_CHOICES.join(', ')}; default: SWITCHYARD_BACKEND, else what this machine would pick)`)
     .action(async (dir: string, flags: ImportFlags) => {
       process.exitCode = await importCommand(dir, flags);
     });
