@@ -14,7 +14,7 @@ import { loadModel, saveModel } from '../services/core/checkpoint/model.js';
 import { train } from '../services/core/train/trainer.js';
 import { modelTensorShapes } from '../services/core/model/hf.js';
 import { MixtralModel } from '../services/core/model/model.js';
-import type { MoeStats } from '../services/core/model/moe.js';
+import { choicesOf } from './support/routing.js';
 import { disposeAll } from '../services/core/model/tensors.js';
 import { spreadExperts } from '../services/core/placement.js';
 import { maxAbs, maxAbsDiff, referenceForward, referenceLogits, toF64, type Params64 } from './support/reference64.js';
@@ -51,17 +51,6 @@ function params64Of(model: MixtralModel): Params64 {
   return out;
 }
 
-function choicesOf(stats: MoeStats[]): Int32Array[] {
-  return stats.map((s) => {
-    const out = new Int32Array(s.plans.reduce((n, p) => n + p.expert.length, 0));
-    let at = 0;
-    for (const p of s.plans) {
-      out.set(p.expert, at);
-      at += p.expert.length;
-    }
-    return out;
-  });
-}
 
 const idsFor = (n: number, salt = 11) => Int32Array.from({ length: n }, (_, i) => (i * 37 + salt) % 256);
 

@@ -8,7 +8,7 @@ import * as tf from '@tensorflow/tfjs-core';
 import { initBackend } from '../services/core/backend.js';
 import { parseModelConfig, preset, type MixtralConfig as ModelConfig } from '../services/core/config.js';
 import { Rng } from '../services/core/data/random.js';
-import type { MoeStats } from '../services/core/model/moe.js';
+import { choicesOf } from './support/routing.js';
 import { MixtralModel } from '../services/core/model/model.js';
 import type { ParameterTable } from '../services/core/model/parameters.js';
 import { disposeAll } from '../services/core/model/tensors.js';
@@ -77,18 +77,6 @@ function randomIds(rng: Rng, n: number, vocab: number): Int32Array {
 }
 
 /** The model's routing decisions per layer, token-major over all groups. */
-function choicesOf(stats: MoeStats[]): Int32Array[] {
-  return stats.map((s) => {
-    const total = s.plans.reduce((n, p) => n + p.expert.length, 0);
-    const out = new Int32Array(total);
-    let off = 0;
-    for (const p of s.plans) {
-      out.set(p.expert, off);
-      off += p.expert.length;
-    }
-    return out;
-  });
-}
 
 /** Gradient values of `name`; disposes the zeros tensor gradOrZeros creates when nothing accumulated. */
 function gradOf(table: ParameterTable, name: string): Float32Array {

@@ -10,7 +10,7 @@ import { initBackend } from '../services/core/backend.js';
 import { loadModel, saveModel } from '../services/core/checkpoint/model.js';
 import { ConfigError, parseModelConfig, preset, type MixtralConfig, type RopeScaling } from '../services/core/config.js';
 import { MixtralModel } from '../services/core/model/model.js';
-import type { MoeStats } from '../services/core/model/moe.js';
+import { choicesOf } from './support/routing.js';
 import { pagedAttentionSettings } from '../services/core/model/paged-attention.js';
 import { Rope, ropeFrequencies } from '../services/core/model/rope.js';
 import { disposeAll } from '../services/core/model/tensors.js';
@@ -129,17 +129,6 @@ function params64Of(model: MixtralModel): Params64 {
   return out;
 }
 
-function choicesOf(stats: MoeStats[]): Int32Array[] {
-  return stats.map((s) => {
-    const out = new Int32Array(s.plans.reduce((n, p) => n + p.expert.length, 0));
-    let at = 0;
-    for (const p of s.plans) {
-      out.set(p.expert, at);
-      at += p.expert.length;
-    }
-    return out;
-  });
-}
 
 const idsFor = (n: number, salt = 11) => Int32Array.from({ length: n }, (_, i) => (i * 37 + salt) % 256);
 

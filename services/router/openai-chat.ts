@@ -132,9 +132,7 @@ export function openaiChatRoutes(app: FastifyInstance, engine: RouterEngine): vo
         flush(i, streams[i].rest());
         chunk(i, {}, finishOf(i));
       });
-      if (degraded.degraded) events.send({ ...head, choices: [], ...degraded });
-      if (includeUsage) events.send({ ...head, choices: [], usage });
-      events.end();
+      events.finish(head, degraded, includeUsage ? usage : undefined);
       return reply;
     }
     return {

@@ -26,6 +26,13 @@ export class EventStream {
     if (!this.closed) this.reply.raw.end('data: [DONE]\n\n');
   }
 
+  /** The last events of an answer: a degraded notice, the usage chunk when asked for (`choices: []`), then [DONE]. */
+  finish(head: object, degraded: { degraded?: unknown }, usage?: object): void {
+    if (degraded.degraded) this.send({ ...head, choices: [], ...degraded });
+    if (usage) this.send({ ...head, choices: [], usage });
+    this.end();
+  }
+
   /** A failure after the headers went out: a final error event (OpenAI's error object), then the end. */
   fail(err: unknown): void {
     const overloaded = err instanceof OverloadError;

@@ -193,9 +193,7 @@ export function openaiRoutes(app: FastifyInstance, engine: RouterEngine): void {
         flush(i, choices[i].text?.rest() ?? '');
         chunk(i, '', null, finishOf(i));
       });
-      if (degraded.degraded) events.send({ ...head, choices: [], ...degraded });
-      if (includeUsage) events.send({ ...head, choices: [], usage });
-      events.end();
+      events.finish(head, degraded, includeUsage ? usage : undefined);
       return reply;
     }
     return {
