@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { existsSync } from 'node:fs';
-import { lstat, mkdtemp, readFile, readdir, readlink, rm, stat, writeFile } from 'node:fs/promises';
+import { lstat, mkdir, mkdtemp, readFile, readdir, readlink, rm, stat, writeFile } from 'node:fs/promises';
 import type { AddressInfo } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -205,6 +205,20 @@ describe('switchyard pull from a Hugging Face Hub stand-in', () => {
     const pinned = await runCli(['import', `${REPO}@${COMMIT}`, '--json'], env());
     assert.equal(pinned.code, 0, pinned.stderr);
     assert.equal(JSON.parse(pinned.stdout).dir, snapshot);
+    // --link: the fixed folder compose and k8s serve (/models/default) becomes a relative link to the snapshot.
+    const linkPath = join(root, 'models', 'default');
+    for (let i = 0; i < 2; i++) {
+      const linked = await runCli(['pull', REPO, '--link', linkPath], env());
+      assert.equal(linked.code, 0, linked.stderr);
+      assert.equal(await readlink(linkPath), join('..', 'hf-cache', 'models--acme--tiny-moe', 'snapshots', COMMIT));
+    }
+    const viaLink = await runCli(['import', linkPath], env());
+    assert.equal(viaLink.code, 0, viaLink.stderr);
+    const folder = join(root, 'models', 'trained');
+    await mkdir(folder, { recursive: true });
+    const kept = await runCli(['pull', REPO, '--link', folder], env());
+    assert.equal(kept.code, 2);
+    assert.match(kept.stderr, /--link .*trained: there is a folder there, not a link/);
     const gen = await runCli(['generate', '--model', REPO, '--prompt', 'Ahab', '--max-tokens', '4', '--temperature', '0'], env());
     assert.equal(gen.code, 0, gen.stderr);
     assert.ok(gen.stdout.startsWith('Ahab'), gen.stdout);

@@ -196,6 +196,22 @@ export async function pullModel(name: HubName, options: PullOptions = {}): Promi
   return { repo: name.repo, revision: name.revision, commit, snapshot, files: [...first, ...weights].map((f) => f.path), downloadedBytes: downloaded };
 }
 
+/**
+ * Points `path` at a snapshot with a relative symlink (replaced atomically when it is already a link), so
+ * services configured with a fixed folder (/models/default in compose and k8s) serve the pulled model.
+ * A real folder there (a trained model) is not replaced.
+ */
+export async function linkSnapshot(path: string, snapshot: string): Promise<void> {
+  const target = resolve(path);
+  const existing = await lstat(target).catch(() => undefined);
+  if (existing && !existing.isSymbolicLink()) throw new PullError(`--link ${path}: there is a ${existing.isDirectory() ? 'folder' : 'file'} there, not a link; move it away or link elsewhere`);
+  await mkdir(dirname(target), { recursive: true });
+  const staging = `${target}.link-${process.pid}`;
+  await rm(staging, { force: true });
+  await symlink(relative(dirname(target), snapshot), staging);
+  await rename(staging, target);
+}
+
 class Progress {
   private bar?: cliProgress.SingleBar;
   private total = 0;

@@ -30,7 +30,7 @@ import { buildHttpApp } from '../router/http.js';
 import { Cluster } from './cluster.js';
 import { EXIT_WITH_PARENT_ENV, whenParentGone } from './supervisor.js';
 import { importCommand, type ImportFlags } from './import.js';
-import { hubCacheDir, hubEndpoint, hubNameOfSnapshot, parseHubName, pullModel, resolveModelDir } from './hub.js';
+import { hubCacheDir, hubEndpoint, hubNameOfSnapshot, linkSnapshot, parseHubName, pullModel, resolveModelDir } from './hub.js';
 import type { FloatDtype } from '../core/dtypes.js';
 import { checkpointDirOf, train } from '../core/train/trainer.js';
 import { runBench } from '../bench/index.js';
@@ -158,12 +158,16 @@ async function generateCommand(flags: GenerateFlags): Promise<void> {
   }
 }
 
-async function pullCommand(spec: string): Promise<void> {
+async function pullCommand(spec: string, flags: { link?: string }): Promise<void> {
   const name = parseHubName(spec);
   if (!name) throw new ConfigError(`pull ${spec}: expected ORG/NAME[@REVISION], e.g. mistralai/Mixtral-8x7B-v0.1`);
   process.stderr.write(`switchyard: pulling ${name.repo}@${name.revision} from ${hubEndpoint()} into ${hubCacheDir()}\n`);
   const r = await pullModel(name);
   process.stderr.write(`switchyard: ${r.repo} at ${r.commit}: ${r.files.length} files, ${r.downloadedBytes} bytes downloaded\n`);
+  if (flags.link) {
+    await linkSnapshot(flags.link, r.snapshot);
+    process.stderr.write(`switchyard: ${resolve(flags.link)} → ${r.snapshot}\n`);
+  }
   process.stdout.write(r.snapshot + '\n');
 }
 
@@ -524,6 +528,7 @@ export function buildProgram(): Command {
     });
   program.command('pull').description('download a model from the Hugging Face Hub (config, tokenizer, safetensors) into the Hugging Face cache; prints its snapshot folder')
     .argument('<ORG/NAME[@REVISION]>', 'model repository, at a branch, tag or commit (default main)')
+    .option('--link <path>', 'then make PATH a symlink to the snapshot (e.g. /models/default, the folder compose and k8s serve); an existing link is replaced, a folder is not')
     .addHelpText('after', `\nEnvironment: HF_TOKEN (gated or private models), HF_ENDPOINT (default https://huggingface.co), HF_HUB_CACHE or HF_HOME (cache: $HF_HUB_CACHE, $HF_HOME/hub, ~/.cache/huggingface/hub).`)
     .action(pullCommand);
   program.command('bench').description('benchmarks: prints tables, writes bench-results/*.json')
