@@ -49,7 +49,7 @@ function cli(): CliSurface {
   const serviceLine = serveHelp.match(/^ {2}service\s+(.+)$/m);
   assert.ok(serviceLine, 'serve --help lists its services');
   const services = new Set(serviceLine[1].split('|').map((s) => s.trim()));
-  const options = new Map<string, Set<string>>([['serve', optionsIn(serveHelp)], ...['train', 'prepare-model'].map((c) => [c, optionsIn(helpOf(c))] as [string, Set<string>])]);
+  const options = new Map<string, Set<string>>([['serve', optionsIn(serveHelp)], ...['train', 'prepare-model', 'pull'].map((c) => [c, optionsIn(helpOf(c))] as [string, Set<string>])]);
   cliSurface = { commands, services, options, serveHelp };
   return cliSurface;
 }
@@ -63,7 +63,8 @@ function checkInvocation(args: string[], where: string): { command: string; serv
   assert.ok(known, `${where}: no option list for '${command}'`);
   if (command === 'serve') assert.ok(surface.services.has(service), `${where}: 'serve ${service}' is not a service (${[...surface.services].join(', ')})`);
   const flags = new Map<string, string>();
-  for (let i = command === 'serve' ? 2 : 1; i < args.length; i++) {
+  // serve takes its service, pull its ORG/NAME[@REVISION], before the options.
+  for (let i = command === 'serve' || command === 'pull' ? 2 : 1; i < args.length; i++) {
     const arg = args[i];
     assert.ok(arg.startsWith('--'), `${where}: unexpected argument '${arg}' in ${args.join(' ')}`);
     assert.ok(known.has(arg), `${where}: '${arg}' is not an option of 'switchyard ${command}'`);
@@ -174,7 +175,7 @@ function envValue(objects: K8sObject[], container: Container, name: string): str
 }
 
 test('every overlay renders and every object validates against its schema', kubectlGate, async () => {
-  for (const name of [...OVERLAYS.map((o) => `k8s/overlays/${o}`), 'k8s/jobs/prepare-model']) {
+  for (const name of [...OVERLAYS.map((o) => `k8s/overlays/${o}`), 'k8s/jobs/prepare-model', 'k8s/jobs/pull-model']) {
     const objects = name.startsWith('k8s/overlays/') ? overlay(name.slice('k8s/overlays/'.length)) : render(name);
     assert.ok(objects.length > 0, `${name} renders nothing`);
     if (name === 'k8s/jobs/prepare-model') {
@@ -182,6 +183,18 @@ test('every overlay renders and every object validates against its schema', kube
       const invocation = checkInvocation(job.spec.template.spec.containers[0].args, `${name}: Job`);
       assert.equal(invocation.command, 'prepare-model');
       assert.equal(invocation.flags.get('--out'), '/models/default', `${name}: fills the folder the services serve`);
+    }
+    if (name === 'k8s/jobs/pull-model') {
+      const [job] = ofKind(objects, 'Job');
+      const container = job.spec.template.spec.containers[0];
+      const invocation = checkInvocation(container.args, `${name}: Job`);
+      assert.equal(invocation.command, 'pull');
+      assert.equal(invocation.flags.get('--link'), '/models/default', `${name}: links the folder the services serve`);
+      const env = new Map<string, any>(container.env.map((e: { name: string }) => [e.name, e]));
+      assert.match(env.get('SWITCHYARD_HUB_MODEL').value, /^[\w.-]+\/[\w.-]+(@.+)?$/);
+      assert.equal(container.args[1], '$(SWITCHYARD_HUB_MODEL)');
+      assert.ok(env.get('HF_HUB_CACHE').value.startsWith('/models/'), `${name}: the cache is on the checkpoints volume`);
+      assert.deepEqual(env.get('HF_TOKEN').valueFrom.secretKeyRef, { name: 'switchyard-hf-token', key: 'HF_TOKEN', optional: true });
     }
     for (const object of objects) {
       const where = `${name}: ${object.kind} ${object.metadata?.name}`;
@@ -421,6 +434,18 @@ test('compose services run real switchyard commands, on the ports their health c
   assert.ok(services.grafana.volumes.includes('./deploy/grafana/provisioning:/etc/grafana/provisioning:ro'));
   assert.ok(services.grafana.volumes.includes('./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro'));
   assert.ok(services.grafana.ports.some((p: string) => p.endsWith(':3000')));
+});
+
+test('docker-compose.hub.yml turns model-init into a pull of $HF_MODEL linked at /models/default', () => {
+  const hub = parse(readFileSync(join(repoRoot, 'docker-compose.hub.yml'), 'utf8'));
+  assert.deepEqual(Object.keys(hub.services), ['model-init'], 'it only changes the one-shot service the others wait for');
+  const init = hub.services['model-init'];
+  const invocation = checkInvocation(init.command, 'docker-compose.hub.yml model-init');
+  assert.equal(invocation.command, 'pull');
+  assert.match(init.command[1], /^\$\{HF_MODEL:\?/);
+  assert.equal(invocation.flags.get('--link'), '/models/default');
+  assert.ok(init.environment.HF_HUB_CACHE.startsWith('/models/'), 'the cache is on the checkpoints volume');
+  assert.equal(init.environment.HF_TOKEN, '${HF_TOKEN:-}');
 });
 
 test('the compose Prometheus scrapes every compose service with metrics, on its metrics port', () => {

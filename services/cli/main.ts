@@ -30,6 +30,7 @@ import { buildHttpApp } from '../router/http.js';
 import { Cluster } from './cluster.js';
 import { EXIT_WITH_PARENT_ENV, whenParentGone } from './supervisor.js';
 import { importCommand, type ImportFlags } from './import.js';
+import { hubCacheDir, hubEndpoint, hubNameOfSnapshot, linkSnapshot, parseHubName, pullModel, resolveModelDir } from './hub.js';
 import type { FloatDtype } from '../core/dtypes.js';
 import { checkpointDirOf, train } from '../core/train/trainer.js';
 import { runBench } from '../bench/index.js';
@@ -136,11 +137,11 @@ async function trainCommand(flags: TrainFlags): Promise<void> {
   );
 }
 
-interface GenerateFlags { model: string; prompt: string; maxTokens: number; temperature: number; topP: number; seed?: number }
+interface GenerateFlags { model: string; pull?: boolean; prompt: string; maxTokens: number; temperature: number; topP: number; seed?: number }
 
 async function generateCommand(flags: GenerateFlags): Promise<void> {
+  const dir = await resolveModelDir(flags.model, { pull: flags.pull });
   await startBackend();
-  const dir = resolve(flags.model);
   const model = await loadModel(dir);
   try {
     const tokenizer = await loadTokenizer(dir, model.config);
@@ -155,6 +156,19 @@ async function generateCommand(flags: GenerateFlags): Promise<void> {
   } finally {
     model.dispose();
   }
+}
+
+async function pullCommand(spec: string, flags: { link?: string }): Promise<void> {
+  const name = parseHubName(spec);
+  if (!name) throw new ConfigError(`pull ${spec}: expected ORG/NAME[@REVISION], e.g. mistralai/Mixtral-8x7B-v0.1`);
+  process.stderr.write(`switchyard: pulling ${name.repo}@${name.revision} from ${hubEndpoint()} into ${hubCacheDir()}\n`);
+  const r = await pullModel(name);
+  process.stderr.write(`switchyard: ${r.repo} at ${r.commit}: ${r.files.length} files, ${r.downloadedBytes} bytes downloaded\n`);
+  if (flags.link) {
+    await linkSnapshot(flags.link, r.snapshot);
+    process.stderr.write(`switchyard: ${resolve(flags.link)} → ${r.snapshot}\n`);
+  }
+  process.stdout.write(r.snapshot + '\n');
 }
 
 /** The default model: the 'small' preset trained this many steps (a few minutes on two cores). */
@@ -195,10 +209,10 @@ async function writeAdminToken(dir: string): Promise<string> {
   return file;
 }
 
-interface UpFlags { model?: string; shards: number; routers: number; host: string; port: number; microBatches: number }
+interface UpFlags { model?: string; pull?: boolean; shards: number; routers: number; host: string; port: number; microBatches: number }
 
 async function upCommand(flags: UpFlags): Promise<void> {
-  const modelDir = flags.model ? resolve(flags.model) : checkpointDirOf(resolve(DEFAULT_RUN_DIR));
+  const modelDir = flags.model ? await resolveModelDir(flags.model, { pull: flags.pull }) : checkpointDirOf(resolve(DEFAULT_RUN_DIR));
   if (flags.model && !existsSync(resolve(modelDir, 'config.json'))) throw new ConfigError(`--model ${flags.model}: no config.json there`);
   await prepareDefaultModel(modelDir);
   // A broken checkpoint or tokenizer is reported here, before any process starts.
@@ -237,7 +251,7 @@ async function upCommand(flags: UpFlags): Promise<void> {
 }
 
 interface ServeFlags {
-  checkpoint?: string; experts: string; host: string; port: number; leaseTtlMs: number;
+  checkpoint?: string; pull?: boolean; experts: string; host: string; port: number; leaseTtlMs: number;
   coordinator?: string; shardId?: string; tokenBudget: number; modelName?: string; wireDtype: string;
   train?: boolean; trainRouters?: number; trainShards?: number; trainCheckpoint?: string;
   run?: string; index?: number; routers?: number; metricsPort: number;
@@ -255,9 +269,14 @@ function wireDtypeOf(value: string): FloatDtype {
   return d;
 }
 
-/** The served model's name: --model-name, else the checkpoint folder's name (its parent's for `checkpoint`). */
+/**
+ * The served model's name: --model-name, else ORG/NAME for a Hugging Face cache snapshot, else the
+ * checkpoint folder's name (its parent's for `checkpoint`).
+ */
 function modelNameOf(dir: string, given?: string): string {
   if (given) return given;
+  const hub = hubNameOfSnapshot(dir);
+  if (hub) return hub;
   const name = basename(dir);
   return name === 'checkpoint' ? basename(dirname(dir)) : name;
 }
@@ -265,8 +284,8 @@ function modelNameOf(dir: string, given?: string): string {
 async function serveRouter(flags: ServeFlags): Promise<void> {
   if (!flags.checkpoint) throw new ConfigError('serve router: --checkpoint DIR is required');
   if (!flags.coordinator) throw new ConfigError('serve router: --coordinator HOST:PORT is required');
+  const dir = await resolveModelDir(flags.checkpoint, { pull: flags.pull, flag: '--checkpoint' });
   await startBackend('router');
-  const dir = resolve(flags.checkpoint);
   const overflow = flags.overflow as OverflowPolicy;
   if (!OVERFLOW_POLICIES.includes(overflow)) throw new ConfigError(`--overflow ${flags.overflow}: expected one of ${OVERFLOW_POLICIES.join(', ')}`);
   const apiToken = await readToken(flags.apiTokenFile, '--api-token-file', 'SWITCHYARD_API_TOKEN');
@@ -371,8 +390,8 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
   if (!flags.checkpoint) throw new ConfigError('serve expert: --checkpoint DIR is required');
   // Without a coordinator nothing would ever give this shard an expert.
   if (flags.experts.trim() === 'none' && !flags.coordinator) throw new ConfigError('--experts none needs --coordinator (the coordinator assigns the experts)');
+  const dir = await resolveModelDir(flags.checkpoint, { pull: flags.pull, flag: '--checkpoint' });
   await startBackend('expert');
-  const dir = resolve(flags.checkpoint);
   const layout = await inspectModel(dir);
   const { config } = layout;
   const family = familyOf(config);
@@ -469,7 +488,8 @@ export function buildProgram(): Command {
     .option('--host <host>', 'distributed: address the local services listen on', '127.0.0.1')
     .action(trainCommand);
   program.command('generate').description('continue a prompt with a trained checkpoint')
-    .requiredOption('--model <dir>', 'checkpoint folder')
+    .requiredOption('--model <dir|ORG/NAME[@REV]>', 'checkpoint folder, or a Hugging Face model in the local cache (see pull)')
+    .option('--pull', 'pull --model ORG/NAME from the Hub first')
     .option('--prompt <text>', 'prompt text', 'Call me Ishmael. ')
     .option('--max-tokens <n>', 'tokens to generate', integer('--max-tokens'), 200)
     .option('--temperature <t>', '0 = greedy', number('--temperature'), 0.8)
@@ -477,7 +497,8 @@ export function buildProgram(): Command {
     .option('--seed <n>', 'sampling seed (default: a fresh random one)', integer('--seed'))
     .action(generateCommand);
   program.command('up').description('the whole cluster on this machine (trains the default model first when there is none)')
-    .option('--model <dir>', 'checkpoint folder to serve instead of the default model')
+    .option('--model <dir|ORG/NAME[@REV]>', 'checkpoint folder to serve instead of the default model, or a Hugging Face model in the local cache (see pull)')
+    .option('--pull', 'pull --model ORG/NAME from the Hub first')
     .option('--shards <n>', 'expert shards', integer('--shards', 1), 2)
     .option('--routers <n>', 'routers (HTTP ports P, P+1, ...)', integer('--routers', 1), 1)
     .option('--host <host>', 'address every service listens on', '127.0.0.1')
@@ -498,13 +519,19 @@ export function buildProgram(): Command {
     .option('--timeout-ms <ms>', 'give up after this long', integer('--timeout-ms', 1), 2_000)
     .action(healthCommand);
   program.command('import').description('check a Hugging Face model folder from its config and headers (no tensor data) and print what serving it takes')
-    .argument('<dir>', 'model folder: config.json + model.safetensors or model-*-of-*.safetensors with model.safetensors.index.json')
+    .argument('<dir|ORG/NAME[@REV]>', 'model folder (config.json + model.safetensors or model-*-of-*.safetensors with model.safetensors.index.json), or a Hugging Face model in the local cache (see pull)')
+    .option('--pull', 'pull ORG/NAME from the Hub first')
     .option('--shards <n>', 'expert shards to size (experts spread as spread:i/N)', integer('--shards', 1), 2)
     .option('--json', 'print the summary (or the problems) as JSON')
     .option('--backend <name>', `size memory for this compute backend (${BACKEND_CHOICES.join(', ')}; default: SWITCHYARD_BACKEND, else what this machine would pick)`)
-    .action(async (dir: string, flags: ImportFlags) => {
-      process.exitCode = await importCommand(dir, flags);
+    .action(async (dir: string, flags: ImportFlags & { pull?: boolean }) => {
+      process.exitCode = await importCommand(await resolveModelDir(dir, { pull: flags.pull, flag: 'import' }), flags);
     });
+  program.command('pull').description('download a model from the Hugging Face Hub (config, tokenizer, safetensors) into the Hugging Face cache; prints its snapshot folder')
+    .argument('<ORG/NAME[@REVISION]>', 'model repository, at a branch, tag or commit (default main)')
+    .option('--link <path>', 'then make PATH a symlink to the snapshot (e.g. /models/default, the folder compose and k8s serve); an existing link is replaced, a folder is not')
+    .addHelpText('after', `\nEnvironment: HF_TOKEN (gated or private models), HF_ENDPOINT (default https://huggingface.co), HF_HUB_CACHE or HF_HOME (cache: $HF_HUB_CACHE, $HF_HOME/hub, ~/.cache/huggingface/hub).`)
+    .action(pullCommand);
   program.command('bench').description('benchmarks: prints tables, writes bench-results/*.json')
     .argument('[suites...]', 'suites to run (default: all)')
     .option('--quick', 'short runs (under 2 minutes)')
@@ -514,7 +541,8 @@ export function buildProgram(): Command {
     });
   program.command('serve').description('run one service, as a container runs it')
     .argument('<service>', 'expert | router | coordinator | trainer')
-    .option('--checkpoint <dir>', 'checkpoint folder to load from')
+    .option('--checkpoint <dir|ORG/NAME[@REV]>', 'checkpoint folder to load from, or a Hugging Face model in the local cache (see pull)')
+    .option('--pull', 'router, expert: pull --checkpoint ORG/NAME from the Hub first')
     .option('--experts <spec>', "experts to hold: 'all', 'none' (the coordinator assigns them), spread:I/N or LAYER:IDS groups, e.g. '0:0-3;1:0,2'", 'all')
     .option('--host <host>', 'address to listen on', '127.0.0.1')
     .option('--port <n>', 'port (0 = any free port)', integer('--port'), 0)

@@ -392,7 +392,9 @@ export async function examineCheckpoint(dir: string, opts: Pick<LoadOptions, 'ex
   const entries = await readdir(folder, { withFileTypes: true }).catch((err: Error) => {
     throw new CheckpointError(`cannot read checkpoint folder ${folder}: ${err.message}`);
   });
-  const files = entries.filter((e) => e.isFile()).map((e) => e.name).sort();
+  // A Hugging Face cache snapshot holds symlinks into ../../blobs: a link to a file counts as the file.
+  const isFile = async (e: (typeof entries)[number]) => e.isFile() || (e.isSymbolicLink() && (await stat(join(folder, e.name)).then((s) => s.isFile(), () => false)));
+  const files = (await Promise.all(entries.map(async (e) => ((await isFile(e)) ? e.name : undefined)))).filter((n): n is string => n !== undefined).sort();
   const problems: string[] = [];
   let config: ModelConfig | undefined;
   let configError: Error | undefined;
