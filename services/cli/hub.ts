@@ -13,7 +13,7 @@ import { createHash, type Hash } from 'node:crypto';
 import { existsSync, statSync, createReadStream } from 'node:fs';
 import { lstat, mkdir, open, readFile, readlink, rename, rm, stat, symlink, writeFile } from 'node:fs/promises';
 import { dirname, join, relative, resolve } from 'node:path';
-import cliProgress from 'cli-progress';
+import { DownloadProgress } from './progress.js';
 import { downloadFile, getHFHubCachePath, getRepoFolderName, listFiles, modelInfo, type ListFileEntry } from '@huggingface/hub';
 import { ConfigError } from '../core/config.js';
 
@@ -155,7 +155,7 @@ export async function pullModel(name: HubName, options: PullOptions = {}): Promi
 
   const storage = join(cacheDir, getRepoFolderName(repo));
   const snapshot = join(storage, 'snapshots', commit);
-  const fetchOne = (file: Wanted, bar: Progress) => fetchToCache({ repo, common, commit, storage, snapshot, file, bar, log });
+  const fetchOne = (file: Wanted, bar: DownloadProgress) => fetchToCache({ repo, common, commit, storage, snapshot, file, bar, log });
 
   if (!listing.has('config.json')) throw new PullError(`pull ${name.spec}: the repository has no config.json at ${commit.slice(0, 12)}`);
   const first = PULLED_FILES.filter((f) => listing.has(f)).map((f) => wanted(listing.get(f)!));
@@ -169,7 +169,7 @@ export async function pullModel(name: HubName, options: PullOptions = {}): Promi
     throw new PullError(`pull ${name.spec}: the repository has neither ${SINGLE_FILE} nor ${INDEX_FILE} (only .safetensors weights are served)`);
   }
 
-  const bar = new Progress(options.bar ?? process.stderr.isTTY === true, log);
+  const bar = new DownloadProgress(options.bar ?? process.stderr.isTTY === true, log);
   let downloaded = 0;
   try {
     bar.add(first.reduce((a, f) => a + f.size, 0));
@@ -212,41 +212,6 @@ export async function linkSnapshot(path: string, snapshot: string): Promise<void
   await rename(staging, target);
 }
 
-class Progress {
-  private bar?: cliProgress.SingleBar;
-  private total = 0;
-  private done = 0;
-  constructor(private readonly tty: boolean, private readonly log: (line: string) => void) {}
-  add(bytes: number): void {
-    this.total += bytes;
-    if (!this.tty) return;
-    if (!this.bar) {
-      this.bar = new cliProgress.SingleBar({
-        format: 'pull |{bar}| {percentage}% | {mb}/{totalMb} MB | {file}', hideCursor: true,
-      }, cliProgress.Presets.shades_classic);
-      this.bar.start(this.total, this.done, this.fields(''));
-    } else {
-      this.bar.setTotal(this.total);
-    }
-  }
-  private file = '';
-  private fields(file: string) {
-    this.file = file;
-    return { file, mb: (this.done / 1e6).toFixed(1), totalMb: (this.total / 1e6).toFixed(1) };
-  }
-  advance(bytes: number, file = this.file): void {
-    this.done += bytes;
-    this.bar?.update(this.done, this.fields(file));
-  }
-  line(text: string): void {
-    if (this.bar) this.bar.update(this.done, this.fields(text));
-    else this.log(text);
-  }
-  stop(): void {
-    this.bar?.stop();
-  }
-}
-
 async function size(path: string): Promise<number | undefined> {
   try {
     return (await stat(path)).size;
@@ -275,7 +240,7 @@ function gitBlobHasher(total: number): Hash {
 /** One file into blobs/ (resuming its .incomplete), checked, then linked into the snapshot; returns the bytes fetched. */
 async function fetchToCache(a: {
   repo: { type: 'model'; name: string }; common: { hubUrl: string; accessToken?: string }; commit: string;
-  storage: string; snapshot: string; file: Wanted; bar: Progress; log: (line: string) => void;
+  storage: string; snapshot: string; file: Wanted; bar: DownloadProgress; log: (line: string) => void;
 }): Promise<number> {
   const { file, bar } = a;
   const blob = join(a.storage, 'blobs', file.etag);

@@ -1,4 +1,5 @@
-// Training progress on the terminal: a bar when stderr is a TTY, else one plain line per validation.
+// Progress on the terminal: training (a bar when stderr is a TTY, else one plain line per validation) and
+// downloads (`switchyard pull`: a byte bar over every file, else one line per file).
 import cliProgress from 'cli-progress';
 import type { StepReport } from '../core/train/trainer.js';
 
@@ -30,4 +31,40 @@ export function trainingProgress(log: (line: string) => void = (l) => process.st
       bar?.stop();
     },
   };
+}
+
+/** Bytes of a download over several files; `tty` false logs lines instead of drawing a bar. */
+export class DownloadProgress {
+  private bar?: cliProgress.SingleBar;
+  private total = 0;
+  private done = 0;
+  constructor(private readonly tty: boolean, private readonly log: (line: string) => void) {}
+  add(bytes: number): void {
+    this.total += bytes;
+    if (!this.tty) return;
+    if (!this.bar) {
+      this.bar = new cliProgress.SingleBar({
+        format: 'pull |{bar}| {percentage}% | {mb}/{totalMb} MB | {file}', hideCursor: true,
+      }, cliProgress.Presets.shades_classic);
+      this.bar.start(this.total, this.done, this.fields(''));
+    } else {
+      this.bar.setTotal(this.total);
+    }
+  }
+  private file = '';
+  private fields(file: string) {
+    this.file = file;
+    return { file, mb: (this.done / 1e6).toFixed(1), totalMb: (this.total / 1e6).toFixed(1) };
+  }
+  advance(bytes: number, file = this.file): void {
+    this.done += bytes;
+    this.bar?.update(this.done, this.fields(file));
+  }
+  line(text: string): void {
+    if (this.bar) this.bar.update(this.done, this.fields(text));
+    else this.log(text);
+  }
+  stop(): void {
+    this.bar?.stop();
+  }
 }

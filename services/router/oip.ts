@@ -7,6 +7,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { HttpError } from './errors.js';
 import type { RouterEngine } from './engine.js';
 import { CompletionStream } from './completion-stream.js';
+import { clientGone, stopsOf } from './openai-common.js';
 import { SAMPLING_FIELD_SCHEMAS, samplingOptions, type SamplingFields } from './sampling-fields.js';
 import { OverloadError } from '../core/overload.js';
 import { checkSampling } from '../core/sampling.js';
@@ -299,7 +300,7 @@ export function oipRoutes(app: FastifyInstance, engine: RouterEngine): void {
     if (!tokenizer) throw new HttpError(400, 'the router runs without a tokenizer (--skip-tokenizer): generate takes text; send token ids to infer instead');
     const { id, text_input: text, parameters, ...topLevel } = req.body;
     const fields: GenerateParameters = { ...topLevel, ...parameters };
-    const sampling = samplingOptions(fields, tokenizer.stopIds);
+    const sampling = samplingOptions(fields, engine.stopIds);
     // A bad request is a 400 whatever the state of the cluster (SamplingError: stop_token_ids outside the vocabulary).
     checkSampling(sampling, config.vocab_size);
     if (!engine.ready()) throw new OverloadError('not every expert has a shard yet', 'unavailable');
@@ -307,7 +308,7 @@ export function oipRoutes(app: FastifyInstance, engine: RouterEngine): void {
     if (prompt.length === 0) throw new HttpError(400, 'text_input encodes to no tokens');
     if (prompt.length > config.max_position_embeddings)
       throw new HttpError(400, `text_input of ${prompt.length} tokens exceeds the model's context of ${config.max_position_embeddings}`);
-    const stops = (fields.stop === undefined ? [] : Array.isArray(fields.stop) ? fields.stop : [fields.stop]).filter((s) => s.length > 0);
+    const stops = stopsOf(fields.stop, engine);
     const completion = new CompletionStream(tokenizer, prompt, stops);
     const head = { model_name: engine.modelName, model_version: MODEL_VERSION, ...(id !== undefined ? { id } : {}) };
     const event = (body: object) => `data: ${JSON.stringify(body)}\n\n`;
@@ -320,28 +321,22 @@ export function oipRoutes(app: FastifyInstance, engine: RouterEngine): void {
       reply.hijack();
       reply.raw.writeHead(200, { 'content-type': 'text/event-stream; charset=utf-8', 'cache-control': 'no-cache', connection: 'keep-alive', 'x-request-id': String(req.id) });
     };
-    let closed = false;
-    // The response closing before we end it means the client went away: stop generating.
-    const gone = new AbortController();
-    reply.raw.on('close', () => {
-      closed = true;
-      gone.abort();
-    });
+    const gone = clientGone(reply);
     let result: Awaited<ReturnType<RouterEngine['complete']>>;
     try {
       result = await engine.complete(prompt, sampling, (next) => {
         const piece = completion.push(next);
-        if (stream && !closed) {
+        if (stream && !gone.aborted) {
           start();
           if (piece) reply.raw.write(event({ ...head, text_output: piece, done: false }));
         }
-        return completion.stopped || closed;
-      }, String(req.id), req.deadline, gone.signal);
+        return completion.stopped || gone.aborted;
+      }, String(req.id), req.deadline, gone);
     } catch (err) {
       if (!started) throw err;
       // Headers are sent: the failure is the stream's last event.
       if (err instanceof OverloadError) servingMetrics.rejections.inc({ reason: err.reason });
-      if (!closed) reply.raw.end(event({ error: (err as Error).message }));
+      if (!gone.aborted) reply.raw.end(event({ error: (err as Error).message }));
       return reply;
     }
     if (result.degraded) servingMetrics.degraded.inc();
@@ -353,7 +348,7 @@ export function oipRoutes(app: FastifyInstance, engine: RouterEngine): void {
     };
     if (stream) {
       start(); // a generation of no tokens has not started the stream yet
-      reply.raw.end(closed ? undefined : event({ ...head, text_output: completion.rest(), done: true, ...last }));
+      reply.raw.end(gone.aborted ? undefined : event({ ...head, text_output: completion.rest(), done: true, ...last }));
       return reply;
     }
     if (result.degraded) reply.header('x-switchyard-degraded', 'true');

@@ -1,4 +1,5 @@
-// What the OpenAI-compatible endpoints share: server-sent events, the client going away, usage,
+// What the generating endpoints share (OpenAI's, and Open Inference generate's client and stop handling):
+// server-sent events, the client going away, usage,
 // degraded answers, stop strings and the model check.
 import type { FastifyReply } from 'fastify';
 import { HttpError } from './errors.js';
