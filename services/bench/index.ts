@@ -7,6 +7,7 @@ import { trainingSuite } from './training.js';
 import { loadSuite } from './load.js';
 import { peerSuite } from './peer.js';
 import { elasticSuite } from './elastic.js';
+import { speedupGuard } from './report.js';
 
 const SUITES: Record<string, (quick: boolean) => Promise<void>> = {
   compute: computeSuite,
@@ -27,6 +28,7 @@ export async function runBench(names: string[], opts: { quick: boolean }): Promi
     const err = new RangeError(`unknown bench suite(s): ${unknown.join(', ')} (known: ${Object.keys(SUITES).join(', ')})`);
     throw err;
   }
+  speedupGuard.strict = !opts.quick;
   for (const name of chosen) await SUITES[name](opts.quick);
 }
 
