@@ -33,7 +33,7 @@ export const gateSettingsSchema = z
 export type GateSettings = z.infer<typeof gateSettingsSchema>;
 
 /** Hugging Face `model_type` values this code implements. */
-export const SUPPORTED_MODEL_TYPES = ['mixtral', 'deepseek'] as const;
+export const SUPPORTED_MODEL_TYPES = ['mixtral', 'deepseek', 'qwen2_moe', 'qwen3_moe', 'olmoe'] as const;
 
 /** Checkpoint dtypes (`torch_dtype`); every one is converted to float32 for compute. */
 export const TORCH_DTYPES = ['float32', 'bfloat16', 'float16'] as const;
@@ -264,8 +264,110 @@ export const deepseekConfigSchema = z
   .superRefine((c, ctx) => checkShapes(c, { key: 'n_routed_experts', count: c.n_routed_experts }, ctx));
 export type DeepseekConfig = z.infer<typeof deepseekConfigSchema>;
 
+// Keys the Qwen-MoE and OLMoE configs share (Llama-style decoder, softmax top-k router, experts under
+// `mlp.experts`); each family adds its own below. Defaults are the transformers config classes'.
+const rotary = {
+  rope_theta: z.number().positive().default(10000),
+  rope_scaling: ropeScalingSchema,
+  partial_rotary_factor: z.literal(1, { error: 'partial_rotary_factor must be 1 (rotary embedding on part of a head is not supported)' }).optional(),
+};
+const common = {
+  hidden_size: positiveInt,
+  intermediate_size: positiveInt,
+  num_hidden_layers: positiveInt,
+  num_attention_heads: positiveInt,
+  num_key_value_heads: positiveInt,
+  head_dim: positiveInt.optional(),
+  num_experts: positiveInt,
+  num_experts_per_tok: positiveInt,
+  norm_topk_prob: z.boolean().default(false),
+  router_aux_loss_coef: z.number().nonnegative().optional(),
+  vocab_size: positiveInt,
+  max_position_embeddings: positiveInt,
+  hidden_act: z.literal('silu').default('silu'),
+  initializer_range: z.number().positive().default(0.02),
+  // null (OLMoE's bos_token_id) means none.
+  bos_token_id: z.number().int().nonnegative().nullable().optional().transform((v) => v ?? undefined),
+  eos_token_id: z.number().int().nonnegative().nullable().optional().transform((v) => v ?? undefined),
+  torch_dtype: z.enum(TORCH_DTYPES).default('float32'),
+  ...rotary,
+  // The Qwen and OLMoE routers are the softmax top-k without dropping: Switchyard's 'mixtral' policy.
+  switchyard_gate: gateSettingsSchema.default(gateSettingsSchema.parse({}))
+    .refine((g) => g.policy === 'mixtral', { message: "policy must be 'mixtral' (this family routes by the softmax top-k, dropless)" }),
+};
+// Qwen's window applies only to layers from max_window_layers on, and only when use_sliding_window is set;
+// the published MoE checkpoints keep it off, so Switchyard attends over the whole context and refuses it on.
+const qwenWindow = {
+  use_sliding_window: z.literal(false, { error: 'use_sliding_window must be false (Qwen\'s per-layer sliding window is not supported)' }).default(false),
+  sliding_window: z.number().int().positive().nullable().optional().transform(() => null),
+  max_window_layers: z.number().int().nonnegative().optional(),
+  decoder_sparse_step: positiveInt.default(1),
+  mlp_only_layers: z.array(z.number().int().nonnegative()).nullable().default(null).transform((v) => v ?? []),
+  moe_intermediate_size: positiveInt,
+  rms_norm_eps: z.number().positive().default(1e-6),
+  tie_word_embeddings: z.boolean().default(false),
+};
+const layersInRange = (c: { mlp_only_layers: number[]; num_hidden_layers: number }, ctx: z.RefinementCtx) => {
+  const bad = c.mlp_only_layers.filter((l) => l >= c.num_hidden_layers);
+  if (bad.length) ctx.addIssue({ code: 'custom', path: ['mlp_only_layers'], message: `mlp_only_layers ${bad.join(', ')} outside the ${c.num_hidden_layers} layers` });
+};
+
+/** Qwen1.5-MoE / Qwen2-MoE (Qwen/Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B): q/k/v biases and a gated shared expert. */
+export const qwen2MoeConfigSchema = z
+  .object({
+    architectures: z.array(z.string()).default(['Qwen2MoeForCausalLM']),
+    model_type: z.literal('qwen2_moe'),
+    ...common,
+    ...qwenWindow,
+    // Older configs have no qkv_bias key and always had the biases.
+    qkv_bias: z.boolean().default(true),
+    shared_expert_intermediate_size: z.number().int().nonnegative().default(0),
+  })
+  .passthrough()
+  .superRefine((c, ctx) => { checkShapes(c, { key: 'num_experts', count: c.num_experts }, ctx); layersInRange(c, ctx); });
+export type Qwen2MoeConfig = z.infer<typeof qwen2MoeConfigSchema>;
+
+/** Qwen3-MoE (Qwen/Qwen3-30B-A3B, 235B-A22B): per-head q/k RMSNorm, explicit head_dim, no shared expert. */
+export const qwen3MoeConfigSchema = z
+  .object({
+    architectures: z.array(z.string()).default(['Qwen3MoeForCausalLM']),
+    model_type: z.literal('qwen3_moe'),
+    ...common,
+    ...qwenWindow,
+    attention_bias: z.boolean().default(false),
+  })
+  .passthrough()
+  .superRefine((c, ctx) => { checkShapes(c, { key: 'num_experts', count: c.num_experts }, ctx); layersInRange(c, ctx); });
+export type Qwen3MoeConfig = z.infer<typeof qwen3MoeConfigSchema>;
+
+/** OLMoE (allenai/OLMoE-1B-7B-0924): RMSNorm over the whole q and k projections, optional clip_qkv. */
+export const olmoeConfigSchema = z
+  .object({
+    architectures: z.array(z.string()).default(['OlmoeForCausalLM']),
+    model_type: z.literal('olmoe'),
+    ...common,
+    rms_norm_eps: z.number().positive().default(1e-5),
+    tie_word_embeddings: z.boolean().default(false),
+    attention_bias: z.boolean().default(false),
+    clip_qkv: z.number().positive().nullable().default(null),
+    // OLMoE attends over the whole context.
+    sliding_window: z.null().optional(),
+  })
+  .passthrough()
+  .superRefine((c, ctx) => {
+    checkShapes(c, { key: 'num_experts', count: c.num_experts }, ctx);
+    // transformers sizes q_norm by hidden_size and k_norm by (hidden/heads)·kv heads: head_dim is hidden/heads.
+    if (c.head_dim !== undefined && c.head_dim * c.num_attention_heads !== c.hidden_size)
+      ctx.addIssue({ code: 'custom', path: ['head_dim'], message: `head_dim ${c.head_dim} must be hidden_size / num_attention_heads for OLMoE` });
+  });
+export type OlmoeConfig = z.infer<typeof olmoeConfigSchema>;
+
 /** Any supported model family's configuration, told apart by `model_type`. */
-export type ModelConfig = MixtralConfig | DeepseekConfig;
+export type ModelConfig = MixtralConfig | DeepseekConfig | Qwen2MoeConfig | Qwen3MoeConfig | OlmoeConfig;
+
+const FAMILY_SCHEMAS: Record<string, z.ZodType<ModelConfig>> = {
+  deepseek: deepseekConfigSchema, qwen2_moe: qwen2MoeConfigSchema, qwen3_moe: qwen3MoeConfigSchema, olmoe: olmoeConfigSchema,
+};
 
 export class ConfigError extends Error {
   override name = 'ConfigError';
@@ -275,13 +377,17 @@ function describeIssues(error: z.ZodError): string {
   return error.issues.map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`).join('; ');
 }
 
-/** Validates an object with Hugging Face Mixtral (or, for model_type deepseek, DeepSeek-MoE) keys; throws ConfigError listing every problem. */
+/** Validates an object with the Hugging Face keys of its `model_type` (Mixtral when absent); throws ConfigError listing every problem. */
 export function parseModelConfig(raw: { model_type: 'deepseek'; [key: string]: unknown }, source?: string): DeepseekConfig;
+export function parseModelConfig(raw: { model_type: 'qwen2_moe'; [key: string]: unknown }, source?: string): Qwen2MoeConfig;
+export function parseModelConfig(raw: { model_type: 'qwen3_moe'; [key: string]: unknown }, source?: string): Qwen3MoeConfig;
+export function parseModelConfig(raw: { model_type: 'olmoe'; [key: string]: unknown }, source?: string): OlmoeConfig;
 export function parseModelConfig(raw: { model_type?: 'mixtral'; [key: string]: unknown }, source?: string): MixtralConfig;
 export function parseModelConfig(raw: unknown, source?: string): ModelConfig;
 export function parseModelConfig(raw: unknown, source = 'model config'): ModelConfig {
-  const isDeepseek = typeof raw === 'object' && raw !== null && (raw as { model_type?: unknown }).model_type === 'deepseek';
-  const result = isDeepseek ? deepseekConfigSchema.safeParse(raw) : modelConfigSchema.safeParse(raw);
+  const type = typeof raw === 'object' && raw !== null ? (raw as { model_type?: unknown }).model_type : undefined;
+  const schema = (typeof type === 'string' && Object.hasOwn(FAMILY_SCHEMAS, type) ? FAMILY_SCHEMAS[type] : modelConfigSchema) as z.ZodType<ModelConfig>;
+  const result = schema.safeParse(raw);
   if (!result.success) throw new ConfigError(`invalid ${source}: ${describeIssues(result.error)}`);
   return result.data;
 }

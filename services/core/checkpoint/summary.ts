@@ -3,7 +3,7 @@
 import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { attentionWindow, headDim } from '../config.js';
-import { familyOf, SWIGLU_PARTS } from '../model/family.js';
+import { familyOf, type AttentionVariant, SWIGLU_PARTS } from '../model/family.js';
 import { spreadExperts } from '../placement.js';
 import type { CheckpointLayout } from './index.js';
 import { numElements } from './safetensors.js';
@@ -34,6 +34,15 @@ export interface ModelSummary {
   tiedEmbeddings: boolean;
   /** Undefined: full causal attention. */
   slidingWindow?: number;
+  /** What the family adds to Llama attention (q/k/v biases, q/k norms, clamp), in words; empty for none. */
+  attentionExtras: string[];
+  /** Layers with routed experts, and the others' dense MLP width. */
+  moeLayers: number[];
+  denseLayers: Array<{ layer: number; width: number }>;
+  /** Router-side shared experts of an MoE layer: total width and whether a sigmoid gate scales them. */
+  sharedExperts?: { width: number; gated: boolean };
+  /** Whether the k chosen weights are renormalised to sum to 1 (norm_topk_prob). */
+  renormalize: boolean;
   torchDtype: string;
   /** Dtypes found in the safetensors headers. */
   dtypes: string[];
@@ -45,6 +54,15 @@ export interface ModelSummary {
   shards: ShardFootprint[];
   /** The tokenizer completions use: the folder's tokenizer.json (file set) or the byte vocabulary. */
   tokenizer: { file?: string; ids: number };
+}
+
+function attentionExtras(a: AttentionVariant): string[] {
+  return [
+    ...(a.qkvBias ? ['q/k/v biases'] : []),
+    ...(a.oBias ? ['o_proj bias'] : []),
+    ...(a.qkNorm === 'head' ? ['q/k RMSNorm per head'] : a.qkNorm === 'whole' ? ['q/k RMSNorm over the whole projection'] : []),
+    ...(a.clip !== undefined ? [`q/k/v clipped to ±${a.clip}`] : []),
+  ];
 }
 
 const size = (elements: number, bytes: number): ByteSize => ({ stored: bytes, float32: elements * 4 });
@@ -103,6 +121,12 @@ export async function summarizeModel(layout: CheckpointLayout, shardCount: numbe
     vocabSize: c.vocab_size,
     tiedEmbeddings: c.tie_word_embeddings,
     slidingWindow: attentionWindow(c),
+    attentionExtras: attentionExtras(family.attention),
+    moeLayers: [...family.moeLayers],
+    denseLayers: Array.from({ length: family.layers }, (_, l) => l).filter((l) => !family.isMoe(l)).map((layer) => ({ layer, width: family.routerMlpWidth(layer) })),
+    ...(family.moeLayers.length && family.routerMlpWidth(family.moeLayers[0]) > 0
+      ? { sharedExperts: { width: family.routerMlpWidth(family.moeLayers[0]), gated: family.sharedExpertGate } } : {}),
+    renormalize: family.renormalize,
     torchDtype: c.torch_dtype,
     dtypes: [...dtypes].sort(),
     parameters: { total, perExpert: 3 * c.hidden_size * family.expertIntermediate, allExperts: expertElements, dense: denseElements },

@@ -5,6 +5,7 @@
 import * as tf from '@tensorflow/tfjs-core';
 import { batchMatMul, mm, mmTA, scoped, swapLast, type T2 } from './tensors.js';
 import type { Rope } from './rope.js';
+import type { QkvCache, QkvParams, QkvTransform } from './qkv.js';
 
 export interface AttentionShape {
   batch: number;
@@ -24,6 +25,10 @@ export interface AttentionWeights {
   wqkv: T2;
   /** [heads·headDim, hidden]. */
   wo: T2;
+  /** o_proj's bias [hidden], when the family has one. */
+  bo?: tf.Tensor1D;
+  /** The family's step between projection and RoPE (biases, q/k norms, clamp), when it has one. */
+  qkv?: { transform: QkvTransform; params: QkvParams };
 }
 
 export interface KvCache {
@@ -42,6 +47,7 @@ export interface AttentionCache {
   context: T2;
   cos: tf.Tensor3D;
   sin: tf.Tensor3D;
+  post?: QkvCache;
 }
 
 function causalMask(groupRows: number, tokens: number, past: number, window?: number): T2 {
@@ -113,13 +119,20 @@ export function attentionForward(
   h: T2, w: AttentionWeights, s: AttentionShape, rope: Rope, kvCache?: KvCache, keepCache = true,
 ): { y: T2; cache?: AttentionCache; kv: KvCache } {
   return scoped(() => {
-    const [wq, wk, wv] = qkvBlocks(w.wqkv, s, 1);
     const { cos, sin } = rope.tables(positionsFor(s.batch, s.tokens, s.past));
     // The 1/sqrt(head_dim) score scale is folded into q, the smallest operand of the scores.
     const scale = 1 / Math.sqrt(s.headDim);
-    const q = toGrouped(tf.mul(rope.apply(mm(h, wq), s.heads, cos, sin), scale), s, s.heads);
-    const kNew = toGrouped(rope.apply(mm(h, wk), s.kvHeads, cos, sin), s, s.kvHeads);
-    const vNew = toGrouped(mm(h, wv), s, s.kvHeads);
+    let projected: T2[];
+    let post: QkvCache | undefined;
+    if (w.qkv) {
+      // The family's transform needs whole rows of q|k|v: one projection, then split.
+      const out = w.qkv.transform.forward(mm(h, w.wqkv), w.qkv.params, keepCache);
+      post = out.cache;
+      projected = qkvBlocks(out.y, s, 1);
+    } else projected = qkvBlocks(w.wqkv, s, 1).map((part) => mm(h, part));
+    const q = toGrouped(tf.mul(rope.apply(projected[0], s.heads, cos, sin), scale), s, s.heads);
+    const kNew = toGrouped(rope.apply(projected[1], s.kvHeads, cos, sin), s, s.kvHeads);
+    const vNew = toGrouped(projected[2], s, s.kvHeads);
     const k = kvCache ? (tf.concat([kvCache.k, kNew], 1) as tf.Tensor3D) : kNew;
     const v = kvCache ? (tf.concat([kvCache.v, vNew], 1) as tf.Tensor3D) : vNew;
     const group = s.heads / s.kvHeads;
@@ -128,18 +141,31 @@ export function attentionForward(
     const scoresMask = maskFor(s, group);
     const probs = tf.softmax(scoresMask ? tf.add(raw, scoresMask) : raw) as tf.Tensor3D;
     const context = fromGrouped(batchMatMul(probs, v), s, s.heads);
-    const y = mm(context, w.wo);
+    const y = w.bo ? tf.add(mm(context, w.wo), w.bo) as T2 : mm(context, w.wo);
     const cache: AttentionCache | undefined = keepCache
-      ? { shape: s, h: h.clone(), q, k, v, probs, context, cos, sin }
+      ? { shape: s, h: h.clone(), q, k, v, probs, context, cos, sin, ...(post ? { post } : {}) }
       : undefined;
     return { y, cache, kv: { k, v } };
   });
 }
 
-/** Backward for a training call (no past); wT are the transposed weights ([out, in]). */
+export interface AttentionGradients {
+  dh: T2;
+  dWqkv: T2;
+  dWo: T2;
+  /** With an o_proj bias. */
+  dBo?: tf.Tensor1D;
+  /** With a q|k|v transform: its weights' gradients. */
+  dQkv?: QkvParams;
+}
+
+/**
+ * Backward for a training call (no past); wT are the transposed weights ([out, in]), `qkv` the forward's
+ * transform, `oBias` whether o_proj had a bias.
+ */
 export function attentionBackward(
-  dy: T2, cache: AttentionCache, wT: { wqkvT: T2; woT: T2 }, rope: Rope,
-): { dh: T2; dWqkv: T2; dWo: T2 } {
+  dy: T2, cache: AttentionCache, wT: { wqkvT: T2; woT: T2; qkv?: { transform: QkvTransform; params: QkvParams }; oBias?: boolean }, rope: Rope,
+): AttentionGradients {
   return scoped(() => {
     const s = cache.shape;
     if (s.past !== 0) throw new Error('attention backward supports training calls without a KV cache');
@@ -157,9 +183,17 @@ export function attentionBackward(
     const dk = rope.backward(fromGrouped(dK, s, s.kvHeads), s.kvHeads, cache.cos, cache.sin);
     const dv = fromGrouped(dV, s, s.kvHeads);
     const hT = tf.transpose(cache.h);
+    const dBo = wT.oBias ? { dBo: tf.sum(dy, 0) as tf.Tensor1D } : {};
+    if (wT.qkv) {
+      const g = wT.qkv.transform.backward(tf.concat([dq, dk, dv], 1) as T2, cache.post ?? {}, wT.qkv.params);
+      return {
+        dh: mm(g.dqkv, wT.wqkvT), dWqkv: mm(hT, g.dqkv), dWo, ...dBo,
+        dQkv: { ...(g.dBias ? { bias: g.dBias } : {}), ...(g.dQNorm ? { qNorm: g.dQNorm } : {}), ...(g.dKNorm ? { kNorm: g.dKNorm } : {}) },
+      };
+    }
     const dWqkv = tf.concat([mm(hT, dq), mm(hT, dk), mm(hT, dv)], 1) as T2;
     const [wqT, wkT, wvT] = qkvBlocks(wT.wqkvT, s, 0);
     const dh = tf.addN([mm(dq, wqT), mm(dk, wkT), mm(dv, wvT)]) as T2;
-    return { dh, dWqkv, dWo };
+    return { dh, dWqkv, dWo, ...dBo };
   });
 }

@@ -2,7 +2,7 @@
 // reading family-specific config keys or tensor names: which layers route to experts, how wide each MLP
 // is, whether the chosen weights are renormalised, and the published Hugging Face names of the tensors
 // that differ between families (attention and norms are Llama-style in every family, see hf.ts).
-import { ConfigError, type DeepseekConfig, type MixtralConfig, type ModelConfig } from '../config.js';
+import { ConfigError, type DeepseekConfig, type MixtralConfig, type ModelConfig, type OlmoeConfig, type Qwen2MoeConfig, type Qwen3MoeConfig } from '../config.js';
 
 /** A SwiGLU matrix in Mixtral terms: w1 = gate_proj, w3 = up_proj, w2 = down_proj. */
 export type SwigluPart = 'w1' | 'w2' | 'w3';
@@ -20,6 +20,20 @@ export interface FamilyNames {
   isExpertTensor(name: string): boolean;
   /** The always-on SwiGLU MLP of layer l that the router computes: a dense layer's MLP or an MoE layer's shared experts. */
   routerMlp(l: number, part: SwigluPart): string;
+  /** Qwen2-MoE's shared-expert gate [1, hidden] of MoE layer l (families with AttentionVariant… sharedExpertGate). */
+  sharedExpertGate(l: number): string;
+}
+
+/** What a family adds to Llama attention, between the q|k|v projection and RoPE, and after o_proj. */
+export interface AttentionVariant {
+  /** q_proj, k_proj and v_proj carry biases. */
+  qkvBias: boolean;
+  /** o_proj carries a bias. */
+  oBias: boolean;
+  /** RMSNorm of q and k before RoPE: per head (Qwen3: weights [head_dim]), over the whole projection (OLMoE), or none. */
+  qkNorm: 'none' | 'head' | 'whole';
+  /** q, k and v clamped to ±clip after the norms (OLMoE clip_qkv). */
+  clip?: number;
 }
 
 export interface ModelFamily {
@@ -39,8 +53,14 @@ export interface ModelFamily {
   renormalize: boolean;
   /** Whether the hand-written backward covers the family (training refuses it otherwise). */
   trainable: boolean;
+  /** Whether an MoE layer's router-side MLP (shared expert) is scaled by sigmoid(shared_expert_gate(x)) (Qwen2-MoE). */
+  sharedExpertGate: boolean;
+  attention: AttentionVariant;
   names: FamilyNames;
 }
+
+const LLAMA_ATTENTION: AttentionVariant = { qkvBias: false, oBias: false, qkNorm: 'none' };
+const noSharedGate = (l: number): string => { throw new Error(`layer ${l} has no shared-expert gate in this family`); };
 
 const HF_PROJ: Record<SwigluPart, string> = { w1: 'gate_proj', w3: 'up_proj', w2: 'down_proj' };
 
@@ -50,7 +70,7 @@ function mixtralFamily(c: MixtralConfig): ModelFamily {
   return {
     kind: 'mixtral', layers: c.num_hidden_layers, moeLayers: layers, isMoe: (l) => l >= 0 && l < c.num_hidden_layers,
     experts: c.num_local_experts, k: c.num_experts_per_tok, expertIntermediate: c.intermediate_size,
-    routerMlpWidth: () => 0, renormalize: true, trainable: true,
+    routerMlpWidth: () => 0, renormalize: true, trainable: true, sharedExpertGate: false, attention: LLAMA_ATTENTION,
     names: {
       gate: (l) => `${moe(l)}.gate.weight`,
       balanceBias: (l) => `${moe(l)}.gate.e_score_correction_bias`,
@@ -58,6 +78,7 @@ function mixtralFamily(c: MixtralConfig): ModelFamily {
       expertPrefix: (l, e) => `${moe(l)}.experts.${e}.`,
       isExpertTensor: (name) => name.includes('.block_sparse_moe.experts.'),
       routerMlp: (l) => { throw new Error(`Mixtral layer ${l} has no router-side MLP`); },
+      sharedExpertGate: noSharedGate,
     },
   };
 }
@@ -72,7 +93,7 @@ function deepseekFamily(c: DeepseekConfig): ModelFamily {
     moeLayers: Array.from({ length: c.num_hidden_layers }, (_, l) => l).filter(isMoe), isMoe,
     experts: c.n_routed_experts, k: c.num_experts_per_tok, expertIntermediate: c.moe_intermediate_size,
     routerMlpWidth: (l) => (isMoe(l) ? shared : c.intermediate_size),
-    renormalize: c.norm_topk_prob, trainable: false,
+    renormalize: c.norm_topk_prob, trainable: false, sharedExpertGate: false, attention: LLAMA_ATTENTION,
     names: {
       gate: (l) => `${mlp(l)}.gate.weight`,
       balanceBias: (l) => `${mlp(l)}.gate.e_score_correction_bias`,
@@ -80,15 +101,67 @@ function deepseekFamily(c: DeepseekConfig): ModelFamily {
       expertPrefix: (l, e) => `${mlp(l)}.experts.${e}.`,
       isExpertTensor: (name) => name.includes('.mlp.experts.'),
       routerMlp: (l, part) => (isMoe(l) ? `${mlp(l)}.shared_experts.${HF_PROJ[part]}.weight` : `${mlp(l)}.${HF_PROJ[part]}.weight`),
+      sharedExpertGate: noSharedGate,
     },
   };
 }
 
-/** Training entry points call this first: a family the backward does not cover is refused by name. */
+/**
+ * Qwen2-MoE, Qwen3-MoE and OLMoE: routed experts `mlp.experts.{e}.{gate,up,down}_proj`, router `mlp.gate`.
+ * Qwen (HF Qwen2MoeDecoderLayer/Qwen3MoeDecoderLayer): layer l is sparse unless listed in mlp_only_layers,
+ * when (l + 1) is a multiple of decoder_sparse_step; the others have a dense MLP of intermediate_size.
+ */
+function mlpExpertsFamily(
+  c: Qwen2MoeConfig | Qwen3MoeConfig | OlmoeConfig, isMoe: (l: number) => boolean, expertIntermediate: number,
+  routerMlpWidth: (l: number) => number, sharedName: string | undefined, attention: AttentionVariant, trainable: boolean,
+): ModelFamily {
+  const mlp = (l: number) => `model.layers.${l}.mlp`;
+  const inRange = (l: number) => l >= 0 && l < c.num_hidden_layers && isMoe(l);
+  return {
+    kind: c.model_type, layers: c.num_hidden_layers,
+    moeLayers: Array.from({ length: c.num_hidden_layers }, (_, l) => l).filter(inRange), isMoe: inRange,
+    experts: c.num_experts, k: c.num_experts_per_tok, expertIntermediate,
+    routerMlpWidth, renormalize: c.norm_topk_prob, trainable, sharedExpertGate: sharedName !== undefined, attention,
+    names: {
+      gate: (l) => `${mlp(l)}.gate.weight`,
+      balanceBias: (l) => `${mlp(l)}.gate.e_score_correction_bias`,
+      expert: (l, e, part) => `${mlp(l)}.experts.${e}.${HF_PROJ[part]}.weight`,
+      expertPrefix: (l, e) => `${mlp(l)}.experts.${e}.`,
+      isExpertTensor: (name) => name.includes('.mlp.experts.'),
+      routerMlp: (l, part) => (inRange(l) ? `${mlp(l)}.${sharedName}.${HF_PROJ[part]}.weight` : `${mlp(l)}.${HF_PROJ[part]}.weight`),
+      sharedExpertGate: (l) => `${mlp(l)}.shared_expert_gate.weight`,
+    },
+  };
+}
+
+const qwenIsMoe = (c: Qwen2MoeConfig | Qwen3MoeConfig) => (l: number) => !c.mlp_only_layers.includes(l) && (l + 1) % c.decoder_sparse_step === 0;
+
+function qwen2MoeFamily(c: Qwen2MoeConfig): ModelFamily {
+  const isMoe = qwenIsMoe(c);
+  const shared = c.shared_expert_intermediate_size;
+  return mlpExpertsFamily(c, isMoe, c.moe_intermediate_size, (l) => (isMoe(l) ? shared : c.intermediate_size), shared > 0 ? 'shared_expert' : undefined,
+    { qkvBias: c.qkv_bias, oBias: false, qkNorm: 'none' }, false);
+}
+
+function qwen3MoeFamily(c: Qwen3MoeConfig): ModelFamily {
+  const isMoe = qwenIsMoe(c);
+  return mlpExpertsFamily(c, isMoe, c.moe_intermediate_size, (l) => (isMoe(l) ? 0 : c.intermediate_size), undefined,
+    { qkvBias: c.attention_bias, oBias: c.attention_bias, qkNorm: 'head' }, true);
+}
+
+function olmoeFamily(c: OlmoeConfig): ModelFamily {
+  return mlpExpertsFamily(c, () => true, c.intermediate_size, () => 0, undefined,
+    { qkvBias: c.attention_bias, oBias: c.attention_bias, qkNorm: 'whole', ...(c.clip_qkv === null ? {} : { clip: c.clip_qkv }) }, true);
+}
+
 /** Throws when a config can be served but not trained here (every trainer calls this before starting). */
 export function assertTrainable(config: ModelConfig): void {
-  if (!familyOf(config).trainable)
-    throw new ConfigError(`model_type '${config.model_type}' cannot be trained yet (the hand-written backward covers Mixtral only); it can be served and generated from`);
+  const family = familyOf(config);
+  if (!family.trainable)
+    throw new ConfigError(`model_type '${config.model_type}' cannot be trained yet (the hand-written backward covers mixtral, qwen3_moe and olmoe); it can be served and generated from`);
+  const dense = Array.from({ length: family.layers }, (_, l) => l).filter((l) => family.routerMlpWidth(l) > 0);
+  if (dense.length)
+    throw new ConfigError(`layers ${dense.join(', ')} have a dense MLP (mlp_only_layers, decoder_sparse_step): training covers models whose every layer is sparse; they can be served`);
   if (config.tie_word_embeddings)
     throw new ConfigError('tie_word_embeddings: true is supported for inference only; training with tied embeddings is not implemented');
 }
@@ -99,7 +172,13 @@ const cache = new WeakMap<ModelConfig, ModelFamily>();
 export function familyOf(config: ModelConfig): ModelFamily {
   let family = cache.get(config);
   if (!family) {
-    family = config.model_type === 'deepseek' ? deepseekFamily(config) : mixtralFamily(config);
+    switch (config.model_type) {
+      case 'deepseek': family = deepseekFamily(config); break;
+      case 'qwen2_moe': family = qwen2MoeFamily(config); break;
+      case 'qwen3_moe': family = qwen3MoeFamily(config); break;
+      case 'olmoe': family = olmoeFamily(config); break;
+      default: family = mixtralFamily(config);
+    }
     cache.set(config, family);
   }
   return family;

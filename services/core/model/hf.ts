@@ -16,10 +16,18 @@ export const denseNames = {
   attnNorm: (l: number) => `layers.${l}.attn_norm`,
   wqkv: (l: number) => `layers.${l}.wqkv`,
   wo: (l: number) => `layers.${l}.wo`,
+  /** q|k|v biases side by side [(heads + 2·kvHeads)·headDim], and o_proj's [hidden] (AttentionVariant). */
+  bqkv: (l: number) => `layers.${l}.bqkv`,
+  bo: (l: number) => `layers.${l}.bo`,
+  /** RMSNorm weights of q and k before RoPE: [headDim] per head, or the whole projection's width. */
+  qNorm: (l: number) => `layers.${l}.q_norm`,
+  kNorm: (l: number) => `layers.${l}.k_norm`,
   moeNorm: (l: number) => `layers.${l}.moe_norm`,
   gate: (l: number) => `layers.${l}.gate`,
   /** The router-side SwiGLU MLP of a layer (DeepSeek: dense MLP or shared experts), compute layout. */
   mlp: (l: number, part: 'w1t' | 'w3t' | 'w2t') => `layers.${l}.mlp.${part}`,
+  /** Qwen2-MoE's shared-expert gate [hidden, 1], compute layout. */
+  sharedGate: (l: number) => `layers.${l}.mlp.shared_gate`,
 };
 
 const MLP_PARTS = [['w1t', 'w1'], ['w3t', 'w3'], ['w2t', 'w2']] as const;
@@ -33,6 +41,12 @@ export const hfNames = {
   k: (l: number) => `model.layers.${l}.self_attn.k_proj.weight`,
   v: (l: number) => `model.layers.${l}.self_attn.v_proj.weight`,
   o: (l: number) => `model.layers.${l}.self_attn.o_proj.weight`,
+  qBias: (l: number) => `model.layers.${l}.self_attn.q_proj.bias`,
+  kBias: (l: number) => `model.layers.${l}.self_attn.k_proj.bias`,
+  vBias: (l: number) => `model.layers.${l}.self_attn.v_proj.bias`,
+  oBias: (l: number) => `model.layers.${l}.self_attn.o_proj.bias`,
+  qNorm: (l: number) => `model.layers.${l}.self_attn.q_norm.weight`,
+  kNorm: (l: number) => `model.layers.${l}.self_attn.k_norm.weight`,
   attnNorm: (l: number) => `model.layers.${l}.input_layernorm.weight`,
   moeNorm: (l: number) => `model.layers.${l}.post_attention_layernorm.weight`,
 };
@@ -66,6 +80,20 @@ export function denseFromHf(config: ModelConfig, tensors: Map<string, HostTensor
     }
     out.set(denseNames.wqkv(l), { shape: [D, width], values: qkv });
     out.set(denseNames.wo(l), flip(need(tensors, hfNames.o(l))));
+    const a = family.attention;
+    if (a.qkvBias) {
+      const biases = [hfNames.qBias(l), hfNames.kBias(l), hfNames.vBias(l)].map((n) => need(tensors, n).values);
+      const joined = new Float32Array(width);
+      let at = 0;
+      for (const b of biases) { joined.set(b, at); at += b.length; }
+      out.set(denseNames.bqkv(l), { shape: [width], values: joined });
+    }
+    if (a.oBias) out.set(denseNames.bo(l), need(tensors, hfNames.oBias(l)));
+    if (a.qkNorm !== 'none') {
+      out.set(denseNames.qNorm(l), need(tensors, hfNames.qNorm(l)));
+      out.set(denseNames.kNorm(l), need(tensors, hfNames.kNorm(l)));
+    }
+    if (family.sharedExpertGate && family.isMoe(l)) out.set(denseNames.sharedGate(l), flip(need(tensors, family.names.sharedExpertGate(l))));
     out.set(denseNames.attnNorm(l), need(tensors, hfNames.attnNorm(l)));
     out.set(denseNames.moeNorm(l), need(tensors, hfNames.moeNorm(l)));
     if (family.isMoe(l)) out.set(denseNames.gate(l), flip(need(tensors, family.names.gate(l))));
@@ -93,7 +121,22 @@ export function denseToHf(config: ModelConfig, dense: Map<string, HostTensor>): 
       out.set(names[i], flip({ shape: [D, w], values: part }));
       col += w;
     });
+    const a = family.attention;
+    if (a.qkvBias) {
+      const joined = get(denseNames.bqkv(l)).values;
+      let at = 0;
+      [hfNames.qBias(l), hfNames.kBias(l), hfNames.vBias(l)].forEach((name, i) => {
+        out.set(name, { shape: [widths[i]], values: joined.slice(at, at + widths[i]) });
+        at += widths[i];
+      });
+    }
+    if (a.qkNorm !== 'none') {
+      out.set(hfNames.qNorm(l), get(denseNames.qNorm(l)));
+      out.set(hfNames.kNorm(l), get(denseNames.kNorm(l)));
+    }
     out.set(hfNames.o(l), flip(get(denseNames.wo(l))));
+    if (a.oBias) out.set(hfNames.oBias(l), get(denseNames.bo(l)));
+    if (family.sharedExpertGate && family.isMoe(l)) out.set(family.names.sharedExpertGate(l), flip(get(denseNames.sharedGate(l))));
     if (family.isMoe(l)) out.set(family.names.gate(l), flip(get(denseNames.gate(l))));
     if (family.routerMlpWidth(l) > 0)
       for (const [part, hf] of MLP_PARTS) out.set(family.names.routerMlp(l, hf), flip(get(denseNames.mlp(l, part))));
@@ -148,6 +191,12 @@ export function modelTensorShapes(config: ModelConfig): Map<string, number[]> {
     m.set(hfNames.k(l), [kv, h]);
     m.set(hfNames.v(l), [kv, h]);
     m.set(hfNames.o(l), [h, q]);
+    const a = family.attention;
+    if (a.qkvBias) m.set(hfNames.qBias(l), [q]).set(hfNames.kBias(l), [kv]).set(hfNames.vBias(l), [kv]);
+    if (a.oBias) m.set(hfNames.oBias(l), [h]);
+    if (a.qkNorm === 'head') m.set(hfNames.qNorm(l), [hd]).set(hfNames.kNorm(l), [hd]);
+    if (a.qkNorm === 'whole') m.set(hfNames.qNorm(l), [q]).set(hfNames.kNorm(l), [kv]);
+    if (family.sharedExpertGate && family.isMoe(l)) m.set(names.sharedExpertGate(l), [1, h]);
     m.set(hfNames.moeNorm(l), [h]);
     if (family.isMoe(l)) {
       m.set(names.gate(l), [family.experts, h]);

@@ -8,7 +8,8 @@ import * as tf from '@tensorflow/tfjs-core';
 import { attentionWindow, headDim, type ModelConfig } from '../config.js';
 import { Rng } from '../data/random.js';
 import { gumbelNoise, isDropless, multiplicativeJitter, pooledAuxLoss, pooledAuxTotals, updateBalanceBias, type PooledAuxTotals } from '../gating/index.js';
-import { attentionBackward, attentionForward, type AttentionCache, type KvCache } from './attention.js';
+import { attentionBackward, attentionForward, type AttentionCache, type AttentionWeights, type KvCache } from './attention.js';
+import { QkvTransform, type QkvParams } from './qkv.js';
 import type { KvStore } from './kv-store.js';
 import { StepAttention, type PagedSequence } from './paged-attention.js';
 import { expertForward, type ExpertWeights } from './expert.js';
@@ -149,6 +150,8 @@ export class MixtralModel {
   /** The sparse MoE block per layer; undefined for layers the family keeps dense. */
   readonly moe: Array<MoeLayer | undefined>;
   readonly headDim: number;
+  /** The family's step between the q|k|v projection and RoPE (inactive for Llama attention). */
+  readonly qkvTransform: QkvTransform;
   /** Aux-loss-free balancing bias per layer, when enabled. */
   readonly balanceBias: Float32Array[] | undefined;
   private transposed = new Map<string, T2>();
@@ -178,6 +181,7 @@ export class MixtralModel {
     this.headDim = headDim(config);
     this.rope = new Rope(this.headDim, config.rope_theta, config.rope_scaling, config.max_position_embeddings);
     const f = (this.family = familyOf(config));
+    this.qkvTransform = new QkvTransform(f.attention, { heads: config.num_attention_heads, kvHeads: config.num_key_value_heads, headDim: this.headDim }, config.rms_norm_eps);
     this.moe = Array.from({ length: config.num_hidden_layers }, (_, l) => f.isMoe(l)
       ? new MoeLayer(l, config.hidden_size, f.experts, f.k, config.switchyard_gate, transport, f.renormalize)
       : undefined);
@@ -208,6 +212,15 @@ export class MixtralModel {
       d.define(denseNames.attnNorm(l), ones());
       d.define(denseNames.wqkv(l), tf.tensor2d(normalInit(rng, D * qkvWidth, std), [D, qkvWidth]));
       d.define(denseNames.wo(l), tf.tensor2d(normalInit(rng, config.num_attention_heads * hd * D, outStd), [config.num_attention_heads * hd, D]));
+      const a = family.attention;
+      if (a.qkvBias) d.define(denseNames.bqkv(l), tf.tensor1d(normalInit(rng, qkvWidth, std)));
+      if (a.oBias) d.define(denseNames.bo(l), tf.zeros([D]));
+      if (a.qkNorm !== 'none') {
+        const perHead = a.qkNorm === 'head';
+        d.define(denseNames.qNorm(l), tf.ones([perHead ? hd : config.num_attention_heads * hd]));
+        d.define(denseNames.kNorm(l), tf.ones([perHead ? hd : config.num_key_value_heads * hd]));
+      }
+      if (family.sharedExpertGate && family.isMoe(l)) d.define(denseNames.sharedGate(l), tf.tensor2d(normalInit(rng, D, std), [D, 1]));
       d.define(denseNames.moeNorm(l), ones());
       const swiglu = (width: number): ExpertWeights => ({
         w1t: tf.tensor2d(normalInit(rng, D * width, std), [D, width]),
@@ -278,6 +291,12 @@ export class MixtralModel {
       const weight = (part: keyof ExpertWeights) => this.dense.get<tf.Rank.R2>(denseNames.mlp(l, part));
       // The same SwiGLU as a routed expert, with router-held weights.
       mlp = expertForward(h, { w1t: weight('w1t'), w3t: weight('w3t'), w2t: weight('w2t') }, false).y;
+      if (moe && this.family.sharedExpertGate) {
+        // Qwen2-MoE: the shared expert's output scaled per row by sigmoid(shared_expert_gate(x)).
+        const ungated = mlp;
+        mlp = tf.tidy(() => tf.mul(ungated, tf.sigmoid(mm(h, this.dense.get(denseNames.sharedGate(l))))) as T2);
+        ungated.dispose();
+      }
     };
     if (!moe) {
       computeMlp!();
@@ -344,6 +363,23 @@ export class MixtralModel {
       rows.set(this.embedTable.subarray(id * D, id * D + D), i * D);
     }
     return rows;
+  }
+
+  /** Layer l's attention weights, with the family's biases and q|k|v transform when it has them. */
+  private attentionWeights(l: number): AttentionWeights {
+    const w: AttentionWeights = { wqkv: this.dense.get(denseNames.wqkv(l)), wo: this.dense.get(denseNames.wo(l)) };
+    if (this.family.attention.oBias) w.bo = this.dense.get(denseNames.bo(l));
+    if (this.qkvTransform.active) w.qkv = { transform: this.qkvTransform, params: this.qkvParams(l, (n) => this.dense.get<tf.Rank.R1>(n)) };
+    return w;
+  }
+
+  /** The parameters layer l's q|k|v transform uses, as `get` gives them (tensors, or host copies for the step). */
+  private qkvParams<T>(l: number, get: (name: string) => T): QkvParams<T> {
+    const a = this.family.attention;
+    return {
+      ...(a.qkvBias ? { bias: get(denseNames.bqkv(l)) } : {}),
+      ...(a.qkNorm !== 'none' ? { qNorm: get(denseNames.qNorm(l)), kNorm: get(denseNames.kNorm(l)) } : {}),
+    };
   }
 
   private attentionShape(batch: number, tokens: number, past: number) {
@@ -447,8 +483,7 @@ export class MixtralModel {
     const newKv: KvCache[] = [];
     for (let l = 0; l < c.num_hidden_layers; l++) {
       const n1 = rmsNormForward(x, this.dense.get(denseNames.attnNorm(l)), eps);
-      const attn = attentionForward(n1.y, { wqkv: this.dense.get(denseNames.wqkv(l)), wo: this.dense.get(denseNames.wo(l)) },
-        this.attentionShape(batch, tokens, past), this.rope, kv?.[l], opt.train);
+      const attn = attentionForward(n1.y, this.attentionWeights(l), this.attentionShape(batch, tokens, past), this.rope, kv?.[l], opt.train);
       n1.y.dispose();
       const x1 = tf.add(x, attn.y) as T2;
       attn.y.dispose();
@@ -543,6 +578,7 @@ export class MixtralModel {
         const n1 = rmsNormRows(x, D, this.hostWeight(denseNames.attnNorm(l)), eps);
         const t0 = opt.profile ? performance.now() : 0;
         const qkvRows = hostMatMul(n1, D, this.dense.get(denseNames.wqkv(l)));
+        if (this.qkvTransform.active) this.qkvTransform.rows(qkvRows, this.qkvParams(l, (n) => this.hostWeight(n)));
         const t1 = opt.profile ? performance.now() : 0;
         const contextRows = attention.layer(l, qkvRows);
         if (opt.profile) {
@@ -550,7 +586,12 @@ export class MixtralModel {
           opt.profile.qkvMs += t1 - t0;
           opt.profile.attentionMs += t2 - t1;
         }
-        addInto(x, hostMatMul(contextRows, c.num_attention_heads * this.headDim, this.dense.get(denseNames.wo(l))));
+        const attended = hostMatMul(contextRows, c.num_attention_heads * this.headDim, this.dense.get(denseNames.wo(l)));
+        if (this.family.attention.oBias) {
+          const bias = this.hostWeight(denseNames.bo(l));
+          for (let o = 0; o < attended.length; o += D) for (let d = 0; d < D; d++) attended[o + d] += bias[d];
+        }
+        addInto(x, attended);
         const n2 = upload(rmsNormRows(x, D, this.hostWeight(denseNames.moeNorm(l)), eps), D);
         const t3 = opt.profile ? performance.now() : 0;
         const ffn = await this.feedForward(l, n2, {
@@ -713,9 +754,14 @@ export class MixtralModel {
         const dx1 = tf.add(dx, n2.dx) as T2;
         dx.dispose();
         n2.dx.dispose();
-        const attn = attentionBackward(dx1, lc.attn, { wqkvT: this.weightT(denseNames.wqkv(l)), woT: this.weightT(denseNames.wo(l)) }, this.rope);
+        const weights = this.attentionWeights(l);
+        const attn = attentionBackward(dx1, lc.attn, { wqkvT: this.weightT(denseNames.wqkv(l)), woT: this.weightT(denseNames.wo(l)), qkv: weights.qkv, oBias: weights.bo !== undefined }, this.rope);
         this.dense.accumulate(denseNames.wqkv(l), attn.dWqkv);
         this.dense.accumulate(denseNames.wo(l), attn.dWo);
+        if (attn.dBo) this.dense.accumulate(denseNames.bo(l), attn.dBo);
+        if (attn.dQkv?.bias) this.dense.accumulate(denseNames.bqkv(l), attn.dQkv.bias);
+        if (attn.dQkv?.qNorm) this.dense.accumulate(denseNames.qNorm(l), attn.dQkv.qNorm);
+        if (attn.dQkv?.kNorm) this.dense.accumulate(denseNames.kNorm(l), attn.dQkv.kNorm);
         const n1 = rmsNormBackward(attn.dh, lc.n1, this.dense.get(denseNames.attnNorm(l)));
         attn.dh.dispose();
         this.dense.accumulate(denseNames.attnNorm(l), n1.dWeight);
