@@ -27,6 +27,8 @@ export interface AttentionWeights {
   wo: T2;
   /** o_proj's bias [hidden], when the family has one. */
   bo?: tf.Tensor1D;
+  /** GPT-OSS: a learned logit per query head [heads] that joins each softmax denominator (inference only). */
+  sinks?: tf.Tensor1D;
   /** The family's step between projection and RoPE (biases, q/k norms, clamp), when it has one. */
   qkv?: { transform: QkvTransform; params: QkvParams };
 }
@@ -48,6 +50,8 @@ export interface AttentionCache {
   cos: tf.Tensor3D;
   sin: tf.Tensor3D;
   post?: QkvCache;
+  /** Set when the forward had sinks (no backward for them). */
+  sinks?: boolean;
 }
 
 function causalMask(groupRows: number, tokens: number, past: number, window?: number): T2 {
@@ -139,14 +143,26 @@ export function attentionForward(
     // Only the small [.., T, headDim] operands are ever transposed; the [.., T, T] ones never are.
     const raw = batchMatMul(q, swapLast(k));
     const scoresMask = maskFor(s, group);
-    const probs = tf.softmax(scoresMask ? tf.add(raw, scoresMask) : raw) as tf.Tensor3D;
+    const scores = scoresMask ? tf.add(raw, scoresMask) as tf.Tensor3D : raw;
+    const probs = w.sinks ? softmaxWithSinks(scores, w.sinks, s) : tf.softmax(scores) as tf.Tensor3D;
     const context = fromGrouped(batchMatMul(probs, v), s, s.heads);
     const y = w.bo ? tf.add(mm(context, w.wo), w.bo) as T2 : mm(context, w.wo);
     const cache: AttentionCache | undefined = keepCache
-      ? { shape: s, h: h.clone(), q, k, v, probs, context, cos, sin, ...(post ? { post } : {}) }
+      ? { shape: s, h: h.clone(), q, k, v, probs, context, cos, sin, ...(post ? { post } : {}), ...(w.sinks ? { sinks: true } : {}) }
       : undefined;
     return { y, cache, kv: { k, v } };
   });
+}
+
+/** softmax over [scores | the row's head's sink], the sink's column dropped ([B·kv, group·T, keys] rows). */
+function softmaxWithSinks(scores: tf.Tensor3D, sinks: tf.Tensor1D, s: AttentionShape): tf.Tensor3D {
+  const [n, rows, keys] = scores.shape;
+  const group = s.heads / s.kvHeads;
+  // Row g·T + t of batch entry b·kv + h belongs to query head h·group + g.
+  const head = new Int32Array(n * rows);
+  for (let i = 0; i < n; i++) for (let r = 0; r < rows; r++) head[i * rows + r] = (i % s.kvHeads) * group + Math.floor(r / s.tokens);
+  const column = tf.reshape(tf.gather(sinks, tf.tensor1d(head, 'int32')), [n, rows, 1]);
+  return tf.slice(tf.softmax(tf.concat([scores, column], 2)), [0, 0, 0], [n, rows, keys]) as tf.Tensor3D;
 }
 
 export interface AttentionGradients {
@@ -169,6 +185,7 @@ export function attentionBackward(
   return scoped(() => {
     const s = cache.shape;
     if (s.past !== 0) throw new Error('attention backward supports training calls without a KV cache');
+    if (cache.sinks) throw new Error('attention sinks have no backward (GPT-OSS is served, not trained)');
     const dWo = mmTA(cache.context, dy);
     const dContext = toGrouped(mm(dy, wT.woT), s, s.heads);
     const scale = 1 / Math.sqrt(s.headDim);

@@ -2,7 +2,7 @@
 // reading family-specific config keys or tensor names: which layers route to experts, how wide each MLP
 // is, whether the chosen weights are renormalised, and the published Hugging Face names of the tensors
 // that differ between families (attention and norms are Llama-style in every family, see hf.ts).
-import { ConfigError, type DeepseekConfig, type MixtralConfig, type ModelConfig, type OlmoeConfig, type Qwen2MoeConfig, type Qwen3MoeConfig } from '../config.js';
+import { attentionWindow, ConfigError, type DeepseekConfig, type MixtralConfig, type ModelConfig, type OlmoeConfig, type Qwen2MoeConfig, type Qwen3MoeConfig } from '../config.js';
 
 /** A SwiGLU matrix in Mixtral terms: w1 = gate_proj, w3 = up_proj, w2 = down_proj. */
 export type SwigluPart = 'w1' | 'w2' | 'w3';
@@ -34,6 +34,8 @@ export interface AttentionVariant {
   qkNorm: 'none' | 'head' | 'whole';
   /** q, k and v clamped to ±clip after the norms (OLMoE clip_qkv). */
   clip?: number;
+  /** A learned logit per head joins each softmax denominator (GPT-OSS `self_attn.sinks`). */
+  sinks: boolean;
 }
 
 export interface ModelFamily {
@@ -56,10 +58,12 @@ export interface ModelFamily {
   /** Whether an MoE layer's router-side MLP (shared expert) is scaled by sigmoid(shared_expert_gate(x)) (Qwen2-MoE). */
   sharedExpertGate: boolean;
   attention: AttentionVariant;
+  /** Layer l's attention window in positions (see attentionWindow in config.ts), undefined = full causal. */
+  window(l: number): number | undefined;
   names: FamilyNames;
 }
 
-const LLAMA_ATTENTION: AttentionVariant = { qkvBias: false, oBias: false, qkNorm: 'none' };
+const LLAMA_ATTENTION: AttentionVariant = { qkvBias: false, oBias: false, qkNorm: 'none', sinks: false };
 const noSharedGate = (l: number): string => { throw new Error(`layer ${l} has no shared-expert gate in this family`); };
 
 const HF_PROJ: Record<SwigluPart, string> = { w1: 'gate_proj', w3: 'up_proj', w2: 'down_proj' };
@@ -70,7 +74,7 @@ function mixtralFamily(c: MixtralConfig): ModelFamily {
   return {
     kind: 'mixtral', layers: c.num_hidden_layers, moeLayers: layers, isMoe: (l) => l >= 0 && l < c.num_hidden_layers,
     experts: c.num_local_experts, k: c.num_experts_per_tok, expertIntermediate: c.intermediate_size,
-    routerMlpWidth: () => 0, renormalize: true, trainable: true, sharedExpertGate: false, attention: LLAMA_ATTENTION,
+    routerMlpWidth: () => 0, renormalize: true, trainable: true, sharedExpertGate: false, attention: LLAMA_ATTENTION, window: () => attentionWindow(c),
     names: {
       gate: (l) => `${moe(l)}.gate.weight`,
       balanceBias: (l) => `${moe(l)}.gate.e_score_correction_bias`,
@@ -93,7 +97,7 @@ function deepseekFamily(c: DeepseekConfig): ModelFamily {
     moeLayers: Array.from({ length: c.num_hidden_layers }, (_, l) => l).filter(isMoe), isMoe,
     experts: c.n_routed_experts, k: c.num_experts_per_tok, expertIntermediate: c.moe_intermediate_size,
     routerMlpWidth: (l) => (isMoe(l) ? shared : c.intermediate_size),
-    renormalize: c.norm_topk_prob, trainable: false, sharedExpertGate: false, attention: LLAMA_ATTENTION,
+    renormalize: c.norm_topk_prob, trainable: false, sharedExpertGate: false, attention: LLAMA_ATTENTION, window: () => attentionWindow(c),
     names: {
       gate: (l) => `${mlp(l)}.gate.weight`,
       balanceBias: (l) => `${mlp(l)}.gate.e_score_correction_bias`,
@@ -121,7 +125,7 @@ function mlpExpertsFamily(
     kind: c.model_type, layers: c.num_hidden_layers,
     moeLayers: Array.from({ length: c.num_hidden_layers }, (_, l) => l).filter(inRange), isMoe: inRange,
     experts: c.num_experts, k: c.num_experts_per_tok, expertIntermediate,
-    routerMlpWidth, renormalize: c.norm_topk_prob, trainable, sharedExpertGate: sharedName !== undefined, attention,
+    routerMlpWidth, renormalize: c.norm_topk_prob, trainable, sharedExpertGate: sharedName !== undefined, attention, window: () => attentionWindow(c),
     names: {
       gate: (l) => `${mlp(l)}.gate.weight`,
       balanceBias: (l) => `${mlp(l)}.gate.e_score_correction_bias`,
@@ -140,18 +144,18 @@ function qwen2MoeFamily(c: Qwen2MoeConfig): ModelFamily {
   const isMoe = qwenIsMoe(c);
   const shared = c.shared_expert_intermediate_size;
   return mlpExpertsFamily(c, isMoe, c.moe_intermediate_size, (l) => (isMoe(l) ? shared : c.intermediate_size), shared > 0 ? 'shared_expert' : undefined,
-    { qkvBias: c.qkv_bias, oBias: false, qkNorm: 'none' }, false);
+    { qkvBias: c.qkv_bias, oBias: false, qkNorm: 'none', sinks: false }, false);
 }
 
 function qwen3MoeFamily(c: Qwen3MoeConfig): ModelFamily {
   const isMoe = qwenIsMoe(c);
   return mlpExpertsFamily(c, isMoe, c.moe_intermediate_size, (l) => (isMoe(l) ? 0 : c.intermediate_size), undefined,
-    { qkvBias: c.attention_bias, oBias: c.attention_bias, qkNorm: 'head' }, true);
+    { qkvBias: c.attention_bias, oBias: c.attention_bias, qkNorm: 'head', sinks: false }, true);
 }
 
 function olmoeFamily(c: OlmoeConfig): ModelFamily {
   return mlpExpertsFamily(c, () => true, c.intermediate_size, () => 0, undefined,
-    { qkvBias: c.attention_bias, oBias: c.attention_bias, qkNorm: 'whole', ...(c.clip_qkv === null ? {} : { clip: c.clip_qkv }) }, true);
+    { qkvBias: c.attention_bias, oBias: c.attention_bias, qkNorm: 'whole', sinks: false, ...(c.clip_qkv === null ? {} : { clip: c.clip_qkv }) }, true);
 }
 
 /** Throws when a config can be served but not trained here (every trainer calls this before starting). */

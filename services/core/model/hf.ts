@@ -22,6 +22,8 @@ export const denseNames = {
   /** RMSNorm weights of q and k before RoPE: [headDim] per head, or the whole projection's width. */
   qNorm: (l: number) => `layers.${l}.q_norm`,
   kNorm: (l: number) => `layers.${l}.k_norm`,
+  /** GPT-OSS attention sinks [heads]. */
+  sinks: (l: number) => `layers.${l}.sinks`,
   moeNorm: (l: number) => `layers.${l}.moe_norm`,
   gate: (l: number) => `layers.${l}.gate`,
   /** The router-side SwiGLU MLP of a layer (DeepSeek: dense MLP or shared experts), compute layout. */
@@ -47,6 +49,7 @@ export const hfNames = {
   oBias: (l: number) => `model.layers.${l}.self_attn.o_proj.bias`,
   qNorm: (l: number) => `model.layers.${l}.self_attn.q_norm.weight`,
   kNorm: (l: number) => `model.layers.${l}.self_attn.k_norm.weight`,
+  sinks: (l: number) => `model.layers.${l}.self_attn.sinks`,
   attnNorm: (l: number) => `model.layers.${l}.input_layernorm.weight`,
   moeNorm: (l: number) => `model.layers.${l}.post_attention_layernorm.weight`,
 };
@@ -89,6 +92,7 @@ export function denseFromHf(config: ModelConfig, tensors: Map<string, HostTensor
       out.set(denseNames.bqkv(l), { shape: [width], values: joined });
     }
     if (a.oBias) out.set(denseNames.bo(l), need(tensors, hfNames.oBias(l)));
+    if (a.sinks) out.set(denseNames.sinks(l), need(tensors, hfNames.sinks(l)));
     if (a.qkNorm !== 'none') {
       out.set(denseNames.qNorm(l), need(tensors, hfNames.qNorm(l)));
       out.set(denseNames.kNorm(l), need(tensors, hfNames.kNorm(l)));
@@ -136,6 +140,7 @@ export function denseToHf(config: ModelConfig, dense: Map<string, HostTensor>): 
     }
     out.set(hfNames.o(l), flip(get(denseNames.wo(l))));
     if (a.oBias) out.set(hfNames.oBias(l), get(denseNames.bo(l)));
+    if (a.sinks) out.set(hfNames.sinks(l), get(denseNames.sinks(l)));
     if (family.sharedExpertGate && family.isMoe(l)) out.set(family.names.sharedExpertGate(l), flip(get(denseNames.sharedGate(l))));
     if (family.isMoe(l)) out.set(family.names.gate(l), flip(get(denseNames.gate(l))));
     if (family.routerMlpWidth(l) > 0)
@@ -194,6 +199,7 @@ export function modelTensorShapes(config: ModelConfig): Map<string, number[]> {
     const a = family.attention;
     if (a.qkvBias) m.set(hfNames.qBias(l), [q]).set(hfNames.kBias(l), [kv]).set(hfNames.vBias(l), [kv]);
     if (a.oBias) m.set(hfNames.oBias(l), [h]);
+    if (a.sinks) m.set(hfNames.sinks(l), [config.num_attention_heads]);
     if (a.qkNorm === 'head') m.set(hfNames.qNorm(l), [hd]).set(hfNames.kNorm(l), [hd]);
     if (a.qkNorm === 'whole') m.set(hfNames.qNorm(l), [q]).set(hfNames.kNorm(l), [kv]);
     if (family.sharedExpertGate && family.isMoe(l)) m.set(names.sharedExpertGate(l), [1, h]);

@@ -5,7 +5,7 @@
 // ExpertTransport, so the same code runs in one process or against expert shards; shared experts and
 // dense MLPs are router-side weights (docs/families.md).
 import * as tf from '@tensorflow/tfjs-core';
-import { attentionWindow, headDim, type ModelConfig } from '../config.js';
+import { headDim, type ModelConfig } from '../config.js';
 import { Rng } from '../data/random.js';
 import { gumbelNoise, isDropless, multiplicativeJitter, pooledAuxLoss, pooledAuxTotals, updateBalanceBias, type PooledAuxTotals } from '../gating/index.js';
 import { attentionBackward, attentionForward, type AttentionCache, type AttentionWeights, type KvCache } from './attention.js';
@@ -369,6 +369,7 @@ export class MixtralModel {
   private attentionWeights(l: number): AttentionWeights {
     const w: AttentionWeights = { wqkv: this.dense.get(denseNames.wqkv(l)), wo: this.dense.get(denseNames.wo(l)) };
     if (this.family.attention.oBias) w.bo = this.dense.get(denseNames.bo(l));
+    if (this.family.attention.sinks) w.sinks = this.dense.get(denseNames.sinks(l));
     if (this.qkvTransform.active) w.qkv = { transform: this.qkvTransform, params: this.qkvParams(l, (n) => this.dense.get<tf.Rank.R1>(n)) };
     return w;
   }
@@ -382,9 +383,9 @@ export class MixtralModel {
     };
   }
 
-  private attentionShape(batch: number, tokens: number, past: number) {
+  private attentionShape(batch: number, tokens: number, past: number, l: number) {
     const c = this.config;
-    return { batch, tokens, past, heads: c.num_attention_heads, kvHeads: c.num_key_value_heads, headDim: this.headDim, window: attentionWindow(c) };
+    return { batch, tokens, past, heads: c.num_attention_heads, kvHeads: c.num_key_value_heads, headDim: this.headDim, window: this.family.window(l) };
   }
 
   /**
@@ -483,7 +484,7 @@ export class MixtralModel {
     const newKv: KvCache[] = [];
     for (let l = 0; l < c.num_hidden_layers; l++) {
       const n1 = rmsNormForward(x, this.dense.get(denseNames.attnNorm(l)), eps);
-      const attn = attentionForward(n1.y, this.attentionWeights(l), this.attentionShape(batch, tokens, past), this.rope, kv?.[l], opt.train);
+      const attn = attentionForward(n1.y, this.attentionWeights(l), this.attentionShape(batch, tokens, past, l), this.rope, kv?.[l], opt.train);
       n1.y.dispose();
       const x1 = tf.add(x, attn.y) as T2;
       attn.y.dispose();
@@ -553,7 +554,10 @@ export class MixtralModel {
     }
     const allIds = new Int32Array(rows);
     seqs.forEach((s, i) => allIds.set(s.ids, paged[i].row));
-    const attention = new StepAttention(paged, store, { heads: c.num_attention_heads, kvHeads: c.num_key_value_heads, headDim: this.headDim, window: attentionWindow(c) }, this.rope);
+    const attention = new StepAttention(paged, store, {
+      heads: c.num_attention_heads, kvHeads: c.num_key_value_heads, headDim: this.headDim,
+      layerWindows: Array.from({ length: c.num_hidden_layers }, (_, l) => this.family.window(l)),
+    }, this.rope);
     const degraded: Array<Set<string> | undefined> = seqs.map(() => undefined);
     // Capacity-limited gates route every token as its own group in serving, so a request's output does
     // not depend on its batch-mates or on how its prompt is chunked (docs/serving.md); dropless routing
@@ -580,7 +584,7 @@ export class MixtralModel {
         const qkvRows = hostMatMul(n1, D, this.dense.get(denseNames.wqkv(l)));
         if (this.qkvTransform.active) this.qkvTransform.rows(qkvRows, this.qkvParams(l, (n) => this.hostWeight(n)));
         const t1 = opt.profile ? performance.now() : 0;
-        const contextRows = attention.layer(l, qkvRows);
+        const contextRows = attention.layer(l, qkvRows, this.family.attention.sinks ? this.hostWeight(denseNames.sinks(l)) : undefined);
         if (opt.profile) {
           const t2 = performance.now();
           opt.profile.qkvMs += t1 - t0;

@@ -26,6 +26,8 @@ export interface PagedShape {
   headDim: number;
   /** The query at position p sees keys j with p − window < j ≤ p (undefined: every j ≤ p). */
   window?: number;
+  /** Per layer, overriding `window` (GPT-OSS alternates sliding and full layers). */
+  layerWindows?: ReadonlyArray<number | undefined>;
 }
 
 // A prompt chunk goes through the backend's matMul instead of the JS kernel when its scores alone take
@@ -46,7 +48,8 @@ export class StepAttention {
   private readonly cos: Float32Array;
   private readonly sin: Float32Array;
   private readonly positions: Int32Array;
-  private readonly masks = new Map<PagedSequence, tf.Tensor2D>();
+  /** Chunk masks per sequence and window (`${row}/${window}`), built when first needed. */
+  private readonly masks = new Map<string, tf.Tensor2D>();
   private readonly q: Float32Array;
   private readonly scores: Float32Array;
   /** Context accumulators of one head quad (double precision, like the softmax sums). */
@@ -66,29 +69,34 @@ export class StepAttention {
     // Scores of one query row's head group, padded to 4 heads (the kernel's unroll).
     this.scores = new Float32Array(4 * Math.max(longest, 1));
     this.acc = new Float64Array(4 * headDim);
-    for (const s of seqs) if (this.byMatMul(s)) this.masks.set(s, this.chunkMask(s));
+  }
+
+  private windowOf(layer: number): number | undefined {
+    return this.shape.layerWindows ? this.shape.layerWindows[layer] : this.shape.window;
   }
 
   /**
    * Layer `layer`'s attention: `qkv` is the step's fused projection [rows, (heads + 2·kvHeads)·headDim]
    * (host copy); returns the context rows [rows, heads·headDim] and leaves the rows' K/V in their blocks.
+   * `sinks` [heads]: GPT-OSS's learned logit per head that joins every softmax denominator.
    */
-  layer(layer: number, qkv: Float32Array): Float32Array {
+  layer(layer: number, qkv: Float32Array, sinks?: Float32Array): Float32Array {
     const { heads, kvHeads, headDim } = this.shape;
     const width = (heads + 2 * kvHeads) * headDim;
     if (qkv.length !== this.rows * width) throw new RangeError(`qkv holds ${qkv.length} values, expected ${this.rows}×${width}`);
     this.rotateAndStore(layer, qkv, width);
     const out = new Float32Array(this.rows * heads * headDim);
+    const window = this.windowOf(layer);
     for (const s of this.seqs) {
-      if (this.byMatMul(s)) this.chunk(layer, s, out);
-      else for (let t = 0; t < s.tokens; t++) this.decodeRow(layer, s, s.row + t, out);
+      if (this.byMatMul(s, window)) this.chunk(layer, s, out, window, sinks);
+      else for (let t = 0; t < s.tokens; t++) this.decodeRow(layer, s, s.row + t, out, window, sinks);
     }
     return out;
   }
 
   /** Whether a sequence's rows go through the matMul path (a long enough prompt chunk). */
-  private byMatMul(s: PagedSequence): boolean {
-    const keys = s.past + s.tokens - firstKey(s.past, this.shape.window);
+  private byMatMul(s: PagedSequence, window: number | undefined): boolean {
+    const keys = s.past + s.tokens - firstKey(s.past, window);
     return s.tokens > 1 && s.tokens * keys * this.shape.heads * this.shape.headDim >= pagedAttentionSettings.matMulChunkMacs;
   }
 
@@ -147,11 +155,11 @@ export class StepAttention {
   }
 
   /** One query row against its sequence's blocks, in JS: four query heads of a KV group share each key read. */
-  private decodeRow(layer: number, s: PagedSequence, r: number, out: Float32Array): void {
+  private decodeRow(layer: number, s: PagedSequence, r: number, out: Float32Array, window: number | undefined, sinks?: Float32Array): void {
     const { heads, kvHeads, headDim: hd } = this.shape;
     const group = heads / kvHeads;
     const position = this.positions[r];
-    const lo = firstKey(position, this.shape.window);
+    const lo = firstKey(position, window);
     const keys = position - lo + 1;
     const B = this.store.blockTokens;
     const kStore = this.store.k[layer];
@@ -186,6 +194,13 @@ export class StepAttention {
           if (a3 > m3) m3 = a3;
         }
         let s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        if (sinks) {
+          // The sink is one more logit in each head's softmax, with no value: it only adds to the sum.
+          const h = g * group + h0;
+          const k0 = sinks[h], k1 = sinks[n > 1 ? h + 1 : h], k2 = sinks[n > 2 ? h + 2 : h], k3 = sinks[n > 3 ? h + 3 : h];
+          m0 = Math.max(m0, k0); m1 = Math.max(m1, k1); m2 = Math.max(m2, k2); m3 = Math.max(m3, k3);
+          s0 = Math.exp(k0 - m0); s1 = Math.exp(k1 - m1); s2 = Math.exp(k2 - m2); s3 = Math.exp(k3 - m3);
+        }
         for (let i = 0; i < keys; i++) {
           s0 += sc[i] = Math.exp(sc[i] - m0);
           s1 += sc[keys + i] = Math.exp(sc[keys + i] - m1);
@@ -215,32 +230,37 @@ export class StepAttention {
   }
 
   /** [group·tokens, keys] additive mask of a chunk: rows head-major, keys from the chunk's first visible one. */
-  private chunkMask(s: PagedSequence): tf.Tensor2D {
+  private chunkMask(s: PagedSequence, window: number | undefined): tf.Tensor2D {
+    const key = `${s.row}/${window}`;
+    const cached = this.masks.get(key);
+    if (cached) return cached;
     const group = this.shape.heads / this.shape.kvHeads;
-    const lo = firstKey(s.past, this.shape.window);
+    const lo = firstKey(s.past, window);
     const keys = s.past + s.tokens - lo;
     const m = new Float32Array(group * s.tokens * keys);
     for (let t = 0; t < s.tokens; t++) {
       const position = s.past + t;
-      const first = firstKey(position, this.shape.window);
+      const first = firstKey(position, window);
       for (let h = 0; h < group; h++) {
         const row = (h * s.tokens + t) * keys;
         for (let j = lo; j < first; j++) m[row + j - lo] = -1e30;
         for (let j = position + 1; j < s.past + s.tokens; j++) m[row + j - lo] = -1e30;
       }
     }
-    return tf.tensor2d(m, [group * s.tokens, keys]);
+    const mask = tf.tensor2d(m, [group * s.tokens, keys]);
+    this.masks.set(key, mask);
+    return mask;
   }
 
   /** A prefill chunk: per KV head, the chunk's queries against its keys gathered from the blocks, by matMul. */
-  private chunk(layer: number, s: PagedSequence, out: Float32Array): void {
+  private chunk(layer: number, s: PagedSequence, out: Float32Array, window: number | undefined, sinks?: Float32Array): void {
     const { heads, kvHeads, headDim: hd } = this.shape;
     const group = heads / kvHeads;
     const T = s.tokens;
-    const lo = firstKey(s.past, this.shape.window);
+    const lo = firstKey(s.past, window);
     const keys = s.past + T - lo;
     const B = this.store.blockTokens;
-    const mask = this.masks.get(s)!;
+    const mask = this.chunkMask(s, window);
     for (let g = 0; g < kvHeads; g++) {
       const qg = new Float32Array(group * T * hd);
       for (let h = 0; h < group; h++)
@@ -257,8 +277,9 @@ export class StepAttention {
         vg.set(this.store.v[layer].subarray(o, o + hd), i * hd);
       }
       const context = tf.tidy(() => {
-        const scores = tf.add(mm(tf.tensor2d(qg, [group * T, hd]), tf.tensor2d(kT, [hd, keys])), mask);
-        return mm(tf.softmax(scores) as T2, tf.tensor2d(vg, [keys, hd]));
+        const scores = tf.add(mm(tf.tensor2d(qg, [group * T, hd]), tf.tensor2d(kT, [hd, keys])), mask) as T2;
+        const probs = sinks ? withSinks(scores, sinks.subarray(g * group, (g + 1) * group), T) : tf.softmax(scores) as T2;
+        return mm(probs, tf.tensor2d(vg, [keys, hd]));
       });
       const values = context.dataSync() as Float32Array;
       context.dispose();
@@ -269,4 +290,18 @@ export class StepAttention {
         }
     }
   }
+}
+
+/**
+ * softmax over [scores | sink] without the sink's column: rows are head-major (row h·tokens + t belongs to
+ * head h of `sinks`), each head's sink one extra logit in its rows' denominators.
+ */
+export function withSinks(scores: T2, sinks: Float32Array, tokens: number): T2 {
+  return tf.tidy(() => {
+    const [rows, keys] = scores.shape;
+    const column = new Float32Array(rows);
+    for (let r = 0; r < rows; r++) column[r] = sinks[Math.floor(r / tokens)];
+    const probs = tf.softmax(tf.concat([scores, tf.tensor2d(column, [rows, 1])], 1));
+    return tf.slice(probs, [0, 0], [rows, keys]) as T2;
+  });
 }
