@@ -1,6 +1,6 @@
 // DeepSeek-MoE (model_type "deepseek"): a tiny model with a dense first layer, routed and shared
 // experts and norm_topk_prob false, checked against a plain float64 reference, over a real cluster,
-// through its checkpoint names, and for the values it refuses.
+// through its checkpoint names, for the values it refuses, and in training.
 import { after, before, test } from 'node:test';
 import { PagedDecoder } from './support/paged.js';
 import assert from 'node:assert/strict';
@@ -16,7 +16,6 @@ import { loadExpertSet, loadModel, saveModel } from '../services/core/checkpoint
 import { familyOf } from '../services/core/model/family.js';
 import type { HostTensor } from '../services/core/model/hf.js';
 import { MixtralModel } from '../services/core/model/model.js';
-import { train } from '../services/core/train/trainer.js';
 import { parseAssignment } from '../services/expert/assignment.js';
 import { startCluster, type TestCluster } from './support/cluster.js';
 import { runCli } from './support/cli.js';
@@ -288,7 +287,7 @@ test('checkpoint round trip with the published DeepSeek-MoE tensor names', async
   await assert.rejects(loadExpertSet(dir, [{ layer: 0, expert: 0 }]), /layer 0, expert 0\) does not exist.*MoE layers 1, 2/);
 });
 
-test('unsupported DeepSeek-MoE values are refused by name, and training is refused', async () => {
+test('unsupported DeepSeek-MoE values are refused by name', async () => {
   const refused: Array<[Record<string, unknown>, RegExp]> = [
     [{ scoring_func: 'sigmoid' }, /scoring_func/],
     [{ rope_scaling: { type: 'longrope', short_factor: [1], long_factor: [1] } }, /rope_scaling type "longrope" is not supported/],
@@ -306,12 +305,22 @@ test('unsupported DeepSeek-MoE values are refused by name, and training is refus
   assert.throws(() => parseModelConfig({ ...rawConfig, n_routed_experts: undefined }), /n_routed_experts/);
   assert.equal(parseModelConfig({ ...preset('tiny').model }).model_type, 'mixtral');
 
-  await assert.rejects(train({ model: config, train: preset('tiny').train, outDir: join(root, 'train') }), /model_type 'deepseek' cannot be trained yet/);
+});
+
+test('DeepSeek-MoE trains (dense layer and shared experts on the router): 2 routers × 2 shards give one process\'s losses', async () => {
   const file = join(root, 'deepseek-config.json');
-  await writeFile(file, JSON.stringify({ base: 'tiny', model: rawConfig }));
-  const cli = await runCli(['train', '--config', file, '--steps', '1', '--out', join(root, 'cli-train')]);
-  assert.notEqual(cli.code, 0);
-  assert.match(cli.stderr, /model_type 'deepseek' cannot be trained yet/);
+  await writeFile(file, JSON.stringify({ base: 'tiny', model: rawConfig, train: { steps: 4, eval_interval: 2, checkpoint_interval: 2 } }));
+  const single = join(root, 'train-single');
+  const dist = join(root, 'train-dist');
+  const one = await runCli(['train', '--config', file, '--out', single]);
+  assert.equal(one.code, 0, one.stderr);
+  const two = await runCli(['train', '--config', file, '--routers', '2', '--shards', '2', '--out', dist]);
+  assert.equal(two.code, 0, two.stderr);
+  const losses = async (dir: string) => (await readFile(join(dir, 'metrics.jsonl'), 'utf8')).trim().split('\n').map((l) => (JSON.parse(l) as { loss: number }).loss);
+  const [a, b] = [await losses(single), await losses(dist)];
+  assert.equal(b.length, 4);
+  for (let i = 0; i < 4; i++) assert.ok(Math.abs(a[i] - b[i]) <= 1e-4 * Math.abs(a[i]), `step ${i + 1}: ${b[i]} vs ${a[i]}`);
+  assert.ok(a[3] < a[0], 'the loss falls');
 });
 
 test('the same logits in-process and over a cluster of two expert shards', async (t) => {

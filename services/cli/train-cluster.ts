@@ -63,10 +63,11 @@ async function writeInitialCheckpoint(dir: string, o: DistributedTrainOptions): 
 export async function trainDistributed(o: DistributedTrainOptions): Promise<TrainSummary> {
   const t = o.train;
   checkTrainRun(o.model, t);
-  const L = o.model.num_hidden_layers;
-  const E = familyOf(o.model).experts;
+  const family = familyOf(o.model);
+  const E = family.experts;
   checkDataParallel(t, o.routers, o.model);
-  if (o.shards > L * E) throw new ConfigError(`--shards ${o.shards}: the model has only ${L * E} experts to place`);
+  const routed = family.moeLayers.length * E;
+  if (o.shards > routed) throw new ConfigError(`--shards ${o.shards}: the model has only ${routed} experts to place`);
   const ckpt = checkpointDirOf(o.outDir);
   if (o.resume) {
     if (!existsSync(join(ckpt, 'config.json'))) throw new ConfigError(`--resume: no checkpoint in ${ckpt}`);
@@ -79,7 +80,7 @@ export async function trainDistributed(o: DistributedTrainOptions): Promise<Trai
   }
   const run: RunFile = { model: o.model, train: t, ...(o.dataPath ? { data: o.dataPath } : {}) };
   await writeFile(join(o.outDir, RUN_FILE), JSON.stringify(run, null, 2) + '\n');
-  const placement = withReplicas(spreadExperts(L, E, o.shards), o.replicate);
+  const placement = withReplicas(spreadExperts(family.moeLayers, E, o.shards), o.replicate);
 
   const supervisor = new Supervisor(join(o.outDir, 'logs'), o.log);
   const started = performance.now();

@@ -69,7 +69,8 @@ export function checkDataParallel(t: TrainSettings, routers: number, model: Mode
 
 /** Per-step numbers every replica contributes to, summed by the all-reduce with the dense gradients. */
 function statsVector(c: ModelConfig, r: { crossEntropy: number; auxLoss: number; zLoss: number; layerStats: Array<{ droppedChoices: number; countsBeforeDrop: Int32Array; countsAfterDrop: Int32Array }> }): Float32Array {
-  const L = c.num_hidden_layers;
+  // One entry per MoE layer (dense layers route nothing).
+  const L = familyOf(c).moeLayers.length;
   const E = familyOf(c).experts;
   const v = new Float32Array(4 + 2 * L * E);
   v[0] = r.crossEntropy;
@@ -97,7 +98,8 @@ export async function runRouterTraining(o: RouterTrainingOptions): Promise<Route
   let owners = new Map<string, string[]>();
   const transport = new GrpcExpertTransport((layer, expert) => owners.get(expertKeyText({ layer, expert })) ?? [], c.hidden_size, { timeoutMs: 120_000 });
   checkTrainRun(c, t);
-  const L = c.num_hidden_layers;
+  const moeLayers = familyOf(c).moeLayers;
+  const L = moeLayers.length;
   const E = familyOf(c).experts;
   const tokensPerStep = t.batch_sequences * t.seq_len;
   let generation = 0;
@@ -145,7 +147,7 @@ export async function runRouterTraining(o: RouterTrainingOptions): Promise<Route
       }
       if (!join.placement) throw new Error('the coordinator sent no placement with the JOIN answer');
       const table = fromWirePlacement(join.placement);
-      const missing = unplaced(table, L, E);
+      const missing = unplaced(table, moeLayers, E);
       if (missing.length) throw new Error(`the coordinator's placement leaves ${missing.length} expert(s) without a shard, e.g. (layer ${missing[0].layer}, expert ${missing[0].expert})`);
       owners = ownerAddresses(table);
       o.log({ msg: 'training attempt', generation, resume_step: resumeStep });

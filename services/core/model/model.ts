@@ -12,7 +12,7 @@ import { attentionBackward, attentionForward, type AttentionCache, type Attentio
 import { QkvTransform, type QkvParams } from './qkv.js';
 import type { KvStore } from './kv-store.js';
 import { StepAttention, type PagedSequence } from './paged-attention.js';
-import { expertForward, type ExpertWeights } from './expert.js';
+import { expertBackward, expertForward, type ExpertCache, type ExpertWeights } from './expert.js';
 import { ExpertSet, InProcessTransport, type ExpertTransport } from './experts.js';
 import { assertTrainable, familyOf, type ModelFamily } from './family.js';
 import { denseFromHf, denseNames, denseToHf, expertToHf, type HostTensor } from './hf.js';
@@ -80,7 +80,10 @@ export interface StepOutput {
   degraded?: string[];
 }
 
-interface LayerCache { n1: RmsNormCache; attn: AttentionCache; n2: RmsNormCache; moe: MoeCache }
+/** What a training forward keeps of a router-side MLP (dense layer or shared experts), and of its sigmoid gate. */
+interface RouterMlpCache { expert: ExpertCache; gate?: { sigmoid: T2; ungated: T2 } }
+
+interface LayerCache { n1: RmsNormCache; attn: AttentionCache; n2: RmsNormCache; moe?: MoeCache; mlp?: RouterMlpCache }
 
 /** What a forward (or one micro-batch of it) leaves: logits, final hidden rows, per-layer caches when training. */
 interface ForwardOutput { logits: T2; hidden: T2; caches?: LayerCache[]; finalNorm?: RmsNormCache; stats: MoeStats[]; kv: KvCache[] }
@@ -284,36 +287,68 @@ export class MixtralModel {
    * shared experts, or the dense MLP of a dense layer), summed. The router-side MLP is computed once the
    * routed rows are on the wire, while they are away.
    */
-  async feedForward(l: number, h: T2, call: MoeCallOptions): Promise<{ y: T2; stats?: MoeStats; cache?: MoeCache }> {
+  async feedForward(l: number, h: T2, call: MoeCallOptions): Promise<{ y: T2; stats?: MoeStats; cache?: MoeCache; mlpCache?: RouterMlpCache }> {
     const moe = this.moe[l];
     let mlp: T2 | undefined;
+    let mlpCache: RouterMlpCache | undefined;
     const computeMlp = this.family.routerMlpWidth(l) === 0 ? undefined : () => {
       const weight = (part: keyof ExpertWeights) => this.dense.get<tf.Rank.R2>(denseNames.mlp(l, part));
       // The same SwiGLU as a routed expert, with router-held weights.
-      mlp = expertForward(h, { w1t: weight('w1t'), w3t: weight('w3t'), w2t: weight('w2t') }, false).y;
+      const out = expertForward(h, { w1t: weight('w1t'), w3t: weight('w3t'), w2t: weight('w2t') }, call.train);
+      mlp = out.y;
+      if (out.cache) mlpCache = { expert: out.cache };
       if (moe && this.family.sharedExpertGate) {
         // Qwen2-MoE: the shared expert's output scaled per row by sigmoid(shared_expert_gate(x)).
         const ungated = mlp;
-        mlp = tf.tidy(() => tf.mul(ungated, tf.sigmoid(mm(h, this.dense.get(denseNames.sharedGate(l))))) as T2);
-        ungated.dispose();
+        const sigmoid = tf.tidy(() => tf.sigmoid(mm(h, this.dense.get(denseNames.sharedGate(l)))) as T2);
+        mlp = tf.mul(ungated, sigmoid) as T2;
+        if (mlpCache) mlpCache.gate = { sigmoid, ungated };
+        else disposeAll([sigmoid, ungated]);
       }
     };
     if (!moe) {
       computeMlp!();
-      return { y: mlp! };
+      return { y: mlp!, ...(mlpCache ? { mlpCache } : {}) };
     }
     let routed;
     try {
       routed = await moe.forward(h, this.dense.get(denseNames.gate(l)), { ...call, whileAway: computeMlp });
     } catch (err) {
-      mlp?.dispose();
+      disposeAll([mlp, mlpCache]);
       throw err;
     }
     if (!computeMlp) return routed;
     if (!mlp) computeMlp(); // the call never went to the wire
     const y = tf.add(routed.y, mlp!) as T2;
     disposeAll([routed.y, mlp]);
-    return { ...routed, y };
+    return { ...routed, y, ...(mlpCache ? { mlpCache } : {}) };
+  }
+
+  /**
+   * Backward of layer l's router-side MLP from dL/d(its output): weight gradients into `dense`, returns
+   * dL/d(its input). With Qwen2-MoE's gate y = σ(x·g) ⊙ u: du = dy ⊙ σ, and x·g gets Σ_row(dy ⊙ u) ⊙ σ(1 − σ).
+   */
+  private routerMlpBackward(l: number, dy: T2, cache: RouterMlpCache): T2 {
+    const gate = cache.gate;
+    const grads = tf.tidy(() => {
+      let du = dy;
+      let dxGate: T2 | undefined;
+      let dGate: T2 | undefined;
+      if (gate) {
+        du = tf.mul(dy, gate.sigmoid) as T2;
+        const dz = tf.mul(tf.sum(tf.mul(dy, gate.ungated), 1, true), tf.mul(gate.sigmoid, tf.sub(1, gate.sigmoid))) as T2;
+        dGate = mmTA(cache.expert.x, dz);
+        dxGate = mm(dz, this.weightT(denseNames.sharedGate(l)));
+      }
+      const w = (part: 'w1t' | 'w3t' | 'w2t') => this.weightT(denseNames.mlp(l, part));
+      const g = expertBackward(du, cache.expert, { w1: w('w1t'), w3: w('w3t'), w2: w('w2t') });
+      return { ...g, dx: dxGate ? tf.add(g.dx, dxGate) as T2 : g.dx, ...(dGate ? { dGate } : {}) };
+    });
+    this.dense.accumulate(denseNames.mlp(l, 'w1t'), grads.dW1t);
+    this.dense.accumulate(denseNames.mlp(l, 'w3t'), grads.dW3t);
+    this.dense.accumulate(denseNames.mlp(l, 'w2t'), grads.dW2t);
+    if (grads.dGate) this.dense.accumulate(denseNames.sharedGate(l), grads.dGate);
+    return grads.dx;
   }
 
   private weightT(name: string): T2 {
@@ -506,7 +541,7 @@ export class MixtralModel {
       // One entry per MoE layer (family.moeLayers order); dense layers route nothing.
       if (ffn.stats) stats.push(ffn.stats);
       if (!opt.train && ffn.stats) this.onRouting?.(l, ffn.stats);
-      if (opt.train) caches.push({ n1: n1.cache, attn: attn.cache!, n2: n2.cache, moe: ffn.cache! });
+      if (opt.train) caches.push({ n1: n1.cache, attn: attn.cache!, n2: n2.cache, ...(ffn.cache ? { moe: ffn.cache } : {}), ...(ffn.mlpCache ? { mlp: ffn.mlpCache } : {}) });
       else disposeAll([n1.cache, n2.cache]);
     }
     const nf = rmsNormForward(x, this.dense.get(denseNames.norm), eps);
@@ -749,11 +784,26 @@ export class MixtralModel {
       dx = nf.dx;
       for (let l = c.num_hidden_layers - 1; l >= 0; l--) {
         const lc = caches[l];
-        const moe = await this.moe[l]!.backward(dx, lc.moe, this.weightT(denseNames.gate(l)), gate.aux_loss_coef * gradScale, gate.z_loss_coef * gradScale, pass.pooledAux,
-          { turns: pass.turns, groups: pass.groups[this.family.moeLayers.indexOf(l)] });
-        this.dense.accumulate(denseNames.gate(l), moe.dGate);
-        const n2 = rmsNormBackward(moe.dh, lc.n2, this.dense.get(denseNames.moeNorm(l)));
-        moe.dh.dispose();
+        // The feed-forward block's input gradient: routed experts' (MoE layers) plus the router-side MLP's.
+        let dFfn: T2 | undefined;
+        const layerMoe = this.moe[l];
+        if (layerMoe) {
+          const moe = await layerMoe.backward(dx, lc.moe!, this.weightT(denseNames.gate(l)), gate.aux_loss_coef * gradScale, gate.z_loss_coef * gradScale, pass.pooledAux,
+            { turns: pass.turns, groups: pass.groups[this.family.moeLayers.indexOf(l)] });
+          this.dense.accumulate(denseNames.gate(l), moe.dGate);
+          dFfn = moe.dh;
+        }
+        if (lc.mlp) {
+          const dMlp = this.routerMlpBackward(l, dx, lc.mlp);
+          disposeAll(lc.mlp);
+          if (dFfn) {
+            const sum = tf.add(dFfn, dMlp) as T2;
+            disposeAll([dFfn, dMlp]);
+            dFfn = sum;
+          } else dFfn = dMlp;
+        }
+        const n2 = rmsNormBackward(dFfn!, lc.n2, this.dense.get(denseNames.moeNorm(l)));
+        dFfn!.dispose();
         this.dense.accumulate(denseNames.moeNorm(l), n2.dWeight);
         const dx1 = tf.add(dx, n2.dx) as T2;
         dx.dispose();

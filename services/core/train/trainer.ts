@@ -1,6 +1,7 @@
 // Single-process training: seeded batches from a byte corpus, forward/backward through the model with
 // in-process experts, global-norm clipping, AdamW with warmup + cosine, periodic validation,
 // metrics.jsonl and atomic checkpoints that `resume` continues bit for bit.
+import { familyOf } from '../model/family.js';
 import { appendFile, mkdir, readFile, writeFile } from 'node:fs/promises';
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
@@ -71,7 +72,7 @@ export function metricsRecord(model: ModelConfig, t: TrainSettings, n: StepNumbe
   return {
     step: n.step, loss: n.loss, ce_loss: n.crossEntropy, aux_loss: n.auxLoss, z_loss: n.zLoss,
     lr: n.lr, grad_norm: n.gradNorm, tokens: n.tokens, tokens_per_s: tokensPerStep / n.stepSeconds,
-    dropped_fraction: n.droppedChoices / (tokensPerStep * model.num_experts_per_tok * model.num_hidden_layers),
+    dropped_fraction: n.droppedChoices / (tokensPerStep * model.num_experts_per_tok * familyOf(model).moeLayers.length),
     elapsed_s: n.elapsedSeconds,
     ...extra,
     ...(n.validationLoss !== undefined ? { val_loss: n.validationLoss } : {}),
