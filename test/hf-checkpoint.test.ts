@@ -105,7 +105,7 @@ describe('configs as published', () => {
   test('unsupported keys are refused naming the key; no-op and supported values are accepted', () => {
     const refused = (raw: object, message: RegExp) =>
       assert.throws(() => parseModelConfig(raw), (e: Error) => e instanceof ConfigError && message.test(e.message), String(message));
-    refused({ ...MIXTRAL_8X7B, model_type: 'llama' }, /model_type 'llama' is not supported \(supported: mixtral, deepseek\)/);
+    refused({ ...MIXTRAL_8X7B, model_type: 'llama' }, /model_type 'llama' is not supported \(supported: mixtral, deepseek, qwen2_moe, qwen3_moe, olmoe, gpt_oss\)/);
     refused({ ...MIXTRAL_8X7B, rope_scaling: { type: 'longrope', short_factor: [1], long_factor: [1] } }, /rope_scaling: rope_scaling type "longrope" is not supported \(supported: default, linear, dynamic, yarn, llama3\)/);
     refused({ ...MIXTRAL_8X7B, rope_scaling: { type: 'linear' } }, /rope_scaling type 'linear' is missing factor/);
     refused({ ...MIXTRAL_8X7B, torch_dtype: 'int8' }, /torch_dtype/);
@@ -409,7 +409,7 @@ describe('a bf16 checkpoint in the published layout', () => {
         const cfg = JSON.parse(await readFile(join(d, 'config.json'), 'utf8')) as Record<string, unknown>;
         await writeFile(join(d, 'config.json'), JSON.stringify({ ...cfg, model_type: 'llama' }));
       });
-      const message = /model_type 'llama' is not supported \(supported: mixtral, deepseek\)/;
+      const message = /model_type 'llama' is not supported \(supported: mixtral, deepseek, qwen2_moe, qwen3_moe, olmoe, gpt_oss\)/;
       await refusedImport(dir, [message]);
       await refusedService(expertArgs(dir), message);
     });

@@ -33,7 +33,7 @@ export const gateSettingsSchema = z
 export type GateSettings = z.infer<typeof gateSettingsSchema>;
 
 /** Hugging Face `model_type` values this code implements. */
-export const SUPPORTED_MODEL_TYPES = ['mixtral', 'deepseek', 'qwen2_moe', 'qwen3_moe', 'olmoe'] as const;
+export const SUPPORTED_MODEL_TYPES = ['mixtral', 'deepseek', 'qwen2_moe', 'qwen3_moe', 'olmoe', 'gpt_oss'] as const;
 
 /** Checkpoint dtypes (`torch_dtype`); every one is converted to float32 for compute. */
 export const TORCH_DTYPES = ['float32', 'bfloat16', 'float16'] as const;
@@ -152,12 +152,13 @@ export function parseRopeScaling(raw: unknown, issue: (message: string) => void)
   return ok ? out : null;
 }
 
-/** `rope_scaling` as a schema field: null/absent/default → null, else a validated RopeScaling. */
-const ropeScalingSchema = z.unknown().optional().transform((raw, ctx): RopeScaling | null => {
+/** `rope_scaling` as a schema field: a validated RopeScaling, or null for none/default; absent or null reads `absent`. */
+const ropeScalingField = (absent: unknown = null) => z.unknown().optional().transform((raw, ctx): RopeScaling | null => {
   let bad = false;
-  const out = parseRopeScaling(raw, (message) => { bad = true; ctx.addIssue({ code: 'custom', message }); });
+  const out = parseRopeScaling(raw ?? absent, (message) => { bad = true; ctx.addIssue({ code: 'custom', message }); });
   return bad ? z.NEVER : out;
 });
+const ropeScalingSchema = ropeScalingField();
 
 export const modelConfigSchema = z
   .object({
@@ -362,11 +363,72 @@ export const olmoeConfigSchema = z
   });
 export type OlmoeConfig = z.infer<typeof olmoeConfigSchema>;
 
+/** GPT-OSS's rotary default when config.json has no rope_scaling (the transformers config class's). */
+const GPT_OSS_ROPE = { rope_type: 'yarn', factor: 32, beta_fast: 32, beta_slow: 1, truncate: false, original_max_position_embeddings: 4096 };
+export const GPT_OSS_LAYER_TYPES = ['sliding_attention', 'full_attention'] as const;
+
+/**
+ * GPT-OSS (openai/gpt-oss-20b, -120b): attention with biases and sinks, sliding and full layers
+ * (`layer_types`), YaRN, a biased router, experts with biases and the clamped SwiGLU, MXFP4 expert weights.
+ */
+export const gptOssConfigSchema = z
+  .object({
+    architectures: z.array(z.string()).default(['GptOssForCausalLM']),
+    model_type: z.literal('gpt_oss'),
+    hidden_size: positiveInt,
+    intermediate_size: positiveInt,
+    num_hidden_layers: positiveInt,
+    num_attention_heads: positiveInt,
+    num_key_value_heads: positiveInt,
+    head_dim: positiveInt.default(64),
+    num_local_experts: positiveInt,
+    num_experts_per_tok: positiveInt,
+    vocab_size: positiveInt,
+    max_position_embeddings: positiveInt,
+    rms_norm_eps: z.number().positive().default(1e-5),
+    rope_theta: z.number().positive().default(150000),
+    // Absent or null: the config class's YaRN (transformers fills it in the same way).
+    rope_scaling: ropeScalingField(GPT_OSS_ROPE),
+    partial_rotary_factor: rotary.partial_rotary_factor,
+    sliding_window: positiveInt.nullable().default(128),
+    layer_types: z.array(z.enum(GPT_OSS_LAYER_TYPES)).nullable().optional(),
+    attention_bias: z.literal(true, { error: 'attention_bias must be true (GPT-OSS attention always has biases)' }).default(true),
+    swiglu_limit: z.number().positive().default(7),
+    swiglu_alpha: z.number().positive().default(1.702),
+    tie_word_embeddings: z.literal(false, { error: 'tie_word_embeddings must be false for GPT-OSS' }).default(false),
+    hidden_act: z.literal('silu').default('silu'),
+    initializer_range: z.number().positive().default(0.02),
+    router_aux_loss_coef: z.number().nonnegative().optional(),
+    bos_token_id: z.number().int().nonnegative().nullable().optional().transform((v) => v ?? undefined),
+    eos_token_id: z.number().int().nonnegative().nullable().optional().transform((v) => v ?? undefined),
+    torch_dtype: z.enum(TORCH_DTYPES).default('bfloat16'),
+    // Only MXFP4 expert weights (the published checkpoints'); absent = the dequantized bf16 layout.
+    quantization_config: z.object({ quant_method: z.literal('mxfp4', { error: "quantization_config.quant_method must be 'mxfp4' (the only quantization read)" }) }).passthrough().nullable().optional(),
+    // GPT-OSS's router is the top-k of the logits, then a softmax over those k: the renormalised softmax top-k.
+    switchyard_gate: gateSettingsSchema.default(gateSettingsSchema.parse({}))
+      .refine((g) => g.policy === 'mixtral', { message: "policy must be 'mixtral' (GPT-OSS routes by the softmax top-k, dropless)" }),
+  })
+  .passthrough()
+  .transform((c) => ({
+    ...c,
+    // The config class's default: layer i slides when i is even.
+    layer_types: c.layer_types ?? Array.from({ length: c.num_hidden_layers }, (_, i) => GPT_OSS_LAYER_TYPES[i % 2]),
+  }))
+  .superRefine((c, ctx) => {
+    checkShapes(c, { key: 'num_local_experts', count: c.num_local_experts }, ctx);
+    if (c.layer_types.length !== c.num_hidden_layers)
+      ctx.addIssue({ code: 'custom', path: ['layer_types'], message: `layer_types has ${c.layer_types.length} entries for ${c.num_hidden_layers} layers` });
+    if (c.quantization_config && (c.hidden_size % 32 !== 0 || c.intermediate_size % 32 !== 0))
+      ctx.addIssue({ code: 'custom', path: ['quantization_config'], message: `MXFP4 needs hidden_size and intermediate_size to be multiples of 32 (blocks of 32 values), not ${c.hidden_size} and ${c.intermediate_size}` });
+  });
+export type GptOssConfig = z.infer<typeof gptOssConfigSchema>;
+
 /** Any supported model family's configuration, told apart by `model_type`. */
-export type ModelConfig = MixtralConfig | DeepseekConfig | Qwen2MoeConfig | Qwen3MoeConfig | OlmoeConfig;
+export type ModelConfig = MixtralConfig | DeepseekConfig | Qwen2MoeConfig | Qwen3MoeConfig | OlmoeConfig | GptOssConfig;
 
 const FAMILY_SCHEMAS: Record<string, z.ZodType<ModelConfig>> = {
   deepseek: deepseekConfigSchema, qwen2_moe: qwen2MoeConfigSchema, qwen3_moe: qwen3MoeConfigSchema, olmoe: olmoeConfigSchema,
+  gpt_oss: gptOssConfigSchema as unknown as z.ZodType<GptOssConfig>,
 };
 
 export class ConfigError extends Error {
@@ -382,6 +444,7 @@ export function parseModelConfig(raw: { model_type: 'deepseek'; [key: string]: u
 export function parseModelConfig(raw: { model_type: 'qwen2_moe'; [key: string]: unknown }, source?: string): Qwen2MoeConfig;
 export function parseModelConfig(raw: { model_type: 'qwen3_moe'; [key: string]: unknown }, source?: string): Qwen3MoeConfig;
 export function parseModelConfig(raw: { model_type: 'olmoe'; [key: string]: unknown }, source?: string): OlmoeConfig;
+export function parseModelConfig(raw: { model_type: 'gpt_oss'; [key: string]: unknown }, source?: string): GptOssConfig;
 export function parseModelConfig(raw: { model_type?: 'mixtral'; [key: string]: unknown }, source?: string): MixtralConfig;
 export function parseModelConfig(raw: unknown, source?: string): ModelConfig;
 export function parseModelConfig(raw: unknown, source = 'model config'): ModelConfig {

@@ -3,7 +3,7 @@
 import { inspectCheckpoint, loadCheckpoint, readTensorsFrom, saveCheckpoint, serializeSafetensors, type CheckpointLayout, type Tensor, type WriteDtype } from './index.js';
 import { loadOptimizerMoments } from './cluster.js';
 import { modelTensorShapes } from '../model/hf.js';
-import { familyOf, SWIGLU_PARTS } from '../model/family.js';
+import { familyOf } from '../model/family.js';
 import { MixtralModel } from '../model/model.js';
 import { ExpertSet, type ExpertTransport } from '../model/experts.js';
 import { join } from 'node:path';
@@ -71,7 +71,8 @@ export async function loadExpertSet(source: string | CheckpointLayout, keys: Arr
   for (const { layer, expert } of keys)
     if (!family.isMoe(layer) || expert < 0 || expert >= family.experts)
       throw new RangeError(`expert (layer ${layer}, expert ${expert}) does not exist in ${layout.dir} (MoE layers ${family.moeLayers.join(', ')} × ${family.experts} experts)`);
-  const names = keys.flatMap(({ layer, expert }) => SWIGLU_PARTS.map((part) => family.names.expert(layer, expert, part)));
+  // Fused experts (GPT-OSS) share their layer's tensors: each is read once.
+  const names = [...new Set(keys.flatMap(({ layer, expert }) => family.names.expertTensors(layer, expert)))];
   const tensors = await readTensors(layout, names);
   const experts = new ExpertSet(layout.config.hidden_size, family.expertIntermediate);
   for (const { layer, expert } of keys) experts.addFromHf(tensors, layer, expert, family.names);

@@ -3,7 +3,7 @@
 import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { attentionWindow, headDim } from '../config.js';
-import { familyOf, type AttentionVariant, SWIGLU_PARTS } from '../model/family.js';
+import { familyOf, type AttentionVariant } from '../model/family.js';
 import { spreadExperts } from '../placement.js';
 import type { CheckpointLayout } from './index.js';
 import { numElements } from './safetensors.js';
@@ -71,24 +71,31 @@ const size = (elements: number, bytes: number): ByteSize => ({ stored: bytes, fl
 export async function summarizeModel(layout: CheckpointLayout, shardCount: number, tokenizer: TextTokenizer): Promise<ModelSummary> {
   const c = layout.config;
   const family = familyOf(c);
-  let total = 0;
+  const D = c.hidden_size;
+  const I = family.expertIntermediate;
+  let denseElements = 0;
   let totalBytes = 0;
   const dtypes = new Set<string>();
-  for (const { info } of layout.tensors.values()) {
-    total += numElements(info.shape);
+  for (const [name, { info }] of layout.tensors) {
+    if (!family.names.isExpertTensor(name)) denseElements += numElements(info.shape);
     totalBytes += info.end - info.begin;
     dtypes.add(info.dtype);
   }
-  /** Elements and stored bytes of routed expert e of MoE layer l, from the family's tensor names. */
+  /**
+   * Parameters and stored bytes of routed expert e of MoE layer l. Fused experts (GPT-OSS) share their
+   * layer's tensors, MXFP4 packs two values a byte: the parameters come from the shapes, the bytes are
+   * the layer's over its experts.
+   */
   const expertSize = (l: number, e: number) => {
-    let elements = 0;
     let bytes = 0;
-    for (const part of SWIGLU_PARTS) {
-      const { info } = layout.tensors.get(family.names.expert(l, e, part))!;
-      elements += numElements(info.shape);
+    let elements = 0;
+    for (const name of family.names.expertTensors(l, e)) {
+      const { info } = layout.tensors.get(name)!;
       bytes += info.end - info.begin;
+      elements += numElements(info.shape);
     }
-    return { elements, bytes };
+    if (!family.fusedExperts) return { elements, bytes };
+    return { elements: 3 * D * I + (family.clampedSwiglu ? 2 * I + D : 0), bytes: bytes / family.experts };
   };
   const spread = spreadExperts(family.moeLayers, family.experts, shardCount);
   let expertElements = 0;
@@ -105,8 +112,8 @@ export async function summarizeModel(layout: CheckpointLayout, shardCount: numbe
     expertBytes += bytes;
     return { shard, experts: keys.length, bytes: size(elements, bytes) };
   });
-  const denseElements = total - expertElements;
   const denseBytes = totalBytes - expertBytes;
+  const total = denseElements + expertElements;
   const weightFiles = [...new Set([...layout.tensors.values()].map((t) => t.file))].sort();
   const files = await Promise.all([...weightFiles].map(async (name) => ({ name, bytes: (await stat(join(layout.dir, name))).size })));
   return {
@@ -129,7 +136,7 @@ export async function summarizeModel(layout: CheckpointLayout, shardCount: numbe
     renormalize: family.renormalize,
     torchDtype: c.torch_dtype,
     dtypes: [...dtypes].sort(),
-    parameters: { total, perExpert: 3 * c.hidden_size * family.expertIntermediate, allExperts: expertElements, dense: denseElements },
+    parameters: { total, perExpert: expertSize(family.moeLayers[0] ?? 0, 0).elements, allExperts: expertElements, dense: denseElements },
     files,
     dense: size(denseElements, denseBytes),
     shards,

@@ -2,7 +2,7 @@
 // reading family-specific config keys or tensor names: which layers route to experts, how wide each MLP
 // is, whether the chosen weights are renormalised, and the published Hugging Face names of the tensors
 // that differ between families (attention and norms are Llama-style in every family, see hf.ts).
-import { attentionWindow, ConfigError, type DeepseekConfig, type MixtralConfig, type ModelConfig, type OlmoeConfig, type Qwen2MoeConfig, type Qwen3MoeConfig } from '../config.js';
+import { attentionWindow, ConfigError, type DeepseekConfig, type GptOssConfig, type MixtralConfig, type ModelConfig, type OlmoeConfig, type Qwen2MoeConfig, type Qwen3MoeConfig } from '../config.js';
 
 /** A SwiGLU matrix in Mixtral terms: w1 = gate_proj, w3 = up_proj, w2 = down_proj. */
 export type SwigluPart = 'w1' | 'w2' | 'w3';
@@ -20,9 +20,19 @@ export interface FamilyNames {
   isExpertTensor(name: string): boolean;
   /** The always-on SwiGLU MLP of layer l that the router computes: a dense layer's MLP or an MoE layer's shared experts. */
   routerMlp(l: number, part: SwigluPart): string;
-  /** Qwen2-MoE's shared-expert gate [1, hidden] of MoE layer l (families with AttentionVariant… sharedExpertGate). */
+  /** Qwen2-MoE's shared-expert gate [1, hidden] of MoE layer l (families with ModelFamily.sharedExpertGate). */
   sharedExpertGate(l: number): string;
+  /** The router's bias [experts] of MoE layer l (families with ModelFamily.gateBias). */
+  gateBias(l: number): string;
+  /**
+   * Every checkpoint tensor a holder of expert e of layer l reads: its three matrices, or (fused experts)
+   * the layer's tensors that hold every expert of it.
+   */
+  expertTensors(l: number, e: number): string[];
 }
+
+/** GPT-OSS's expert: biases on all three projections and the clamped SwiGLU (expert.ts computes it). */
+export interface ClampedSwiglu { alpha: number; limit: number }
 
 /** What a family adds to Llama attention, between the q|k|v projection and RoPE, and after o_proj. */
 export interface AttentionVariant {
@@ -58,6 +68,12 @@ export interface ModelFamily {
   /** Whether an MoE layer's router-side MLP (shared expert) is scaled by sigmoid(shared_expert_gate(x)) (Qwen2-MoE). */
   sharedExpertGate: boolean;
   attention: AttentionVariant;
+  /** Whether the router adds a bias to its logits (GPT-OSS). */
+  gateBias: boolean;
+  /** Whether one checkpoint tensor holds every expert of a layer (GPT-OSS `mlp.experts.gate_up_proj`). */
+  fusedExperts: boolean;
+  /** GPT-OSS's expert; undefined = the bias-free SwiGLU of every other family. */
+  clampedSwiglu?: ClampedSwiglu;
   /** Layer l's attention window in positions (see attentionWindow in config.ts), undefined = full causal. */
   window(l: number): number | undefined;
   names: FamilyNames;
@@ -65,6 +81,7 @@ export interface ModelFamily {
 
 const LLAMA_ATTENTION: AttentionVariant = { qkvBias: false, oBias: false, qkNorm: 'none', sinks: false };
 const noSharedGate = (l: number): string => { throw new Error(`layer ${l} has no shared-expert gate in this family`); };
+const noGateBias = (l: number): string => { throw new Error(`layer ${l}'s router has no bias in this family`); };
 
 const HF_PROJ: Record<SwigluPart, string> = { w1: 'gate_proj', w3: 'up_proj', w2: 'down_proj' };
 
@@ -74,7 +91,7 @@ function mixtralFamily(c: MixtralConfig): ModelFamily {
   return {
     kind: 'mixtral', layers: c.num_hidden_layers, moeLayers: layers, isMoe: (l) => l >= 0 && l < c.num_hidden_layers,
     experts: c.num_local_experts, k: c.num_experts_per_tok, expertIntermediate: c.intermediate_size,
-    routerMlpWidth: () => 0, renormalize: true, trainable: true, sharedExpertGate: false, attention: LLAMA_ATTENTION, window: () => attentionWindow(c),
+    routerMlpWidth: () => 0, renormalize: true, trainable: true, sharedExpertGate: false, attention: LLAMA_ATTENTION, gateBias: false, fusedExperts: false, window: () => attentionWindow(c),
     names: {
       gate: (l) => `${moe(l)}.gate.weight`,
       balanceBias: (l) => `${moe(l)}.gate.e_score_correction_bias`,
@@ -83,6 +100,8 @@ function mixtralFamily(c: MixtralConfig): ModelFamily {
       isExpertTensor: (name) => name.includes('.block_sparse_moe.experts.'),
       routerMlp: (l) => { throw new Error(`Mixtral layer ${l} has no router-side MLP`); },
       sharedExpertGate: noSharedGate,
+      gateBias: noGateBias,
+      expertTensors: (l, e) => SWIGLU_PARTS.map((part) => `${moe(l)}.experts.${e}.${part}.weight`),
     },
   };
 }
@@ -97,7 +116,7 @@ function deepseekFamily(c: DeepseekConfig): ModelFamily {
     moeLayers: Array.from({ length: c.num_hidden_layers }, (_, l) => l).filter(isMoe), isMoe,
     experts: c.n_routed_experts, k: c.num_experts_per_tok, expertIntermediate: c.moe_intermediate_size,
     routerMlpWidth: (l) => (isMoe(l) ? shared : c.intermediate_size),
-    renormalize: c.norm_topk_prob, trainable: true, sharedExpertGate: false, attention: LLAMA_ATTENTION, window: () => attentionWindow(c),
+    renormalize: c.norm_topk_prob, trainable: true, sharedExpertGate: false, attention: LLAMA_ATTENTION, gateBias: false, fusedExperts: false, window: () => attentionWindow(c),
     names: {
       gate: (l) => `${mlp(l)}.gate.weight`,
       balanceBias: (l) => `${mlp(l)}.gate.e_score_correction_bias`,
@@ -106,6 +125,8 @@ function deepseekFamily(c: DeepseekConfig): ModelFamily {
       isExpertTensor: (name) => name.includes('.mlp.experts.'),
       routerMlp: (l, part) => (isMoe(l) ? `${mlp(l)}.shared_experts.${HF_PROJ[part]}.weight` : `${mlp(l)}.${HF_PROJ[part]}.weight`),
       sharedExpertGate: noSharedGate,
+      gateBias: noGateBias,
+      expertTensors: (l, e) => SWIGLU_PARTS.map((part) => `${mlp(l)}.experts.${e}.${HF_PROJ[part]}.weight`),
     },
   };
 }
@@ -125,7 +146,7 @@ function mlpExpertsFamily(
     kind: c.model_type, layers: c.num_hidden_layers,
     moeLayers: Array.from({ length: c.num_hidden_layers }, (_, l) => l).filter(inRange), isMoe: inRange,
     experts: c.num_experts, k: c.num_experts_per_tok, expertIntermediate,
-    routerMlpWidth, renormalize: c.norm_topk_prob, trainable, sharedExpertGate: sharedName !== undefined, attention, window: () => attentionWindow(c),
+    routerMlpWidth, renormalize: c.norm_topk_prob, trainable, sharedExpertGate: sharedName !== undefined, attention, gateBias: false, fusedExperts: false, window: () => attentionWindow(c),
     names: {
       gate: (l) => `${mlp(l)}.gate.weight`,
       balanceBias: (l) => `${mlp(l)}.gate.e_score_correction_bias`,
@@ -134,6 +155,8 @@ function mlpExpertsFamily(
       isExpertTensor: (name) => name.includes('.mlp.experts.'),
       routerMlp: (l, part) => (inRange(l) ? `${mlp(l)}.${sharedName}.${HF_PROJ[part]}.weight` : `${mlp(l)}.${HF_PROJ[part]}.weight`),
       sharedExpertGate: (l) => `${mlp(l)}.shared_expert_gate.weight`,
+      gateBias: noGateBias,
+      expertTensors: (l, e) => SWIGLU_PARTS.map((part) => `${mlp(l)}.experts.${e}.${HF_PROJ[part]}.weight`),
     },
   };
 }
@@ -158,6 +181,50 @@ function olmoeFamily(c: OlmoeConfig): ModelFamily {
     { qkvBias: c.attention_bias, oBias: c.attention_bias, qkNorm: 'whole', sinks: false, ...(c.clip_qkv === null ? {} : { clip: c.clip_qkv }) }, true);
 }
 
+/** The tensors of layer l's fused GPT-OSS experts: bf16 (`gate_up_proj`, `down_proj`) or MXFP4 blocks and scales. */
+export function gptOssExpertTensorNames(l: number, mxfp4: boolean): { gateUp: string[]; down: string[]; gateUpBias: string; downBias: string } {
+  const p = `model.layers.${l}.mlp.experts`;
+  return {
+    gateUp: mxfp4 ? [`${p}.gate_up_proj_blocks`, `${p}.gate_up_proj_scales`] : [`${p}.gate_up_proj`],
+    down: mxfp4 ? [`${p}.down_proj_blocks`, `${p}.down_proj_scales`] : [`${p}.down_proj`],
+    gateUpBias: `${p}.gate_up_proj_bias`, downBias: `${p}.down_proj_bias`,
+  };
+}
+
+/**
+ * GPT-OSS (HF GptOssDecoderLayer): every layer sparse, the router `mlp.router` with a bias, experts fused
+ * per layer, attention with biases and sinks, sliding or full per `layer_types`.
+ */
+function gptOssFamily(c: GptOssConfig): ModelFamily {
+  const mlp = (l: number) => `model.layers.${l}.mlp`;
+  const L = c.num_hidden_layers;
+  const mxfp4 = c.quantization_config != null;
+  const windows = c.layer_types.map((type) => (type === 'sliding_attention' && c.sliding_window !== null && c.sliding_window < c.max_position_embeddings ? c.sliding_window : undefined));
+  const isMoe = (l: number) => l >= 0 && l < L;
+  return {
+    kind: 'gpt_oss', layers: L, moeLayers: Array.from({ length: L }, (_, l) => l), isMoe,
+    experts: c.num_local_experts, k: c.num_experts_per_tok, expertIntermediate: c.intermediate_size,
+    routerMlpWidth: () => 0, renormalize: true, trainable: false, sharedExpertGate: false,
+    attention: { qkvBias: true, oBias: true, qkNorm: 'none', sinks: true }, gateBias: true, fusedExperts: true,
+    clampedSwiglu: { alpha: c.swiglu_alpha, limit: c.swiglu_limit },
+    window: (l) => windows[l],
+    names: {
+      gate: (l) => `${mlp(l)}.router.weight`,
+      gateBias: (l) => `${mlp(l)}.router.bias`,
+      balanceBias: (l) => `${mlp(l)}.router.e_score_correction_bias`,
+      expert: (l) => { throw new Error(`GPT-OSS layer ${l} keeps its experts fused (see expertTensors)`); },
+      expertPrefix: (l) => `${mlp(l)}.experts.`,
+      isExpertTensor: (name) => name.includes('.mlp.experts.'),
+      routerMlp: (l) => { throw new Error(`GPT-OSS layer ${l} has no router-side MLP`); },
+      sharedExpertGate: noSharedGate,
+      expertTensors: (l) => {
+        const n = gptOssExpertTensorNames(l, mxfp4);
+        return [...n.gateUp, n.gateUpBias, ...n.down, n.downBias];
+      },
+    },
+  };
+}
+
 /** Throws when a config can be served but not trained here (every trainer calls this before starting). */
 export function assertTrainable(config: ModelConfig): void {
   const family = familyOf(config);
@@ -178,6 +245,7 @@ export function familyOf(config: ModelConfig): ModelFamily {
       case 'qwen2_moe': family = qwen2MoeFamily(config); break;
       case 'qwen3_moe': family = qwen3MoeFamily(config); break;
       case 'olmoe': family = olmoeFamily(config); break;
+      case 'gpt_oss': family = gptOssFamily(config); break;
       default: family = mixtralFamily(config);
     }
     cache.set(config, family);

@@ -3,7 +3,7 @@
 // always HF layout; the family-specific names come from family.ts.
 import type { Tensor as HostTensor } from '../checkpoint/safetensors.js';
 import { headDim, type ModelConfig } from '../config.js';
-import { familyOf, type FamilyNames, type SwigluPart } from './family.js';
+import { familyOf, gptOssExpertTensorNames, type FamilyNames, type SwigluPart } from './family.js';
 import { transposeRows } from './tensors.js';
 
 /** A tensor in host memory (the safetensors codec's type). */
@@ -26,6 +26,8 @@ export const denseNames = {
   sinks: (l: number) => `layers.${l}.sinks`,
   moeNorm: (l: number) => `layers.${l}.moe_norm`,
   gate: (l: number) => `layers.${l}.gate`,
+  /** The router's bias [experts] (GPT-OSS). */
+  gateBias: (l: number) => `layers.${l}.gate_bias`,
   /** The router-side SwiGLU MLP of a layer (DeepSeek: dense MLP or shared experts), compute layout. */
   mlp: (l: number, part: 'w1t' | 'w3t' | 'w2t') => `layers.${l}.mlp.${part}`,
   /** Qwen2-MoE's shared-expert gate [hidden, 1], compute layout. */
@@ -101,6 +103,7 @@ export function denseFromHf(config: ModelConfig, tensors: Map<string, HostTensor
     out.set(denseNames.attnNorm(l), need(tensors, hfNames.attnNorm(l)));
     out.set(denseNames.moeNorm(l), need(tensors, hfNames.moeNorm(l)));
     if (family.isMoe(l)) out.set(denseNames.gate(l), flip(need(tensors, family.names.gate(l))));
+    if (family.isMoe(l) && family.gateBias) out.set(denseNames.gateBias(l), need(tensors, family.names.gateBias(l)));
     if (family.routerMlpWidth(l) > 0)
       for (const [part, hf] of MLP_PARTS) out.set(denseNames.mlp(l, part), flip(need(tensors, family.names.routerMlp(l, hf))));
   }
@@ -143,6 +146,7 @@ export function denseToHf(config: ModelConfig, dense: Map<string, HostTensor>): 
     if (a.sinks) out.set(hfNames.sinks(l), get(denseNames.sinks(l)));
     if (family.sharedExpertGate && family.isMoe(l)) out.set(family.names.sharedExpertGate(l), flip(get(denseNames.sharedGate(l))));
     if (family.isMoe(l)) out.set(family.names.gate(l), flip(get(denseNames.gate(l))));
+    if (family.isMoe(l) && family.gateBias) out.set(family.names.gateBias(l), get(denseNames.gateBias(l)));
     if (family.routerMlpWidth(l) > 0)
       for (const [part, hf] of MLP_PARTS) out.set(family.names.routerMlp(l, hf), flip(get(denseNames.mlp(l, part))));
     out.set(hfNames.attnNorm(l), get(denseNames.attnNorm(l)));
@@ -177,6 +181,24 @@ function swigluShapes(m: Map<string, number[]>, name: (part: SwigluPart) => stri
 }
 
 /**
+ * GPT-OSS's fused experts of layer l as published: bf16 `gate_up_proj` [E, hidden, 2·inter] (gate and up
+ * columns interleaved) and `down_proj` [E, inter, hidden], or MXFP4 blocks [E, out, in/32, 16] (two 4-bit
+ * values a byte) and scales [E, out, in/32] (uint8) when quantization_config says mxfp4; biases always.
+ */
+function fusedExpertShapes(m: Map<string, number[]>, config: ModelConfig, l: number, E: number, h: number, inter: number): void {
+  const mxfp4 = config.model_type === 'gpt_oss' && config.quantization_config != null;
+  const n = gptOssExpertTensorNames(l, mxfp4);
+  if (mxfp4) {
+    m.set(n.gateUp[0], [E, 2 * inter, h / 32, 16]).set(n.gateUp[1], [E, 2 * inter, h / 32]);
+    m.set(n.down[0], [E, h, inter / 32, 16]).set(n.down[1], [E, h, inter / 32]);
+  } else {
+    m.set(n.gateUp[0], [E, h, 2 * inter]);
+    m.set(n.down[0], [E, inter, h]);
+  }
+  m.set(n.gateUpBias, [E, 2 * inter]).set(n.downBias, [E, h]);
+}
+
+/**
  * Every tensor of a Hugging Face checkpoint of the config's family with its shape ([out, in] for linear
  * weights, as in PyTorch), plus the balancing bias when the config enables it; no lm_head.weight when the
  * embeddings are tied (Hugging Face stores the shared matrix once).
@@ -206,7 +228,9 @@ export function modelTensorShapes(config: ModelConfig): Map<string, number[]> {
     m.set(hfNames.moeNorm(l), [h]);
     if (family.isMoe(l)) {
       m.set(names.gate(l), [family.experts, h]);
-      for (let e = 0; e < family.experts; e++) swigluShapes(m, (part) => names.expert(l, e, part), h, family.expertIntermediate);
+      if (family.gateBias) m.set(names.gateBias(l), [family.experts]);
+      if (family.fusedExperts) fusedExpertShapes(m, config, l, family.experts, h, family.expertIntermediate);
+      else for (let e = 0; e < family.experts; e++) swigluShapes(m, (part) => names.expert(l, e, part), h, family.expertIntermediate);
       if (config.switchyard_gate.balance_bias_rate > 0) m.set(names.balanceBias(l), [family.experts]);
     }
     const mlpWidth = family.routerMlpWidth(l);

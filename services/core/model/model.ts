@@ -312,7 +312,8 @@ export class MixtralModel {
     }
     let routed;
     try {
-      routed = await moe.forward(h, this.dense.get(denseNames.gate(l)), { ...call, whileAway: computeMlp });
+      const gateBias = this.family.gateBias ? { gateBias: this.hostWeight(denseNames.gateBias(l)) } : {};
+      routed = await moe.forward(h, this.dense.get(denseNames.gate(l)), { ...call, ...gateBias, whileAway: computeMlp });
     } catch (err) {
       disposeAll([mlp, mlpCache]);
       throw err;

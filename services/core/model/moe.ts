@@ -25,6 +25,8 @@ export interface MoeCallOptions {
   deadline?: number;
   /** The micro-batch turns of the pass (pipeline.ts): other lanes compute while this call's rows are away. */
   turns?: ComputeTurns;
+  /** The router's own bias [experts] added to every row's logits (GPT-OSS `mlp.router.bias`; no backward). */
+  gateBias?: Float32Array;
   /** Router work that needs no expert output (a shared-expert MLP): runs once the rows are on the wire. */
   whileAway?: () => void;
   /**
@@ -168,8 +170,13 @@ export class MoeLayer {
     // unreachable, overload, deadline).
     try {
       const logitsT = mm(hGate, gateW);
-      const logits = logitsT.dataSync() as Float32Array;
+      const logits = opt.gateBias ? Float32Array.from(logitsT.dataSync() as Float32Array) : logitsT.dataSync() as Float32Array;
       logitsT.dispose();
+      if (opt.gateBias) {
+        if (opt.train) throw new Error(`MoE layer ${this.layer}: a router bias has no backward (GPT-OSS is served, not trained)`);
+        const bias = opt.gateBias;
+        for (let o = 0; o < logits.length; o += E) for (let e = 0; e < E; e++) logits[o + e] += bias[e];
+      }
       const routed = this.route(logits, tokens, opt, noisy);
       const dispatch = dispatchOf(routed.plans, routed.groupStarts, tokens, E, k);
 
