@@ -308,7 +308,9 @@ const qwenWindow = {
   rms_norm_eps: z.number().positive().default(1e-6),
   tie_word_embeddings: z.boolean().default(false),
 };
-const layersInRange = (c: { mlp_only_layers: number[]; num_hidden_layers: number }, ctx: z.RefinementCtx) => {
+/** The checks both Qwen families share: attention shapes, k ≤ experts, mlp_only_layers within the layers. */
+const qwenChecks = (c: Parameters<typeof checkShapes>[0] & { num_experts: number; mlp_only_layers: number[]; num_hidden_layers: number }, ctx: z.RefinementCtx) => {
+  checkShapes(c, { key: 'num_experts', count: c.num_experts }, ctx);
   const bad = c.mlp_only_layers.filter((l) => l >= c.num_hidden_layers);
   if (bad.length) ctx.addIssue({ code: 'custom', path: ['mlp_only_layers'], message: `mlp_only_layers ${bad.join(', ')} outside the ${c.num_hidden_layers} layers` });
 };
@@ -325,7 +327,7 @@ export const qwen2MoeConfigSchema = z
     shared_expert_intermediate_size: z.number().int().nonnegative().default(0),
   })
   .passthrough()
-  .superRefine((c, ctx) => { checkShapes(c, { key: 'num_experts', count: c.num_experts }, ctx); layersInRange(c, ctx); });
+  .superRefine(qwenChecks);
 export type Qwen2MoeConfig = z.infer<typeof qwen2MoeConfigSchema>;
 
 /** Qwen3-MoE (Qwen/Qwen3-30B-A3B, 235B-A22B): per-head q/k RMSNorm, explicit head_dim, no shared expert. */
@@ -338,7 +340,7 @@ export const qwen3MoeConfigSchema = z
     attention_bias: z.boolean().default(false),
   })
   .passthrough()
-  .superRefine((c, ctx) => { checkShapes(c, { key: 'num_experts', count: c.num_experts }, ctx); layersInRange(c, ctx); });
+  .superRefine(qwenChecks);
 export type Qwen3MoeConfig = z.infer<typeof qwen3MoeConfigSchema>;
 
 /** OLMoE (allenai/OLMoE-1B-7B-0924): RMSNorm over the whole q and k projections, optional clip_qkv. */

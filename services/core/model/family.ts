@@ -110,24 +110,34 @@ function deepseekFamily(c: DeepseekConfig): ModelFamily {
   // HF DeepseekDecoderLayer: routed experts where layer ≥ first_k_dense_replace and layer % moe_layer_freq == 0.
   const isMoe = (l: number) => l >= c.first_k_dense_replace && l < c.num_hidden_layers && l % c.moe_layer_freq === 0;
   const shared = c.moe_intermediate_size * (c.n_shared_experts ?? 0);
-  const mlp = (l: number) => `model.layers.${l}.mlp`;
   return {
     kind: 'deepseek', layers: c.num_hidden_layers,
     moeLayers: Array.from({ length: c.num_hidden_layers }, (_, l) => l).filter(isMoe), isMoe,
     experts: c.n_routed_experts, k: c.num_experts_per_tok, expertIntermediate: c.moe_intermediate_size,
     routerMlpWidth: (l) => (isMoe(l) ? shared : c.intermediate_size),
     renormalize: c.norm_topk_prob, trainable: true, sharedExpertGate: false, attention: LLAMA_ATTENTION, gateBias: false, fusedExperts: false, window: () => attentionWindow(c),
-    names: {
-      gate: (l) => `${mlp(l)}.gate.weight`,
-      balanceBias: (l) => `${mlp(l)}.gate.e_score_correction_bias`,
-      expert: (l, e, part) => `${mlp(l)}.experts.${e}.${HF_PROJ[part]}.weight`,
-      expertPrefix: (l, e) => `${mlp(l)}.experts.${e}.`,
-      isExpertTensor: (name) => name.includes('.mlp.experts.'),
-      routerMlp: (l, part) => (isMoe(l) ? `${mlp(l)}.shared_experts.${HF_PROJ[part]}.weight` : `${mlp(l)}.${HF_PROJ[part]}.weight`),
-      sharedExpertGate: noSharedGate,
-      gateBias: noGateBias,
-      expertTensors: (l, e) => SWIGLU_PARTS.map((part) => `${mlp(l)}.experts.${e}.${HF_PROJ[part]}.weight`),
-    },
+    names: mlpFamilyNames(isMoe, 'shared_experts', false),
+  };
+}
+
+/**
+ * Names of the families that keep a layer's feed-forward under `model.layers.L.mlp` (DeepSeek, Qwen, OLMoE):
+ * router `mlp.gate`, experts `mlp.experts.E.{gate,up,down}_proj`, the dense MLP of a dense layer directly
+ * under `mlp`, an MoE layer's shared experts under `mlp.<shared>`, and Qwen2's `mlp.shared_expert_gate`.
+ */
+function mlpFamilyNames(isMoe: (l: number) => boolean, shared: string | undefined, gated: boolean): FamilyNames {
+  const mlp = (l: number) => `model.layers.${l}.mlp`;
+  const expert = (l: number, e: number, part: SwigluPart) => `${mlp(l)}.experts.${e}.${HF_PROJ[part]}.weight`;
+  return {
+    gate: (l) => `${mlp(l)}.gate.weight`,
+    balanceBias: (l) => `${mlp(l)}.gate.e_score_correction_bias`,
+    expert,
+    expertPrefix: (l, e) => `${mlp(l)}.experts.${e}.`,
+    isExpertTensor: (name) => name.includes('.mlp.experts.'),
+    routerMlp: (l, part) => (isMoe(l) ? `${mlp(l)}.${shared}.${HF_PROJ[part]}.weight` : `${mlp(l)}.${HF_PROJ[part]}.weight`),
+    sharedExpertGate: gated ? (l) => `${mlp(l)}.shared_expert_gate.weight` : noSharedGate,
+    gateBias: noGateBias,
+    expertTensors: (l, e) => SWIGLU_PARTS.map((part) => expert(l, e, part)),
   };
 }
 
@@ -140,24 +150,13 @@ function mlpExpertsFamily(
   c: Qwen2MoeConfig | Qwen3MoeConfig | OlmoeConfig, isMoe: (l: number) => boolean, expertIntermediate: number,
   routerMlpWidth: (l: number) => number, sharedName: string | undefined, attention: AttentionVariant, trainable: boolean,
 ): ModelFamily {
-  const mlp = (l: number) => `model.layers.${l}.mlp`;
   const inRange = (l: number) => l >= 0 && l < c.num_hidden_layers && isMoe(l);
   return {
     kind: c.model_type, layers: c.num_hidden_layers,
     moeLayers: Array.from({ length: c.num_hidden_layers }, (_, l) => l).filter(inRange), isMoe: inRange,
     experts: c.num_experts, k: c.num_experts_per_tok, expertIntermediate,
     routerMlpWidth, renormalize: c.norm_topk_prob, trainable, sharedExpertGate: sharedName !== undefined, attention, gateBias: false, fusedExperts: false, window: () => attentionWindow(c),
-    names: {
-      gate: (l) => `${mlp(l)}.gate.weight`,
-      balanceBias: (l) => `${mlp(l)}.gate.e_score_correction_bias`,
-      expert: (l, e, part) => `${mlp(l)}.experts.${e}.${HF_PROJ[part]}.weight`,
-      expertPrefix: (l, e) => `${mlp(l)}.experts.${e}.`,
-      isExpertTensor: (name) => name.includes('.mlp.experts.'),
-      routerMlp: (l, part) => (inRange(l) ? `${mlp(l)}.${sharedName}.${HF_PROJ[part]}.weight` : `${mlp(l)}.${HF_PROJ[part]}.weight`),
-      sharedExpertGate: (l) => `${mlp(l)}.shared_expert_gate.weight`,
-      gateBias: noGateBias,
-      expertTensors: (l, e) => SWIGLU_PARTS.map((part) => `${mlp(l)}.experts.${e}.${HF_PROJ[part]}.weight`),
-    },
+    names: mlpFamilyNames(inRange, sharedName, sharedName !== undefined),
   };
 }
 
