@@ -6,6 +6,7 @@ import { modelTensorShapes } from '../model/hf.js';
 import { familyOf, SWIGLU_PARTS } from '../model/family.js';
 import { MixtralModel } from '../model/model.js';
 import { ExpertSet, type ExpertTransport } from '../model/experts.js';
+import { expertActivationOf } from '../model/expert.js';
 import { join } from 'node:path';
 import { readFile } from 'node:fs/promises';
 import type { AdamW } from '../optim/adamw.js';
@@ -73,7 +74,7 @@ export async function loadExpertSet(source: string | CheckpointLayout, keys: Arr
       throw new RangeError(`expert (layer ${layer}, expert ${expert}) does not exist in ${layout.dir} (MoE layers ${family.moeLayers.join(', ')} × ${family.experts} experts)`);
   const names = keys.flatMap(({ layer, expert }) => SWIGLU_PARTS.map((part) => family.names.expert(layer, expert, part)));
   const tensors = await readTensors(layout, names);
-  const experts = new ExpertSet(layout.config.hidden_size, family.expertIntermediate);
+  const experts = new ExpertSet(layout.config.hidden_size, family.expertIntermediate, expertActivationOf(layout.config));
   for (const { layer, expert } of keys) experts.addFromHf(tensors, layer, expert, family.names);
   return experts;
 }
