@@ -8,15 +8,17 @@ import { basename, dirname, join, resolve } from 'node:path';
 import { ConfigError, parseModelConfig, type ModelConfig } from '../config.js';
 import { BYTES_PER_ELEMENT, FLOAT_WEIGHT_DTYPES } from '../dtypes.js';
 import {
-  CheckpointError, readSafetensors, readSafetensorsHeader, writeSafetensors,
-  type Tensor, type TensorInfo, type WriteDtype,
+  BYTE_TENSOR_DTYPE, CheckpointError, readSafetensors, readSafetensorsHeader, writeSafetensors,
+  type ByteTensorSelector, type StoredTensor, type Tensor, type TensorInfo, type WriteDtype,
 } from './safetensors.js';
 
 export {
-  CheckpointError, readSafetensors, readSafetensorsHeader, serializeSafetensors, writeSafetensors,
+  BYTE_TENSOR_DTYPE, CheckpointError, isByteTensor, readSafetensors, readSafetensorsHeader, serializeSafetensors, writeSafetensors,
   f16ToF32, f32ToBf16, numElements,
 } from './safetensors.js';
-export type { Tensor, TensorInfo, SafetensorsHeader, SafetensorsContents, ReadOptions, WriteDtype } from './safetensors.js';
+export type {
+  ByteTensor, ByteTensorSelector, StoredTensor, Tensor, TensorInfo, SafetensorsHeader, SafetensorsContents, ReadOptions, WriteDtype,
+} from './safetensors.js';
 
 export const CONFIG_FILE = 'config.json';
 export const SINGLE_FILE = 'model.safetensors';
@@ -275,28 +277,40 @@ export interface LoadOptions {
   expectedTensors?: Map<string, number[]> | ((config: ModelConfig) => Map<string, number[]>);
   /** Read only these tensors (only their byte ranges are read); expectedTensors are still checked in full. */
   only?: (name: string) => boolean;
+  /**
+   * Tensors a family keeps as stored bytes (MXFP4 blocks and scales): expected ones must be U8 rather
+   * than a float dtype, and they load as ByteTensor.
+   */
+  byteTensors?: ByteTensorSelector;
 }
 
-export interface LoadedCheckpoint {
+export interface LoadedCheckpoint<T extends StoredTensor = Tensor> {
   config: ModelConfig;
-  tensors: Map<string, Tensor>;
+  tensors: Map<string, T>;
   /** Names of all regular files in the checkpoint folder, sorted. */
   files: string[];
   /** The folder actually read (differs from the argument only when recovering a `dir.old-*` copy). */
   dir: string;
 }
 
-/** Reads `names` from the folder's safetensors files, each file opened once for the tensors it holds. */
-export async function readTensorsFrom(folder: string, names: Iterable<string>, fileOf: (name: string) => string): Promise<Map<string, Tensor>> {
+/**
+ * Reads `names` from the folder's safetensors files, each file opened once for the tensors it holds;
+ * those `byteTensors` selects come back as ByteTensor (U8 bytes).
+ */
+export function readTensorsFrom(folder: string, names: Iterable<string>, fileOf: (name: string) => string, byteTensors: ByteTensorSelector): Promise<Map<string, StoredTensor>>;
+export function readTensorsFrom(folder: string, names: Iterable<string>, fileOf: (name: string) => string): Promise<Map<string, Tensor>>;
+export async function readTensorsFrom(folder: string, names: Iterable<string>, fileOf: (name: string) => string, byteTensors?: ByteTensorSelector): Promise<Map<string, StoredTensor>> {
   const perFile = new Map<string, string[]>();
   for (const n of names) {
     const f = fileOf(n);
     if (!perFile.has(f)) perFile.set(f, []);
     perFile.get(f)!.push(n);
   }
-  const loaded = new Map<string, Tensor>();
+  const loaded = new Map<string, StoredTensor>();
   for (const [file, fileNames] of perFile) {
-    const { tensors } = await readSafetensors(join(folder, file), { names: fileNames });
+    const { tensors } = byteTensors
+      ? await readSafetensors(join(folder, file), { names: fileNames, byteTensors })
+      : await readSafetensors(join(folder, file), { names: fileNames });
     for (const [n, t] of tensors) loaded.set(n, t);
   }
   return loaded;
@@ -384,10 +398,11 @@ export interface CheckpointExamination {
 /**
  * Checks a checkpoint folder from its config and safetensors headers only (no tensor data is read):
  * config.json valid, every file the index names present and holding what the index says, and, with
- * `expectedTensors`, every expected tensor present with its shape and a float dtype, none unexpected.
+ * `expectedTensors`, every expected tensor present with its shape and a float dtype (U8 for those
+ * `byteTensors` selects), none unexpected.
  * Collects every problem instead of stopping at the first (`switchyard import` lists them all).
  */
-export async function examineCheckpoint(dir: string, opts: Pick<LoadOptions, 'expectedTensors'> = {}): Promise<CheckpointExamination> {
+export async function examineCheckpoint(dir: string, opts: Pick<LoadOptions, 'expectedTensors' | 'byteTensors'> = {}): Promise<CheckpointExamination> {
   const folder = await resolveCheckpointDir(resolve(dir));
   const entries = await readdir(folder, { withFileTypes: true }).catch((err: Error) => {
     throw new CheckpointError(`cannot read checkpoint folder ${folder}: ${err.message}`);
@@ -467,18 +482,21 @@ export async function examineCheckpoint(dir: string, opts: Pick<LoadOptions, 'ex
       .filter(([n, s]) => tensors.has(n) && !sameShape(tensors.get(n)!.info.shape, s))
       .map(([n, s]) => `${n}: expected ${shapeText(s)}, found ${shapeText(tensors.get(n)!.info.shape)}`);
     const unexpected = [...tensors.keys()].filter((n) => !expectedTensors.has(n)).map((n) => `${n} ${shapeText(tensors.get(n)!.info.shape)}`);
-    const badDtype = [...tensors].filter(([n, t]) => expectedTensors.has(n) && !(FLOAT_WEIGHT_DTYPES as readonly string[]).includes(t.info.dtype)).map(([n, t]) => `${n}: ${t.info.dtype}`);
+    const isBytes = opts.byteTensors ?? (() => false);
+    const badDtype = [...tensors].filter(([n, t]) => expectedTensors.has(n) && !(FLOAT_WEIGHT_DTYPES as readonly string[]).includes(t.info.dtype) && !isBytes(n)).map(([n, t]) => `${n}: ${t.info.dtype}`);
+    const badBytes = [...tensors].filter(([n, t]) => expectedTensors.has(n) && isBytes(n) && t.info.dtype !== BYTE_TENSOR_DTYPE).map(([n, t]) => `${n}: ${t.info.dtype}`);
     if (missing.length) found.push(`${missing.length} missing tensor(s): ${missing.join('; ')}`);
     if (misshaped.length) found.push(`${misshaped.length} tensor(s) with the wrong shape: ${misshaped.join('; ')}`);
     if (unexpected.length) found.push(`${unexpected.length} unexpected tensor(s): ${unexpected.join('; ')}`);
     if (badDtype.length) found.push(`${badDtype.length} tensor(s) in an unsupported dtype (supported: ${FLOAT_WEIGHT_DTYPES.join(', ')}): ${badDtype.join('; ')}`);
+    if (badBytes.length) found.push(`${badBytes.length} tensor(s) not in ${BYTE_TENSOR_DTYPE}, as quantized blocks and scales must be: ${badBytes.join('; ')}`);
     for (const f of found) problems.push(`checkpoint ${folder} does not match the expected tensors: ${f}`);
   }
   return { dir: folder, files, config, tensors, problems, configError };
 }
 
 /** examineCheckpoint that throws when anything is wrong (a ConfigError when the config is the only problem). */
-export async function inspectCheckpoint(dir: string, opts: Pick<LoadOptions, 'expectedTensors'> = {}): Promise<CheckpointLayout> {
+export async function inspectCheckpoint(dir: string, opts: Pick<LoadOptions, 'expectedTensors' | 'byteTensors'> = {}): Promise<CheckpointLayout> {
   const found = await examineCheckpoint(dir, opts);
   if (found.problems.length === 1 && found.configError) throw found.configError;
   if (found.problems.length === 1) throw new CheckpointError(found.problems[0]!);
@@ -490,12 +508,15 @@ export async function inspectCheckpoint(dir: string, opts: Pick<LoadOptions, 'ex
  * Loads a checkpoint folder. With `expectedTensors`, the whole folder is checked from its headers
  * (even when `only` selects a part), so no service starts on a partly broken checkpoint.
  */
-export async function loadCheckpoint(dir: string, opts: LoadOptions = {}): Promise<LoadedCheckpoint> {
+export function loadCheckpoint(dir: string, opts: LoadOptions & { byteTensors: ByteTensorSelector }): Promise<LoadedCheckpoint<StoredTensor>>;
+export function loadCheckpoint(dir: string, opts?: LoadOptions & { byteTensors?: undefined }): Promise<LoadedCheckpoint>;
+export async function loadCheckpoint(dir: string, opts: LoadOptions = {}): Promise<LoadedCheckpoint<StoredTensor>> {
   const layout = await inspectCheckpoint(dir, opts);
   const only = opts.only ?? (() => true);
   const selected = [...layout.tensors.keys()].filter(only);
-  const loaded = await readTensorsFrom(layout.dir, selected, (n) => layout.tensors.get(n)!.file);
+  const fileOf = (n: string) => layout.tensors.get(n)!.file;
+  const loaded = opts.byteTensors ? await readTensorsFrom(layout.dir, selected, fileOf, opts.byteTensors) : await readTensorsFrom(layout.dir, selected, fileOf);
   // Keep the file's / index's order, independent of the file grouping.
-  const tensors = new Map<string, Tensor>(selected.map((n) => [n, loaded.get(n)!]));
+  const tensors = new Map<string, StoredTensor>(selected.map((n) => [n, loaded.get(n)!]));
   return { config: layout.config, tensors, files: layout.files, dir: layout.dir };
 }

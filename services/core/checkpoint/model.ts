@@ -6,6 +6,7 @@ import { modelTensorShapes } from '../model/hf.js';
 import { familyOf } from '../model/family.js';
 import { MixtralModel } from '../model/model.js';
 import { ExpertSet, type ExpertTransport } from '../model/experts.js';
+import { expertActivationOf } from '../model/expert.js';
 import { join } from 'node:path';
 import { readFile } from 'node:fs/promises';
 import type { AdamW } from '../optim/adamw.js';
@@ -74,7 +75,7 @@ export async function loadExpertSet(source: string | CheckpointLayout, keys: Arr
   // Fused experts (GPT-OSS) share their layer's tensors: each is read once.
   const names = [...new Set(keys.flatMap(({ layer, expert }) => family.names.expertTensors(layer, expert)))];
   const tensors = await readTensors(layout, names);
-  const experts = new ExpertSet(layout.config.hidden_size, family.expertIntermediate);
+  const experts = new ExpertSet(layout.config.hidden_size, family.expertIntermediate, expertActivationOf(layout.config));
   for (const { layer, expert } of keys) experts.addFromHf(tensors, layer, expert, family.names);
   return experts;
 }

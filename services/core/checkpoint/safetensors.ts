@@ -18,6 +18,23 @@ export interface Tensor {
   values: Float32Array;
 }
 
+/** A tensor kept as its stored bytes, not converted to float: U8 data such as MXFP4 blocks and scales. */
+export interface ByteTensor {
+  shape: number[];
+  bytes: Uint8Array;
+}
+
+/** What a read that selects byte tensors gives: float tensors as usual, the selected U8 ones as bytes. */
+export type StoredTensor = Tensor | ByteTensor;
+
+export const isByteTensor = (t: StoredTensor): t is ByteTensor => 'bytes' in t;
+
+/** The one stored dtype read (and written) as bytes. */
+export const BYTE_TENSOR_DTYPE = 'U8';
+
+/** Picks, by name, the tensors to read as bytes: each must be stored as U8. */
+export type ByteTensorSelector = (name: string) => boolean;
+
 export interface TensorInfo {
   dtype: string;
   shape: number[];
@@ -155,15 +172,20 @@ export interface ReadOptions {
   names?: Iterable<string>;
 }
 
-export interface SafetensorsContents {
-  tensors: Map<string, Tensor>;
+export interface SafetensorsContents<T extends StoredTensor = Tensor> {
+  tensors: Map<string, T>;
   metadata: Record<string, string>;
   /** Header of every tensor in the file, read or not. */
   header: Map<string, TensorInfo>;
 }
 
-/** Reads (selected) tensors of a safetensors file as Float32Array, reading only their byte ranges. */
-export async function readSafetensors(file: string, options: ReadOptions = {}): Promise<SafetensorsContents> {
+/**
+ * Reads (selected) tensors of a safetensors file as Float32Array, reading only their byte ranges. U8
+ * tensors are refused unless `byteTensors` selects them; those come back as ByteTensor (their bytes).
+ */
+export function readSafetensors(file: string, options: ReadOptions & { byteTensors: ByteTensorSelector }): Promise<SafetensorsContents<StoredTensor>>;
+export function readSafetensors(file: string, options?: ReadOptions & { byteTensors?: undefined }): Promise<SafetensorsContents>;
+export async function readSafetensors(file: string, options: ReadOptions & { byteTensors?: ByteTensorSelector } = {}): Promise<SafetensorsContents<StoredTensor>> {
   const fh = await openForRead(file);
   try {
     const header = await readHeaderFrom(fh, file);
@@ -176,9 +198,15 @@ export async function readSafetensors(file: string, options: ReadOptions = {}): 
       names = [...header.tensors.keys()];
     }
     if (options.only) names = names.filter(options.only);
-    const tensors = new Map<string, Tensor>();
+    const tensors = new Map<string, StoredTensor>();
     for (const name of names) {
       const info = header.tensors.get(name)!;
+      if (options.byteTensors?.(name)) {
+        if (info.dtype !== BYTE_TENSOR_DTYPE)
+          throw new CheckpointError(`${file}: tensor '${name}' is read as bytes, so it must be stored as ${BYTE_TENSOR_DTYPE}, not ${info.dtype}`);
+        tensors.set(name, { shape: [...info.shape], bytes: await readExactly(fh, info.end - info.begin, info.begin, file) });
+        continue;
+      }
       if (!(READABLE_DTYPES as readonly string[]).includes(info.dtype))
         throw new CheckpointError(`${file}: tensor '${name}' has dtype ${info.dtype}, which is not supported (supported: ${READABLE_DTYPES.join(', ')})`);
       const bytes = await readExactly(fh, info.end - info.begin, info.begin, file);
@@ -192,19 +220,21 @@ export async function readSafetensors(file: string, options: ReadOptions = {}): 
 
 // ---------------------------------------------------------------- writing
 
-export type TensorSource = Map<string, Tensor> | Iterable<[string, Tensor]>;
+/** Tensors to write: float ones in the file's dtype, ByteTensors as U8. */
+export type TensorSource = Map<string, StoredTensor> | Iterable<[string, StoredTensor]>;
 
-function checkTensor(name: string, t: Tensor, where: string): void {
+function checkTensor(name: string, t: StoredTensor, where: string): void {
   if (name === '' || name === '__metadata__') throw new CheckpointError(`${where}: invalid tensor name '${name}'`);
   if (!t.shape.every(isNonNegInt)) throw new CheckpointError(`${where}: tensor '${name}' has invalid shape ${JSON.stringify(t.shape)}`);
   const n = numElements(t.shape);
-  if (t.values.length !== n)
-    throw new CheckpointError(`${where}: tensor '${name}' has ${t.values.length} values but shape ${JSON.stringify(t.shape)} needs ${n}`);
+  const count = isByteTensor(t) ? t.bytes.length : t.values.length;
+  if (count !== n)
+    throw new CheckpointError(`${where}: tensor '${name}' has ${count} values but shape ${JSON.stringify(t.shape)} needs ${n}`);
 }
 
 /** Builds the header bytes (length prefix + space-padded JSON) and the data section size. */
 function buildHeader(
-  entries: [string, Tensor][], metadata: Record<string, string> | undefined, dtype: WriteDtype, where: string,
+  entries: [string, StoredTensor][], metadata: Record<string, string> | undefined, dtype: WriteDtype, where: string,
 ): { prefix: Uint8Array; dataBytes: number } {
   const width = dtype === 'F32' ? 4 : 2;
   const header: Record<string, unknown> = {};
@@ -219,8 +249,8 @@ function buildHeader(
     checkTensor(name, t, where);
     if (seen.has(name)) throw new CheckpointError(`${where}: duplicate tensor name '${name}'`);
     seen.add(name);
-    const size = t.values.length * width;
-    header[name] = { dtype, shape: t.shape, data_offsets: [offset, offset + size] };
+    const size = isByteTensor(t) ? t.bytes.length : t.values.length * width;
+    header[name] = { dtype: isByteTensor(t) ? BYTE_TENSOR_DTYPE : dtype, shape: t.shape, data_offsets: [offset, offset + size] };
     offset += size;
   }
   let json = JSON.stringify(header);
@@ -236,8 +266,8 @@ function buildHeader(
   return { prefix, dataBytes: offset };
 }
 
-function encodeTensor(t: Tensor, dtype: WriteDtype): Uint8Array {
-  return encodeFloats(t.values, dtype);
+function encodeTensor(t: StoredTensor, dtype: WriteDtype): Uint8Array {
+  return isByteTensor(t) ? t.bytes : encodeFloats(t.values, dtype);
 }
 
 async function writeAll(fh: FileHandle, bytes: Uint8Array, position: number): Promise<void> {

@@ -1,16 +1,70 @@
 // The SwiGLU expert, w2(silu(w1·x) ⊙ (w3·x)), forward and hand-written backward. Every service that
-// computes experts (in-process transport, expert shards) calls these two functions.
+// computes experts (in-process transport, expert shards) calls these two functions. GPT-OSS experts
+// add a bias to each projection and a clamped activation; those run forward only (inference).
 import * as tf from '@tensorflow/tfjs-core';
 import { mm, mmTA, scoped, type T2 } from './tensors.js';
 
 /** Weights in compute layout: w1t, w3t [hidden, intermediate]; w2t [intermediate, hidden]. */
 export interface ExpertWeights { w1t: T2; w3t: T2; w2t: T2 }
+
+/**
+ * Per-projection biases (GPT-OSS): b1 on the gate and b3 on the up projection [intermediate], b2 on
+ * the output [hidden]. Kept out of ExpertWeights, whose keys are exactly the three matrices (the
+ * router-side MLP iterates them).
+ */
+export interface ExpertBiases { b1?: tf.Tensor1D; b3?: tf.Tensor1D; b2?: tf.Tensor1D }
+
+/** Everything one expert holds: its matrices and whichever biases it has. */
+export type ExpertParams = ExpertWeights & ExpertBiases;
+
+export const BIAS_PARTS = ['b1', 'b3', 'b2'] as const;
+
+export const hasBiases = (w: ExpertBiases): boolean => w.b1 !== undefined || w.b3 !== undefined || w.b2 !== undefined;
+
+/**
+ * The gated activation between the projections. 'silu': silu(a)·b. 'clamped-swiglu' (GPT-OSS):
+ * gate = min(a, limit), up = clamp(b, −limit, limit), (up + 1)·gate·σ(alpha·gate).
+ */
+export type ExpertActivation = { kind: 'silu' } | { kind: 'clamped-swiglu'; alpha: number; limit: number };
+
+export const SILU: ExpertActivation = Object.freeze({ kind: 'silu' });
+
+/** GPT-OSS's sigmoid slope; fixed in the model, not a config key. */
+export const GPT_OSS_ALPHA = 1.702;
+/** Hugging Face's default `swiglu_limit`. */
+export const GPT_OSS_SWIGLU_LIMIT = 7.0;
+
+/** The activation a model's experts use, from its config's Hugging Face keys. */
+export function expertActivationOf(config: { model_type: string; swiglu_limit?: number }): ExpertActivation {
+  if (config.model_type !== 'gpt_oss') return SILU;
+  const limit = config.swiglu_limit ?? GPT_OSS_SWIGLU_LIMIT;
+  if (!(typeof limit === 'number' && limit > 0 && Number.isFinite(limit))) throw new RangeError(`swiglu_limit must be a positive number, got ${String(limit)}`);
+  return { kind: 'clamped-swiglu', alpha: GPT_OSS_ALPHA, limit };
+}
+
+export function sameActivation(a: ExpertActivation, b: ExpertActivation): boolean {
+  if (a.kind === 'silu' || b.kind === 'silu') return a.kind === b.kind;
+  return a.alpha === b.alpha && a.limit === b.limit;
+}
+
+export function describeActivation(a: ExpertActivation): string {
+  return a.kind === 'silu' ? 'silu' : `clamped-swiglu (alpha ${a.alpha}, limit ${a.limit})`;
+}
+
 /** The same weights transposed, for the backward pass. */
 export interface ExpertWeightsT { w1: T2; w3: T2; w2: T2 }
 
 export interface ExpertCache { x: T2; b: T2; sig: T2; silu: T2; g: T2 }
 
-export function expertForward(x: T2, w: ExpertWeights, keepCache: boolean): { y: T2; cache?: ExpertCache } {
+/**
+ * y for rows x. Plain SwiGLU (silu, no biases) keeps what backward needs when asked; experts with
+ * biases or another activation are forward-only and refuse `keepCache`.
+ */
+export function expertForward(x: T2, w: ExpertParams, keepCache: boolean, activation: ExpertActivation = SILU): { y: T2; cache?: ExpertCache } {
+  if (activation.kind !== 'silu' || hasBiases(w)) {
+    if (keepCache) throw new Error(`experts with biases or the ${describeActivation(activation)} activation are not trainable (inference forward only)`);
+    return { y: inferenceForward(x, w, activation) };
+  }
   return scoped(() => {
     const a = mm(x, w.w1t);
     const b = mm(x, w.w3t);
@@ -19,6 +73,25 @@ export function expertForward(x: T2, w: ExpertWeights, keepCache: boolean): { y:
     const g = tf.mul(silu, b) as T2;
     const y = mm(g, w.w2t);
     return keepCache ? { y, cache: { x: x.clone(), b, sig, silu, g } } : { y };
+  });
+}
+
+const withBias = (t: T2, bias: tf.Tensor1D | undefined): T2 => (bias ? (tf.add(t, bias) as T2) : t);
+
+function inferenceForward(x: T2, w: ExpertParams, activation: ExpertActivation): T2 {
+  return scoped(() => {
+    const a = withBias(mm(x, w.w1t), w.b1);
+    const b = withBias(mm(x, w.w3t), w.b3);
+    let g: T2;
+    if (activation.kind === 'silu') g = tf.mul(tf.mul(a, tf.sigmoid(a)), b) as T2;
+    else {
+      // The gate is clamped from above only, as GPT-OSS was trained (gate·σ(alpha·gate) → 0 below).
+      const gate = tf.minimum(a, activation.limit);
+      const up = tf.clipByValue(b, -activation.limit, activation.limit);
+      const glu = tf.mul(gate, tf.sigmoid(tf.mul(gate, activation.alpha)));
+      g = tf.mul(tf.add(up, 1), glu) as T2;
+    }
+    return withBias(mm(g, w.w2t), w.b2);
   });
 }
 

@@ -3,9 +3,12 @@
 // transport of the serving cluster sends the same row batches to shards that hold ExpertSets.
 import * as tf from '@tensorflow/tfjs-core';
 import { ParameterTable } from './parameters.js';
-import { expertFromHf, type HostTensor } from './hf.js';
+import { expertFromHf, type HostExpert, type HostTensor } from './hf.js';
 import type { FamilyNames } from './family.js';
-import { expertBackward, expertForward, transposeExpert, type ExpertCache, type ExpertWeights, type ExpertWeightsT } from './expert.js';
+import {
+  BIAS_PARTS, SILU, describeActivation, expertBackward, expertForward, sameActivation, transposeExpert,
+  type ExpertActivation, type ExpertCache, type ExpertParams, type ExpertWeightsT,
+} from './expert.js';
 import { disposeAll } from './tensors.js';
 import type { OverflowPolicy, Unserved } from '../overload.js';
 import { expertKeyText } from '../placement.js';
@@ -54,40 +57,62 @@ export class MissingPassError extends Error {
 /** Whether `passId` is the pass `scope` or one of its sub-passes (a model's layers call theirs `scope/L<l>`). */
 export const withinPass = (passId: string, scope: string): boolean => passId === scope || passId.startsWith(`${scope}/`);
 
-export const expertParamName = (layer: number, expert: number, part: 'w1t' | 'w3t' | 'w2t'): string =>
+const MATRIX_PARTS = ['w1t', 'w3t', 'w2t'] as const;
+/** One parameter of an expert: a matrix, or a bias (GPT-OSS). */
+export type ExpertPart = (typeof MATRIX_PARTS)[number] | (typeof BIAS_PARTS)[number];
+
+export const expertParamName = (layer: number, expert: number, part: ExpertPart): string =>
   `layers.${layer}.experts.${expert}.${part}`;
+
+/** An expert's weights in host memory, compute layout, with the biases it has (what loaders produce). */
+export type HostExpertParams = HostExpert & { b1?: HostTensor; b3?: HostTensor; b2?: HostTensor };
 
 const keyOf = (layer: number, expert: number): string => expertKeyText({ layer, expert });
 
 export class ExpertSet {
   readonly params = new ParameterTable();
-  private readonly held = new Set<string>();
+  /** Held experts by key, each with its parameter parts (the matrices, then the biases it has). */
+  private readonly held = new Map<string, readonly ExpertPart[]>();
   private readonly caches = new Map<string, ExpertCache>();
   private transposed = new Map<string, ExpertWeightsT>();
   private transposedVersion = -1;
 
-  constructor(readonly hidden: number, readonly intermediate: number) {}
+  /** `activation`: what every expert of the set computes between its projections (expertActivationOf a config). */
+  constructor(readonly hidden: number, readonly intermediate: number, readonly activation: ExpertActivation = SILU) {}
 
-  add(layer: number, expert: number, w: ExpertWeights): void {
-    this.params.define(expertParamName(layer, expert, 'w1t'), w.w1t);
-    this.params.define(expertParamName(layer, expert, 'w3t'), w.w3t);
-    this.params.define(expertParamName(layer, expert, 'w2t'), w.w2t);
-    this.held.add(keyOf(layer, expert));
+  add(layer: number, expert: number, w: ExpertParams): void {
+    const widths = { b1: this.intermediate, b3: this.intermediate, b2: this.hidden };
+    for (const part of BIAS_PARTS) {
+      const b = w[part];
+      if (b && (b.rank !== 1 || b.shape[0] !== widths[part]))
+        throw new RangeError(`expert (layer ${layer}, expert ${expert}): bias ${part} has shape [${b.shape.join(', ')}], expected [${widths[part]}]`);
+    }
+    const parts = [...MATRIX_PARTS, ...BIAS_PARTS.filter((part) => w[part] !== undefined)];
+    for (const part of parts) this.params.define(expertParamName(layer, expert, part), w[part]!);
+    this.held.set(keyOf(layer, expert), parts);
+  }
+
+  /** Adds an expert from host tensors in compute layout (e.g. gptOssExpertFromHf's result). */
+  addHost(layer: number, expert: number, w: HostExpertParams): void {
+    const matrix = (t: HostTensor) => tf.tensor2d(t.values, t.shape as [number, number]);
+    const vector = (t: HostTensor | undefined) => (t ? tf.tensor1d(t.values) : undefined);
+    this.add(layer, expert, { w1t: matrix(w.w1t), w3t: matrix(w.w3t), w2t: matrix(w.w2t), b1: vector(w.b1), b3: vector(w.b3), b2: vector(w.b2) });
   }
 
   /** Adds an expert from Hugging Face tensors ([out, in] w1/w2/w3 of that layer and expert, in the family's names). */
   addFromHf(tensors: Map<string, HostTensor>, layer: number, expert: number, names: FamilyNames): void {
-    const w = expertFromHf(names, tensors, layer, expert);
-    const matrix = (t: HostTensor) => tf.tensor2d(t.values, t.shape as [number, number]);
-    this.add(layer, expert, { w1t: matrix(w.w1t), w3t: matrix(w.w3t), w2t: matrix(w.w2t) });
+    this.addHost(layer, expert, expertFromHf(names, tensors, layer, expert));
   }
 
-  /** Moves every expert of `other` into this set (a shard taking on experts it just loaded). */
+  /** Moves every expert of `other` into this set (a shard taking on experts it just loaded), biases included. */
   adopt(other: ExpertSet): void {
+    if (!sameActivation(this.activation, other.activation))
+      throw new Error(`cannot adopt experts computing ${describeActivation(other.activation)} into a set computing ${describeActivation(this.activation)}`);
     for (const { layer, expert } of other.keys()) {
-      const [w1t, w3t, w2t] = other.paramNames(layer, expert).map((n) => other.params.take(n));
+      const w = {} as Record<ExpertPart, tf.Tensor>;
+      for (const part of other.partsHeld(layer, expert)) w[part] = other.params.take(expertParamName(layer, expert, part));
       other.held.delete(keyOf(layer, expert));
-      this.add(layer, expert, { w1t, w3t, w2t } as ExpertWeights);
+      this.add(layer, expert, w as unknown as ExpertParams);
     }
   }
 
@@ -103,24 +128,28 @@ export class ExpertSet {
   }
 
   keys(): Array<{ layer: number; expert: number }> {
-    return [...this.held].map((k) => {
+    return [...this.held.keys()].map((k) => {
       const [layer, expert] = k.split('/').map(Number);
       return { layer, expert };
     });
   }
 
-  weights(layer: number, expert: number): ExpertWeights {
-    if (!this.holds(layer, expert)) throw new Error(`expert (layer ${layer}, expert ${expert}) is not held here`);
-    return {
-      w1t: this.params.get(expertParamName(layer, expert, 'w1t')),
-      w3t: this.params.get(expertParamName(layer, expert, 'w3t')),
-      w2t: this.params.get(expertParamName(layer, expert, 'w2t')),
-    };
+  /** The expert's matrices, and its biases when it has them. */
+  weights(layer: number, expert: number): ExpertParams {
+    const w = {} as Record<ExpertPart, tf.Tensor>;
+    for (const part of this.partsHeld(layer, expert)) w[part] = this.params.get(expertParamName(layer, expert, part));
+    return w as unknown as ExpertParams;
   }
 
-  /** Parameter names of one expert, in the order gradients and digests use. */
+  /** Parameter names of one expert, in the order gradients and digests use: w1t, w3t, w2t, then its biases. */
   paramNames(layer: number, expert: number): string[] {
-    return (['w1t', 'w3t', 'w2t'] as const).map((part) => expertParamName(layer, expert, part));
+    return this.partsHeld(layer, expert).map((part) => expertParamName(layer, expert, part));
+  }
+
+  private partsHeld(layer: number, expert: number): readonly ExpertPart[] {
+    const parts = this.held.get(keyOf(layer, expert));
+    if (!parts) throw new Error(`expert (layer ${layer}, expert ${expert}) is not held here`);
+    return parts;
   }
 
   /** SHA-256 of the expert's weights: replicas that must be identical compare these. */
@@ -157,8 +186,13 @@ export class ExpertSet {
     this.checkRows(b);
     const w = this.weights(b.layer, b.expert);
     const x = tf.tensor2d(b.rows, [b.rowCount, this.hidden]);
-    const { y, cache } = expertForward(x, w, train);
-    x.dispose();
+    let result: ReturnType<typeof expertForward>;
+    try {
+      result = expertForward(x, w, train, this.activation);
+    } finally {
+      x.dispose(); // also when a forward-only expert refuses a training pass
+    }
+    const { y, cache } = result;
     const out = y.dataSync() as Float32Array;
     y.dispose();
     if (cache) {

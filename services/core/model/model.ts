@@ -12,7 +12,7 @@ import { attentionBackward, attentionForward, type AttentionCache, type Attentio
 import { QkvTransform, type QkvParams } from './qkv.js';
 import type { KvStore } from './kv-store.js';
 import { StepAttention, type PagedSequence } from './paged-attention.js';
-import { expertBackward, expertForward, type ExpertCache, type ExpertWeights } from './expert.js';
+import { expertActivationOf, expertBackward, expertForward, type ExpertCache, type ExpertWeights } from './expert.js';
 import { ExpertSet, InProcessTransport, type ExpertTransport } from './experts.js';
 import { assertTrainable, familyOf, type ModelFamily } from './family.js';
 import { denseFromHf, denseNames, denseToHf, expertToHf, type HostTensor } from './hf.js';
@@ -205,7 +205,7 @@ export class MixtralModel {
     const std = config.initializer_range;
     // Residual-branch outputs scaled down with depth (GPT-2) so the stream does not grow with layers.
     const outStd = std / Math.sqrt(2 * config.num_hidden_layers);
-    const experts = new ExpertSet(D, H);
+    const experts = new ExpertSet(D, H, expertActivationOf(config));
     const model = new MixtralModel(config, new InProcessTransport(experts), experts);
     const d = model.dense;
     const ones = () => tf.ones([D]);
@@ -245,7 +245,7 @@ export class MixtralModel {
   /** A model from Hugging Face tensors with every expert in-process. */
   static fromHf(config: ModelConfig, tensors: Map<string, HostTensor>): MixtralModel {
     const family = familyOf(config);
-    const experts = new ExpertSet(config.hidden_size, family.expertIntermediate);
+    const experts = new ExpertSet(config.hidden_size, family.expertIntermediate, expertActivationOf(config));
     const model = new MixtralModel(config, new InProcessTransport(experts), experts);
     model.loadDense(tensors);
     for (const l of family.moeLayers)
