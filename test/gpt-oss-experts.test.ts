@@ -7,13 +7,14 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as tf from '@tensorflow/tfjs-core';
 import { initBackend } from '../services/core/backend.js';
-import { preset } from '../services/core/config.js';
+import { parseModelConfig, preset } from '../services/core/config.js';
+import { familyOf } from '../services/core/model/family.js';
 import { dequantizeMxfp4, dequantizeMxfp4Expert, FP4_E2M1_VALUES } from '../services/core/checkpoint/mxfp4.js';
 import {
   CheckpointError, examineCheckpoint, isByteTensor, loadCheckpoint, readSafetensors, readSafetensorsHeader, writeSafetensors,
   type ByteTensor, type StoredTensor, type Tensor,
 } from '../services/core/checkpoint/index.js';
-import { expertActivationOf, SILU } from '../services/core/model/expert.js';
+import { SILU } from '../services/core/model/expert.js';
 import { ExpertSet } from '../services/core/model/experts.js';
 import {
   gptOssExpertFromHf, gptOssExpertNames, gptOssExpertsToHf, gptOssExpertTensorNames, isGptOssByteTensor, type GptOssHostExpert,
@@ -228,11 +229,12 @@ test('gptOssExpertFromHf: the MXFP4 form gives what the dequantized unquantized 
 
 // ------------------------------------------------------------------------------------------ experts
 
-test('expertActivationOf: silu unless gpt_oss, whose limit is swiglu_limit (default 7)', () => {
-  assert.deepEqual(expertActivationOf({ model_type: 'mixtral' }), SILU);
-  assert.deepEqual(expertActivationOf({ model_type: 'gpt_oss' }), { kind: 'clamped-swiglu', alpha: 1.702, limit: 7 });
-  assert.deepEqual(expertActivationOf({ model_type: 'gpt_oss', swiglu_limit: 5.5 }), { kind: 'clamped-swiglu', alpha: 1.702, limit: 5.5 });
-  assert.throws(() => expertActivationOf({ model_type: 'gpt_oss', swiglu_limit: -1 }), RangeError);
+test('the family says what an expert computes: silu unless gpt_oss, whose limit is swiglu_limit (default 7)', () => {
+  const gptOss = { model_type: 'gpt_oss', hidden_size: 64, intermediate_size: 32, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, num_local_experts: 4, num_experts_per_tok: 2, vocab_size: 259, max_position_embeddings: 64 };
+  assert.deepEqual(familyOf(preset('tiny').model).expertActivation, SILU);
+  assert.deepEqual(familyOf(parseModelConfig(gptOss)).expertActivation, { kind: 'clamped-swiglu', alpha: 1.702, limit: 7 });
+  assert.deepEqual(familyOf(parseModelConfig({ ...gptOss, swiglu_limit: 5.5 })).expertActivation, { kind: 'clamped-swiglu', alpha: 1.702, limit: 5.5 });
+  assert.throws(() => parseModelConfig({ ...gptOss, swiglu_limit: -1 }), /swiglu_limit/);
 });
 
 /**
@@ -275,7 +277,7 @@ function gptOssExpert64(
 test('ExpertSet with the clamped activation and biases equals the float64 reference, clamps biting', () => {
   const next = rng(23);
   const E = 3, D = 8, I = 6, rows = 9;
-  const activation = expertActivationOf({ model_type: 'gpt_oss' });
+  const activation = { kind: 'clamped-swiglu', alpha: 1.702, limit: 7 } as const;
   assert.equal(activation.kind, 'clamped-swiglu');
   const fused = {
     gateUp: { shape: [E, D, 2 * I], values: uniform(next, E * D * 2 * I, 1) },

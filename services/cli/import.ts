@@ -2,6 +2,7 @@
 // config and safetensors headers, with the same checks every service runs before it serves, and prints
 // what serving it takes; or lists everything missing or unsupported and exits 1.
 import { resolve } from 'node:path';
+import { isGptOssByteTensor } from '../core/model/gpt-oss-experts.js';
 import { examineCheckpoint, CheckpointError } from '../core/checkpoint/index.js';
 import { summarizeModel, type ByteSize, type ModelSummary } from '../core/checkpoint/summary.js';
 import { modelTensorShapes } from '../core/model/hf.js';
@@ -47,13 +48,13 @@ export function formatSummary(s: ModelSummary, memory?: MemoryPlan, ready = true
     `${s.dir}: ${ready ? 'ready to serve' : 'read, but it cannot be served as planned (the problems follow)'}`,
     `  model type        ${s.modelType}`,
     `  layers            ${s.layers}`,
-    `  experts           ${s.experts} per layer, k = ${s.expertsPerToken} per token, ${s.renormalize ? 'weights renormalised over the k' : 'softmax weights not renormalised'}`,
+    `  experts           ${s.experts} per layer, k = ${s.expertsPerToken} per token, ${s.renormalize ? 'weights renormalised over the k' : 'softmax weights not renormalised'}${s.routerBias ? ', router bias' : ''}; ${s.expertKind}`,
     `  MoE layers        ${s.denseLayers.length ? `${s.moeLayers.join(', ')}; dense MLP in ${s.denseLayers.map((d) => `${d.layer} (${d.width} wide)`).join(', ')}` : `all ${s.layers}`}`,
     ...(s.sharedExperts ? [`  shared experts    ${s.sharedExperts.width} wide per MoE layer${s.sharedExperts.gated ? ', scaled by sigmoid(shared_expert_gate)' : ''} (held by the router)`] : []),
     `  hidden size       ${s.hiddenSize} (head_dim ${s.headDim})`,
     `  intermediate size ${s.intermediateSize}`,
     `  vocabulary        ${s.vocabSize}${s.tiedEmbeddings ? ' (tied embeddings)' : ''}`,
-    `  attention         ${[s.slidingWindow === undefined ? 'full causal' : `sliding window ${s.slidingWindow}`, ...s.attentionExtras].join('; ')}`,
+    `  attention         ${[s.layerWindows ?? (s.slidingWindow === undefined ? 'full causal' : `sliding window ${s.slidingWindow}`), ...s.attentionExtras].join('; ')}`,
     `  parameters        ${formatCount(p.total)} total (${p.total}): ${formatCount(p.perExpert)} per expert (${p.perExpert}), ` +
       `${formatCount(p.allExperts)} in experts, ${formatCount(p.dense)} dense (${p.dense})`,
     `  dtype             torch_dtype ${s.torchDtype}; tensors ${s.dtypes.join(', ')} (converted to float32 for compute)`,
@@ -74,7 +75,7 @@ export async function importCommand(dir: string, flags: ImportFlags): Promise<nu
   let summary: ModelSummary | undefined;
   let memory: MemoryPlan | undefined;
   try {
-    const found = await examineCheckpoint(target, { expectedTensors: modelTensorShapes });
+    const found = await examineCheckpoint(target, { expectedTensors: modelTensorShapes, byteTensors: isGptOssByteTensor });
     problems = found.problems;
     if (!problems.length) {
       // Loaded as the router loads it before serving (/v1/completions encodes with it), so a folder

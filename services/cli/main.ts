@@ -41,7 +41,6 @@ import { TrainLink } from '../core/wire/train-link.js';
 import { runRouterTraining } from '../router/trainer.js';
 import { runShardTraining } from '../expert/trainer.js';
 import { ExpertSet } from '../core/model/experts.js';
-import { expertActivationOf } from '../core/model/expert.js';
 import { OVERFLOW_POLICIES, type OverflowPolicy } from '../core/overload.js';
 import { MAX_MESSAGE_BYTES } from '../core/wire/protos.js';
 import { checkMaxMessageBytes } from '../core/wire/message-size.js';
@@ -401,7 +400,7 @@ async function serveCommand(service: string, flags: ServeFlags): Promise<void> {
   // Routers may send any wire dtype, and replies use it: one float32 row must fit.
   checkMaxMessageBytes(flags.maxMessageBytes, config.hidden_size, 'F32', '--max-message-bytes');
   // A training shard loads its experts when the run (re)starts, from the checkpoint the coordinator names.
-  const experts = flags.train ? new ExpertSet(config.hidden_size, family.expertIntermediate, expertActivationOf(config)) : await loadExpertSet(layout, keys);
+  const experts = flags.train ? new ExpertSet(config.hidden_size, family.expertIntermediate, family.expertActivation) : await loadExpertSet(layout, keys);
   const server = await startExpertServer(experts, flags.host, flags.port, { maxMessageBytes: flags.maxMessageBytes, maxQueueRows: flags.maxQueueRows, maxQueueBytes: flags.maxQueueBytes });
   // Peers dial the registered address, so a shard bound to 0.0.0.0 (a container) names its reachable one.
   const address = flags.advertise ?? `${flags.host}:${server.port}`;

@@ -403,7 +403,7 @@ export const gptOssConfigSchema = z
     router_aux_loss_coef: z.number().nonnegative().optional(),
     bos_token_id: z.number().int().nonnegative().nullable().optional().transform((v) => v ?? undefined),
     eos_token_id: z.number().int().nonnegative().nullable().optional().transform((v) => v ?? undefined),
-    torch_dtype: z.enum(TORCH_DTYPES).default('bfloat16'),
+    torch_dtype: z.enum(TORCH_DTYPES).default('float32'),
     // Only MXFP4 expert weights (the published checkpoints'); absent = the dequantized bf16 layout.
     quantization_config: z.object({ quant_method: z.literal('mxfp4', { error: "quantization_config.quant_method must be 'mxfp4' (the only quantization read)" }) }).passthrough().nullable().optional(),
     // GPT-OSS's router is the top-k of the logits, then a softmax over those k: the renormalised softmax top-k.

@@ -4,7 +4,7 @@ export { parseModelConfig, preset, resolvePreset, ConfigError, type ModelConfig,
 export * as gating from './gating/index.js';
 export { MixtralModel, crossEntropy, type LossResult, type PassOptions } from './model/model.js';
 export { ExpertSet, InProcessTransport, type ExpertTransport, type RowBatch } from './model/experts.js';
-export { expertForward, expertBackward, transposeExpert, expertActivationOf, type ExpertWeights, type ExpertBiases, type ExpertParams, type ExpertActivation } from './model/expert.js';
+export { expertForward, expertBackward, transposeExpert, type ExpertWeights, type ExpertBiases, type ExpertParams, type ExpertActivation } from './model/expert.js';
 export { AdamW, clipFactor, gradSquareSum } from './optim/adamw.js';
 export { learningRate } from './optim/schedule.js';
 export { loadCheckpoint, saveCheckpoint, CheckpointError } from './checkpoint/index.js';

@@ -1,12 +1,12 @@
 // A model checkpoint in Hugging Face layout, plus (for training) the optimizer moments and the trainer's
 // state in the same atomically written folder, so a resumed run continues bit for bit.
-import { inspectCheckpoint, loadCheckpoint, readTensorsFrom, saveCheckpoint, serializeSafetensors, type CheckpointLayout, type Tensor, type WriteDtype } from './index.js';
+import { inspectCheckpoint, loadCheckpoint, readTensorsFrom, saveCheckpoint, serializeSafetensors, type CheckpointLayout, type StoredTensor, type WriteDtype } from './index.js';
 import { loadOptimizerMoments } from './cluster.js';
 import { modelTensorShapes } from '../model/hf.js';
 import { familyOf } from '../model/family.js';
+import { isGptOssByteTensor } from '../model/gpt-oss-experts.js';
 import { MixtralModel } from '../model/model.js';
 import { ExpertSet, type ExpertTransport } from '../model/experts.js';
-import { expertActivationOf } from '../model/expert.js';
 import { join } from 'node:path';
 import { readFile } from 'node:fs/promises';
 import type { AdamW } from '../optim/adamw.js';
@@ -42,12 +42,12 @@ export async function saveModel(dir: string, model: MixtralModel, training?: Tra
  * calls this before it serves or registers, so none runs on a partly broken checkpoint.
  */
 export async function inspectModel(dir: string): Promise<CheckpointLayout> {
-  return inspectCheckpoint(dir, { expectedTensors: modelTensorShapes });
+  return inspectCheckpoint(dir, { expectedTensors: modelTensorShapes, byteTensors: isGptOssByteTensor });
 }
 
 /** Loads a checkpoint into an in-process model; tensors are checked against the config first. */
 export async function loadModel(dir: string): Promise<MixtralModel> {
-  const { config, tensors } = await loadCheckpoint(dir, { expectedTensors: modelTensorShapes });
+  const { config, tensors } = await loadCheckpoint(dir, { expectedTensors: modelTensorShapes, byteTensors: isGptOssByteTensor });
   return MixtralModel.fromHf(config, tensors);
 }
 
@@ -57,8 +57,9 @@ async function layoutOf(source: string | CheckpointLayout): Promise<CheckpointLa
 }
 
 /** Reads the named tensors' data, by the layout's file for each (each file's header is parsed once more to read). */
-function readTensors(layout: CheckpointLayout, names: string[]): Promise<Map<string, Tensor>> {
-  return readTensorsFrom(layout.dir, names, (n) => layout.tensors.get(n)!.file);
+function readTensors(layout: CheckpointLayout, names: string[]): Promise<Map<string, StoredTensor>> {
+  // MXFP4 blocks and scales (GPT-OSS experts) come back as bytes; no other family has such names.
+  return readTensorsFrom(layout.dir, names, (n) => layout.tensors.get(n)!.file, isGptOssByteTensor);
 }
 
 /**
@@ -75,8 +76,8 @@ export async function loadExpertSet(source: string | CheckpointLayout, keys: Arr
   // Fused experts (GPT-OSS) share their layer's tensors: each is read once.
   const names = [...new Set(keys.flatMap(({ layer, expert }) => family.names.expertTensors(layer, expert)))];
   const tensors = await readTensors(layout, names);
-  const experts = new ExpertSet(layout.config.hidden_size, family.expertIntermediate, expertActivationOf(layout.config));
-  for (const { layer, expert } of keys) experts.addFromHf(tensors, layer, expert, family.names);
+  const experts = new ExpertSet(layout.config.hidden_size, family.expertIntermediate, family.expertActivation);
+  for (const { layer, expert } of keys) experts.addFromHf(tensors, layer, expert, family);
   return experts;
 }
 

@@ -2,8 +2,8 @@
 // headers only (no tensor data): `switchyard import` prints it before anything is started.
 import { stat } from 'node:fs/promises';
 import { join } from 'node:path';
-import { attentionWindow, headDim } from '../config.js';
-import { familyOf, type AttentionVariant } from '../model/family.js';
+import { headDim } from '../config.js';
+import { familyOf, type ModelFamily } from '../model/family.js';
 import { spreadExperts } from '../placement.js';
 import type { CheckpointLayout } from './index.js';
 import { numElements } from './safetensors.js';
@@ -32,8 +32,10 @@ export interface ModelSummary {
   headDim: number;
   vocabSize: number;
   tiedEmbeddings: boolean;
-  /** Undefined: full causal attention. */
+  /** Undefined: full causal attention (or per-layer windows, below). */
   slidingWindow?: number;
+  /** Windows that differ by layer (GPT-OSS), in words. */
+  layerWindows?: string;
   /** What the family adds to Llama attention (q/k/v biases, q/k norms, clamp), in words; empty for none. */
   attentionExtras: string[];
   /** Layers with routed experts, and the others' dense MLP width. */
@@ -41,6 +43,9 @@ export interface ModelSummary {
   denseLayers: Array<{ layer: number; width: number }>;
   /** Router-side shared experts of an MoE layer: total width and whether a sigmoid gate scales them. */
   sharedExperts?: { width: number; gated: boolean };
+  /** What one expert computes, in words; and whether the router adds a bias. */
+  expertKind: string;
+  routerBias: boolean;
   /** Whether the k chosen weights are renormalised to sum to 1 (norm_topk_prob). */
   renormalize: boolean;
   torchDtype: string;
@@ -56,8 +61,18 @@ export interface ModelSummary {
   tokenizer: { file?: string; ids: number };
 }
 
-function attentionExtras(a: AttentionVariant): string[] {
+/** One window for every layer, or (GPT-OSS) the layers that slide. */
+function windowOf(family: ModelFamily): { slidingWindow?: number; layerWindows?: string } {
+  const windows = Array.from({ length: family.layers }, (_, l) => family.window(l));
+  if (windows.every((w) => w === windows[0])) return windows[0] === undefined ? {} : { slidingWindow: windows[0] };
+  const sliding = windows.flatMap((w, l) => (w === undefined ? [] : [l]));
+  return { layerWindows: `sliding window ${windows[sliding[0]]} in layers ${sliding.join(', ')}, full causal in the others` };
+}
+
+function attentionExtras(family: ModelFamily): string[] {
+  const a = family.attention;
   return [
+    ...(a.sinks ? ['attention sinks'] : []),
     ...(a.qkvBias ? ['q/k/v biases'] : []),
     ...(a.oBias ? ['o_proj bias'] : []),
     ...(a.qkNorm === 'head' ? ['q/k RMSNorm per head'] : a.qkNorm === 'whole' ? ['q/k RMSNorm over the whole projection'] : []),
@@ -95,7 +110,7 @@ export async function summarizeModel(layout: CheckpointLayout, shardCount: numbe
       elements += numElements(info.shape);
     }
     if (!family.fusedExperts) return { elements, bytes };
-    return { elements: 3 * D * I + (family.clampedSwiglu ? 2 * I + D : 0), bytes: bytes / family.experts };
+    return { elements: 3 * D * I + (family.expertActivation.kind === 'clamped-swiglu' ? 2 * I + D : 0), bytes: bytes / family.experts };
   };
   const spread = spreadExperts(family.moeLayers, family.experts, shardCount);
   let expertElements = 0;
@@ -127,13 +142,16 @@ export async function summarizeModel(layout: CheckpointLayout, shardCount: numbe
     headDim: headDim(c),
     vocabSize: c.vocab_size,
     tiedEmbeddings: c.tie_word_embeddings,
-    slidingWindow: attentionWindow(c),
-    attentionExtras: attentionExtras(family.attention),
+    ...windowOf(family),
+    attentionExtras: attentionExtras(family),
     moeLayers: [...family.moeLayers],
     denseLayers: Array.from({ length: family.layers }, (_, l) => l).filter((l) => !family.isMoe(l)).map((layer) => ({ layer, width: family.routerMlpWidth(layer) })),
     ...(family.moeLayers.length && family.routerMlpWidth(family.moeLayers[0]) > 0
       ? { sharedExperts: { width: family.routerMlpWidth(family.moeLayers[0]), gated: family.sharedExpertGate } } : {}),
     renormalize: family.renormalize,
+    expertKind: family.expertActivation.kind === 'silu' ? 'SwiGLU'
+      : `clamped SwiGLU (alpha ${family.expertActivation.alpha}, limit ${family.expertActivation.limit}) with biases${family.fusedExperts ? ', fused per layer' : ''}`,
+    routerBias: family.gateBias,
     torchDtype: c.torch_dtype,
     dtypes: [...dtypes].sort(),
     parameters: { total, perExpert: expertSize(family.moeLayers[0] ?? 0, 0).elements, allExperts: expertElements, dense: denseElements },

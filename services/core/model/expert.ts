@@ -29,18 +29,7 @@ export type ExpertActivation = { kind: 'silu' } | { kind: 'clamped-swiglu'; alph
 
 export const SILU: ExpertActivation = Object.freeze({ kind: 'silu' });
 
-/** GPT-OSS's sigmoid slope; fixed in the model, not a config key. */
-export const GPT_OSS_ALPHA = 1.702;
-/** Hugging Face's default `swiglu_limit`. */
-export const GPT_OSS_SWIGLU_LIMIT = 7.0;
-
 /** The activation a model's experts use, from its config's Hugging Face keys. */
-export function expertActivationOf(config: { model_type: string; swiglu_limit?: number }): ExpertActivation {
-  if (config.model_type !== 'gpt_oss') return SILU;
-  const limit = config.swiglu_limit ?? GPT_OSS_SWIGLU_LIMIT;
-  if (!(typeof limit === 'number' && limit > 0 && Number.isFinite(limit))) throw new RangeError(`swiglu_limit must be a positive number, got ${String(limit)}`);
-  return { kind: 'clamped-swiglu', alpha: GPT_OSS_ALPHA, limit };
-}
 
 export function sameActivation(a: ExpertActivation, b: ExpertActivation): boolean {
   if (a.kind === 'silu' || b.kind === 'silu') return a.kind === b.kind;

@@ -3,8 +3,9 @@
 // transport of the serving cluster sends the same row batches to shards that hold ExpertSets.
 import * as tf from '@tensorflow/tfjs-core';
 import { ParameterTable } from './parameters.js';
-import { expertFromHf, type HostExpert, type HostTensor } from './hf.js';
-import type { FamilyNames } from './family.js';
+import { expertOfCheckpoint, type HostExpert, type HostTensor } from './hf.js';
+import type { ModelFamily } from './family.js';
+import type { StoredTensor } from '../checkpoint/safetensors.js';
 import {
   BIAS_PARTS, SILU, describeActivation, expertBackward, expertForward, sameActivation, transposeExpert,
   type ExpertActivation, type ExpertCache, type ExpertParams, type ExpertWeightsT,
@@ -99,9 +100,9 @@ export class ExpertSet {
     this.add(layer, expert, { w1t: matrix(w.w1t), w3t: matrix(w.w3t), w2t: matrix(w.w2t), b1: vector(w.b1), b3: vector(w.b3), b2: vector(w.b2) });
   }
 
-  /** Adds an expert from Hugging Face tensors ([out, in] w1/w2/w3 of that layer and expert, in the family's names). */
-  addFromHf(tensors: Map<string, HostTensor>, layer: number, expert: number, names: FamilyNames): void {
-    this.addHost(layer, expert, expertFromHf(names, tensors, layer, expert));
+  /** Adds an expert from a checkpoint's Hugging Face tensors, in the family's names and layout. */
+  addFromHf(tensors: ReadonlyMap<string, StoredTensor>, layer: number, expert: number, family: ModelFamily): void {
+    this.addHost(layer, expert, expertOfCheckpoint(family, tensors, layer, expert));
   }
 
   /** Moves every expert of `other` into this set (a shard taking on experts it just loaded), biases included. */

@@ -2,6 +2,8 @@
 // reading family-specific config keys or tensor names: which layers route to experts, how wide each MLP
 // is, whether the chosen weights are renormalised, and the published Hugging Face names of the tensors
 // that differ between families (attention and norms are Llama-style in every family, see hf.ts).
+import type { ExpertActivation } from './expert.js';
+import { gptOssExpertTensorNames } from './gpt-oss-experts.js';
 import { attentionWindow, ConfigError, type DeepseekConfig, type GptOssConfig, type MixtralConfig, type ModelConfig, type OlmoeConfig, type Qwen2MoeConfig, type Qwen3MoeConfig } from '../config.js';
 
 /** A SwiGLU matrix in Mixtral terms: w1 = gate_proj, w3 = up_proj, w2 = down_proj. */
@@ -31,8 +33,7 @@ export interface FamilyNames {
   expertTensors(l: number, e: number): string[];
 }
 
-/** GPT-OSS's expert: biases on all three projections and the clamped SwiGLU (expert.ts computes it). */
-export interface ClampedSwiglu { alpha: number; limit: number }
+
 
 /** What a family adds to Llama attention, between the q|k|v projection and RoPE, and after o_proj. */
 export interface AttentionVariant {
@@ -72,13 +73,14 @@ export interface ModelFamily {
   gateBias: boolean;
   /** Whether one checkpoint tensor holds every expert of a layer (GPT-OSS `mlp.experts.gate_up_proj`). */
   fusedExperts: boolean;
-  /** GPT-OSS's expert; undefined = the bias-free SwiGLU of every other family. */
-  clampedSwiglu?: ClampedSwiglu;
+  /** What a routed expert computes (expert.ts): SwiGLU, or GPT-OSS's clamped SwiGLU with biases. */
+  expertActivation: ExpertActivation;
   /** Layer l's attention window in positions (see attentionWindow in config.ts), undefined = full causal. */
   window(l: number): number | undefined;
   names: FamilyNames;
 }
 
+const SILU_EXPERT: ExpertActivation = { kind: 'silu' };
 const LLAMA_ATTENTION: AttentionVariant = { qkvBias: false, oBias: false, qkNorm: 'none', sinks: false };
 const noSharedGate = (l: number): string => { throw new Error(`layer ${l} has no shared-expert gate in this family`); };
 const noGateBias = (l: number): string => { throw new Error(`layer ${l}'s router has no bias in this family`); };
@@ -91,7 +93,7 @@ function mixtralFamily(c: MixtralConfig): ModelFamily {
   return {
     kind: 'mixtral', layers: c.num_hidden_layers, moeLayers: layers, isMoe: (l) => l >= 0 && l < c.num_hidden_layers,
     experts: c.num_local_experts, k: c.num_experts_per_tok, expertIntermediate: c.intermediate_size,
-    routerMlpWidth: () => 0, renormalize: true, trainable: true, sharedExpertGate: false, attention: LLAMA_ATTENTION, gateBias: false, fusedExperts: false, window: () => attentionWindow(c),
+    routerMlpWidth: () => 0, renormalize: true, trainable: true, sharedExpertGate: false, attention: LLAMA_ATTENTION, gateBias: false, fusedExperts: false, expertActivation: SILU_EXPERT, window: () => attentionWindow(c),
     names: {
       gate: (l) => `${moe(l)}.gate.weight`,
       balanceBias: (l) => `${moe(l)}.gate.e_score_correction_bias`,
@@ -115,7 +117,7 @@ function deepseekFamily(c: DeepseekConfig): ModelFamily {
     moeLayers: Array.from({ length: c.num_hidden_layers }, (_, l) => l).filter(isMoe), isMoe,
     experts: c.n_routed_experts, k: c.num_experts_per_tok, expertIntermediate: c.moe_intermediate_size,
     routerMlpWidth: (l) => (isMoe(l) ? shared : c.intermediate_size),
-    renormalize: c.norm_topk_prob, trainable: true, sharedExpertGate: false, attention: LLAMA_ATTENTION, gateBias: false, fusedExperts: false, window: () => attentionWindow(c),
+    renormalize: c.norm_topk_prob, trainable: true, sharedExpertGate: false, attention: LLAMA_ATTENTION, gateBias: false, fusedExperts: false, expertActivation: SILU_EXPERT, window: () => attentionWindow(c),
     names: mlpFamilyNames(isMoe, 'shared_experts', false),
   };
 }
@@ -155,7 +157,7 @@ function mlpExpertsFamily(
     kind: c.model_type, layers: c.num_hidden_layers,
     moeLayers: Array.from({ length: c.num_hidden_layers }, (_, l) => l).filter(inRange), isMoe: inRange,
     experts: c.num_experts, k: c.num_experts_per_tok, expertIntermediate,
-    routerMlpWidth, renormalize: c.norm_topk_prob, trainable, sharedExpertGate: sharedName !== undefined, attention, gateBias: false, fusedExperts: false, window: () => attentionWindow(c),
+    routerMlpWidth, renormalize: c.norm_topk_prob, trainable, sharedExpertGate: sharedName !== undefined, attention, gateBias: false, fusedExperts: false, expertActivation: SILU_EXPERT, window: () => attentionWindow(c),
     names: mlpFamilyNames(inRange, sharedName, sharedName !== undefined),
   };
 }
@@ -180,16 +182,6 @@ function olmoeFamily(c: OlmoeConfig): ModelFamily {
     { qkvBias: c.attention_bias, oBias: c.attention_bias, qkNorm: 'whole', sinks: false, ...(c.clip_qkv === null ? {} : { clip: c.clip_qkv }) }, true);
 }
 
-/** The tensors of layer l's fused GPT-OSS experts: bf16 (`gate_up_proj`, `down_proj`) or MXFP4 blocks and scales. */
-export function gptOssExpertTensorNames(l: number, mxfp4: boolean): { gateUp: string[]; down: string[]; gateUpBias: string; downBias: string } {
-  const p = `model.layers.${l}.mlp.experts`;
-  return {
-    gateUp: mxfp4 ? [`${p}.gate_up_proj_blocks`, `${p}.gate_up_proj_scales`] : [`${p}.gate_up_proj`],
-    down: mxfp4 ? [`${p}.down_proj_blocks`, `${p}.down_proj_scales`] : [`${p}.down_proj`],
-    gateUpBias: `${p}.gate_up_proj_bias`, downBias: `${p}.down_proj_bias`,
-  };
-}
-
 /**
  * GPT-OSS (HF GptOssDecoderLayer): every layer sparse, the router `mlp.router` with a bias, experts fused
  * per layer, attention with biases and sinks, sliding or full per `layer_types`.
@@ -205,7 +197,7 @@ function gptOssFamily(c: GptOssConfig): ModelFamily {
     experts: c.num_local_experts, k: c.num_experts_per_tok, expertIntermediate: c.intermediate_size,
     routerMlpWidth: () => 0, renormalize: true, trainable: false, sharedExpertGate: false,
     attention: { qkvBias: true, oBias: true, qkNorm: 'none', sinks: true }, gateBias: true, fusedExperts: true,
-    clampedSwiglu: { alpha: c.swiglu_alpha, limit: c.swiglu_limit },
+    expertActivation: { kind: 'clamped-swiglu', alpha: c.swiglu_alpha, limit: c.swiglu_limit },
     window: (l) => windows[l],
     names: {
       gate: (l) => `${mlp(l)}.router.weight`,
@@ -216,10 +208,7 @@ function gptOssFamily(c: GptOssConfig): ModelFamily {
       isExpertTensor: (name) => name.includes('.mlp.experts.'),
       routerMlp: (l) => { throw new Error(`GPT-OSS layer ${l} has no router-side MLP`); },
       sharedExpertGate: noSharedGate,
-      expertTensors: (l) => {
-        const n = gptOssExpertTensorNames(l, mxfp4);
-        return [...n.gateUp, n.gateUpBias, ...n.down, n.downBias];
-      },
+      expertTensors: (l) => gptOssExpertTensorNames(l, mxfp4 ? 'mxfp4' : 'unquantized'),
     },
   };
 }

@@ -3,7 +3,10 @@
 // always HF layout; the family-specific names come from family.ts.
 import type { Tensor as HostTensor } from '../checkpoint/safetensors.js';
 import { headDim, type ModelConfig } from '../config.js';
-import { familyOf, gptOssExpertTensorNames, type FamilyNames, type SwigluPart } from './family.js';
+import { familyOf, type FamilyNames, type ModelFamily, type SwigluPart } from './family.js';
+import type { HostExpertParams } from './experts.js';
+import { gptOssExpertFromHf, gptOssExpertNames } from './gpt-oss-experts.js';
+import type { StoredTensor } from '../checkpoint/safetensors.js';
 import { transposeRows } from './tensors.js';
 
 /** A tensor in host memory (the safetensors codec's type). */
@@ -167,6 +170,12 @@ export function expertFromHf(names: FamilyNames, tensors: Map<string, HostTensor
   };
 }
 
+/** Expert e of layer l from a checkpoint's tensors, whatever the family stores (per-expert matrices, or fused GPT-OSS tensors). */
+export function expertOfCheckpoint(family: ModelFamily, tensors: ReadonlyMap<string, StoredTensor>, layer: number, expert: number): HostExpertParams {
+  if (family.fusedExperts) return gptOssExpertFromHf(tensors, layer, expert);
+  return expertFromHf(family.names, tensors as Map<string, HostTensor>, layer, expert);
+}
+
 export function expertToHf(names: FamilyNames, out: Map<string, HostTensor>, layer: number, expert: number, w: HostExpert): void {
   out.set(names.expert(layer, expert, 'w1'), flip(w.w1t));
   out.set(names.expert(layer, expert, 'w3'), flip(w.w3t));
@@ -187,15 +196,15 @@ function swigluShapes(m: Map<string, number[]>, name: (part: SwigluPart) => stri
  */
 function fusedExpertShapes(m: Map<string, number[]>, config: ModelConfig, l: number, E: number, h: number, inter: number): void {
   const mxfp4 = config.model_type === 'gpt_oss' && config.quantization_config != null;
-  const n = gptOssExpertTensorNames(l, mxfp4);
+  const n = gptOssExpertNames;
   if (mxfp4) {
-    m.set(n.gateUp[0], [E, 2 * inter, h / 32, 16]).set(n.gateUp[1], [E, 2 * inter, h / 32]);
-    m.set(n.down[0], [E, h, inter / 32, 16]).set(n.down[1], [E, h, inter / 32]);
+    m.set(n.blocks(l, 'gate_up_proj'), [E, 2 * inter, h / 32, 16]).set(n.scales(l, 'gate_up_proj'), [E, 2 * inter, h / 32]);
+    m.set(n.blocks(l, 'down_proj'), [E, h, inter / 32, 16]).set(n.scales(l, 'down_proj'), [E, h, inter / 32]);
   } else {
-    m.set(n.gateUp[0], [E, h, 2 * inter]);
-    m.set(n.down[0], [E, inter, h]);
+    m.set(n.gateUp(l), [E, h, 2 * inter]);
+    m.set(n.down(l), [E, inter, h]);
   }
-  m.set(n.gateUpBias, [E, 2 * inter]).set(n.downBias, [E, h]);
+  m.set(n.gateUpBias(l), [E, 2 * inter]).set(n.downBias(l), [E, h]);
 }
 
 /**

@@ -10,9 +10,11 @@ import { Rng } from '../data/random.js';
 import { gumbelNoise, isDropless, multiplicativeJitter, pooledAuxLoss, pooledAuxTotals, updateBalanceBias, type PooledAuxTotals } from '../gating/index.js';
 import { attentionBackward, attentionForward, type AttentionCache, type AttentionWeights, type KvCache } from './attention.js';
 import { QkvTransform, type QkvParams } from './qkv.js';
+import { gptOssExpertsToHf } from './gpt-oss-experts.js';
+import type { StoredTensor } from '../checkpoint/safetensors.js';
 import type { KvStore } from './kv-store.js';
 import { StepAttention, type PagedSequence } from './paged-attention.js';
-import { expertActivationOf, expertBackward, expertForward, type ExpertCache, type ExpertWeights } from './expert.js';
+import { expertBackward, expertForward, type ExpertBiases, type ExpertCache, type ExpertWeights } from './expert.js';
 import { ExpertSet, InProcessTransport, type ExpertTransport } from './experts.js';
 import { assertTrainable, familyOf, type ModelFamily } from './family.js';
 import { denseFromHf, denseNames, denseToHf, expertToHf, type HostTensor } from './hf.js';
@@ -205,7 +207,7 @@ export class MixtralModel {
     const std = config.initializer_range;
     // Residual-branch outputs scaled down with depth (GPT-2) so the stream does not grow with layers.
     const outStd = std / Math.sqrt(2 * config.num_hidden_layers);
-    const experts = new ExpertSet(D, H, expertActivationOf(config));
+    const experts = new ExpertSet(D, H, family.expertActivation);
     const model = new MixtralModel(config, new InProcessTransport(experts), experts);
     const d = model.dense;
     const ones = () => tf.ones([D]);
@@ -224,6 +226,8 @@ export class MixtralModel {
         d.define(denseNames.kNorm(l), tf.ones([perHead ? hd : config.num_key_value_heads * hd]));
       }
       if (family.sharedExpertGate && family.isMoe(l)) d.define(denseNames.sharedGate(l), tf.tensor2d(normalInit(rng, D, std), [D, 1]));
+      if (a.sinks) d.define(denseNames.sinks(l), tf.tensor1d(normalInit(rng, config.num_attention_heads, 1)));
+      if (family.gateBias && family.isMoe(l)) d.define(denseNames.gateBias(l), tf.tensor1d(normalInit(rng, family.experts, std)));
       d.define(denseNames.moeNorm(l), ones());
       const swiglu = (width: number): ExpertWeights => ({
         w1t: tf.tensor2d(normalInit(rng, D * width, std), [D, width]),
@@ -232,7 +236,11 @@ export class MixtralModel {
       });
       if (family.isMoe(l)) {
         d.define(denseNames.gate(l), tf.tensor2d(normalInit(rng, D * family.experts, std), [D, family.experts]));
-        for (let e = 0; e < family.experts; e++) experts.add(l, e, swiglu(H));
+        // GPT-OSS's experts carry biases on all three projections.
+        const biases = (): ExpertBiases => (family.expertActivation.kind === 'silu' ? {} : {
+          b1: tf.tensor1d(normalInit(rng, H, std)), b3: tf.tensor1d(normalInit(rng, H, std)), b2: tf.tensor1d(normalInit(rng, D, std)),
+        });
+        for (let e = 0; e < family.experts; e++) experts.add(l, e, { ...swiglu(H), ...biases() });
       }
       const mlpWidth = family.routerMlpWidth(l);
       if (mlpWidth > 0) for (const [part, w] of Object.entries(swiglu(mlpWidth))) d.define(denseNames.mlp(l, part as keyof ExpertWeights), w);
@@ -243,22 +251,22 @@ export class MixtralModel {
   }
 
   /** A model from Hugging Face tensors with every expert in-process. */
-  static fromHf(config: ModelConfig, tensors: Map<string, HostTensor>): MixtralModel {
+  static fromHf(config: ModelConfig, tensors: ReadonlyMap<string, StoredTensor>): MixtralModel {
     const family = familyOf(config);
-    const experts = new ExpertSet(config.hidden_size, family.expertIntermediate, expertActivationOf(config));
+    const experts = new ExpertSet(config.hidden_size, family.expertIntermediate, family.expertActivation);
     const model = new MixtralModel(config, new InProcessTransport(experts), experts);
     model.loadDense(tensors);
     for (const l of family.moeLayers)
-      for (let e = 0; e < family.experts; e++) experts.addFromHf(tensors, l, e, family.names);
+      for (let e = 0; e < family.experts; e++) experts.addFromHf(tensors, l, e, family);
     return model;
   }
 
-  /** Loads the dense (router-held) parameters from HF tensors. */
-  loadDense(tensors: Map<string, HostTensor>): void {
-    for (const [name, t] of denseFromHf(this.config, tensors)) this.dense.define(name, tf.tensor(t.values, t.shape));
+  /** Loads the dense (router-held) parameters from HF tensors (floats: only expert tensors may be MXFP4 bytes). */
+  loadDense(tensors: ReadonlyMap<string, StoredTensor>): void {
+    for (const [name, t] of denseFromHf(this.config, tensors as Map<string, HostTensor>)) this.dense.define(name, tf.tensor(t.values, t.shape));
     if (this.balanceBias)
       for (const l of this.family.moeLayers) {
-        const saved = tensors.get(this.family.names.balanceBias(l));
+        const saved = tensors.get(this.family.names.balanceBias(l)) as HostTensor | undefined;
         if (saved) this.balanceBias[l].set(saved.values);
       }
   }
@@ -269,9 +277,19 @@ export class MixtralModel {
     const dense = new Map<string, HostTensor>();
     for (const name of this.dense.names()) dense.set(name, host(this.dense.get(name)));
     const out = denseToHf(this.config, dense);
-    if (this.localExperts)
-      for (const { layer, expert } of this.localExperts.keys()) {
-        const w = this.localExperts.weights(layer, expert);
+    const local = this.localExperts;
+    if (local && this.family.fusedExperts) {
+      // GPT-OSS stores a layer's experts in one tensor each (unquantized when Switchyard writes them).
+      for (const l of this.family.moeLayers) {
+        const experts = Array.from({ length: this.family.experts }, (_, e) => {
+          const w = local.weights(l, e);
+          return { w1t: host(w.w1t), w3t: host(w.w3t), w2t: host(w.w2t), b1: host(w.b1!), b3: host(w.b3!), b2: host(w.b2!) };
+        });
+        gptOssExpertsToHf(out, l, experts);
+      }
+    } else if (local)
+      for (const { layer, expert } of local.keys()) {
+        const w = local.weights(layer, expert);
         expertToHf(this.family.names, out, layer, expert, { w1t: host(w.w1t), w3t: host(w.w3t), w2t: host(w.w2t) });
       }
     if (this.balanceBias)
