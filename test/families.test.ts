@@ -18,6 +18,7 @@ import { MixtralModel } from '../services/core/model/model.js';
 import { startCluster, type TestCluster } from './support/cluster.js';
 import { runCli } from './support/cli.js';
 import { hfReferenceLogits, type HfTensors } from './support/hf-reference64.js';
+import { maxAbs, maxAbsDiff } from './support/reference64.js';
 import { tinyConfigs, writeTinyHfCheckpoint } from './support/tiny-hf-checkpoint.js';
 
 await initBackend();
@@ -41,19 +42,6 @@ const configOf = (family: string): Record<string, unknown> => {
 };
 
 const idsOf = (n: number, seed: number) => Array.from({ length: n }, (_, i) => (i * 37 + seed * 11 + 5) % 256);
-
-function maxAbs(a: ArrayLike<number>): number {
-  let m = 0;
-  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i]));
-  return m;
-}
-
-function maxDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
-  assert.equal(a.length, b.length);
-  let m = 0;
-  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs(a[i] - b[i]));
-  return m;
-}
 
 function logSoftmax64(row: ArrayLike<number>): Float64Array {
   let max = -Infinity;
@@ -96,7 +84,7 @@ for (const { family, mxfp4 } of SERVED) {
       });
       assert.equal(res.status, 200, await res.clone().text());
       const body = (await res.json()) as { outputs: Array<{ shape: number[]; data: number[] }> };
-      const diff = maxDiff(body.outputs[0].data, want);
+      const diff = maxAbsDiff(body.outputs[0].data, want);
       t.diagnostic(`${name} infer: max |Δlogit| vs float64 reference ${diff.toExponential(2)} (max |logit| ${scale.toFixed(2)})`);
       assert.ok(diff <= 1e-5 * scale, `infer: max |Δlogit| ${diff} vs ${scale}`);
 

@@ -1,4 +1,5 @@
 import { test } from 'node:test';
+import { mulberry32 } from './support/mulberry32.js';
 import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { fixturePath } from './support/paths.js';
@@ -25,17 +26,6 @@ const fround = Math.fround;
 // ---------------------------------------------------------------------------------------------------
 // helpers
 
-/** mulberry32: small seeded PRNG, uniform on [0, 1) */
-function seeded(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function normal(random: () => number): number {
   const u = 1 - random();
@@ -428,7 +418,7 @@ const SHAPES: Array<[number, number]> = [
 ];
 
 test('random logits: routing plans match a naive reference and keep every invariant', () => {
-  const random = seeded(12345);
+  const random = mulberry32(12345);
   let plans = 0;
   for (const [S, E] of SHAPES) {
     for (const scale of [0.3, 2]) {
@@ -465,7 +455,7 @@ test('ties go to the lowest expert index (torch.argmax on CPU)', () => {
 });
 
 test('topk with k=2 is gshard exactly, with and without second-expert noise', () => {
-  const random = seeded(99);
+  const random = mulberry32(99);
   for (const [S, E] of SHAPES) {
     if (E < 2) continue;
     const logits = randomLogits(S, E, random);
@@ -484,7 +474,7 @@ test('topk with k=2 is gshard exactly, with and without second-expert noise', ()
 });
 
 test('secondChoiceNoise picks only the 2nd..kth expert, from fl32(logits + noise)', () => {
-  const random = seeded(7);
+  const random = mulberry32(7);
   const S = 200;
   const E = 8;
   const logits = randomLogits(S, E, random);
@@ -507,7 +497,7 @@ test('secondChoiceNoise picks only the 2nd..kth expert, from fl32(logits + noise
 });
 
 test('selectionBias changes which experts are chosen, never the weights or the aux probabilities', () => {
-  const random = seeded(2024);
+  const random = mulberry32(2024);
   const S = 300;
   const E = 16;
   const logits = randomLogits(S, E, random);
@@ -652,7 +642,7 @@ function checkGradient(logits: Float32Array, S: number, E: number, policy: GateP
 }
 
 test('gateBackward matches finite differences for every policy', () => {
-  const random = seeded(4242);
+  const random = mulberry32(4242);
   const shapes: Array<[number, number]> = [
     [6, 3],
     [24, 5],
@@ -688,7 +678,7 @@ test('gateBackward matches finite differences for every policy', () => {
 });
 
 test('gateBackward: dropped first choices, both choices dropped, and the clamp branch', () => {
-  const random = seeded(11);
+  const random = mulberry32(11);
   const S = 16;
   const E = 4;
   // every token prefers expert 0 by far; the other experts have probabilities ≈ e^-17 ≈ 4e-8, so a token
@@ -736,7 +726,7 @@ test('zLoss is mean_s logsumexp²', () => {
 // training extras
 
 test('gumbelNoise, multiplicativeJitter and updateBalanceBias', () => {
-  const random = seeded(5);
+  const random = mulberry32(5);
   const g = gumbelNoise(20000, random);
   let mean = 0;
   for (const v of g) {
@@ -762,7 +752,7 @@ test('gumbelNoise, multiplicativeJitter and updateBalanceBias', () => {
 });
 
 test('aux-loss-free balancing evens out the load of a skewed router', () => {
-  const random = seeded(77);
+  const random = mulberry32(77);
   const S = 512;
   const E = 8;
   const logits = randomLogits(S, E, random, 0.5);
@@ -889,7 +879,7 @@ test('Random Token Selection: a hand-computed DeepSpeed top1gating (use_rts) vec
 });
 
 test('Random Token Selection matches the DeepSpeed tensor formulation on random logits and uniforms', () => {
-  const random = seeded(777);
+  const random = mulberry32(777);
   let dropping = 0;
   for (const [S, E, cf] of [[40, 4, 0.5], [100, 8, 1], [64, 16, 0.25], [9, 3, 2]] as const) {
     const logits = randomLogits(S, E, random, 2);
@@ -926,7 +916,7 @@ test('rtsUniforms: a counter-based stream keyed by (seed, step, layer, token, ex
     assert.notDeepEqual(rtsUniforms(other, 0, S, E), all, JSON.stringify(other));
   }
   // same seed ⇒ same routing; different seed ⇒ a different kept set
-  const logits = randomLogits(S, E, seeded(5), 2);
+  const logits = randomLogits(S, E, mulberry32(5), 2);
   const route = (seed: number) =>
     routeTokens(logits, S, E, { kind: 'switch', capacityFactor: 0.5, minCapacity: 0, selectionUniform: rtsUniforms({ ...key, seed }, 0, S, E) });
   const a = route(1);
@@ -980,7 +970,7 @@ function hfLoadBalancingLoss(layers: Float64Array[], E: number, k: number, choic
 }
 
 test("aux_loss_scope 'batch': pooled totals give HF load_balancing_loss_func over every layer, with its exact gradient", () => {
-  const random = seeded(2024);
+  const random = mulberry32(2024);
   const E = 5;
   const k = 2;
   const groupTokens = [7, 7, 3]; // three groups per layer

@@ -160,6 +160,16 @@ const ropeScalingField = (absent: unknown = null) => z.unknown().optional().tran
 });
 const ropeScalingSchema = ropeScalingField();
 
+/** The decoder's shape keys, the same in every family (head_dim: hidden/heads when absent, except GPT-OSS). */
+const decoderShape = {
+  hidden_size: positiveInt,
+  intermediate_size: positiveInt,
+  num_hidden_layers: positiveInt,
+  num_attention_heads: positiveInt,
+  num_key_value_heads: positiveInt,
+  head_dim: positiveInt.optional(),
+};
+
 export const modelConfigSchema = z
   .object({
     architectures: z.array(z.string()).default(['MixtralForCausalLM']),
@@ -169,12 +179,7 @@ export const modelConfigSchema = z
       if (type !== 'mixtral')
         ctx.addIssue({ code: 'custom', message: `model_type '${type}' is not supported (supported: ${SUPPORTED_MODEL_TYPES.join(', ')})` });
     }).transform(() => 'mixtral' as const),
-    hidden_size: positiveInt,
-    intermediate_size: positiveInt,
-    num_hidden_layers: positiveInt,
-    num_attention_heads: positiveInt,
-    num_key_value_heads: positiveInt,
-    head_dim: positiveInt.optional(),
+    ...decoderShape,
     num_local_experts: positiveInt,
     num_experts_per_tok: positiveInt,
     rms_norm_eps: z.number().positive().default(1e-5),
@@ -273,12 +278,7 @@ const rotary = {
   partial_rotary_factor: z.literal(1, { error: 'partial_rotary_factor must be 1 (rotary embedding on part of a head is not supported)' }).optional(),
 };
 const common = {
-  hidden_size: positiveInt,
-  intermediate_size: positiveInt,
-  num_hidden_layers: positiveInt,
-  num_attention_heads: positiveInt,
-  num_key_value_heads: positiveInt,
-  head_dim: positiveInt.optional(),
+  ...decoderShape,
   num_experts: positiveInt,
   num_experts_per_tok: positiveInt,
   norm_topk_prob: z.boolean().default(false),
@@ -309,38 +309,30 @@ const qwenWindow = {
   tie_word_embeddings: z.boolean().default(false),
 };
 /** The checks both Qwen families share: attention shapes, k ≤ experts, mlp_only_layers within the layers. */
-const qwenChecks = (c: Parameters<typeof checkShapes>[0] & { num_experts: number; mlp_only_layers: number[]; num_hidden_layers: number }, ctx: z.RefinementCtx) => {
+type QwenChecked = Parameters<typeof checkShapes>[0] & { num_experts: number; mlp_only_layers: number[]; num_hidden_layers: number };
+const qwenChecks = (c: QwenChecked, ctx: z.RefinementCtx) => {
   checkShapes(c, { key: 'num_experts', count: c.num_experts }, ctx);
   const bad = c.mlp_only_layers.filter((l) => l >= c.num_hidden_layers);
   if (bad.length) ctx.addIssue({ code: 'custom', path: ['mlp_only_layers'], message: `mlp_only_layers ${bad.join(', ')} outside the ${c.num_hidden_layers} layers` });
 };
 
-/** Qwen1.5-MoE / Qwen2-MoE (Qwen/Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B): q/k/v biases and a gated shared expert. */
-export const qwen2MoeConfigSchema = z
-  .object({
-    architectures: z.array(z.string()).default(['Qwen2MoeForCausalLM']),
-    model_type: z.literal('qwen2_moe'),
-    ...common,
-    ...qwenWindow,
-    // Older configs have no qkv_bias key and always had the biases.
-    qkv_bias: z.boolean().default(true),
-    shared_expert_intermediate_size: z.number().int().nonnegative().default(0),
-  })
+/** A Qwen family's schema: the shared keys, the window and sparse-layer keys, and its own. */
+const qwenSchema = <M extends string, T extends z.ZodRawShape>(modelType: M, architecture: string, own: T) => z
+  .object({ architectures: z.array(z.string()).default([architecture]), model_type: z.literal(modelType), ...common, ...qwenWindow, ...own })
   .passthrough()
-  .superRefine(qwenChecks);
+  // (the generic object's output type is not resolved here; the keys are those of `common` and `qwenWindow`)
+  .superRefine((c, ctx) => qwenChecks(c as unknown as QwenChecked, ctx));
+
+/** Qwen1.5-MoE / Qwen2-MoE (Qwen/Qwen1.5-MoE-A2.7B, Qwen2-57B-A14B): q/k/v biases and a gated shared expert. */
+export const qwen2MoeConfigSchema = qwenSchema('qwen2_moe', 'Qwen2MoeForCausalLM', {
+  // Older configs have no qkv_bias key and always had the biases.
+  qkv_bias: z.boolean().default(true),
+  shared_expert_intermediate_size: z.number().int().nonnegative().default(0),
+});
 export type Qwen2MoeConfig = z.infer<typeof qwen2MoeConfigSchema>;
 
 /** Qwen3-MoE (Qwen/Qwen3-30B-A3B, 235B-A22B): per-head q/k RMSNorm, explicit head_dim, no shared expert. */
-export const qwen3MoeConfigSchema = z
-  .object({
-    architectures: z.array(z.string()).default(['Qwen3MoeForCausalLM']),
-    model_type: z.literal('qwen3_moe'),
-    ...common,
-    ...qwenWindow,
-    attention_bias: z.boolean().default(false),
-  })
-  .passthrough()
-  .superRefine(qwenChecks);
+export const qwen3MoeConfigSchema = qwenSchema('qwen3_moe', 'Qwen3MoeForCausalLM', { attention_bias: z.boolean().default(false) });
 export type Qwen3MoeConfig = z.infer<typeof qwen3MoeConfigSchema>;
 
 /** OLMoE (allenai/OLMoE-1B-7B-0924): RMSNorm over the whole q and k projections, optional clip_qkv. */
@@ -377,11 +369,7 @@ export const gptOssConfigSchema = z
   .object({
     architectures: z.array(z.string()).default(['GptOssForCausalLM']),
     model_type: z.literal('gpt_oss'),
-    hidden_size: positiveInt,
-    intermediate_size: positiveInt,
-    num_hidden_layers: positiveInt,
-    num_attention_heads: positiveInt,
-    num_key_value_heads: positiveInt,
+    ...decoderShape,
     head_dim: positiveInt.default(64),
     num_local_experts: positiveInt,
     num_experts_per_tok: positiveInt,

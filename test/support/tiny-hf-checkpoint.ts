@@ -6,6 +6,7 @@
 // whose loaders these files test; the safetensors serializer is a minimal one of its own.
 import { mkdir, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { mulberry32 } from './mulberry32.js';
 
 type Dtype = 'BF16' | 'F32' | 'U8';
 
@@ -201,17 +202,6 @@ function tensorSpecs(c: Raw, mxfp4: boolean): TensorSpec[] {
 // ---------------------------------------------------------------------------------------------------
 // random values
 
-/** mulberry32: a small seeded 32-bit generator, uniform in [0, 1). */
-function uniformSource(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function normalSource(uniform: () => number): () => number {
   return () => {
@@ -282,7 +272,7 @@ export async function writeTinyHfCheckpoint(dir: string, config: Record<string, 
   if (mxfp4 && config.model_type !== 'gpt_oss') throw new Error('tiny-hf-checkpoint: mxfp4 is for gpt_oss experts only');
   if (!Number.isInteger(shards) || shards < 1) throw new Error(`tiny-hf-checkpoint: shards must be a positive integer, got ${shards}`);
 
-  const uniform = uniformSource(opts.seed);
+  const uniform = mulberry32(opts.seed);
   const normal = normalSource(uniform);
   const tensors: TinyCheckpoint['tensors'] = new Map();
   for (const spec of tensorSpecs(config, mxfp4)) {
