@@ -237,6 +237,7 @@ test('published defaults and refusals of the Qwen, OLMoE and GPT-OSS keys; GPT-O
     [{ ...qwen3, hidden_act: 'gelu' }, /hidden_act/],
     [{ ...qwen3, switchyard_gate: { policy: 'switch' } }, /policy must be 'mixtral'/],
     [{ ...configOf('olmoe'), head_dim: 4 }, /head_dim 4 must be hidden_size \/ num_attention_heads/],
+    [{ ...configOf('qwen2_moe'), head_dim: 8 }, /head_dim 8 must be hidden_size \/ num_attention_heads for Qwen2-MoE/],
     [{ ...configOf('olmoe'), model_type: 'olmo2' }, /model_type 'olmo2' is not supported \(supported: mixtral, deepseek, qwen2_moe, qwen3_moe, olmoe, gpt_oss\)/],
   ];
   // GPT-OSS: the config class's defaults (layer i slides when i is even, YaRN ×32 over 4096, head_dim 64).

@@ -328,6 +328,10 @@ export const qwen2MoeConfigSchema = qwenSchema('qwen2_moe', 'Qwen2MoeForCausalLM
   // Older configs have no qkv_bias key and always had the biases.
   qkv_bias: z.boolean().default(true),
   shared_expert_intermediate_size: z.number().int().nonnegative().default(0),
+}).superRefine((c, ctx) => {
+  // Qwen2MoeAttention sizes its heads by hidden/heads whatever a head_dim key says.
+  if (c.head_dim !== undefined && c.head_dim * c.num_attention_heads !== c.hidden_size)
+    ctx.addIssue({ code: 'custom', path: ['head_dim'], message: `head_dim ${c.head_dim} must be hidden_size / num_attention_heads for Qwen2-MoE` });
 });
 export type Qwen2MoeConfig = z.infer<typeof qwen2MoeConfigSchema>;
 

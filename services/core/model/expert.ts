@@ -28,8 +28,7 @@ export const hasBiases = (w: ExpertBiases): boolean => w.b1 !== undefined || w.b
 export type ExpertActivation = { kind: 'silu' } | { kind: 'clamped-swiglu'; alpha: number; limit: number };
 
 export const SILU: ExpertActivation = Object.freeze({ kind: 'silu' });
-
-/** The activation a model's experts use, from its config's Hugging Face keys. */
+// Which one a model's experts use is its family's `expertActivation` (family.ts).
 
 export function sameActivation(a: ExpertActivation, b: ExpertActivation): boolean {
   if (a.kind === 'silu' || b.kind === 'silu') return a.kind === b.kind;

@@ -78,7 +78,7 @@ export class ExpertSet {
   private transposed = new Map<string, ExpertWeightsT>();
   private transposedVersion = -1;
 
-  /** `activation`: what every expert of the set computes between its projections (expertActivationOf a config). */
+  /** `activation`: what every expert of the set computes between its projections (its family's expertActivation). */
   constructor(readonly hidden: number, readonly intermediate: number, readonly activation: ExpertActivation = SILU) {}
 
   add(layer: number, expert: number, w: ExpertParams): void {
