@@ -4,7 +4,8 @@
 // first come first served while tokens, sequences and blocks last; the model runs the step as one
 // batched pass (MixtralModel.step). The model code keeps the math; this module keeps the bookkeeping.
 import { totalmem } from 'node:os';
-import { EOS_ID, attentionWindow, headDim } from '../core/config.js';
+import { EOS_ID, headDim } from '../core/config.js';
+import { familyOf } from '../core/model/family.js';
 import { KvStore } from '../core/model/kv-store.js';
 import type { MixtralModel, StepSequence } from '../core/model/model.js';
 import { OverloadError } from '../core/overload.js';
@@ -357,6 +358,21 @@ export class Scheduler {
     return picked;
   }
 
+  /**
+   * How far back any layer attends: a block holds every layer's K/V, so it is freed only once the widest
+   * window has passed it (GPT-OSS's full layers keep everything; undefined = nothing is ever freed).
+   */
+  private get kvWindow(): number | undefined {
+    const family = familyOf(this.model.config);
+    let widest = 0;
+    for (let l = 0; l < family.layers; l++) {
+      const w = family.window(l);
+      if (w === undefined) return undefined;
+      widest = Math.max(widest, w);
+    }
+    return widest;
+  }
+
   /** After a step: keys of blocks that just filled, and blocks the sliding window no longer reaches. */
   private afterStep(r: Request, before: number): void {
     const B = this.blocks.blockTokens;
@@ -367,7 +383,7 @@ export class Scheduler {
         for (let i = Math.floor(before / B); i < full; i++) if (r.blocks[i] >= 0) this.blocks.register(r.blocks[i], r.keys[i]);
       }
     }
-    const window = attentionWindow(this.model.config);
+    const window = this.kvWindow;
     if (window === undefined) return;
     // The next query sits at position `computed`; keys before computed − window + 1 are out of its reach.
     const firstKept = Math.floor(Math.max(0, r.computed - window + 1) / B);
