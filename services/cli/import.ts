@@ -2,10 +2,9 @@
 // config and safetensors headers, with the same checks every service runs before it serves, and prints
 // what serving it takes; or lists everything missing or unsupported and exits 1.
 import { resolve } from 'node:path';
-import { isGptOssByteTensor } from '../core/model/gpt-oss-experts.js';
 import { examineCheckpoint, CheckpointError } from '../core/checkpoint/index.js';
 import { summarizeModel, type ByteSize, type ModelSummary } from '../core/checkpoint/summary.js';
-import { modelTensorShapes } from '../core/model/hf.js';
+import { PUBLISHED_LAYOUT } from '../core/model/hf.js';
 import { loadTokenizer, TokenizerError } from '../core/tokenizer/index.js';
 import { memoryPlan, selectedBackend, type MemoryPlan } from '../core/checkpoint/memory.js';
 
@@ -75,7 +74,7 @@ export async function importCommand(dir: string, flags: ImportFlags): Promise<nu
   let summary: ModelSummary | undefined;
   let memory: MemoryPlan | undefined;
   try {
-    const found = await examineCheckpoint(target, { expectedTensors: modelTensorShapes, byteTensors: isGptOssByteTensor });
+    const found = await examineCheckpoint(target, PUBLISHED_LAYOUT);
     problems = found.problems;
     if (!problems.length) {
       // Loaded as the router loads it before serving (/v1/completions encodes with it), so a folder

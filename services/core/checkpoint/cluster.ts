@@ -9,7 +9,7 @@ import {
   readTensorsFrom, readWeightMap, writeFileSynced, writeSafetensors, type Tensor,
 } from './index.js';
 import { OPTIMIZER_FILE, TRAINER_STATE_FILE, readTrainerState } from './model.js';
-import { modelTensorShapes } from '../model/hf.js';
+import { PUBLISHED_LAYOUT } from '../model/hf.js';
 import type { ModelConfig } from '../config.js';
 
 export const OPTIMIZER_INDEX_FILE = 'optimizer.safetensors.index.json';
@@ -69,7 +69,7 @@ export async function commitClusterCheckpoint(staging: string, target: string, p
   await writeFileSynced(join(staging, INDEX_FILE), JSON.stringify(weights, null, 2) + '\n');
   await writeFileSynced(join(staging, OPTIMIZER_INDEX_FILE), JSON.stringify(moments, null, 2) + '\n');
   await writeFileSynced(join(staging, TRAINER_STATE_FILE), trainerStateJson);
-  await inspectCheckpoint(staging, { expectedTensors: modelTensorShapes });
+  await inspectCheckpoint(staging, PUBLISHED_LAYOUT);
   await fsyncDir(staging);
   await commitStaged(staging, target);
 }

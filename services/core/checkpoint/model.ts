@@ -2,9 +2,8 @@
 // state in the same atomically written folder, so a resumed run continues bit for bit.
 import { inspectCheckpoint, loadCheckpoint, readTensorsFrom, saveCheckpoint, serializeSafetensors, type CheckpointLayout, type StoredTensor, type WriteDtype } from './index.js';
 import { loadOptimizerMoments } from './cluster.js';
-import { modelTensorShapes } from '../model/hf.js';
+import { PUBLISHED_LAYOUT } from '../model/hf.js';
 import { familyOf } from '../model/family.js';
-import { isGptOssByteTensor } from '../model/gpt-oss-experts.js';
 import { MixtralModel } from '../model/model.js';
 import { ExpertSet, type ExpertTransport } from '../model/experts.js';
 import { join } from 'node:path';
@@ -42,12 +41,12 @@ export async function saveModel(dir: string, model: MixtralModel, training?: Tra
  * calls this before it serves or registers, so none runs on a partly broken checkpoint.
  */
 export async function inspectModel(dir: string): Promise<CheckpointLayout> {
-  return inspectCheckpoint(dir, { expectedTensors: modelTensorShapes, byteTensors: isGptOssByteTensor });
+  return inspectCheckpoint(dir, PUBLISHED_LAYOUT);
 }
 
 /** Loads a checkpoint into an in-process model; tensors are checked against the config first. */
 export async function loadModel(dir: string): Promise<MixtralModel> {
-  const { config, tensors } = await loadCheckpoint(dir, { expectedTensors: modelTensorShapes, byteTensors: isGptOssByteTensor });
+  const { config, tensors } = await loadCheckpoint(dir, PUBLISHED_LAYOUT);
   return MixtralModel.fromHf(config, tensors);
 }
 
@@ -58,8 +57,7 @@ async function layoutOf(source: string | CheckpointLayout): Promise<CheckpointLa
 
 /** Reads the named tensors' data, by the layout's file for each (each file's header is parsed once more to read). */
 function readTensors(layout: CheckpointLayout, names: string[]): Promise<Map<string, StoredTensor>> {
-  // MXFP4 blocks and scales (GPT-OSS experts) come back as bytes; no other family has such names.
-  return readTensorsFrom(layout.dir, names, (n) => layout.tensors.get(n)!.file, isGptOssByteTensor);
+  return readTensorsFrom(layout.dir, names, (n) => layout.tensors.get(n)!.file, PUBLISHED_LAYOUT.byteTensors);
 }
 
 /**
@@ -73,11 +71,14 @@ export async function loadExpertSet(source: string | CheckpointLayout, keys: Arr
   for (const { layer, expert } of keys)
     if (!family.isMoe(layer) || expert < 0 || expert >= family.experts)
       throw new RangeError(`expert (layer ${layer}, expert ${expert}) does not exist in ${layout.dir} (MoE layers ${family.moeLayers.join(', ')} × ${family.experts} experts)`);
-  // Fused experts (GPT-OSS) share their layer's tensors: each is read once.
-  const names = [...new Set(keys.flatMap(({ layer, expert }) => family.names.expertTensors(layer, expert)))];
-  const tensors = await readTensors(layout, names);
   const experts = new ExpertSet(layout.config.hidden_size, family.expertIntermediate, family.expertActivation);
-  for (const { layer, expert } of keys) experts.addFromHf(tensors, layer, expert, family);
+  // Layer by layer: fused experts (GPT-OSS) share their layer's tensors, read once and dropped before
+  // the next layer's, so a shard never holds more than one layer's fused tensors besides its experts.
+  for (const layer of [...new Set(keys.map((k) => k.layer))]) {
+    const here = keys.filter((k) => k.layer === layer);
+    const tensors = await readTensors(layout, [...new Set(here.flatMap(({ expert }) => family.names.expertTensors(layer, expert)))]);
+    for (const { expert } of here) experts.addFromHf(tensors, layer, expert, family);
+  }
   return experts;
 }
 

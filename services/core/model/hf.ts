@@ -5,7 +5,7 @@ import type { Tensor as HostTensor } from '../checkpoint/safetensors.js';
 import { headDim, type ModelConfig } from '../config.js';
 import { familyOf, type FamilyNames, type ModelFamily, type SwigluPart } from './family.js';
 import type { HostExpertParams } from './experts.js';
-import { gptOssExpertFromHf, gptOssExpertNames } from './gpt-oss-experts.js';
+import { gptOssExpertFromHf, gptOssExpertNames, isGptOssByteTensor } from './gpt-oss-experts.js';
 import type { StoredTensor } from '../checkpoint/safetensors.js';
 import { transposeRows } from './tensors.js';
 
@@ -249,3 +249,9 @@ export function modelTensorShapes(config: ModelConfig): Map<string, number[]> {
   if (!config.tie_word_embeddings) m.set(hfNames.lmHead, [config.vocab_size, h]);
   return m;
 }
+
+/**
+ * How every model checkpoint is checked and read: the family's tensors and shapes, and the tensors kept
+ * as stored bytes (GPT-OSS's MXFP4 blocks and scales; no other family has such names).
+ */
+export const PUBLISHED_LAYOUT = { expectedTensors: modelTensorShapes, byteTensors: isGptOssByteTensor } as const;
