@@ -4,7 +4,7 @@
 // first come first served while tokens, sequences and blocks last; the model runs the step as one
 // batched pass (MixtralModel.step). The model code keeps the math; this module keeps the bookkeeping.
 import { totalmem } from 'node:os';
-import { EOS_ID, headDim } from '../core/config.js';
+import { EOS_ID, headDim, type ModelConfig } from '../core/config.js';
 import { familyOf } from '../core/model/family.js';
 import { KvStore } from '../core/model/kv-store.js';
 import type { MixtralModel, StepSequence } from '../core/model/model.js';
@@ -114,6 +114,21 @@ interface Request {
 
 interface Scheduled { r: Request; tokens: number }
 
+/**
+ * How far back any layer attends: a block holds every layer's K/V, so it is freed only once the widest
+ * window has passed it (GPT-OSS's full layers keep everything; undefined = nothing is ever freed).
+ */
+function kvWindow(config: ModelConfig): number | undefined {
+  const family = familyOf(config);
+  let widest = 0;
+  for (let l = 0; l < family.layers; l++) {
+    const w = family.window(l);
+    if (w === undefined) return undefined;
+    widest = Math.max(widest, w);
+  }
+  return widest;
+}
+
 export class Scheduler {
   private waiting: Request[] = [];
   private running: Request[] = [];
@@ -128,6 +143,8 @@ export class Scheduler {
   readonly maxWaiting: number;
   readonly maxBatchedTokens: number;
   readonly prefixCaching: boolean;
+  /** Positions any layer still reads behind a query (kvWindow); undefined: blocks are never freed early. */
+  private readonly kvWindow: number | undefined;
   /** Steps run, the most sequences and tokens in one, preemptions: for tests and metrics. */
   readonly stats = { steps: 0, maxSequencesPerStep: 0, maxTokensPerStep: 0, preemptions: 0 };
 
@@ -137,6 +154,7 @@ export class Scheduler {
     this.maxWaiting = options.maxWaiting ?? Number.POSITIVE_INFINITY;
     this.maxBatchedTokens = positive(options.maxBatchedTokens ?? DEFAULT_MAX_BATCHED_TOKENS, 'max batched tokens');
     this.prefixCaching = options.prefixCaching ?? true;
+    this.kvWindow = kvWindow(c);
     const blockTokens = positive(options.blockTokens ?? DEFAULT_BLOCK_TOKENS, 'KV block tokens');
     const tokens = options.kvCacheTokens ?? defaultKvCacheTokens(model, this.maxSequences);
     const blocks = Math.ceil(tokens / blockTokens);
@@ -356,21 +374,6 @@ export class Scheduler {
       budget -= tokens;
     }
     return picked;
-  }
-
-  /**
-   * How far back any layer attends: a block holds every layer's K/V, so it is freed only once the widest
-   * window has passed it (GPT-OSS's full layers keep everything; undefined = nothing is ever freed).
-   */
-  private get kvWindow(): number | undefined {
-    const family = familyOf(this.model.config);
-    let widest = 0;
-    for (let l = 0; l < family.layers; l++) {
-      const w = family.window(l);
-      if (w === undefined) return undefined;
-      widest = Math.max(widest, w);
-    }
-    return widest;
   }
 
   /** After a step: keys of blocks that just filled, and blocks the sliding window no longer reaches. */
