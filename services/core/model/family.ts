@@ -17,8 +17,6 @@ export interface FamilyNames {
   balanceBias(l: number): string;
   /** One matrix of routed expert e of MoE layer l. */
   expert(l: number, e: number, part: SwigluPart): string;
-  /** The prefix every tensor of routed expert e of layer l starts with (a shard reads only these). */
-  expertPrefix(l: number, e: number): string;
   isExpertTensor(name: string): boolean;
   /** The always-on SwiGLU MLP of layer l that the router computes: a dense layer's MLP or an MoE layer's shared experts. */
   routerMlp(l: number, part: SwigluPart): string;
@@ -98,7 +96,6 @@ function mixtralFamily(c: MixtralConfig): ModelFamily {
       gate: (l) => `${moe(l)}.gate.weight`,
       balanceBias: (l) => `${moe(l)}.gate.e_score_correction_bias`,
       expert: (l, e, part) => `${moe(l)}.experts.${e}.${part}.weight`,
-      expertPrefix: (l, e) => `${moe(l)}.experts.${e}.`,
       isExpertTensor: (name) => name.includes('.block_sparse_moe.experts.'),
       routerMlp: (l) => { throw new Error(`Mixtral layer ${l} has no router-side MLP`); },
       sharedExpertGate: noSharedGate,
@@ -134,7 +131,6 @@ function mlpFamilyNames(isMoe: (l: number) => boolean, shared: string | undefine
     gate: (l) => `${mlp(l)}.gate.weight`,
     balanceBias: (l) => `${mlp(l)}.gate.e_score_correction_bias`,
     expert,
-    expertPrefix: (l, e) => `${mlp(l)}.experts.${e}.`,
     isExpertTensor: (name) => name.includes('.mlp.experts.'),
     routerMlp: (l, part) => (isMoe(l) ? `${mlp(l)}.${shared}.${HF_PROJ[part]}.weight` : `${mlp(l)}.${HF_PROJ[part]}.weight`),
     sharedExpertGate: gated ? (l) => `${mlp(l)}.shared_expert_gate.weight` : noSharedGate,
@@ -204,7 +200,6 @@ function gptOssFamily(c: GptOssConfig): ModelFamily {
       gateBias: (l) => `${mlp(l)}.router.bias`,
       balanceBias: (l) => `${mlp(l)}.router.e_score_correction_bias`,
       expert: (l) => { throw new Error(`GPT-OSS layer ${l} keeps its experts fused (see expertTensors)`); },
-      expertPrefix: (l) => `${mlp(l)}.experts.`,
       isExpertTensor: (name) => name.includes('.mlp.experts.'),
       routerMlp: (l) => { throw new Error(`GPT-OSS layer ${l} has no router-side MLP`); },
       sharedExpertGate: noSharedGate,
